@@ -1,1 +1,1 @@
-"""jaxserve/runtime."""
+"""Runtime: buckets, KV cache arrays, the model runner. This package's __init__ imports no jax."""
