@@ -1,1 +1,5 @@
-"""jaxserve/models."""
+"""Flax NNX model families and their registry."""
+
+from jaxserve.models.registry import MODEL_REGISTRY, UnsupportedArchitectureError, model_class_for
+
+__all__ = ["MODEL_REGISTRY", "UnsupportedArchitectureError", "model_class_for"]

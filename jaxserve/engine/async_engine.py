@@ -1,0 +1,373 @@
+"""AsyncEngine: one background thread steps an LLMEngine while requests arrive; each request streams."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import dataclasses
+import logging
+import threading
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+logger = logging.getLogger(__name__)
+
+
+class AsyncEngineError(RuntimeError):
+    """Base of the errors the async engine raises to a request's caller."""
+
+
+class EngineDeadError(AsyncEngineError):
+    """The engine loop failed; this request cannot complete and no new one is accepted."""
+
+
+class EngineNotAcceptingError(AsyncEngineError):
+    """The engine is draining or shut down and takes no new requests."""
+
+
+class QueueFullError(AsyncEngineError):
+    """The waiting queue is at `max_queued_requests`; the request was refused."""
+
+
+class RequestDeadlineError(TimeoutError):
+    """The request's deadline passed before it finished; it was aborted."""
+
+
+@dataclass(frozen=True)
+class AsyncEngineConfig:
+    """Knobs of the async engine."""
+
+    max_queued_requests: int | None = None  # bound on the engine's waiting queue; None: unbounded
+    idle_wait_s: float = 0.25  # how long the idle loop sleeps between checks
+
+
+@dataclass
+class RequestRecord:
+    """Timing and token counts of one request, kept by the loop for metrics."""
+
+    request_id: str
+    arrival_time: float  # time.monotonic()
+    num_prompt_tokens: int = 0
+    num_cached_tokens: int = 0
+    num_generation_tokens: int = 0
+    first_output_time: float | None = None
+    first_token_time: float | None = None
+    last_token_time: float | None = None
+    finished_time: float | None = None
+    finish_reason: str | None = None
+
+
+class EngineObserver(Protocol):
+    """What the loop reports to (e.g. Prometheus metrics); called on the engine thread."""
+
+    def on_stats(self, stats: Any) -> None: ...
+
+    def on_tokens(self, record: RequestRecord, num_new_tokens: int, now: float) -> None: ...
+
+    def on_finished(self, record: RequestRecord) -> None: ...
+
+
+@dataclass
+class _PendingAdd:
+    request_id: str
+    prompt: Any
+    params: Any
+    stream: _Stream
+    future: concurrent.futures.Future
+
+
+class _Stream:
+    """Per-request queue of outputs; written by the engine thread, read in the caller's event loop."""
+
+    def __init__(self, request_id: str, loop: asyncio.AbstractEventLoop):
+        self.request_id = request_id
+        self.loop = loop
+        self.queue: asyncio.Queue = asyncio.Queue()
+        self.last_output: Any = None  # engine thread only
+
+    def put(self, item: Any) -> None:
+        try:
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+        except RuntimeError:  # the caller's loop is closed: nobody is listening any more
+            pass
+
+    async def next(self, deadline: float | None) -> Any:
+        """The newest output (outputs are cumulative, so older queued ones are skipped)."""
+        if deadline is None:
+            item = await self.queue.get()
+        else:
+            remaining = deadline - time.monotonic()
+            try:
+                item = await asyncio.wait_for(self.queue.get(), timeout=max(remaining, 0.0))
+            except asyncio.TimeoutError:
+                raise RequestDeadlineError(f"request {self.request_id} passed its deadline") from None
+        while not isinstance(item, BaseException) and not self.queue.empty():
+            item = self.queue.get_nowait()
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+
+def _aborted(output: Any) -> Any:
+    """`output` (a RequestOutput) marked finished, its unfinished completions ended with "abort"."""
+    outs = [
+        o if o.finish_reason is not None else dataclasses.replace(o, finish_reason="abort")
+        for o in output.outputs
+    ]
+    return dataclasses.replace(output, outputs=outs, finished=True)
+
+
+class AsyncEngine:
+    """Drives `LLMEngine.step` on a background thread; `generate` streams each request's outputs.
+
+    All calls into the LLMEngine happen on that thread: adds and aborts are queued to it and
+    applied between steps, so an abort frees the request's KV blocks before the next step.
+    """
+
+    def __init__(self, engine: Any, config: AsyncEngineConfig | None = None,
+                 observer: EngineObserver | None = None):
+        self.engine = engine
+        self.config = config or AsyncEngineConfig()
+        self.observer = observer
+        self._cv = threading.Condition()
+        self._adds: list[_PendingAdd] = []
+        self._aborts: list[tuple[str, bool]] = []  # (request id, tell the caller)
+        self._abort_all = False
+        self._stopping = False
+        self._accepting = True
+        self._dead: BaseException | None = None
+        self._has_work = False
+        self._num_in_flight = 0
+        self._streams: dict[str, _Stream] = {}  # engine thread only
+        self._records: dict[str, RequestRecord] = {}  # engine thread only
+        self.last_stats: Any = None
+        self._thread = threading.Thread(target=self._run, name="jaxserve-engine-loop", daemon=True)
+        self._thread.start()
+
+    # ----------------------------------------------------------------- public, any event loop
+    @property
+    def tokenizer(self) -> Any:
+        return self.engine.tokenizer
+
+    @property
+    def engine_config(self) -> Any:
+        return self.engine.config
+
+    @property
+    def is_dead(self) -> bool:
+        return self._dead is not None
+
+    @property
+    def is_accepting(self) -> bool:
+        return self._accepting and self._dead is None and not self._stopping
+
+    @property
+    def num_in_flight(self) -> int:
+        """Requests submitted through `generate` whose stream has not ended yet."""
+        return self._num_in_flight
+
+    async def generate(self, prompt: Any, params: Any, request_id: str,
+                       deadline: float | None = None) -> AsyncIterator[Any]:
+        """Yield the request's RequestOutputs (cumulative); the last has `finished` set.
+
+        Raises ValueError for a bad prompt or params, QueueFullError, EngineNotAcceptingError,
+        EngineDeadError, RequestDeadlineError (`deadline` is a time.monotonic() value). Leaving
+        the iteration early (cancellation, disconnect, deadline) aborts the engine request.
+        """
+        stream = self._submit(prompt, params, request_id)
+        added = finished = False
+        try:
+            await asyncio.wrap_future(stream[1])
+            added = True
+            while True:
+                output = await stream[0].next(deadline)
+                finished = bool(output.finished)
+                yield output
+                if finished:
+                    return
+        finally:
+            with self._cv:
+                self._num_in_flight -= 1
+            if not finished and (added or not stream[1].done()):
+                self._queue_abort(request_id, notify_caller=False)
+
+    def abort(self, request_id: str) -> None:
+        """Abort a request; its stream ends with finish_reason "abort"."""
+        self._queue_abort(request_id, notify_caller=True)
+
+    def abort_all(self) -> None:
+        """Abort every request in flight (end of a drain); each stream ends with "abort"."""
+        with self._cv:
+            self._abort_all = True
+            self._cv.notify_all()
+
+    def stop_accepting(self) -> None:
+        """Refuse new requests from now on; those in flight carry on."""
+        self._accepting = False
+
+    async def wait_until_idle(self, timeout: float) -> bool:
+        """Wait until no request is in flight or `timeout` seconds pass; True when idle."""
+        end = time.monotonic() + timeout
+        while self._num_in_flight > 0 and time.monotonic() < end:
+            await asyncio.sleep(0.05)
+        return self._num_in_flight == 0
+
+    def shutdown(self, timeout: float = 10.0) -> None:
+        """Stop the loop thread; requests still in flight fail with EngineNotAcceptingError."""
+        self._accepting = False
+        with self._cv:
+            self._stopping = True
+            self._cv.notify_all()
+        self._thread.join(timeout)
+
+    # ----------------------------------------------------------------- caller side helpers
+    def _submit(self, prompt: Any, params: Any, request_id: str):
+        if self._dead is not None:
+            raise EngineDeadError(f"engine loop failed: {self._dead!r}")
+        if not self.is_accepting:
+            raise EngineNotAcceptingError("the server is shutting down and takes no new requests")
+        stream = _Stream(request_id, asyncio.get_running_loop())
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        with self._cv:
+            self._adds.append(_PendingAdd(request_id, prompt, params, stream, future))
+            self._num_in_flight += 1
+            self._cv.notify_all()
+        return stream, future
+
+    def _queue_abort(self, request_id: str, notify_caller: bool) -> None:
+        with self._cv:
+            self._aborts.append((request_id, notify_caller))
+            self._cv.notify_all()
+
+    # ----------------------------------------------------------------- engine thread
+    def _run(self) -> None:
+        while True:
+            with self._cv:
+                while not (self._stopping or self._adds or self._aborts or self._abort_all
+                           or self._has_work):
+                    self._cv.wait(self.config.idle_wait_s)
+                if self._stopping:
+                    break
+                adds, self._adds = self._adds, []
+                aborts, self._aborts = self._aborts, []
+                abort_all, self._abort_all = self._abort_all, False
+            try:
+                self._apply_adds(adds)
+                if abort_all:
+                    aborts.extend((rid, True) for rid in list(self._streams))
+                self._apply_aborts(aborts)
+                outputs = self.engine.step() if self.engine.has_unfinished_requests() else []
+                self._dispatch(outputs, time.monotonic())
+                self._has_work = bool(self.engine.has_unfinished_requests())
+                self._publish_stats()
+            except BaseException as exc:  # noqa: BLE001 - every failure must reach the streams
+                logger.exception("engine loop failed; failing all requests")
+                self._fail_all(exc)
+                return
+        self._close_all(EngineNotAcceptingError("the engine was shut down"))
+
+    def _apply_adds(self, adds: list[_PendingAdd]) -> None:
+        limit = self.config.max_queued_requests
+        waiting = self.engine.get_stats().num_requests_waiting if adds and limit is not None else 0
+        for add in adds:
+            if add.request_id in self._streams:
+                add.future.set_exception(
+                    ValueError(f"request_id: {add.request_id!r} is already in flight"))
+                continue
+            if limit is not None and waiting >= limit:
+                add.future.set_exception(QueueFullError(
+                    f"the waiting queue is full ({limit} requests); retry later"))
+                continue
+            try:
+                self.engine.add_request(add.request_id, add.prompt, add.params)
+            except Exception as exc:  # noqa: BLE001 - bad input goes back to its caller
+                add.future.set_exception(exc)
+                continue
+            waiting += 1
+            self._streams[add.request_id] = add.stream
+            self._records[add.request_id] = RequestRecord(add.request_id, time.monotonic())
+            add.future.set_result(None)
+
+    def _apply_aborts(self, aborts: list[tuple[str, bool]]) -> None:
+        for request_id, notify_caller in aborts:
+            stream = self._streams.pop(request_id, None)
+            if stream is None:
+                continue
+            self.engine.abort_request(request_id)
+            record = self._records.pop(request_id)
+            record.finished_time = time.monotonic()
+            record.finish_reason = "abort"
+            if self.observer is not None:
+                self.observer.on_finished(record)
+            if notify_caller:
+                if stream.last_output is not None:
+                    stream.put(_aborted(stream.last_output))
+                else:
+                    stream.put(_synthesized_abort(self.engine, request_id))
+
+    def _dispatch(self, outputs: list[Any], now: float) -> None:
+        for output in outputs:
+            stream = self._streams.get(output.request_id)
+            if stream is None:
+                continue
+            record = self._records[output.request_id]
+            self._record_progress(record, output, now)
+            stream.last_output = output
+            stream.put(output)
+            if output.finished:
+                del self._streams[output.request_id]
+                del self._records[output.request_id]
+                record.finished_time = now
+                reasons = [o.finish_reason for o in output.outputs if o.finish_reason]
+                record.finish_reason = reasons[0] if reasons else None
+                if self.observer is not None:
+                    self.observer.on_finished(record)
+
+    def _record_progress(self, record: RequestRecord, output: Any, now: float) -> None:
+        if record.first_output_time is None:
+            record.first_output_time = now
+            record.num_prompt_tokens = len(output.prompt_token_ids or [])
+            record.num_cached_tokens = int(output.num_cached_tokens or 0)
+        total = sum(len(o.token_ids) for o in output.outputs)
+        new = total - record.num_generation_tokens
+        if new <= 0:
+            return
+        if self.observer is not None:
+            self.observer.on_tokens(record, new, now)
+        if record.first_token_time is None:
+            record.first_token_time = now
+        record.last_token_time = now
+        record.num_generation_tokens = total
+
+    def _publish_stats(self) -> None:
+        self.last_stats = self.engine.get_stats()
+        if self.observer is not None:
+            self.observer.on_stats(self.last_stats)
+
+    def _fail_all(self, exc: BaseException) -> None:
+        self._dead = exc
+        self._accepting = False
+        self._close_all(EngineDeadError(f"engine loop failed: {exc!r}"))
+
+    def _close_all(self, error: AsyncEngineError) -> None:
+        with self._cv:
+            adds, self._adds = self._adds, []
+        for add in adds:
+            add.future.set_exception(error)
+        for stream in self._streams.values():
+            stream.put(error)
+        self._streams.clear()
+        self._records.clear()
+
+
+def _synthesized_abort(engine: Any, request_id: str) -> Any:
+    """A finished RequestOutput with no tokens, for a request aborted before its first output."""
+    from jaxserve.engine.outputs import CompletionOutput, RequestOutput
+
+    completion = CompletionOutput(index=0, text="", token_ids=[], cumulative_logprob=None,
+                                  logprobs=None, finish_reason="abort", stop_reason=None)
+    return RequestOutput(request_id=request_id, prompt=None, prompt_token_ids=[],
+                         prompt_logprobs=None, outputs=[completion], finished=True,
+                         num_cached_tokens=0)

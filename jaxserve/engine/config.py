@@ -1,0 +1,45 @@
+"""EngineConfig: the scheduler's and KV cache's limits, read in one place."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, kw_only=True)
+class EngineConfig:
+    """Limits of the engine layer. `num_kv_blocks` includes the reserved null block 0."""
+
+    num_kv_blocks: int
+    max_model_len: int
+    vocab_size: int
+    block_size: int = 16
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 2048
+    enable_prefix_caching: bool = True
+    eos_token_ids: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "eos_token_ids", tuple(int(t) for t in self.eos_token_ids))
+        for name in ("block_size", "max_model_len", "vocab_size", "max_num_seqs",
+                     "max_num_batched_tokens"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name}: must be an int >= 1, got {value!r}")
+        if not isinstance(self.num_kv_blocks, int) or self.num_kv_blocks < 2:
+            raise ValueError(f"num_kv_blocks: must be >= 2 (block 0 is reserved), got "
+                             f"{self.num_kv_blocks!r}")
+        if self.max_blocks_per_seq > self.num_kv_blocks - 1:
+            raise ValueError(
+                f"max_model_len: {self.max_model_len} tokens need {self.max_blocks_per_seq} "
+                f"blocks of {self.block_size}, but the KV cache has only "
+                f"{self.num_kv_blocks - 1} usable blocks"
+            )
+
+    @property
+    def max_blocks_per_seq(self) -> int:
+        """Longest block table a sequence can have."""
+        return -(-self.max_model_len // self.block_size)
+
+    @property
+    def num_usable_blocks(self) -> int:
+        return self.num_kv_blocks - 1

@@ -1,0 +1,19 @@
+"""Engine error types: bad input is a ValueError naming the field; step failures name requests."""
+
+from __future__ import annotations
+
+
+class InvalidRequestError(ValueError):
+    """Bad input at the engine's edge; `field` names the offending argument or parameter."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(f"{field}: {message}")
+        self.field = field
+
+
+class EngineStepError(RuntimeError):
+    """The model runner failed during a step; the requests in that step were failed and freed."""
+
+    def __init__(self, message: str, failed_request_ids: list[str]):
+        super().__init__(message)
+        self.failed_request_ids = failed_request_ids

@@ -1,0 +1,191 @@
+"""LLMEngine: add requests, step the scheduler and the runner, stream cumulative RequestOutputs."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from collections.abc import Iterable
+from typing import Any
+
+from jaxserve.engine.config import EngineConfig
+from jaxserve.engine.errors import EngineStepError, InvalidRequestError
+from jaxserve.engine.input_processor import PromptType, parse_prompt, validate_request
+from jaxserve.engine.output_processor import OutputProcessor, make_request_output
+from jaxserve.engine.outputs import RequestOutput
+from jaxserve.engine.sampling_params import SamplingParams
+from jaxserve.engine.scheduler import Scheduler
+from jaxserve.engine.scheduler_output import ModelRunner, SchedulerOutput
+from jaxserve.engine.sequence import RequestState, Sequence, SequenceStatus
+from jaxserve.engine.stats import EngineStats
+from jaxserve.runtime.runner_output import ModelRunnerOutput
+
+logger = logging.getLogger(__name__)
+
+
+class LLMEngine:
+    """Synchronous engine: `add_request`, then call `step()` until no request is unfinished."""
+
+    def __init__(self, runner: ModelRunner, tokenizer: Any | None, config: EngineConfig):
+        self.runner = runner
+        self.tokenizer = tokenizer
+        self.config = config
+        self.scheduler = Scheduler(config)
+        self.output_processor = OutputProcessor(tokenizer, config)
+        self.requests: dict[str, RequestState] = {}
+        self.seqs: dict[str, Sequence] = {}
+        self._arrival = itertools.count()
+        self._pending_outputs: list[RequestOutput] = []  # abort notices for the next step()
+
+    # ---------------------------------------------------------------- requests
+    def add_request(
+        self,
+        request_id: str,
+        prompt: PromptType,
+        params: SamplingParams | None = None,
+        arrival_time: float | None = None,
+    ) -> None:
+        """Validate and queue a request; raises InvalidRequestError (a ValueError) naming the field."""
+        if not isinstance(request_id, str) or not request_id:
+            raise InvalidRequestError("request_id", f"must be a non-empty str, got {request_id!r}")
+        if request_id in self.requests:
+            raise InvalidRequestError("request_id", f"{request_id!r} is already in use")
+        params = params if params is not None else SamplingParams()
+        if not isinstance(params, SamplingParams):
+            raise InvalidRequestError("params", f"expected SamplingParams, got {type(params)}")
+        params.verify()  # catches fields changed after construction
+        text, token_ids = parse_prompt(prompt, self.tokenizer)
+        max_tokens = validate_request(token_ids, params, self.config, self.tokenizer is not None)
+        req = RequestState(request_id, text, token_ids, params,
+                           arrival_time if arrival_time is not None else time.time())
+        seq_ids = [request_id] if params.n == 1 else [f"{request_id}#{i}" for i in range(params.n)]
+        if any(s in self.seqs for s in seq_ids):
+            raise InvalidRequestError("request_id", f"{request_id!r} clashes with a running request")
+        for i, seq_id in enumerate(seq_ids):
+            seed = params.seed if params.seed is None or params.n == 1 else params.seed + i
+            seq = Sequence(seq_id, req, i, params, seed, max_tokens, next(self._arrival))
+            self.output_processor.init_sequence(seq)
+            req.seqs.append(seq)
+            self.seqs[seq_id] = seq
+        self.requests[request_id] = req
+        self._enqueue_new(req)
+
+    def _enqueue_new(self, req: RequestState) -> None:
+        """n > 1 with prefix caching: siblings wait until the first sequence has computed (and
+        cached) the prompt's full blocks, then share them."""
+        first, rest = req.seqs[0], req.seqs[1:]
+        share = (self.config.enable_prefix_caching and rest and not first.skip_prefix_cache
+                 and first.num_prompt_tokens > self.config.block_size)
+        self.scheduler.add_sequence(first)
+        if share:
+            req.held_seqs = list(rest)
+        else:
+            for seq in rest:
+                self.scheduler.add_sequence(seq)
+
+    def _release_held(self, req: RequestState) -> None:
+        for seq in reversed(req.held_seqs):
+            self.scheduler.add_sequence(seq, front=True)
+        req.held_seqs = []
+
+    def abort_request(self, request_id: str | Iterable[str]) -> None:
+        """Abort requests (unknown ids are ignored); their blocks are freed now and a final
+        output with finish_reason "abort" comes from the next step()."""
+        ids = [request_id] if isinstance(request_id, str) else list(request_id)
+        for rid in ids:
+            req = self.requests.get(rid)
+            if req is None:
+                continue
+            self._finish_request(req, SequenceStatus.FINISHED_ABORTED)
+            self._pending_outputs.append(make_request_output(req))
+
+    def _finish_request(self, req: RequestState, status: SequenceStatus) -> None:
+        """End every unfinished sequence of `req` with `status` and forget the request."""
+        req.held_seqs = []
+        for seq in req.seqs:
+            if not seq.is_finished:
+                self.scheduler.finish_sequence(seq, status)
+            self.seqs.pop(seq.seq_id, None)
+        self.requests.pop(req.request_id, None)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.requests) or bool(self._pending_outputs)
+
+    def get_num_unfinished_requests(self) -> int:
+        return len(self.requests)
+
+    # ---------------------------------------------------------------- stepping
+    def step(self) -> list[RequestOutput]:
+        """Run one scheduling step; one RequestOutput per request that progressed (cumulative)."""
+        outputs, self._pending_outputs = self._pending_outputs, []
+        scheduler_output = self.scheduler.schedule()
+        if scheduler_output.is_empty:
+            return outputs
+        try:
+            runner_output = self.runner.execute(scheduler_output)
+            _check_runner_output(scheduler_output, runner_output)
+        except Exception as exc:
+            failed = self._fail_in_flight()
+            raise EngineStepError(
+                f"model runner failed; failed requests: {failed}: {exc!r}", failed
+            ) from exc
+        return outputs + self._process(scheduler_output, runner_output)
+
+    def _process(
+        self, scheduler_output: SchedulerOutput, runner_output: ModelRunnerOutput
+    ) -> list[RequestOutput]:
+        sampled = self.scheduler.update_from_output(scheduler_output, runner_output)
+        self.output_processor.collect_prompt_logprobs(scheduler_output, runner_output, self.seqs)
+        progressed: dict[str, RequestState] = {}
+        for seq in sampled:
+            status = self.output_processor.process_token(seq, runner_output)
+            if status is not None:
+                self.scheduler.finish_sequence(seq, status)
+            req = seq.request
+            if req.held_seqs and seq.index == 0:
+                self._release_held(req)
+            progressed[req.request_id] = req
+        outputs = []
+        for req in progressed.values():
+            outputs.append(make_request_output(req))
+            if req.is_finished:
+                self._finish_request(req, SequenceStatus.FINISHED_ABORTED)
+        return outputs
+
+    def _fail_in_flight(self) -> list[str]:
+        """After a runner error: abort every request that had work in the step, freeing blocks."""
+        failed: list[str] = []
+        for seq in self.scheduler.in_flight():
+            req = seq.request
+            if req.request_id in self.requests:
+                self._finish_request(req, SequenceStatus.FINISHED_ABORTED)
+                failed.append(req.request_id)
+        self.scheduler.clear_in_flight()
+        logger.error("runner failed; aborted requests %s", failed)
+        return failed
+
+    # ---------------------------------------------------------------- stats
+    def get_stats(self) -> EngineStats:
+        kv = self.scheduler.kv
+        num_held = sum(len(r.held_seqs) for r in self.requests.values())
+        return EngineStats(
+            kv_blocks_total=kv.num_usable_blocks,
+            kv_blocks_free=kv.num_free_blocks,
+            kv_blocks_cached=kv.num_cached_blocks,
+            num_preemptions=self.scheduler.num_preemptions,
+            prefix_cache_queries=kv.prefix_cache_queries,
+            prefix_cache_hits=kv.prefix_cache_hits,
+            num_requests_running=len(self.scheduler.running),
+            num_requests_waiting=len(self.scheduler.waiting) + num_held,
+            num_compilations=int(getattr(self.runner, "num_compilations", 0) or 0),
+        )
+
+    def get_tokenizer(self) -> Any | None:
+        return self.tokenizer
+
+
+def _check_runner_output(scheduler_output: SchedulerOutput, runner_output: ModelRunnerOutput) -> None:
+    missing = [c.request_id for c in scheduler_output.chunks
+               if c.sample and c.request_id not in runner_output.sampled]
+    if missing:
+        raise RuntimeError(f"runner output has no sampled token for {missing}")

@@ -1,0 +1,195 @@
+"""Scheduler: continuous batching with chunked prefill and preemption by recompute."""
+
+from __future__ import annotations
+
+import bisect
+from collections import deque
+
+from jaxserve.engine.config import EngineConfig
+from jaxserve.engine.block_pool import KVBlock
+from jaxserve.engine.kv_cache_manager import KVCacheManager
+from jaxserve.engine.scheduler_output import ScheduledChunk, SchedulerOutput
+from jaxserve.engine.sequence import Sequence, SequenceStatus
+from jaxserve.runtime.runner_output import ModelRunnerOutput
+
+
+class Scheduler:
+    """Decides, each step, which sequences compute which tokens under the token budget.
+
+    Order of service: running decodes, then running partial prefills, then waiting sequences
+    (FCFS). When a running sequence needs a block and none is free, the newest running sequence
+    not yet scheduled this step is preempted (its blocks freed, recomputed later from the front
+    of the waiting queue); older sequences win.
+    """
+
+    def __init__(self, config: EngineConfig):
+        self.config = config
+        self.kv = KVCacheManager(
+            config.num_kv_blocks, config.block_size, config.enable_prefix_caching
+        )
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []  # kept sorted by arrival_order
+        self.num_preemptions = 0
+        self._in_flight: dict[str, Sequence] = {}
+
+    # ---------------------------------------------------------------- queues
+    def add_sequence(self, seq: Sequence, front: bool = False) -> None:
+        seq.status = SequenceStatus.WAITING
+        if front:
+            self.waiting.appendleft(seq)
+        else:
+            self.waiting.append(seq)
+
+    def finish_sequence(self, seq: Sequence, status: SequenceStatus) -> None:
+        """Take `seq` out of the queues for good and free its blocks."""
+        if seq.status is SequenceStatus.RUNNING:
+            self.running.remove(seq)
+        elif seq.status is SequenceStatus.WAITING and seq in self.waiting:
+            self.waiting.remove(seq)
+        self.kv.free(seq)
+        self._in_flight.pop(seq.seq_id, None)
+        seq.status = status
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    # ---------------------------------------------------------------- scheduling
+    def schedule(self) -> SchedulerOutput:
+        budget = self.config.max_num_batched_tokens
+        chunks: list[ScheduledChunk] = []
+        scheduled: set[str] = set()
+        num_preempted_before = self.num_preemptions
+        self._in_flight = {}
+        for decode_pass in (True, False):
+            for seq in list(self.running):
+                if budget <= 0:
+                    break
+                if seq.status is not SequenceStatus.RUNNING or seq.seq_id in scheduled:
+                    continue
+                remaining = seq.num_tokens - seq.num_computed_tokens
+                if (remaining == 1) != decode_pass:
+                    continue
+                num_new = min(remaining, budget)
+                blocks = self._allocate_or_preempt(seq, num_new, scheduled, decode_pass)
+                if blocks is None:
+                    continue
+                chunks.append(self._make_chunk(seq, num_new, blocks))
+                scheduled.add(seq.seq_id)
+                budget -= num_new
+        if self.num_preemptions == num_preempted_before:
+            budget = self._schedule_waiting(budget, chunks)
+        return SchedulerOutput(
+            chunks=chunks,
+            num_batched_tokens=self.config.max_num_batched_tokens - budget,
+        )
+
+    def _schedule_waiting(self, budget: int, chunks: list[ScheduledChunk]) -> int:
+        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+            seq = self.waiting[0]
+            hits, num_hit_tokens = self.kv.get_computed_blocks(seq)
+            num_new = min(seq.num_tokens - num_hit_tokens, budget)
+            blocks = self.kv.allocate_slots(seq, num_new, hits)
+            if blocks is None:
+                break  # no preemption on behalf of waiting sequences
+            self.waiting.popleft()
+            if self.kv.enable_caching and not seq.skip_prefix_cache:
+                self.kv.record_prefix_query(seq.num_tokens, num_hit_tokens)
+            seq.num_computed_tokens = num_hit_tokens
+            if seq.num_cached_tokens is None:
+                seq.num_cached_tokens = num_hit_tokens
+            seq.status = SequenceStatus.RUNNING
+            keys = [s.arrival_order for s in self.running]
+            self.running.insert(bisect.bisect_right(keys, seq.arrival_order), seq)
+            chunks.append(self._make_chunk(seq, num_new, blocks))
+            budget -= num_new
+        return budget
+
+    def _allocate_or_preempt(
+        self, seq: Sequence, num_new: int, scheduled: set[str], may_preempt_self: bool
+    ) -> list[KVBlock] | None:
+        """Allocate, preempting newer unscheduled sequences as needed; None if `seq` must wait
+        (or was itself preempted)."""
+        while True:
+            blocks = self.kv.allocate_slots(seq, num_new)
+            if blocks is not None:
+                return blocks
+            victim = self._pick_victim(seq, scheduled)
+            if victim is None:
+                if may_preempt_self:
+                    self._preempt(seq)
+                return None
+            self._preempt(victim)
+
+    def _pick_victim(self, seq: Sequence, scheduled: set[str]) -> Sequence | None:
+        for cand in reversed(self.running):  # newest first
+            if cand.arrival_order <= seq.arrival_order:
+                return None
+            if cand.seq_id not in scheduled:
+                return cand
+        return None
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        self.kv.free(seq)
+        seq.num_computed_tokens = 0
+        seq.status = SequenceStatus.WAITING
+        self.waiting.appendleft(seq)
+        self.num_preemptions += 1
+
+    def _make_chunk(self, seq: Sequence, num_new: int, blocks: list[KVBlock]) -> ScheduledChunk:
+        self._in_flight[seq.seq_id] = seq
+        start = seq.num_computed_tokens
+        end = start + num_new
+        sample = end == seq.num_tokens
+        return ScheduledChunk(
+            request_id=seq.seq_id,
+            token_ids=seq.token_slice(start, end),
+            start_pos=start,
+            block_table=[b.block_id for b in blocks],
+            sample=sample,
+            sampling_params=seq.params,
+            prompt_token_ids=seq.prompt_token_ids,
+            output_token_ids=list(seq.output_token_ids),
+            seed=seq.seed,
+            banned_token_ids=self._banned_token_ids(seq) if sample else (),
+        )
+
+    def _banned_token_ids(self, seq: Sequence) -> tuple[int, ...]:
+        """EOS and stop token ids are banned until min_tokens outputs exist."""
+        if seq.num_output_tokens >= seq.params.min_tokens:
+            return ()
+        banned = set(seq.params.all_stop_token_ids)
+        if not seq.params.ignore_eos:
+            banned.update(self.config.eos_token_ids)
+        return tuple(sorted(banned))
+
+    # ---------------------------------------------------------------- results
+    def update_from_output(
+        self, scheduler_output: SchedulerOutput, runner_output: ModelRunnerOutput
+    ) -> list[Sequence]:
+        """Advance computed tokens, register newly full blocks, append sampled tokens.
+
+        Returns the sequences that got a new token, in chunk order.
+        """
+        sampled: list[Sequence] = []
+        for chunk in scheduler_output.chunks:
+            seq = self._in_flight.get(chunk.request_id)
+            if seq is None or seq.status is not SequenceStatus.RUNNING:
+                continue
+            seq.num_computed_tokens += len(chunk.token_ids)
+            self.kv.cache_computed_blocks(seq)
+            if chunk.sample:
+                token = runner_output.sampled.get(chunk.request_id)
+                if token is None:
+                    raise RuntimeError(f"runner sampled no token for {chunk.request_id!r}")
+                seq.output_token_ids.append(int(token))
+                sampled.append(seq)
+        self._in_flight = {}
+        return sampled
+
+    def clear_in_flight(self) -> None:
+        self._in_flight = {}
+
+    def in_flight(self) -> list[Sequence]:
+        """Sequences scheduled in the last step whose results have not come back yet."""
+        return list(self._in_flight.values())

@@ -1,0 +1,52 @@
+"""The engine -> runner contract: one step's scheduled chunks, and the runner Protocol."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from jaxserve.engine.sampling_params import SamplingParams
+from jaxserve.runtime.runner_output import ModelRunnerOutput
+
+
+@dataclass
+class ScheduledChunk:
+    """One sequence's work in this step: compute KV for `token_ids`, maybe sample one token."""
+
+    request_id: str  # the internal sequence id (a child id for n > 1)
+    token_ids: list[int]  # a prefill chunk, or [last token] for a decode
+    start_pos: int  # absolute position of token_ids[0] (= num_computed_tokens before the step)
+    block_table: list[int]  # ALL the sequence's physical block ids, covering start_pos + len
+    sample: bool  # the chunk reaches the last known token -> sample one new token
+    sampling_params: SamplingParams
+    prompt_token_ids: list[int]
+    output_token_ids: list[int]  # generated so far; len() is the output index for seeding
+    seed: int | None  # effective seed of this sequence (None = unseeded)
+    banned_token_ids: tuple[int, ...] = ()  # forced to -inf this step (min_tokens)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def is_prefill(self) -> bool:
+        """True unless this is a single-token decode of a sequence past its prompt."""
+        return not (len(self.token_ids) == 1 and self.start_pos >= len(self.prompt_token_ids))
+
+
+@dataclass
+class SchedulerOutput:
+    """All the work of one step: decodes first, then prefill chunks."""
+
+    chunks: list[ScheduledChunk] = field(default_factory=list)
+    num_batched_tokens: int = 0
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.chunks
+
+
+class ModelRunner(Protocol):
+    """What the engine needs from a runner; stateless with respect to requests."""
+
+    def execute(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput: ...

@@ -1,0 +1,98 @@
+"""Attention over the paged KV cache: metadata pytree, K/V page writes, backend dispatch."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from dataclasses import dataclass
+from typing import Literal
+
+import jax
+
+import pallas_kernels
+
+logger = logging.getLogger(__name__)
+
+Backend = Literal["reference", "pallas"]
+
+
+@jax.tree_util.register_dataclass
+@dataclass(frozen=True)
+class AttentionMetadata:
+    """Where each token of the flat (bucket-padded) token axis lives in the paged cache.
+
+    Sequences 0..num_seqs-1 own query tokens query_start_loc[s]:query_start_loc[s+1]; padding
+    tokens sit past query_start_loc[-1] and write into the reserved null block 0.
+    """
+
+    positions: jax.Array  # int32 [num_tokens]
+    slot_mapping: jax.Array  # int32 [num_tokens]: block_id * block_size + offset
+    block_tables: jax.Array  # int32 [num_seqs, max_blocks_per_seq]
+    seq_lens: jax.Array  # int32 [num_seqs]: context length incl. this step's tokens; 0 = padding
+    query_start_loc: jax.Array  # int32 [num_seqs + 1]
+    max_query_len: int = dataclasses.field(default=0, metadata=dict(static=True))  # bucketed bound
+
+
+@dataclass(frozen=True)
+class AttentionConfig:
+    """Static attention settings fixed when a model is built."""
+
+    backend: Backend = "reference"
+    sliding_window: int | None = None
+    logits_soft_cap: float | None = None
+    interpret: bool = False  # run Pallas kernels in the CPU interpreter (tests)
+
+
+def select_backend(requested: str = "auto") -> Backend:
+    """Choose the attention backend once, at start-up, and log the choice."""
+    platform = jax.default_backend()
+    if requested == "auto":
+        backend: Backend = "pallas" if platform == "gpu" else "reference"
+    elif requested in ("reference", "pallas"):
+        backend = requested  # type: ignore[assignment]
+    else:
+        raise ValueError(f"attention_backend: {requested!r} is not one of auto, reference, pallas")
+    logger.info("attention backend: %s (platform %s)", backend, platform)
+    return backend
+
+
+def write_kv(
+    k_pages: jax.Array, v_pages: jax.Array, k: jax.Array, v: jax.Array, slot_mapping: jax.Array
+) -> tuple[jax.Array, jax.Array]:
+    """Scatter this step's k, v [num_tokens, num_kv_heads, head_dim] into their slots.
+
+    k_pages, v_pages: [num_kv_heads, num_blocks, block_size, head_dim]; written in place when
+    the cache is donated to the jitted step.
+    """
+    kvh, nb, bs, d = k_pages.shape
+    k_flat = k_pages.reshape(kvh, nb * bs, d).at[:, slot_mapping].set(
+        k.transpose(1, 0, 2).astype(k_pages.dtype)
+    )
+    v_flat = v_pages.reshape(kvh, nb * bs, d).at[:, slot_mapping].set(
+        v.transpose(1, 0, 2).astype(v_pages.dtype)
+    )
+    return k_flat.reshape(kvh, nb, bs, d), v_flat.reshape(kvh, nb, bs, d)
+
+
+def paged_attention(
+    q: jax.Array,
+    k_pages: jax.Array,
+    v_pages: jax.Array,
+    md: AttentionMetadata,
+    cfg: AttentionConfig,
+    scale: float,
+) -> jax.Array:
+    """Causal attention of q [num_tokens, num_heads, head_dim] over the paged context."""
+    kwargs = dict(
+        scale=scale, sliding_window=cfg.sliding_window, logits_soft_cap=cfg.logits_soft_cap
+    )
+    if cfg.backend == "pallas":
+        return pallas_kernels.ragged_paged_attention(
+            q, k_pages, v_pages, md.block_tables, md.seq_lens, md.query_start_loc,
+            interpret=cfg.interpret, **kwargs,
+        )
+    if md.max_query_len:
+        kwargs["max_query_len"] = md.max_query_len
+    return pallas_kernels.ragged_paged_attention_reference(
+        q, k_pages, v_pages, md.block_tables, md.seq_lens, md.query_start_loc, **kwargs
+    )

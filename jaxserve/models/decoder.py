@@ -1,0 +1,127 @@
+"""The decoder-only transformer shared by the Llama-like families; a FamilySpec sets the quirks."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxserve.config import ModelConfig
+from jaxserve.layers.attention import (
+    AttentionConfig,
+    AttentionMetadata,
+    paged_attention,
+    write_kv,
+)
+from jaxserve.layers.linear import Embedding, Linear
+from jaxserve.layers.norms import RMSNorm
+from jaxserve.layers.rotary import apply_rotary, inverse_frequencies
+
+KVCache = tuple[tuple[jax.Array, jax.Array], ...]  # per layer: (k_pages, v_pages)
+
+_ACTIVATIONS = {
+    "silu": jax.nn.silu,
+    "swish": jax.nn.silu,
+    "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+}
+
+
+@dataclass(frozen=True)
+class FamilySpec:
+    """What distinguishes one model family from plain Llama."""
+
+    qkv_bias: bool = False  # Qwen2: q/k/v projections carry a bias
+    qk_norm: bool = False  # Qwen3: per-head RMSNorm on q and k before RoPE
+    norm_offset: bool = False  # Gemma: RMSNorm scales by (1 + w)
+    scale_embeddings: bool = False  # Gemma: embeddings times sqrt(hidden)
+
+
+class DecoderLayer(nnx.Module):
+    """Pre-norm attention + gated MLP block."""
+
+    def __init__(self, cfg: ModelConfig, spec: FamilySpec, attn: AttentionConfig, dtype, rngs):
+        d, eps, off = cfg.hidden_size, cfg.rms_norm_eps, spec.norm_offset
+        qkv_bias = spec.qkv_bias or cfg.attention_bias
+        self.input_layernorm = RMSNorm(d, eps=eps, offset=off, dtype=dtype)
+        self.post_attention_layernorm = RMSNorm(d, eps=eps, offset=off, dtype=dtype)
+        self.q_proj = Linear(d, cfg.q_size, bias=qkv_bias, dtype=dtype, rngs=rngs)
+        self.k_proj = Linear(d, cfg.kv_size, bias=qkv_bias, dtype=dtype, rngs=rngs)
+        self.v_proj = Linear(d, cfg.kv_size, bias=qkv_bias, dtype=dtype, rngs=rngs)
+        self.o_proj = Linear(cfg.q_size, d, bias=cfg.attention_bias, dtype=dtype, rngs=rngs)
+        if spec.qk_norm:
+            self.q_norm = RMSNorm(cfg.head_dim, eps=eps, offset=off, dtype=dtype)
+            self.k_norm = RMSNorm(cfg.head_dim, eps=eps, offset=off, dtype=dtype)
+        else:
+            self.q_norm = self.k_norm = None
+        m, mb = cfg.intermediate_size, cfg.mlp_bias
+        self.gate_proj = Linear(d, m, bias=mb, dtype=dtype, rngs=rngs)
+        self.up_proj = Linear(d, m, bias=mb, dtype=dtype, rngs=rngs)
+        self.down_proj = Linear(m, d, bias=mb, dtype=dtype, rngs=rngs)
+        if cfg.hidden_act not in _ACTIVATIONS:
+            raise ValueError(f"hidden_act {cfg.hidden_act!r} is not supported: {sorted(_ACTIVATIONS)}")
+        self.act_name = cfg.hidden_act
+        self.shape = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim)
+        self.rope = cfg.rope
+        self.attn = attn
+
+    def __call__(self, x, md: AttentionMetadata, kv: tuple[jax.Array, jax.Array]):
+        num_heads, num_kv_heads, head_dim = self.shape
+        h = self.input_layernorm(x)  # [T, hidden]
+        q = self.q_proj(h).reshape(-1, num_heads, head_dim)  # [T, Hq, D]
+        k = self.k_proj(h).reshape(-1, num_kv_heads, head_dim)  # [T, Hkv, D]
+        v = self.v_proj(h).reshape(-1, num_kv_heads, head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        inv_freq = inverse_frequencies(self.rope, head_dim)  # numpy, folded in at trace time
+        q = apply_rotary(q, md.positions, inv_freq)
+        k = apply_rotary(k, md.positions, inv_freq)
+        k_pages, v_pages = write_kv(kv[0], kv[1], k, v, md.slot_mapping)
+        o = paged_attention(q, k_pages, v_pages, md, self.attn, head_dim**-0.5)  # [T, Hq, D]
+        x = x + self.o_proj(o.reshape(o.shape[0], -1).astype(x.dtype))
+        h = self.post_attention_layernorm(x)
+        x = x + self.down_proj(_ACTIVATIONS[self.act_name](self.gate_proj(h)) * self.up_proj(h))
+        return x, (k_pages, v_pages)
+
+
+class DecoderForCausalLM(nnx.Module):
+    """Embedding -> N decoder layers -> final norm -> lm_head, over a flat token axis."""
+
+    spec = FamilySpec()
+
+    def __init__(self, cfg: ModelConfig, attn: AttentionConfig, *, dtype, rngs: nnx.Rngs):
+        spec = self.spec
+        self.embed_tokens = Embedding(cfg.vocab_size, cfg.hidden_size, dtype=dtype, rngs=rngs)
+        self.layers = nnx.List(
+            [DecoderLayer(cfg, spec, attn, dtype, rngs) for _ in range(cfg.num_layers)]
+        )
+        self.norm = RMSNorm(
+            cfg.hidden_size, eps=cfg.rms_norm_eps, offset=spec.norm_offset, dtype=dtype
+        )
+        self.tied = cfg.tie_word_embeddings
+        self.lm_head = (
+            None
+            if self.tied
+            else Linear(cfg.hidden_size, cfg.vocab_size, bias=False, dtype=dtype, rngs=rngs)
+        )
+        self.embed_scale = cfg.hidden_size**0.5 if spec.scale_embeddings else None
+
+    def __call__(self, token_ids: jax.Array, md: AttentionMetadata, kv_cache: KVCache):
+        """token_ids int32 [T] -> (hidden [T, hidden] after the final norm, updated kv_cache)."""
+        x = self.embed_tokens(token_ids)  # [T, hidden]
+        if self.embed_scale is not None:
+            x = x * jnp.asarray(self.embed_scale, dtype=x.dtype)
+        new_cache = []
+        for layer, kv in zip(self.layers, kv_cache):
+            x, kv = layer(x, md, kv)
+            new_cache.append(kv)
+        return self.norm(x), tuple(new_cache)
+
+    def compute_logits(self, hidden: jax.Array) -> jax.Array:
+        """hidden [N, hidden] -> float32 logits [N, vocab]."""
+        if self.tied:
+            return self.embed_tokens.attend(hidden).astype(jnp.float32)
+        return self.lm_head(hidden).astype(jnp.float32)

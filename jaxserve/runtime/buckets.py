@@ -1,0 +1,62 @@
+"""Bucket sizes: the few fixed shapes the model step is compiled for."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+def powers_of_two(lo: int, hi: int) -> tuple[int, ...]:
+    """lo, 2*lo, ... up to and including hi (hi itself is added when not a power of two)."""
+    out, v = [], max(1, lo)
+    while v < hi:
+        out.append(v)
+        v *= 2
+    out.append(hi)
+    return tuple(out)
+
+
+def pick(buckets: tuple[int, ...], n: int) -> int:
+    """The smallest bucket >= n."""
+    for b in buckets:
+        if b >= n:
+            return b
+    raise ValueError(f"{n} exceeds the largest bucket {buckets[-1]}")
+
+
+@dataclass(frozen=True)
+class BucketSpec:
+    """The shape buckets of one engine configuration.
+
+    tokens: padded length of the flat token axis (mixed prefill/decode steps);
+    seqs: padded request count (decode-only steps have tokens == seqs);
+    widths: padded block-table width (blocks per request).
+    """
+
+    tokens: tuple[int, ...]
+    seqs: tuple[int, ...]
+    widths: tuple[int, ...]
+
+    @classmethod
+    def build(cls, max_num_batched_tokens: int, max_num_seqs: int, max_blocks_per_seq: int,
+              min_tokens: int = 16) -> BucketSpec:
+        widths = []
+        w = 4
+        while w < max_blocks_per_seq:  # every 4x: few compiles, at most 4x over-read
+            widths.append(w)
+            w *= 4
+        widths.append(max_blocks_per_seq)
+        return cls(
+            tokens=powers_of_two(min(min_tokens, max_num_batched_tokens), max_num_batched_tokens),
+            seqs=powers_of_two(1, max_num_seqs),
+            widths=tuple(sorted(set(widths))),
+        )
+
+    def step_shapes(self) -> list[tuple[int, int, int, bool]]:
+        """Every (tokens, seqs, width, decode_only) the runner can ask for; all are warmed up."""
+        shapes = []
+        for w in self.widths:
+            for s in self.seqs:
+                shapes.append((s, s, w, True))
+            for t in self.tokens:
+                shapes.append((t, min(t, self.seqs[-1]), w, False))
+        return shapes

@@ -1,0 +1,41 @@
+"""The device mesh (one `tp` axis) and the partition rule of every parameter."""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+_COLUMN = {"q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"}
+_ROW = {"o_proj", "down_proj"}
+
+
+def make_mesh(tensor_parallel_size: int = 1) -> Mesh:
+    devices = jax.devices()
+    if tensor_parallel_size < 1 or tensor_parallel_size > len(devices):
+        raise ValueError(
+            f"tensor_parallel_size: {tensor_parallel_size} but {len(devices)} "
+            f"{jax.default_backend()} device(s) are visible"
+        )
+    return Mesh(np.array(devices[:tensor_parallel_size]), ("tp",))
+
+
+def partition_spec(path: tuple, ndim: int, num_kv_heads: int, tp: int) -> P:
+    """Column-parallel q/k/v/gate/up, row-parallel o/down, vocab-parallel embedding/lm_head."""
+    names = [str(p) for p in path]
+    module, leaf = (names[-2] if len(names) > 1 else ""), names[-1]
+    kv_replicated = module in ("k_proj", "v_proj") and num_kv_heads < tp
+    if module in _COLUMN and not kv_replicated:
+        return P(None, "tp") if leaf == "kernel" else P("tp")
+    if module in _ROW and leaf == "kernel":
+        return P("tp", None)
+    if module == "embed_tokens":
+        return P("tp", None)
+    if module == "lm_head":
+        return P(None, "tp")
+    return P(*([None] * ndim))
+
+
+def named_sharding(mesh: Mesh, path: tuple, ndim: int, num_kv_heads: int) -> NamedSharding:
+    tp = mesh.shape["tp"]
+    return NamedSharding(mesh, partition_spec(path, ndim, num_kv_heads, tp))

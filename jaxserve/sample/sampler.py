@@ -1,0 +1,114 @@
+"""The on-device sampler: processed logits -> token ids (+ logprobs of the raw logits)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from jaxserve.sample.filters import filter_logits
+from jaxserve.sample.logprobs import gather_logprobs, safe_log_softmax
+from jaxserve.sample.metadata import GREEDY_TEMPERATURE_EPS, SamplingMetadata
+from jaxserve.sample.processors import apply_logit_bias, apply_penalties
+
+
+@dataclass(frozen=True)
+class SamplerOutput:
+    """Sampled ids, and (when asked) logprob rows: column 0 the chosen token, then the top-k."""
+
+    token_ids: jax.Array  # i32[B]
+    logprob_token_ids: jax.Array | None = None  # i32[B, 1+num_logprobs]
+    logprobs: jax.Array | None = None  # f32[B, 1+num_logprobs]
+    ranks: jax.Array | None = None  # i32[B, 1+num_logprobs]
+
+
+jax.tree_util.register_dataclass(
+    SamplerOutput, data_fields=[f.name for f in fields(SamplerOutput)], meta_fields=[]
+)
+
+
+def row_keys(md: SamplingMetadata) -> jax.Array:
+    """One PRNG key per row.
+
+    Seeded rows: fold_in(key(seed), output_index) (a seed >= 2**32 folds its high half in first),
+    so their draws do not depend on the batch. Unseeded rows: fold_in(key(step_seed), row).
+    """
+
+    def seeded(lo, hi, index):
+        key = jax.random.key(lo)
+        key = lax.cond(hi == 0, lambda k: k, lambda k: jax.random.fold_in(k, hi), key)
+        return jax.random.fold_in(key, index)
+
+    seeded_keys = jax.vmap(seeded)(md.seed_lo, md.seed_hi, md.output_index)  # key[B]
+    step_key = jax.random.key(md.step_seed)
+    rows = jnp.arange(md.num_rows, dtype=jnp.uint32)
+    unseeded_keys = jax.vmap(lambda r: jax.random.fold_in(step_key, r))(rows)  # key[B]
+    data = jnp.where(
+        md.has_seed[:, None],
+        jax.random.key_data(seeded_keys),
+        jax.random.key_data(unseeded_keys),
+    )  # u32[B, 2]
+    return jax.random.wrap_key_data(data)
+
+
+def _random_sample(logits: jax.Array, md: SamplingMetadata, is_greedy: jax.Array) -> jax.Array:
+    """Temperature, top-k, top-p, min-p, then a Gumbel-max draw with each row's key."""
+    vocab_size = logits.shape[-1]
+    temperature = jnp.where(is_greedy, 1.0, md.temperature)  # [B]
+    scaled = logits / temperature[:, None]  # [B, V]
+    filtered = filter_logits(scaled, md.top_k, md.top_p, md.min_p)  # [B, V]
+    keys = row_keys(md)
+    gumbel = jax.vmap(lambda k: jax.random.gumbel(k, (vocab_size,), jnp.float32))(keys)
+    return jnp.argmax(filtered + gumbel, axis=-1).astype(jnp.int32)  # [B]
+
+
+def sample(logits: jax.Array, md: SamplingMetadata, *, num_logprobs: int) -> SamplerOutput:
+    """Sample one token per row. Wrap as jax.jit(sample, static_argnames=("num_logprobs",)).
+
+    logits: f32[B, V], the unmodified model logits. Order (as vLLM): logit bias / banned ids,
+    penalties, then greedy rows take the exact argmax; random rows go through _random_sample
+    (skipped entirely when every row is greedy). num_logprobs >= 1 adds logprob rows computed
+    from log_softmax of the unmodified logits; 0 leaves them None.
+    """
+    logits = logits.astype(jnp.float32)
+    processed = logits  # [B, V]
+    if md.bias is not None:
+        processed = apply_logit_bias(processed, md.bias)
+    if md.penalties is not None:
+        processed = apply_penalties(
+            processed,
+            md.penalties,
+            md.repetition_penalty,
+            md.frequency_penalty,
+            md.presence_penalty,
+        )
+    greedy_ids = jnp.argmax(processed, axis=-1).astype(jnp.int32)  # [B]
+    is_greedy = md.temperature < GREEDY_TEMPERATURE_EPS  # [B]
+    token_ids = lax.cond(
+        jnp.all(is_greedy),
+        lambda: greedy_ids,
+        lambda: jnp.where(is_greedy, greedy_ids, _random_sample(processed, md, is_greedy)),
+    )
+    if num_logprobs <= 0:
+        return SamplerOutput(token_ids=token_ids)
+    ids, lps, ranks = gather_logprobs(safe_log_softmax(logits), token_ids, num_logprobs)
+    return SamplerOutput(token_ids=token_ids, logprob_token_ids=ids, logprobs=lps, ranks=ranks)
+
+
+def prompt_logprobs(logits: jax.Array, target_ids: jax.Array, *, num_logprobs: int) -> SamplerOutput:
+    """Logprob rows for given next tokens: logits f32[T, V], target_ids i32[T] (column 0).
+
+    Same layout as sample(); num_logprobs may be 0 (only the target's logprob and rank).
+    token_ids echoes target_ids. Wrap with jax.jit(static_argnames=("num_logprobs",)).
+    """
+    lp = safe_log_softmax(logits.astype(jnp.float32))  # [T, V]
+    ids, lps, ranks = gather_logprobs(lp, target_ids, num_logprobs)
+    return SamplerOutput(
+        token_ids=target_ids.astype(jnp.int32), logprob_token_ids=ids, logprobs=lps, ranks=ranks
+    )
+
+
+sample_jit = jax.jit(sample, static_argnames=("num_logprobs",))
+prompt_logprobs_jit = jax.jit(prompt_logprobs, static_argnames=("num_logprobs",))

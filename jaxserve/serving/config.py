@@ -1,0 +1,26 @@
+"""ServeConfig: the servers' own settings (ports, names, key, limits), read in one place."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    """Settings of the HTTP and gRPC front ends (the engine's own live in EngineArgs)."""
+
+    model: str
+    served_model_name: str | None = None
+    host: str = "0.0.0.0"
+    port: int = 8000  # HTTP (OpenAI-compatible); 0 picks a free port
+    grpc_port: int = 50051  # 0 picks a free port; -1 disables gRPC
+    api_key: str | None = None
+    max_queued_requests: int | None = None
+    drain_grace_period_s: float = 30.0  # SIGTERM: in-flight requests finish within this, then abort
+    log_stats_interval_s: float = 10.0  # the periodic stats log line; 0 disables it
+    max_grpc_message_bytes: int = 16 * 1024 * 1024
+
+    @property
+    def model_name(self) -> str:
+        """The name clients use for the model (`--served-model-name`, else the model path)."""
+        return self.served_model_name or self.model

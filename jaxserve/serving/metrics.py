@@ -1,0 +1,154 @@
+"""Prometheus metrics under vLLM's names (prefix `jaxserve:`) and the periodic stats log line."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from jaxserve.engine.async_engine import RequestRecord
+
+logger = logging.getLogger("jaxserve.serving")
+
+_LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0,
+                    2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
+_E2E_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0,
+                60.0, 120.0, 240.0, 480.0, 960.0)
+
+
+class EngineMetrics:
+    """The async engine's observer: turns engine stats and request progress into metrics.
+
+    Called on the engine thread; prometheus_client is thread-safe, and the plain totals kept for
+    the log line are guarded by a lock.
+    """
+
+    def __init__(self, model_name: str, registry: CollectorRegistry | None = None):
+        self.registry = registry or CollectorRegistry()
+        labels = ["model_name"]
+        self._label = {"model_name": model_name}
+        reg = self.registry
+
+        def gauge(name: str, doc: str) -> Any:
+            return Gauge(f"jaxserve:{name}", doc, labels, registry=reg).labels(**self._label)
+
+        def counter(name: str, doc: str) -> Any:
+            return Counter(f"jaxserve:{name}", doc, labels, registry=reg).labels(**self._label)
+
+        def histogram(name: str, doc: str, buckets: tuple[float, ...]) -> Any:
+            return Histogram(f"jaxserve:{name}", doc, labels, buckets=buckets,
+                             registry=reg).labels(**self._label)
+
+        self.num_requests_running = gauge("num_requests_running", "Requests in the running batch.")
+        self.num_requests_waiting = gauge("num_requests_waiting", "Requests waiting to be scheduled.")
+        self.kv_cache_usage_perc = gauge(
+            "kv_cache_usage_perc", "Fraction of KV-cache blocks held by requests (1 = full).")
+        self.num_preemptions = counter("num_preemptions", "Preemptions (recompute) so far.")
+        self.prompt_tokens = counter("prompt_tokens", "Prompt tokens processed.")
+        self.generation_tokens = counter("generation_tokens", "Tokens generated.")
+        self.prefix_cache_queries = counter(
+            "prefix_cache_queries", "Prompt tokens looked up in the prefix cache.")
+        self.prefix_cache_hits = counter("prefix_cache_hits", "Prompt tokens found in the prefix cache.")
+        self.request_success = Counter("jaxserve:request_success", "Finished requests.",
+                                       labels + ["finished_reason"], registry=reg)
+        self.ttft = histogram("time_to_first_token_seconds", "Time to first token.",
+                              _LATENCY_BUCKETS)
+        self.itl = histogram("inter_token_latency_seconds", "Time between consecutive tokens.",
+                             _LATENCY_BUCKETS)
+        self.e2e = histogram("e2e_request_latency_seconds", "Arrival to finish.", _E2E_BUCKETS)
+        self.queue_time = histogram("request_queue_time_seconds",
+                                    "Arrival until the engine first worked on the request.",
+                                    _E2E_BUCKETS)
+        self._lock = threading.Lock()
+        self._last_engine_counts = (0, 0, 0)  # preemptions, prefix queries, prefix hits
+        self.total_prompt_tokens = 0
+        self.total_generation_tokens = 0
+        self.last_stats: Any = None
+
+    # ------------------------------------------------------------------ EngineObserver
+    def on_stats(self, stats: Any) -> None:
+        self.num_requests_running.set(stats.num_requests_running)
+        self.num_requests_waiting.set(stats.num_requests_waiting)
+        self.kv_cache_usage_perc.set(kv_cache_usage(stats))
+        counts = (stats.num_preemptions, stats.prefix_cache_queries, stats.prefix_cache_hits)
+        with self._lock:
+            last, self._last_engine_counts = self._last_engine_counts, counts
+            self.last_stats = stats
+        for metric, new, old in zip(
+                (self.num_preemptions, self.prefix_cache_queries, self.prefix_cache_hits),
+                counts, last):
+            if new > old:
+                metric.inc(new - old)
+
+    def on_tokens(self, record: RequestRecord, num_new_tokens: int, now: float) -> None:
+        self.generation_tokens.inc(num_new_tokens)
+        first = record.first_token_time is None
+        with self._lock:
+            self.total_generation_tokens += num_new_tokens
+            if first:
+                self.total_prompt_tokens += record.num_prompt_tokens
+        if first:
+            self.prompt_tokens.inc(record.num_prompt_tokens)
+            self.ttft.observe(now - record.arrival_time)
+            if record.first_output_time is not None:
+                self.queue_time.observe(max(record.first_output_time - record.arrival_time, 0.0))
+        elif record.last_token_time is not None:
+            gap = (now - record.last_token_time) / num_new_tokens
+            for _ in range(num_new_tokens):
+                self.itl.observe(gap)
+
+    def on_finished(self, record: RequestRecord) -> None:
+        end = record.finished_time or time.monotonic()
+        self.e2e.observe(end - record.arrival_time)
+        self.request_success.labels(finished_reason=record.finish_reason or "unknown",
+                                    **self._label).inc()
+
+    # ------------------------------------------------------------------ log line
+    def totals(self) -> tuple[int, int]:
+        with self._lock:
+            return self.total_prompt_tokens, self.total_generation_tokens
+
+
+def kv_cache_usage(stats: Any) -> float:
+    """Fraction of usable KV blocks held by requests; 0 when none holds a block."""
+    if not stats.kv_blocks_total:
+        return 0.0
+    return max(stats.kv_blocks_total - stats.kv_blocks_free, 0) / stats.kv_blocks_total
+
+
+class StatLogger:
+    """Logs one line per interval like vLLM's: throughput, running/waiting, KV usage, hit rate."""
+
+    def __init__(self, metrics: EngineMetrics):
+        self.metrics = metrics
+        self._last_time = time.monotonic()
+        self._last_totals = metrics.totals()
+        self._last_prefix = (0, 0)
+
+    def line(self, now: float | None = None) -> str:
+        now = time.monotonic() if now is None else now
+        totals = self.metrics.totals()
+        dt = max(now - self._last_time, 1e-9)
+        prompt_tps = (totals[0] - self._last_totals[0]) / dt
+        gen_tps = (totals[1] - self._last_totals[1]) / dt
+        self._last_time, self._last_totals = now, totals
+        stats = self.metrics.last_stats
+        if stats is None:
+            return (f"Avg prompt throughput: {prompt_tps:.1f} tokens/s, "
+                    f"Avg generation throughput: {gen_tps:.1f} tokens/s")
+        queries = stats.prefix_cache_queries - self._last_prefix[0]
+        hits = stats.prefix_cache_hits - self._last_prefix[1]
+        self._last_prefix = (stats.prefix_cache_queries, stats.prefix_cache_hits)
+        hit_rate = 100.0 * hits / queries if queries > 0 else 0.0
+        return (f"Avg prompt throughput: {prompt_tps:.1f} tokens/s, "
+                f"Avg generation throughput: {gen_tps:.1f} tokens/s, "
+                f"Running: {stats.num_requests_running} reqs, "
+                f"Waiting: {stats.num_requests_waiting} reqs, "
+                f"KV cache usage: {100.0 * kv_cache_usage(stats):.1f}%, "
+                f"Prefix cache hit rate: {hit_rate:.1f}%")
+
+    def log(self) -> None:
+        logger.info("%s", self.line())

@@ -1,0 +1,169 @@
+"""Request bodies of the OpenAI-compatible API (pydantic), with vLLM's extra sampling fields."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from jaxserve.engine.errors import InvalidRequestError
+from jaxserve.engine.sampling_params import SamplingParams
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+    continuous_usage_stats: bool = False
+
+
+class _SamplingRequest(BaseModel):
+    """Fields shared by completions and chat completions (OpenAI's, then vLLM's extras)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: str | None = None
+    n: int = 1
+    temperature: float | None = None
+    top_p: float | None = None
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    logit_bias: dict[str, float] | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    user: str | None = None
+    # vLLM's extra sampling fields
+    top_k: int | None = None
+    min_p: float | None = None
+    repetition_penalty: float | None = None
+    ignore_eos: bool = False
+    min_tokens: int = 0
+    stop_token_ids: list[int] | None = None
+    skip_special_tokens: bool = True
+    include_stop_str_in_output: bool = False
+    prompt_logprobs: int | None = None
+    request_id: str | None = None
+
+    def _common_kwargs(self) -> dict[str, Any]:
+        kwargs: dict[str, Any] = dict(
+            n=self.n, ignore_eos=self.ignore_eos, min_tokens=self.min_tokens,
+            skip_special_tokens=self.skip_special_tokens,
+            include_stop_str_in_output=self.include_stop_str_in_output,
+        )
+        for name in ("temperature", "top_p", "stop", "seed", "presence_penalty",
+                     "frequency_penalty", "top_k", "min_p", "repetition_penalty",
+                     "stop_token_ids", "prompt_logprobs"):
+            value = getattr(self, name)
+            if value is not None:
+                kwargs[name] = value
+        if self.logit_bias is not None:
+            try:
+                kwargs["logit_bias"] = {int(k): v for k, v in self.logit_bias.items()}
+            except ValueError as exc:
+                raise InvalidRequestError("logit_bias", "keys must be token ids") from exc
+        return kwargs
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+
+class CompletionRequest(_SamplingRequest):
+    """POST /v1/completions."""
+
+    prompt: str | list[str] | list[int] | list[list[int]]
+    max_tokens: int | None = 16
+    logprobs: int | None = None
+    echo: bool = False
+    suffix: str | None = None
+    best_of: int | None = None
+    add_special_tokens: bool = True
+
+    def prompts(self) -> list[str | list[int]]:
+        """The prompts of a (possibly batched) request: strings or token-id lists."""
+        prompt = self.prompt
+        if isinstance(prompt, str):
+            return [prompt]
+        if not prompt:
+            raise InvalidRequestError("prompt", "must not be empty")
+        if isinstance(prompt[0], int):
+            return [list(prompt)]
+        return list(prompt)
+
+    def to_sampling_params(self) -> SamplingParams:
+        if self.suffix:
+            raise InvalidRequestError("suffix", "is not supported")
+        if self.echo:
+            raise InvalidRequestError("echo", "is not supported")
+        if self.best_of is not None and self.best_of != self.n:
+            raise InvalidRequestError("best_of", "is not supported (must equal n)")
+        kwargs = self._common_kwargs()
+        kwargs["max_tokens"] = self.max_tokens
+        if self.logprobs is not None:
+            kwargs["logprobs"] = self.logprobs
+        return SamplingParams(**kwargs)
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    role: str
+    content: str | list[dict[str, Any]] | None = None
+    name: str | None = None
+
+    def text(self) -> str:
+        """The message's text; content parts other than text are refused."""
+        if self.content is None or isinstance(self.content, str):
+            return self.content or ""
+        parts = []
+        for part in self.content:
+            if part.get("type") != "text":
+                raise InvalidRequestError("messages", f"content part {part.get('type')!r} "
+                                          "is not supported (text only)")
+            parts.append(str(part.get("text", "")))
+        return "".join(parts)
+
+
+class ChatCompletionRequest(_SamplingRequest):
+    """POST /v1/chat/completions."""
+
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: int | None = None
+    max_completion_tokens: int | None = None
+    logprobs: bool = False
+    top_logprobs: int | None = None
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    chat_template_kwargs: dict[str, Any] | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: Literal["none", "auto"] | dict[str, Any] | str | None = None
+
+    def to_sampling_params(self) -> SamplingParams:
+        if self.tools:
+            raise InvalidRequestError("tools", "tool calling is not supported")
+        kwargs = self._common_kwargs()
+        max_tokens = self.max_completion_tokens if self.max_completion_tokens is not None \
+            else self.max_tokens
+        kwargs["max_tokens"] = max_tokens
+        if self.top_logprobs is not None and not self.logprobs:
+            raise InvalidRequestError("top_logprobs", "needs logprobs to be true")
+        if self.logprobs:
+            kwargs["logprobs"] = self.top_logprobs or 0
+        return SamplingParams(**kwargs)
+
+
+class TokenizeRequest(BaseModel):
+    """POST /tokenize: a prompt, or chat messages rendered with the chat template."""
+
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    add_special_tokens: bool = True
+    add_generation_prompt: bool = True
+
+
+class DetokenizeRequest(BaseModel):
+    """POST /detokenize."""
+
+    model: str | None = None
+    tokens: list[int]

@@ -1,0 +1,1 @@
+"""Checkpoint reading: safetensors, the HF-name mapping, and model loading."""
