@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import dataclasses
 import logging
 import threading
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any, Protocol
+
+from jaxserve.engine.errors import EngineStepError
 
 logger = logging.getLogger(__name__)
 
@@ -25,6 +26,10 @@ class EngineDeadError(AsyncEngineError):
 
 class EngineNotAcceptingError(AsyncEngineError):
     """The engine is draining or shut down and takes no new requests."""
+
+
+class RequestFailedError(AsyncEngineError):
+    """The engine failed this request (a runner error in its step); the engine carries on."""
 
 
 class QueueFullError(AsyncEngineError):
@@ -85,7 +90,6 @@ class _Stream:
         self.request_id = request_id
         self.loop = loop
         self.queue: asyncio.Queue = asyncio.Queue()
-        self.last_output: Any = None  # engine thread only
 
     def put(self, item: Any) -> None:
         try:
@@ -108,15 +112,6 @@ class _Stream:
         if isinstance(item, BaseException):
             raise item
         return item
-
-
-def _aborted(output: Any) -> Any:
-    """`output` (a RequestOutput) marked finished, its unfinished completions ended with "abort"."""
-    outs = [
-        o if o.finish_reason is not None else dataclasses.replace(o, finish_reason="abort")
-        for o in output.outputs
-    ]
-    return dataclasses.replace(output, outputs=outs, finished=True)
 
 
 class AsyncEngine:
@@ -258,8 +253,7 @@ class AsyncEngine:
                 if abort_all:
                     aborts.extend((rid, True) for rid in list(self._streams))
                 self._apply_aborts(aborts)
-                outputs = self.engine.step() if self.engine.has_unfinished_requests() else []
-                self._dispatch(outputs, time.monotonic())
+                self._dispatch(self._step(), time.monotonic())
                 self._has_work = bool(self.engine.has_unfinished_requests())
                 self._publish_stats()
             except BaseException as exc:  # noqa: BLE001 - every failure must reach the streams
@@ -267,6 +261,26 @@ class AsyncEngine:
                 self._fail_all(exc)
                 return
         self._close_all(EngineNotAcceptingError("the engine was shut down"))
+
+    def _step(self) -> list[Any]:
+        """One engine step; a runner failure fails only the requests of that step."""
+        if not self.engine.has_unfinished_requests():
+            return []
+        try:
+            return self.engine.step()
+        except EngineStepError as exc:
+            logger.error("engine step failed; failing requests %s: %s",
+                         exc.failed_request_ids, exc)
+            for request_id in exc.failed_request_ids:
+                stream = self._streams.pop(request_id, None)
+                record = self._records.pop(request_id, None)
+                if stream is not None:
+                    stream.put(RequestFailedError(f"request {request_id} failed: {exc}"))
+                if record is not None and self.observer is not None:
+                    record.finished_time = time.monotonic()
+                    record.finish_reason = "error"
+                    self.observer.on_finished(record)
+            return []
 
     def _apply_adds(self, adds: list[_PendingAdd]) -> None:
         limit = self.config.max_queued_requests
@@ -291,21 +305,20 @@ class AsyncEngine:
             add.future.set_result(None)
 
     def _apply_aborts(self, aborts: list[tuple[str, bool]]) -> None:
+        """Abort in the engine (its blocks are freed now). A caller that asked for the abort
+        still hears the final "abort" output from the next step; one that left does not."""
         for request_id, notify_caller in aborts:
-            stream = self._streams.pop(request_id, None)
-            if stream is None:
+            if request_id not in self._streams:
                 continue
             self.engine.abort_request(request_id)
+            if notify_caller:
+                continue
+            del self._streams[request_id]
             record = self._records.pop(request_id)
             record.finished_time = time.monotonic()
             record.finish_reason = "abort"
             if self.observer is not None:
                 self.observer.on_finished(record)
-            if notify_caller:
-                if stream.last_output is not None:
-                    stream.put(_aborted(stream.last_output))
-                else:
-                    stream.put(_synthesized_abort(self.engine, request_id))
 
     def _dispatch(self, outputs: list[Any], now: float) -> None:
         for output in outputs:
@@ -314,7 +327,6 @@ class AsyncEngine:
                 continue
             record = self._records[output.request_id]
             self._record_progress(record, output, now)
-            stream.last_output = output
             stream.put(output)
             if output.finished:
                 del self._streams[output.request_id]
@@ -361,13 +373,3 @@ class AsyncEngine:
         self._streams.clear()
         self._records.clear()
 
-
-def _synthesized_abort(engine: Any, request_id: str) -> Any:
-    """A finished RequestOutput with no tokens, for a request aborted before its first output."""
-    from jaxserve.engine.outputs import CompletionOutput, RequestOutput
-
-    completion = CompletionOutput(index=0, text="", token_ids=[], cumulative_logprob=None,
-                                  logprobs=None, finish_reason="abort", stop_reason=None)
-    return RequestOutput(request_id=request_id, prompt=None, prompt_token_ids=[],
-                         prompt_logprobs=None, outputs=[completion], finished=True,
-                         num_cached_tokens=0)

@@ -10,6 +10,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
+from jaxserve.engine.errors import InvalidRequestError
 from jaxserve.serving.config import ServeConfig
 from jaxserve.serving.openai_chat import ChatHandler, chat_prompt_ids
 from jaxserve.serving.openai_completions import CompletionsHandler
@@ -108,7 +109,7 @@ def build_app(state: ServerState, config: ServeConfig,
             elif body.prompt is not None:
                 tokens = tokenizer.encode(body.prompt, add_special_tokens=body.add_special_tokens)
             else:
-                raise model_field_error("prompt", "give prompt or messages")
+                raise InvalidRequestError("prompt", "give prompt or messages")
             return {"count": len(tokens), "max_model_len": engine.engine_config.max_model_len,
                     "tokens": list(tokens)}
         except Exception as exc:  # noqa: BLE001
@@ -122,15 +123,9 @@ def build_app(state: ServerState, config: ServeConfig,
             vocab = engine.engine_config.vocab_size
             bad = [t for t in body.tokens if not 0 <= t < vocab]
             if bad:
-                raise model_field_error("tokens", f"{bad[0]} is outside the vocabulary [0, {vocab})")
+                raise InvalidRequestError("tokens", f"{bad[0]} is outside the vocabulary [0, {vocab})")
             return {"prompt": engine.tokenizer.decode(body.tokens)}
         except Exception as exc:  # noqa: BLE001
             return to_openai_error(exc).response()
 
     return app
-
-
-def model_field_error(field: str, message: str) -> ValueError:
-    from jaxserve.engine.errors import InvalidRequestError
-
-    return InvalidRequestError(field, message)

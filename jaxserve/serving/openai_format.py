@@ -80,9 +80,6 @@ def chat_logprobs(token_ids: list[int], positions: list[dict[int, Any]], k: int,
     return {"content": content}
 
 
-_FALLBACK_TEMPLATE_NOTE = "the tokenizer has no chat template; using a plain 'role: text' layout"
-
-
 def render_chat(tokenizer: Any, messages: list[dict[str, str]], add_generation_prompt: bool,
                 continue_final_message: bool = False,
                 template_kwargs: dict[str, Any] | None = None) -> list[int]:

@@ -71,11 +71,14 @@ def load_model(
     start = time.perf_counter()
     path = resolve_model_path(model)
     config = ModelConfig.from_dir(path)
+    converted = is_converted(path)
+    if converted and dtype == "auto":
+        dtype = _converted_info(path)["dtype"]  # the dtype the converter stored
     dtype_name = resolve_dtype_name(dtype, config)
     mesh = mesh or make_mesh(1)
     attn = dataclasses.replace(attn or AttentionConfig(), sliding_window=config.sliding_window)
     graphdef, state = abstract_model(config, attn, dtype_name)
-    if is_converted(path):
+    if converted:
         state = _restore_converted(path, state, config, mesh, dtype_name)
     else:
         state = _read_hf(path, state, config, mesh, dtype_name)
@@ -84,7 +87,7 @@ def load_model(
     )
     logger.info(
         "loaded %s (%s, %s) from %s in %.2fs",
-        config.architecture, dtype_name, "converted" if is_converted(path) else "HF", path,
+        config.architecture, dtype_name, "converted" if converted else "HF", path,
         loaded.load_seconds,
     )
     return loaded
@@ -116,8 +119,7 @@ def _restore_converted(path: str, state, config: ModelConfig, mesh: Mesh, dtype:
     """Restore orbax params straight onto their target shardings."""
     import orbax.checkpoint as ocp
 
-    with open(os.path.join(path, CONVERTED_MARKER)) as f:
-        saved_dtype = json.load(f)["dtype"]
+    saved_dtype = _converted_info(path)["dtype"]
     abstract_tree = {}
     for param_path, var in nnx.to_flat_state(state):
         a = var.get_value()
@@ -131,6 +133,11 @@ def _restore_converted(path: str, state, config: ModelConfig, mesh: Mesh, dtype:
             arr = arr[str(key)]
         var.set_value(arr.astype(dtype) if arr.dtype != jnp.dtype(dtype) else arr)
     return state
+
+
+def _converted_info(path: str) -> dict:
+    with open(os.path.join(path, CONVERTED_MARKER)) as f:
+        return json.load(f)
 
 
 def _nest(tree: dict, path: tuple, leaf) -> None:

@@ -1,0 +1,116 @@
+"""`jaxserve serve MODEL ...`: its flags, building the engine, running both servers, SIGTERM drain."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+from typing import Any
+
+from jaxserve.serving.config import ServeConfig
+from jaxserve.serving.frontends import Frontends
+
+logger = logging.getLogger("jaxserve.serving")
+
+API_KEY_ENV = "JAXSERVE_API_KEY"  # read only here, as the default of --api-key
+
+
+def add_serve_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Add the flags of `jaxserve serve` to `parser` (the `serve` subcommand's parser)."""
+    parser.add_argument("model", help="HF checkpoint directory (or jaxserve checkpoint)")
+    parser.add_argument("--host", default="0.0.0.0", help="address both servers bind")
+    parser.add_argument("--port", type=int, default=8000, help="HTTP (OpenAI-compatible) port")
+    parser.add_argument("--grpc-port", type=int, default=50051, help="gRPC port (-1: off)")
+    parser.add_argument("--served-model-name", default=None,
+                        help="model name in the API (default: the MODEL argument)")
+    parser.add_argument("--dtype", default="auto", help="auto, float32, bfloat16, float16")
+    parser.add_argument("--max-model-len", type=int, default=None)
+    parser.add_argument("--max-num-seqs", type=int, default=256)
+    parser.add_argument("--max-num-batched-tokens", type=int, default=None)
+    parser.add_argument("--block-size", type=int, default=16)
+    parser.add_argument("--num-kv-blocks", type=int, default=None)
+    parser.add_argument("--kv-cache-memory-fraction", type=float, default=0.9)
+    parser.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction,
+                        default=True)
+    parser.add_argument("--tensor-parallel-size", type=int, default=1)
+    parser.add_argument("--api-key", default=os.environ.get(API_KEY_ENV) or None,
+                        help=f"require 'Authorization: Bearer KEY' on every route but /health "
+                             f"(default: ${API_KEY_ENV})")
+    parser.add_argument("--max-queued-requests", type=int, default=None,
+                        help="refuse requests (HTTP 429 / RESOURCE_EXHAUSTED) past this many "
+                             "waiting")
+    parser.add_argument("--seed", type=int, default=0)
+    return parser
+
+
+def serve_config_from_args(args: argparse.Namespace) -> ServeConfig:
+    """The servers' settings from parsed flags (`api_key` must already be resolved)."""
+    return ServeConfig(
+        model=args.model,
+        served_model_name=args.served_model_name,
+        host=args.host,
+        port=args.port,
+        grpc_port=args.grpc_port,
+        api_key=args.api_key or None,
+        max_queued_requests=args.max_queued_requests,
+    )
+
+
+def engine_args_from_args(args: argparse.Namespace) -> Any:
+    from jaxserve.llm import EngineArgs
+
+    return EngineArgs(
+        model=args.model,
+        dtype=args.dtype,
+        max_model_len=args.max_model_len,
+        max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        block_size=args.block_size,
+        num_kv_blocks=args.num_kv_blocks,
+        kv_cache_memory_fraction=args.kv_cache_memory_fraction,
+        enable_prefix_caching=args.enable_prefix_caching,
+        seed=args.seed,
+        tensor_parallel_size=args.tensor_parallel_size,
+    )
+
+
+def _build_engine(args: argparse.Namespace) -> Any:
+    from jaxserve.llm import create_engine
+
+    return create_engine(engine_args_from_args(args))
+
+
+async def run_until_signalled(config: ServeConfig, build_engine: Any) -> int:
+    """Start both servers, build the engine, serve until SIGTERM/SIGINT, drain, stop; exit code."""
+    frontends = Frontends(config)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await frontends.start()
+    load = asyncio.create_task(frontends.load_engine(build_engine))
+    stopped = asyncio.create_task(stop.wait())
+    await asyncio.wait({load, stopped}, return_when=asyncio.FIRST_COMPLETED)
+    code = 0
+    if load.done() and load.exception() is not None:
+        logger.error("failed to build the engine: %r", load.exception())
+        code = 1
+    elif load.done():
+        logger.info("ready: serving %s", config.model_name)
+        await stopped
+        logger.info("signal received: draining (grace period %.1fs)", config.drain_grace_period_s)
+        finished = await frontends.drain()
+        logger.info("drained (%s)", "all finished" if finished else "some aborted")
+    else:  # signalled while still loading
+        load.cancel()
+    await frontends.stop()
+    return code
+
+
+def serve(args: argparse.Namespace) -> int:
+    """Run `jaxserve serve` with parsed flags; returns the process exit code."""
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(asctime)s %(name)s: %(message)s")
+    config = serve_config_from_args(args)
+    return asyncio.run(run_until_signalled(config, lambda: _build_engine(args)))
