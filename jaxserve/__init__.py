@@ -1,1 +1,16 @@
-"""jaxserve."""
+"""jaxserve: LLM inference and serving on JAX/XLA (paged KV cache, continuous batching)."""
+
+from jaxserve.engine import CompletionOutput, EngineStats, Logprob, RequestOutput, SamplingParams
+from jaxserve.llm import LLM, EngineArgs, create_engine
+
+__all__ = [
+    "LLM",
+    "CompletionOutput",
+    "EngineArgs",
+    "EngineStats",
+    "Logprob",
+    "RequestOutput",
+    "SamplingParams",
+    "create_engine",
+]
+__version__ = "0.1.0"

@@ -44,16 +44,15 @@ def check_query_start_loc(query_start_loc, num_seqs: int) -> None:
         f"got {query_start_loc.shape}")
 
 
-def is_concrete(*arrays) -> bool:
-  """True when none of the arrays is a tracer (so their values can be checked on the host)."""
-  return not any(isinstance(a, jax.core.Tracer) for a in arrays)
-
-
 def check_max_query_len(query_start_loc, max_query_len: int) -> None:
-  """When the values are concrete, raise if some chunk is longer than `max_query_len`."""
-  if not is_concrete(query_start_loc):
+  """When the values are concrete (not traced), raise if a chunk is longer than max_query_len.
+
+  Under jit this cannot be checked; the caller's bucketed bound must hold.
+  """
+  try:
+    qsl = np.asarray(query_start_loc)
+  except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
     return
-  qsl = np.asarray(query_start_loc)
   longest = int(np.max(np.diff(qsl), initial=0))
   if longest > max_query_len:
     raise ValueError(f"a query chunk has {longest} tokens > max_query_len={max_query_len}")

@@ -1,4 +1,4 @@
-"""Ragged paged attention (mixed prefill chunks + decodes over a block table): kernel + reference."""
+"""Ragged paged attention (mixed prefill chunks and decodes over a block table): kernel + ref."""
 
 from __future__ import annotations
 

@@ -14,6 +14,7 @@ class KVCacheManager:
         self.enable_caching = enable_caching
         self.pool = BlockPool(num_blocks, enable_caching)
         self._blocks: dict[str, list[KVBlock]] = {}
+        self._block_ids: dict[str, list[int]] = {}  # the same, as the runner's block table
         self._num_registered: dict[str, int] = {}  # leading blocks already in the prefix cache
         self.prefix_cache_queries = 0  # tokens looked up
         self.prefix_cache_hits = 0  # tokens found
@@ -66,12 +67,16 @@ class KVCacheManager:
         hits_in_free_queue = sum(1 for b in hits if b.ref_cnt == 0)
         if num_new_blocks > self.pool.num_free_blocks - hits_in_free_queue:
             return None
+        ids = self._block_ids.setdefault(seq.seq_id, [])
         if hits:
             self.pool.touch(hits)  # before get_new_blocks, so hits cannot be evicted
             blocks.extend(hits)
+            ids.extend(b.block_id for b in hits)
             self._num_registered[seq.seq_id] = len(blocks)
         if num_new_blocks > 0:
-            blocks.extend(self.pool.get_new_blocks(num_new_blocks))
+            new_blocks = self.pool.get_new_blocks(num_new_blocks)
+            blocks.extend(new_blocks)
+            ids.extend(b.block_id for b in new_blocks)
         self._blocks[seq.seq_id] = blocks
         return blocks
 
@@ -94,12 +99,14 @@ class KVCacheManager:
     def free(self, seq: Sequence) -> None:
         """Release all of `seq`'s blocks (tail first, so its prefix stays cached longest)."""
         blocks = self._blocks.pop(seq.seq_id, [])
+        self._block_ids.pop(seq.seq_id, None)
         self._num_registered.pop(seq.seq_id, None)
         self.pool.free_blocks(reversed(blocks))
 
     # ---------------------------------------------------------------- queries
     def get_block_ids(self, seq: Sequence) -> list[int]:
-        return [b.block_id for b in self._blocks.get(seq.seq_id, [])]
+        """A copy of `seq`'s block table."""
+        return list(self._block_ids.get(seq.seq_id, ()))
 
     def num_blocks_of(self, seq: Sequence) -> int:
         return len(self._blocks.get(seq.seq_id, []))

@@ -60,6 +60,7 @@ class Scheduler:
         scheduled: set[str] = set()
         num_preempted_before = self.num_preemptions
         self._in_flight = {}
+        blocked = False  # a running sequence is waiting for blocks: admit nobody new
         for decode_pass in (True, False):
             for seq in list(self.running):
                 if budget <= 0:
@@ -72,11 +73,12 @@ class Scheduler:
                 num_new = min(remaining, budget)
                 blocks = self._allocate_or_preempt(seq, num_new, scheduled, decode_pass)
                 if blocks is None:
+                    blocked = True
                     continue
-                chunks.append(self._make_chunk(seq, num_new, blocks))
+                chunks.append(self._make_chunk(seq, num_new))
                 scheduled.add(seq.seq_id)
                 budget -= num_new
-        if self.num_preemptions == num_preempted_before:
+        if not blocked and self.num_preemptions == num_preempted_before:
             budget = self._schedule_waiting(budget, chunks)
         return SchedulerOutput(
             chunks=chunks,
@@ -100,7 +102,7 @@ class Scheduler:
             seq.status = SequenceStatus.RUNNING
             keys = [s.arrival_order for s in self.running]
             self.running.insert(bisect.bisect_right(keys, seq.arrival_order), seq)
-            chunks.append(self._make_chunk(seq, num_new, blocks))
+            chunks.append(self._make_chunk(seq, num_new))
             budget -= num_new
         return budget
 
@@ -136,7 +138,7 @@ class Scheduler:
         self.waiting.appendleft(seq)
         self.num_preemptions += 1
 
-    def _make_chunk(self, seq: Sequence, num_new: int, blocks: list[KVBlock]) -> ScheduledChunk:
+    def _make_chunk(self, seq: Sequence, num_new: int) -> ScheduledChunk:
         self._in_flight[seq.seq_id] = seq
         start = seq.num_computed_tokens
         end = start + num_new
@@ -145,7 +147,7 @@ class Scheduler:
             request_id=seq.seq_id,
             token_ids=seq.token_slice(start, end),
             start_pos=start,
-            block_table=[b.block_id for b in blocks],
+            block_table=self.kv.get_block_ids(seq),
             sample=sample,
             sampling_params=seq.params,
             prompt_token_ids=seq.prompt_token_ids,

@@ -47,6 +47,20 @@ class SchedulerOutput:
 
 
 class ModelRunner(Protocol):
-    """What the engine needs from a runner; stateless with respect to requests."""
+    """What the engine needs from a runner; stateless with respect to requests.
+
+    Contract notes for implementers:
+    - `execute` returns `sampled[request_id]` for every chunk with `sample=True`,
+      `logprobs[request_id]` when `sampling_params.logprobs` is not None, and
+      `prompt_logprobs[request_id]` (one row per position p of the chunk with p + 1 < prompt
+      length) when `sampling_params.prompt_logprobs` is not None.
+    - Use `chunk.seed`, not `sampling_params.seed` (children of an n > 1 request get seed + i),
+      and `len(chunk.output_token_ids)` as the output index for seeded sampling.
+    - A prefix-cache hit never points at a block whose KV is written in the same step (blocks
+      enter the cache only after their step returned), so KV writes and attention reads of
+      different chunks in one step need no ordering.
+    - Block tables list real blocks only; pad them with block 0 (the null block).
+    - An optional `num_compilations` attribute is reported in EngineStats.
+    """
 
     def execute(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput: ...

@@ -22,15 +22,17 @@ class SequenceStatus(enum.Enum):
 
     @property
     def is_finished(self) -> bool:
-        return self in (
-            SequenceStatus.FINISHED_STOPPED,
-            SequenceStatus.FINISHED_LENGTH,
-            SequenceStatus.FINISHED_ABORTED,
-        )
+        return self in _FINISHED
 
     @property
     def finish_reason(self) -> str | None:
         return self.value if self.is_finished else None
+
+
+_FINISHED = frozenset(
+    (SequenceStatus.FINISHED_STOPPED, SequenceStatus.FINISHED_LENGTH,
+     SequenceStatus.FINISHED_ABORTED)
+)
 
 
 class Sequence:

@@ -45,7 +45,7 @@ def apply_penalties(
     counts = counts.at[rows, output_ids].add(1.0, mode="drop")  # [B, V]
 
     rep = repetition_penalty[:, None]  # [B, 1]
-    repeated = logits / rep
+    repeated = jnp.where(logits > 0, logits / rep, logits * rep)
     logits = jnp.where(seen, repeated, logits)
     logits = logits - frequency_penalty[:, None] * counts
     return logits - presence_penalty[:, None] * (counts > 0).astype(jnp.float32)

@@ -7,6 +7,7 @@ import asyncio
 import logging
 import os
 import signal
+from collections.abc import Callable
 from typing import Any
 
 from jaxserve.serving.config import ServeConfig
@@ -82,14 +83,20 @@ def _build_engine(args: argparse.Namespace) -> Any:
     return create_engine(engine_args_from_args(args))
 
 
-async def run_until_signalled(config: ServeConfig, build_engine: Any) -> int:
-    """Start both servers, build the engine, serve until SIGTERM/SIGINT, drain, stop; exit code."""
+async def run_until_signalled(config: ServeConfig, build_engine: Callable[[], Any],
+                              on_started: Callable[[Frontends], None] | None = None) -> int:
+    """Start both servers, build the engine, serve until SIGTERM/SIGINT, drain, stop; exit code.
+
+    `on_started` is called once both servers listen (before the engine is ready).
+    """
     frontends = Frontends(config)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await frontends.start()
+    if on_started is not None:
+        on_started(frontends)
     load = asyncio.create_task(frontends.load_engine(build_engine))
     stopped = asyncio.create_task(stop.wait())
     await asyncio.wait({load, stopped}, return_when=asyncio.FIRST_COMPLETED)

@@ -9,12 +9,17 @@ lengths of 1, crossing block boundaries, the longest length (a full block table)
 
 from __future__ import annotations
 
+import os
+
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 import pallas_kernels as pk
 from _paged_cases import make_case
+
+# CPU: Pallas's interpreter. benchmarks/gpu_suite.py sets PALLAS_KERNELS_INTERPRET=0 on a GPU.
+INTERPRET = os.environ.get("PALLAS_KERNELS_INTERPRET", "1") != "0"
 
 # Kernel vs reference. The reference works in f32 from the same inputs; the kernel feeds P to
 # P @ V in the input dtype (flash-attention practice), and both round the output to the dtype.
@@ -58,7 +63,7 @@ def test_decode_kernel_matches_reference(head_dim, block_size, dtype, num_q_head
   case = make_case(seq_lens, [1] * len(seq_lens), num_q_heads=num_q_heads,
                    num_kv_heads=num_kv_heads, head_dim=head_dim, block_size=block_size,
                    max_blocks=3, dtype=dtype, seed=head_dim + block_size)
-  got = pk.paged_attention(*_arrays(case), interpret=True)
+  got = pk.paged_attention(*_arrays(case), interpret=INTERPRET)
   want = pk.paged_attention_reference(*_arrays(case))
   assert got.shape == case.q.shape and got.dtype == jnp.dtype(dtype)
   np.testing.assert_array_equal(np.asarray(got[4], np.float32), 0.0)  # seq_len 0 row
@@ -77,7 +82,7 @@ def test_ragged_kernel_matches_reference(head_dim, block_size, dtype, num_q_head
                    num_tokens=sum(q_lens) + 3, seed=head_dim * block_size)
   qsl = jnp.asarray(case.query_start_loc)
   block_sizes = pk.RaggedBlockSizes(q_rows=16, num_kv_splits=1 + block_size % 3)
-  got = pk.ragged_paged_attention(*_arrays(case), qsl, interpret=True, block_sizes=block_sizes)
+  got = pk.ragged_paged_attention(*_arrays(case), qsl, interpret=INTERPRET, block_sizes=block_sizes)
   want = pk.ragged_paged_attention_reference(*_arrays(case), qsl)
   np.testing.assert_array_equal(np.asarray(got[-3:], np.float32), 0.0)  # padding tokens
   _assert_close(got, want, dtype)
@@ -93,14 +98,14 @@ def test_kernels_window_softcap(kind, sliding_window, logits_soft_cap, scale):
   if kind == "decode":
     case = make_case(seq_lens, [1] * 4, num_q_heads=4, num_kv_heads=2, block_size=16,
                      max_blocks=3, seed=11)
-    got = pk.paged_attention(*_arrays(case), interpret=True,
+    got = pk.paged_attention(*_arrays(case), interpret=INTERPRET,
                              block_sizes=pk.DecodeBlockSizes(num_kv_splits=2), **kw)
     want = pk.paged_attention_reference(*_arrays(case), **kw)
   else:
     case = make_case(seq_lens, [20, 1, 6, 0], num_q_heads=4, num_kv_heads=2, block_size=16,
                      max_blocks=3, num_tokens=30, seed=12)
     qsl = jnp.asarray(case.query_start_loc)
-    got = pk.ragged_paged_attention(*_arrays(case), qsl, interpret=True, **kw)
+    got = pk.ragged_paged_attention(*_arrays(case), qsl, interpret=INTERPRET, **kw)
     want = pk.ragged_paged_attention_reference(*_arrays(case), qsl, **kw)
   _assert_close(got, want, np.float32)
 
@@ -108,9 +113,9 @@ def test_kernels_window_softcap(kind, sliding_window, logits_soft_cap, scale):
 def test_decode_kernel_many_splits_equals_one_split():
   """Flash-decoding: the LSE merge over KV splits must not change the result."""
   case = make_case([64, 33, 2], [1, 1, 1], block_size=16, max_blocks=4, seed=13)
-  one = pk.paged_attention(*_arrays(case), interpret=True,
+  one = pk.paged_attention(*_arrays(case), interpret=INTERPRET,
                            block_sizes=pk.DecodeBlockSizes(num_kv_splits=1))
-  four = pk.paged_attention(*_arrays(case), interpret=True,
+  four = pk.paged_attention(*_arrays(case), interpret=INTERPRET,
                             block_sizes=pk.DecodeBlockSizes(num_kv_splits=4))
   _assert_close(four, one, np.float32)
   _assert_close(one, pk.paged_attention_reference(*_arrays(case)), np.float32)
@@ -120,6 +125,6 @@ def test_kernel_rejects_unsupported_shapes():
   case = make_case([3], [1], head_dim=64, block_size=16, seed=14)
   q, k, v, bt, sl = _arrays(case)
   with pytest.raises(ValueError, match="head_dim"):
-    pk.paged_attention(q[..., :32], k[..., :32], v[..., :32], bt, sl, interpret=True)
+    pk.paged_attention(q[..., :32], k[..., :32], v[..., :32], bt, sl, interpret=INTERPRET)
   with pytest.raises(ValueError, match="dtype"):
-    pk.paged_attention(q.astype(jnp.bfloat16), k, v, bt, sl, interpret=True)
+    pk.paged_attention(q.astype(jnp.bfloat16), k, v, bt, sl, interpret=INTERPRET)

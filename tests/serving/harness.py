@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -79,3 +80,14 @@ class ServerThread:
         self.call(self.frontends.stop())
         self.loop.call_soon_threadsafe(self.loop.stop)
         self._thread.join(10)
+
+
+@contextlib.contextmanager
+def slow_steps(server: ServerThread, step_delay_s: float):
+    """Make the fake runner of `server` slower for a while (so requests stay in flight)."""
+    runner = server.llm_engine.runner
+    old, runner.step_delay_s = runner.step_delay_s, step_delay_s
+    try:
+        yield
+    finally:
+        runner.step_delay_s = old
