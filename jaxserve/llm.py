@@ -71,7 +71,7 @@ def create_engine(args: EngineArgs) -> LLMEngine:
     from transformers import AutoTokenizer
 
     from jaxserve.config import read_generation_eos
-    from jaxserve.layers.attention import AttentionConfig, select_backend
+    from jaxserve.layers.attention import select_backend
     from jaxserve.runtime.kv_cache import kv_block_bytes
     from jaxserve.runtime.mesh import make_mesh
     from jaxserve.runtime.model_runner import ModelRunner, RunnerConfig
@@ -81,7 +81,7 @@ def create_engine(args: EngineArgs) -> LLMEngine:
 
     _enable_compilation_cache(args.compilation_cache_dir)
     mesh = make_mesh(args.tensor_parallel_size)
-    attn = AttentionConfig(backend=select_backend(args.attention_backend))
+    attn = select_backend(args.attention_backend)
     loaded = load_model(args.model, args.dtype, attn, mesh)
     cfg = loaded.config
     on_cpu = jax.default_backend() == "cpu"
@@ -132,8 +132,8 @@ class LLM:
     """Offline generation: `LLM(model=...).generate(prompts, sampling_params)`."""
 
     def __init__(self, model: str, **kwargs: Any):
-        use_tqdm = kwargs.pop("use_tqdm_on_load", True)
-        self.engine_args = EngineArgs(model=model, show_progress=use_tqdm, **kwargs)
+        kwargs.setdefault("show_progress", kwargs.pop("use_tqdm_on_load", True))
+        self.engine_args = EngineArgs(model=model, **kwargs)
         self.engine = create_engine(self.engine_args)
         self._counter = 0
 

@@ -43,8 +43,12 @@ class AttentionConfig:
     interpret: bool = False  # run Pallas kernels in the CPU interpreter (tests)
 
 
-def select_backend(requested: str = "auto") -> Backend:
-    """Choose the attention backend once, at start-up, and log the choice."""
+def select_backend(requested: str = "auto") -> AttentionConfig:
+    """Choose the attention backend once, at start-up, and log the choice.
+
+    auto: the Pallas kernels on GPU, the plain-jnp reference elsewhere. "pallas" off a GPU runs
+    the kernels in Pallas's CPU interpreter (correct but slow: for tests).
+    """
     platform = jax.default_backend()
     if requested == "auto":
         backend: Backend = "pallas" if platform == "gpu" else "reference"
@@ -52,8 +56,12 @@ def select_backend(requested: str = "auto") -> Backend:
         backend = requested  # type: ignore[assignment]
     else:
         raise ValueError(f"attention_backend: {requested!r} is not one of auto, reference, pallas")
-    logger.info("attention backend: %s (platform %s)", backend, platform)
-    return backend
+    interpret = backend == "pallas" and platform != "gpu"
+    logger.info(
+        "attention backend: %s%s (platform %s)",
+        backend, " in the CPU interpreter" if interpret else "", platform,
+    )
+    return AttentionConfig(backend=backend, interpret=interpret)
 
 
 def write_kv(

@@ -121,3 +121,13 @@ def serve(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(asctime)s %(name)s: %(message)s")
     config = serve_config_from_args(args)
     return asyncio.run(run_until_signalled(config, lambda: _build_engine(args)))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m jaxserve.serving.launcher MODEL ...` (the same as `jaxserve serve MODEL ...`)."""
+    parser = add_serve_args(argparse.ArgumentParser(prog="jaxserve serve"))
+    return serve(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
