@@ -57,6 +57,7 @@ class RequestRecord:
     num_prompt_tokens: int = 0
     num_cached_tokens: int = 0
     num_generation_tokens: int = 0
+    first_scheduled_time: float | None = None  # start of the first step that worked on it
     first_output_time: float | None = None
     first_token_time: float | None = None
     last_token_time: float | None = None
@@ -171,13 +172,12 @@ class AsyncEngine:
         EngineDeadError, RequestDeadlineError (`deadline` is a time.monotonic() value). Leaving
         the iteration early (cancellation, disconnect, deadline) aborts the engine request.
         """
-        stream = self._submit(prompt, params, request_id)
-        added = finished = False
+        stream, added = self._submit(prompt, params, request_id)
+        finished = False
         try:
-            await asyncio.wrap_future(stream[1])
-            added = True
+            await asyncio.wrap_future(added)
             while True:
-                output = await stream[0].next(deadline)
+                output = await stream.next(deadline)
                 finished = bool(output.finished)
                 yield output
                 if finished:
@@ -185,7 +185,8 @@ class AsyncEngine:
         finally:
             with self._cv:
                 self._num_in_flight -= 1
-            if not finished and (added or not stream[1].done()):
+            refused = added.done() and added.exception() is not None
+            if not finished and not refused:  # the id may belong to another request if refused
                 self._queue_abort(request_id, notify_caller=False)
 
     def abort(self, request_id: str) -> None:
@@ -218,7 +219,8 @@ class AsyncEngine:
         self._thread.join(timeout)
 
     # ----------------------------------------------------------------- caller side helpers
-    def _submit(self, prompt: Any, params: Any, request_id: str):
+    def _submit(self, prompt: Any, params: Any,
+                request_id: str) -> tuple[_Stream, concurrent.futures.Future]:
         if self._dead is not None:
             raise EngineDeadError(f"engine loop failed: {self._dead!r}")
         if not self.is_accepting:
@@ -253,9 +255,12 @@ class AsyncEngine:
                 if abort_all:
                     aborts.extend((rid, True) for rid in list(self._streams))
                 self._apply_aborts(aborts)
-                self._dispatch(self._step(), time.monotonic())
+                step_start = time.monotonic()
+                outputs = self._step()
+                self._note_scheduled(step_start)
                 self._has_work = bool(self.engine.has_unfinished_requests())
-                self._publish_stats()
+                self._publish_stats()  # before dispatch: a client never sees older stats
+                self._dispatch(outputs, time.monotonic())
             except BaseException as exc:  # noqa: BLE001 - every failure must reach the streams
                 logger.exception("engine loop failed; failing all requests")
                 self._fail_all(exc)
@@ -281,6 +286,19 @@ class AsyncEngine:
                     record.finish_reason = "error"
                     self.observer.on_finished(record)
             return []
+
+    def _note_scheduled(self, step_start: float) -> None:
+        """Stamp requests that left the waiting queue in this step (for the queue-time metric)."""
+        requests = getattr(self.engine, "requests", None)
+        if not isinstance(requests, dict):
+            return
+        for request_id, record in self._records.items():
+            if record.first_scheduled_time is not None:
+                continue
+            state = requests.get(request_id)
+            seqs = getattr(state, "seqs", None) or ()
+            if any(getattr(seq, "num_computed_tokens", 0) > 0 for seq in seqs):
+                record.first_scheduled_time = step_start
 
     def _apply_adds(self, adds: list[_PendingAdd]) -> None:
         limit = self.config.max_queued_requests
@@ -340,6 +358,8 @@ class AsyncEngine:
     def _record_progress(self, record: RequestRecord, output: Any, now: float) -> None:
         if record.first_output_time is None:
             record.first_output_time = now
+            if record.first_scheduled_time is None:
+                record.first_scheduled_time = now
             record.num_prompt_tokens = len(output.prompt_token_ids or [])
             record.num_cached_tokens = int(output.num_cached_tokens or 0)
         total = sum(len(o.token_ids) for o in output.outputs)

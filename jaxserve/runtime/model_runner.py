@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import time
 from dataclasses import dataclass
 from functools import partial
 
@@ -15,6 +14,7 @@ from flax import nnx
 from jaxserve.layers.attention import AttentionMetadata
 from jaxserve.runtime.buckets import BucketSpec
 from jaxserve.runtime.compile_counter import CompileCounter
+from jaxserve.runtime.executables import ExecutableTable
 from jaxserve.runtime.inputs import StepInputs, prepare_inputs
 from jaxserve.runtime.kv_cache import allocate_kv_cache
 from jaxserve.runtime.runner_output import LogprobsRow, ModelRunnerOutput
@@ -44,9 +44,10 @@ def _forward(graphdef, state, kv_cache, token_ids, md, logits_indices):
     return model.compute_logits(hidden[logits_indices]), hidden, kv_cache
 
 
-def _all_logits(graphdef, state, hidden):
-    """hidden [T, d] -> f32 logits [T, vocab] (only for prompt logprobs)."""
-    return nnx.merge(graphdef, state).compute_logits(hidden)
+def _prompt_logprobs(graphdef, state, hidden, targets, *, num_logprobs):
+    """hidden [T, d], targets int32 [T] -> logprob rows of each target (prompt logprobs)."""
+    logits = nnx.merge(graphdef, state).compute_logits(hidden)  # [T, vocab]
+    return prompt_logprobs(logits, targets, num_logprobs=num_logprobs)
 
 
 class ModelRunner:
@@ -64,9 +65,11 @@ class ModelRunner:
         self.buckets = BucketSpec.build(cfg.max_num_batched_tokens, cfg.max_num_seqs, max_blocks)
         self.penalty_len = 1 << (cfg.max_model_len - 1).bit_length()
         self._step = jax.jit(partial(_forward, self.graphdef), donate_argnums=(1,))
-        self._all_logits = jax.jit(partial(_all_logits, self.graphdef))
         self._sample = jax.jit(sample, static_argnames=("num_logprobs",))
-        self._prompt_lp = jax.jit(prompt_logprobs, static_argnames=("num_logprobs",))
+        self._prompt_lp = jax.jit(
+            partial(_prompt_logprobs, self.graphdef), static_argnames=("num_logprobs",)
+        )
+        self.executables = ExecutableTable()
         self._steps = 0
 
     @property
@@ -89,7 +92,7 @@ class ModelRunner:
             return out
         rows, variant = rows_for(chunks, self.cfg.max_logprobs)
         md = build_metadata(rows, len(inp.seq_lens), self._step_seed(), variant, self.penalty_len)
-        result = self._sample(logits, md, num_logprobs=variant.num_logprobs)
+        result = self.executables.get("sample", (len(inp.seq_lens), variant))(logits, md)
         host = jax.device_get(result)  # the one device -> host transfer of the step
         for i in sampled_rows:
             c = chunks[i]
@@ -104,18 +107,9 @@ class ModelRunner:
         return out
 
     def _run_model(self, inp: StepInputs):
-        md = AttentionMetadata(
-            positions=jnp.asarray(inp.positions),
-            slot_mapping=jnp.asarray(inp.slot_mapping),
-            block_tables=jnp.asarray(inp.block_tables),
-            seq_lens=jnp.asarray(inp.seq_lens),
-            query_start_loc=jnp.asarray(inp.query_start_loc),
-            max_query_len=1 if inp.decode_only else 0,
-        )
-        logits, hidden, self.kv_cache = self._step(
-            self.state, self.kv_cache, jnp.asarray(inp.token_ids), md,
-            jnp.asarray(inp.logits_indices),
-        )
+        args = _step_arrays(inp)
+        step = self.executables.get("step", inp.shape_key)
+        logits, hidden, self.kv_cache = step(self.state, self.kv_cache, *args)
         return logits, hidden
 
     def _step_seed(self) -> int:
@@ -132,12 +126,8 @@ class ModelRunner:
                 p = c.start_pos + j
                 if p + 1 < len(c.prompt_token_ids):
                     targets[lo + j] = c.prompt_token_ids[p + 1]
-        res = jax.device_get(
-            self._prompt_lp(
-                self._all_logits(self.state, hidden), jnp.asarray(targets),
-                num_logprobs=self.cfg.max_logprobs,
-            )
-        )
+        run = self.executables.get("prompt_logprobs", len(targets))
+        res = jax.device_get(run(self.state, hidden, targets))
         for i, c in enumerate(chunks):
             k = c.sampling_params.prompt_logprobs
             if k is None:
@@ -155,54 +145,58 @@ class ModelRunner:
 
     # ------------------------------------------------------------------ warm-up
     def warmup(self, progress: bool = True) -> float:
-        """Compile every step shape and sampler variant now, so serving never compiles.
+        """Compile every step shape, sampler variant and prompt-logprob size, ahead of time.
 
-        The sampler and prompt-logprob functions are warmed on real step outputs, so their
-        argument shardings are exactly those they will see when serving.
+        The sampler and prompt-logprob inputs are described with the step's own output
+        shardings, so they are exactly what serving will pass.
         """
-        start = time.perf_counter()
         shapes = self.buckets.step_shapes()
-        variants = SamplerVariant.all(self.cfg.max_logprobs)
-        seq_sizes = sorted({s for _, s, _, _ in shapes})
-        token_sizes = sorted({t for t, _, _, _ in shapes})
-        bar = _progress(len(shapes) + len(seq_sizes) * len(variants) + len(token_sizes), progress)
-        logits_by_rows, hidden_by_tokens = {}, {}
+        step_jobs, lowered = [], {}
         for shape in shapes:
-            logits, hidden = self._warm_step(shape)
-            logits_by_rows[logits.shape[0]] = logits
-            hidden_by_tokens[hidden.shape[0]] = hidden
-            bar.update(1)
-        for s in seq_sizes:
-            for variant in variants:
-                md = build_metadata([], s, 0, variant, self.penalty_len)
-                out = self._sample(logits_by_rows[s], md, num_logprobs=variant.num_logprobs)
-                jax.block_until_ready(out)
-                bar.update(1)
-        for t in token_sizes:
-            logits = self._all_logits(self.state, hidden_by_tokens[t])
-            targets = jnp.asarray(np.zeros(t, np.int32))
-            jax.block_until_ready(
-                self._prompt_lp(logits, targets, num_logprobs=self.cfg.max_logprobs)
-            )
-            bar.update(1)
-        bar.close()
-        took = time.perf_counter() - start
-        logger.info("warm-up: %d shapes compiled or loaded from cache in %.1fs", bar.n, took)
-        return took
+            lowered[shape] = self._lower_step(shape)
+            step_jobs.append(("step", shape, lambda low=lowered[shape]: low))
+        any_step = next(iter(lowered.values()))
+        logits_sharding, hidden_sharding, _ = any_step.out_info
+        vocab, d = self.model_config.vocab_size, self.model_config.hidden_size
+        hidden_dtype = self.kv_cache[0][0].dtype
+        jobs = list(step_jobs)
+        for s in sorted({s for _, s, _, _ in shapes}):
+            logits = jax.ShapeDtypeStruct((s, vocab), jnp.float32, sharding=logits_sharding.sharding)
+            for v in SamplerVariant.all(self.cfg.max_logprobs):
+                md = build_metadata([], s, 0, v, self.penalty_len)
+                jobs.append(("sample", (s, v), partial(
+                    self._sample.lower, logits, md, num_logprobs=v.num_logprobs)))
+        for t in sorted({t for t, _, _, _ in shapes}):
+            hidden = jax.ShapeDtypeStruct((t, d), hidden_dtype, sharding=hidden_sharding.sharding)
+            targets = jax.ShapeDtypeStruct((t,), jnp.int32)
+            jobs.append(("prompt_logprobs", t, partial(
+                self._prompt_lp.lower, self.state, hidden, targets,
+                num_logprobs=self.cfg.max_logprobs)))
+        return self.executables.compile_all(jobs, progress)
 
-    def _warm_step(self, shape):
+    def _lower_step(self, shape):
         t, s, w, decode_only = shape
-        qsl = np.zeros(s + 1, np.int32)
-        qsl[1:] = np.minimum(np.arange(1, s + 1), t)  # one token per row, rest padding
-        inp = StepInputs(
-            np.zeros(t, np.int32), np.zeros(t, np.int32), np.zeros(t, np.int32),
-            np.zeros((s, w), np.int32), np.ones(s, np.int32), qsl, np.zeros(s, np.int32),
-            s, t, decode_only,
+        i32 = jnp.int32
+        md = AttentionMetadata(
+            positions=jax.ShapeDtypeStruct((t,), i32),
+            slot_mapping=jax.ShapeDtypeStruct((t,), i32),
+            block_tables=jax.ShapeDtypeStruct((s, w), i32),
+            seq_lens=jax.ShapeDtypeStruct((s,), i32),
+            query_start_loc=jax.ShapeDtypeStruct((s + 1,), i32),
+            max_query_len=1 if decode_only else 0,
         )
-        return jax.block_until_ready(self._run_model(inp))
+        tokens, rows = jax.ShapeDtypeStruct((t,), i32), jax.ShapeDtypeStruct((s,), i32)
+        return self._step.lower(self.state, self.kv_cache, tokens, md, rows)
 
 
-def _progress(total: int, enabled: bool):
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc="Compiling buckets", disable=not enabled, unit="shape")
+def _step_arrays(inp: StepInputs):
+    """(token_ids, metadata, logits_indices) of one step as the step executable takes them."""
+    md = AttentionMetadata(
+        positions=inp.positions,
+        slot_mapping=inp.slot_mapping,
+        block_tables=inp.block_tables,
+        seq_lens=inp.seq_lens,
+        query_start_loc=inp.query_start_loc,
+        max_query_len=1 if inp.decode_only else 0,
+    )
+    return inp.token_ids, md, inp.logits_indices

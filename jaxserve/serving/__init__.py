@@ -1,1 +1,1 @@
-"""jaxserve/serving."""
+"""Servers: the async engine behind a gRPC service and an OpenAI-compatible HTTP API."""

@@ -91,9 +91,16 @@ async def run_until_signalled(config: ServeConfig, build_engine: Callable[[], An
     """
     frontends = Frontends(config)
     stop = asyncio.Event()
+
+    def on_signal() -> None:
+        if stop.is_set() and frontends.engine is not None:  # a second signal: stop waiting
+            logger.warning("second signal: aborting the requests in flight")
+            frontends.engine.abort_all()
+        stop.set()
+
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, on_signal)
     await frontends.start()
     if on_started is not None:
         on_started(frontends)

@@ -60,7 +60,7 @@ class EngineMetrics:
                              _LATENCY_BUCKETS)
         self.e2e = histogram("e2e_request_latency_seconds", "Arrival to finish.", _E2E_BUCKETS)
         self.queue_time = histogram("request_queue_time_seconds",
-                                    "Arrival until the engine first worked on the request.",
+                                    "Arrival until the first step that scheduled the request.",
                                     _E2E_BUCKETS)
         self._lock = threading.Lock()
         self._last_engine_counts = (0, 0, 0)  # preemptions, prefix queries, prefix hits
@@ -93,8 +93,9 @@ class EngineMetrics:
         if first:
             self.prompt_tokens.inc(record.num_prompt_tokens)
             self.ttft.observe(now - record.arrival_time)
-            if record.first_output_time is not None:
-                self.queue_time.observe(max(record.first_output_time - record.arrival_time, 0.0))
+            if record.first_scheduled_time is not None:
+                self.queue_time.observe(
+                    max(record.first_scheduled_time - record.arrival_time, 0.0))
         elif record.last_token_time is not None:
             gap = (now - record.last_token_time) / num_new_tokens
             for _ in range(num_new_tokens):
@@ -151,4 +152,8 @@ class StatLogger:
                 f"Prefix cache hit rate: {hit_rate:.1f}%")
 
     def log(self) -> None:
-        logger.info("%s", self.line())
+        """Log the line, unless nothing happened since the last one and nothing is queued."""
+        stats = self.metrics.last_stats
+        busy = stats is not None and (stats.num_requests_running or stats.num_requests_waiting)
+        if busy or self.metrics.totals() != self._last_totals:
+            logger.info("%s", self.line())

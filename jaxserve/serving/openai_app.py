@@ -100,18 +100,7 @@ def build_app(state: ServerState, config: ServeConfig,
     async def tokenize(body: TokenizeRequest):
         try:
             check_model(body.model)
-            engine = state.ready_engine()
-            tokenizer = engine.tokenizer
-            if body.messages is not None:
-                chat = ChatCompletionRequest(messages=body.messages,
-                                             add_generation_prompt=body.add_generation_prompt)
-                tokens = chat_prompt_ids(tokenizer, chat)
-            elif body.prompt is not None:
-                tokens = tokenizer.encode(body.prompt, add_special_tokens=body.add_special_tokens)
-            else:
-                raise InvalidRequestError("prompt", "give prompt or messages")
-            return {"count": len(tokens), "max_model_len": engine.engine_config.max_model_len,
-                    "tokens": list(tokens)}
+            return _tokenize(state.ready_engine(), body)
         except Exception as exc:  # noqa: BLE001
             return to_openai_error(exc).response()
 
@@ -119,13 +108,30 @@ def build_app(state: ServerState, config: ServeConfig,
     async def detokenize(body: DetokenizeRequest):
         try:
             check_model(body.model)
-            engine = state.ready_engine()
-            vocab = engine.engine_config.vocab_size
-            bad = [t for t in body.tokens if not 0 <= t < vocab]
-            if bad:
-                raise InvalidRequestError("tokens", f"{bad[0]} is outside the vocabulary [0, {vocab})")
-            return {"prompt": engine.tokenizer.decode(body.tokens)}
+            return _detokenize(state.ready_engine(), body)
         except Exception as exc:  # noqa: BLE001
             return to_openai_error(exc).response()
 
     return app
+
+
+def _tokenize(engine: Any, body: TokenizeRequest) -> dict:
+    tokenizer = engine.tokenizer
+    if body.messages is not None:
+        chat = ChatCompletionRequest(messages=body.messages,
+                                     add_generation_prompt=body.add_generation_prompt)
+        tokens = chat_prompt_ids(tokenizer, chat)
+    elif body.prompt is not None:
+        tokens = tokenizer.encode(body.prompt, add_special_tokens=body.add_special_tokens)
+    else:
+        raise InvalidRequestError("prompt", "give prompt or messages")
+    return {"count": len(tokens), "max_model_len": engine.engine_config.max_model_len,
+            "tokens": list(tokens)}
+
+
+def _detokenize(engine: Any, body: DetokenizeRequest) -> dict:
+    vocab = engine.engine_config.vocab_size
+    bad = [t for t in body.tokens if not 0 <= t < vocab]
+    if bad:
+        raise InvalidRequestError("tokens", f"{bad[0]} is outside the vocabulary [0, {vocab})")
+    return {"prompt": engine.tokenizer.decode(body.tokens)}

@@ -12,7 +12,6 @@ from jaxserve.engine.sampling_params import SamplingParams
 
 class StreamOptions(BaseModel):
     include_usage: bool = False
-    continuous_usage_stats: bool = False
 
 
 class _SamplingRequest(BaseModel):

@@ -181,3 +181,23 @@ def test_engine_loop_crash_propagates_instead_of_hanging(demo_tokenizer):
             asyncio.run(_collect(engine, "Hello", SamplingParams(max_tokens=4), "y"))
     finally:
         engine.shutdown()
+
+
+def test_duplicate_request_id_is_refused_without_harming_the_first(demo_tokenizer):
+    engine = AsyncEngine(make_fake_engine(demo_tokenizer, step_delay_s=0.01))
+    params = SamplingParams(max_tokens=10, ignore_eos=True)
+    try:
+        async def main():
+            first = asyncio.ensure_future(_collect(engine, "Hello", params, "same"))
+            while engine.num_in_flight == 0 or engine.last_stats is None \
+                    or engine.last_stats.num_requests_running == 0:
+                await asyncio.sleep(0.01)
+            with pytest.raises(ValueError, match="request_id"):
+                await _collect(engine, "Hello", params, "same")
+            return await first
+
+        outputs = asyncio.run(main())
+        assert outputs[-1].outputs[0].finish_reason == "length"
+        assert len(outputs[-1].outputs[0].token_ids) == 10
+    finally:
+        engine.shutdown()

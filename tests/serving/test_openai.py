@@ -182,8 +182,9 @@ def _wait_idle(server, timeout: float = 10.0):
 def test_client_disconnect_aborts(fake_server):
     body = {"model": MODEL_NAME, "prompt": "Once upon a time", "max_tokens": 110,
             "ignore_eos": True, "stream": True}
-    with httpx.stream("POST", f"{fake_server.http_url}/v1/completions", json=body,
-                      headers=_headers()) as response:
+    with slow_steps(fake_server, 0.02), httpx.stream(
+            "POST", f"{fake_server.http_url}/v1/completions", json=body,
+            headers=_headers()) as response:
         for line in response.iter_lines():
             if line.startswith("data: {"):
                 break
