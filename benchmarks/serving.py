@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import random
 import statistics
 import sys
@@ -143,7 +144,8 @@ def summarize(backend: str, args, results: list[RequestResult], duration: float)
     in_tokens = sum(r.prompt_tokens for r in done)
     row = {
         "workload": "serve-poisson", "backend": backend, "model": args.model,
-        "request_rate": args.request_rate, "num_prompts": len(results),
+        "request_rate": args.request_rate if math.isfinite(args.request_rate) else "inf",
+        "num_prompts": len(results),
         "input_len": args.input_len, "output_len": args.output_len,
         "completed": len(done), "failed": len(results) - len(done),
         "duration_s": round(duration, 3),

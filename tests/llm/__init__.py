@@ -1,0 +1,1 @@
+"""End-to-end tests of the LLM API on tiny random-weight HF checkpoints."""
