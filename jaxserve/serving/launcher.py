@@ -10,6 +10,7 @@ import signal
 from collections.abc import Callable
 from typing import Any
 
+from jaxserve.engine_flags import add_engine_args, engine_args_from
 from jaxserve.serving.config import ServeConfig
 from jaxserve.serving.frontends import Frontends
 
@@ -26,23 +27,13 @@ def add_serve_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--grpc-port", type=int, default=50051, help="gRPC port (-1: off)")
     parser.add_argument("--served-model-name", default=None,
                         help="model name in the API (default: the MODEL argument)")
-    parser.add_argument("--dtype", default="auto", help="auto, float32, bfloat16, float16")
-    parser.add_argument("--max-model-len", type=int, default=None)
-    parser.add_argument("--max-num-seqs", type=int, default=256)
-    parser.add_argument("--max-num-batched-tokens", type=int, default=None)
-    parser.add_argument("--block-size", type=int, default=16)
-    parser.add_argument("--num-kv-blocks", type=int, default=None)
-    parser.add_argument("--kv-cache-memory-fraction", type=float, default=0.9)
-    parser.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction,
-                        default=True)
-    parser.add_argument("--tensor-parallel-size", type=int, default=1)
     parser.add_argument("--api-key", default=os.environ.get(API_KEY_ENV) or None,
                         help=f"require 'Authorization: Bearer KEY' on every route but /health "
                              f"(default: ${API_KEY_ENV})")
     parser.add_argument("--max-queued-requests", type=int, default=None,
                         help="refuse requests (HTTP 429 / RESOURCE_EXHAUSTED) past this many "
                              "waiting")
-    parser.add_argument("--seed", type=int, default=0)
+    add_engine_args(parser)  # --dtype, --max-model-len, ... --seed: shared with `generate`
     return parser
 
 
@@ -59,28 +50,10 @@ def serve_config_from_args(args: argparse.Namespace) -> ServeConfig:
     )
 
 
-def engine_args_from_args(args: argparse.Namespace) -> Any:
-    from jaxserve.llm import EngineArgs
-
-    return EngineArgs(
-        model=args.model,
-        dtype=args.dtype,
-        max_model_len=args.max_model_len,
-        max_num_seqs=args.max_num_seqs,
-        max_num_batched_tokens=args.max_num_batched_tokens,
-        block_size=args.block_size,
-        num_kv_blocks=args.num_kv_blocks,
-        kv_cache_memory_fraction=args.kv_cache_memory_fraction,
-        enable_prefix_caching=args.enable_prefix_caching,
-        seed=args.seed,
-        tensor_parallel_size=args.tensor_parallel_size,
-    )
-
-
 def _build_engine(args: argparse.Namespace) -> Any:
     from jaxserve.llm import create_engine
 
-    return create_engine(engine_args_from_args(args))
+    return create_engine(engine_args_from(args))
 
 
 async def run_until_signalled(config: ServeConfig, build_engine: Callable[[], Any],

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from jaxserve.engine_flags import engine_args_from
 from jaxserve.serving import launcher
 
 
@@ -20,7 +21,7 @@ def test_every_flag_reaches_its_config(monkeypatch):
         "--num-kv-blocks", "100", "--kv-cache-memory-fraction", "0.5",
         "--no-enable-prefix-caching", "--tensor-parallel-size", "2", "--api-key", "k",
         "--max-queued-requests", "3", "--seed", "5"])
-    engine_args = launcher.engine_args_from_args(args)
+    engine_args = engine_args_from(args)
     assert (engine_args.model, engine_args.dtype, engine_args.max_model_len) == \
         ("/models/m", "bfloat16", 512)
     assert (engine_args.max_num_seqs, engine_args.max_num_batched_tokens,
@@ -39,4 +40,4 @@ def test_defaults_and_api_key_from_env(monkeypatch):
     config = launcher.serve_config_from_args(args)
     assert (config.port, config.grpc_port, config.model_name) == (8000, 50051, "m")
     assert config.api_key == "from-env"
-    assert launcher.engine_args_from_args(args).enable_prefix_caching is True
+    assert engine_args_from(args).enable_prefix_caching is True
