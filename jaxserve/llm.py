@@ -168,14 +168,7 @@ class LLM:
         """One conversation (a list of {"role", "content"}) or a list of conversations."""
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
         tok = self.engine.tokenizer
-        prompts = [
-            {"prompt_token_ids": list(tok.apply_chat_template(
-                conv, tokenize=True, add_generation_prompt=add_generation_prompt
-            )), "prompt": tok.apply_chat_template(
-                conv, tokenize=False, add_generation_prompt=add_generation_prompt
-            )}
-            for conv in conversations
-        ]
+        prompts = [_chat_prompt(tok, conv, add_generation_prompt) for conv in conversations]
         return self.generate(prompts, sampling_params, use_tqdm)
 
     def _run(self, ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
@@ -203,6 +196,18 @@ class LLM:
         finally:
             bar.close()
         return [final[i] for i in ids]
+
+
+def _chat_prompt(tok, conversation, add_generation_prompt: bool) -> dict:
+    """One conversation -> {"prompt_token_ids", "prompt"} through the tokenizer's chat template.
+
+    `return_dict=False`: transformers 5 otherwise returns a BatchEncoding for tokenize=True.
+    """
+    ids = tok.apply_chat_template(conversation, tokenize=True, return_dict=False,
+                                  add_generation_prompt=add_generation_prompt)
+    text = tok.apply_chat_template(conversation, tokenize=False,
+                                   add_generation_prompt=add_generation_prompt)
+    return {"prompt_token_ids": [int(t) for t in ids], "prompt": text}
 
 
 def _as_prompt_list(prompts) -> list:
