@@ -50,6 +50,7 @@ class EngineProbe:
         self.runner_s = 0.0
         self.overhead_s = 0.0
         self.steps = 0
+        self.by_kind = {"decode": [0, 0.0], "mixed": [0, 0.0]}  # steps, runner seconds
         scheduler, runner = engine.scheduler, engine.runner
         schedule, execute = scheduler.schedule, runner.execute
 
@@ -66,8 +67,13 @@ class EngineProbe:
             try:
                 return execute(scheduler_output)
             finally:
-                self.runner_s += time.perf_counter() - t
+                took = time.perf_counter() - t
+                self.runner_s += took
                 self.steps += 1
+                decode = all(len(c.token_ids) == 1 for c in scheduler_output.chunks)
+                kind = self.by_kind["decode" if decode else "mixed"]
+                kind[0] += 1
+                kind[1] += took
 
         scheduler.schedule = probed_schedule
         runner.execute = timed_execute

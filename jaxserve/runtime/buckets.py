@@ -5,6 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 
+MIN_SEQS = 2  # smallest padded request count: see BucketSpec
+
+
 def powers_of_two(lo: int, hi: int) -> tuple[int, ...]:
     """lo, 2*lo, ... up to and including hi (hi itself is added when not a power of two)."""
     out, v = [], max(1, lo)
@@ -28,7 +31,10 @@ class BucketSpec:
     """The shape buckets of one engine configuration.
 
     tokens: padded length of the flat token axis (mixed prefill/decode steps);
-    seqs: padded request count (decode-only steps have tokens == seqs);
+    seqs: padded request count (decode-only steps have tokens == seqs). The smallest is 2, never
+    1: with a single token, XLA turns the KV-cache scatter into a dynamic-update-slice that it
+    duplicates into its two consumers (attention and the returned cache), copying the whole
+    cache per layer; such a step ran ~40x slower on CPU than a 2-row one;
     widths: padded block-table width (blocks per request).
     """
 
@@ -47,7 +53,7 @@ class BucketSpec:
         widths.append(max_blocks_per_seq)
         return cls(
             tokens=powers_of_two(min(min_tokens, max_num_batched_tokens), max_num_batched_tokens),
-            seqs=powers_of_two(1, max_num_seqs),
+            seqs=powers_of_two(MIN_SEQS, max(MIN_SEQS, max_num_seqs)),
             widths=tuple(sorted(set(widths))),
         )
 
