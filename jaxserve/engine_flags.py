@@ -19,7 +19,7 @@ def add_engine_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--kv-cache-memory-fraction", type=float, default=0.9)
     g.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True)
     g.add_argument("--tensor-parallel-size", type=int, default=1)
-    g.add_argument("--attention-backend", default="auto", choices=["auto", "reference", "pallas"])
+    g.add_argument("--attention-backend", default="auto", choices=["auto", "blockwise", "reference", "pallas"])
     g.add_argument("--seed", type=int, default=0)
     return parser
 

@@ -31,7 +31,7 @@ class EngineArgs:
     enable_prefix_caching: bool = True
     seed: int = 0
     tensor_parallel_size: int = 1
-    attention_backend: str = "auto"  # auto | reference | pallas
+    attention_backend: str = "auto"  # auto | blockwise | reference | pallas
     compilation_cache_dir: str | None = DEFAULT_COMPILE_CACHE
     show_progress: bool = True
 

@@ -10,10 +10,12 @@ from typing import Literal
 import jax
 
 import pallas_kernels
+from jaxserve.layers.blockwise_attention import blockwise_paged_attention
 
 logger = logging.getLogger(__name__)
 
-Backend = Literal["reference", "pallas"]
+Backend = Literal["reference", "blockwise", "pallas"]
+BACKENDS = ("reference", "blockwise", "pallas")
 
 
 @jax.tree_util.register_dataclass
@@ -46,16 +48,19 @@ class AttentionConfig:
 def select_backend(requested: str = "auto") -> AttentionConfig:
     """Choose the attention backend once, at start-up, and log the choice.
 
-    auto: the Pallas kernels on GPU, the plain-jnp reference elsewhere. "pallas" off a GPU runs
-    the kernels in Pallas's CPU interpreter (correct but slow: for tests).
+    auto: the Pallas kernels on GPU, the blockwise XLA loops elsewhere. "reference" is the plain
+    jnp reference (gathers K/V at the padded width: simple, slow). "pallas" off a GPU runs the
+    kernels in Pallas's CPU interpreter (correct but slow: for tests).
     """
     platform = jax.default_backend()
     if requested == "auto":
-        backend: Backend = "pallas" if platform == "gpu" else "reference"
-    elif requested in ("reference", "pallas"):
+        backend: Backend = "pallas" if platform == "gpu" else "blockwise"
+    elif requested in BACKENDS:
         backend = requested  # type: ignore[assignment]
     else:
-        raise ValueError(f"attention_backend: {requested!r} is not one of auto, reference, pallas")
+        raise ValueError(
+            f"attention_backend: {requested!r} is not one of auto, {', '.join(BACKENDS)}"
+        )
     interpret = backend == "pallas" and platform != "gpu"
     logger.info(
         "attention backend: %s%s (platform %s)",
@@ -98,6 +103,10 @@ def paged_attention(
         return pallas_kernels.ragged_paged_attention(
             q, k_pages, v_pages, md.block_tables, md.seq_lens, md.query_start_loc,
             interpret=cfg.interpret, **kwargs,
+        )
+    if cfg.backend == "blockwise":
+        return blockwise_paged_attention(
+            q, k_pages, v_pages, md.block_tables, md.seq_lens, md.query_start_loc, **kwargs
         )
     if md.max_query_len:
         kwargs["max_query_len"] = md.max_query_len

@@ -35,7 +35,9 @@ class BucketSpec:
     1: with a single token, XLA turns the KV-cache scatter into a dynamic-update-slice that it
     duplicates into its two consumers (attention and the returned cache), copying the whole
     cache per layer; such a step ran ~40x slower on CPU than a 2-row one;
-    widths: padded block-table width (blocks per request).
+    widths: padded block-table width (blocks per request); one full width when the attention
+    loops stop at the real lengths by themselves (blockwise, pallas) — width buckets only pay
+    for the reference, which reads the whole padded width.
     """
 
     tokens: tuple[int, ...]
@@ -44,10 +46,10 @@ class BucketSpec:
 
     @classmethod
     def build(cls, max_num_batched_tokens: int, max_num_seqs: int, max_blocks_per_seq: int,
-              min_tokens: int = 16) -> BucketSpec:
+              min_tokens: int = 16, bucket_widths: bool = True) -> BucketSpec:
         widths = []
         w = 4
-        while w < max_blocks_per_seq:  # every 4x: few compiles, at most 4x over-read
+        while bucket_widths and w < max_blocks_per_seq:  # every 4x: at most 4x over-read
             widths.append(w)
             w *= 4
         widths.append(max_blocks_per_seq)

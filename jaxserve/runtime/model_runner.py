@@ -62,7 +62,10 @@ class ModelRunner:
             loaded.config, cfg.num_kv_blocks, cfg.block_size, loaded.dtype, mesh
         )
         max_blocks = -(-cfg.max_model_len // cfg.block_size)
-        self.buckets = BucketSpec.build(cfg.max_num_batched_tokens, cfg.max_num_seqs, max_blocks)
+        self.buckets = BucketSpec.build(
+            cfg.max_num_batched_tokens, cfg.max_num_seqs, max_blocks,
+            bucket_widths=loaded.attention.backend == "reference",
+        )
         self.penalty_len = 1 << (cfg.max_model_len - 1).bit_length()
         self._step = jax.jit(partial(_forward, self.graphdef), donate_argnums=(1,))
         self._sample = jax.jit(sample, static_argnames=("num_logprobs",))

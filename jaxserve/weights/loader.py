@@ -33,6 +33,7 @@ class LoadedModel:
     model: nnx.Module
     config: ModelConfig
     dtype: str  # float32 | bfloat16 | float16
+    attention: AttentionConfig
     path: str
     load_seconds: float
 
@@ -83,7 +84,7 @@ def load_model(
     else:
         state = _read_hf(path, state, config, mesh, dtype_name)
     loaded = LoadedModel(
-        nnx.merge(graphdef, state), config, dtype_name, path, time.perf_counter() - start
+        nnx.merge(graphdef, state), config, dtype_name, attn, path, time.perf_counter() - start
     )
     logger.info(
         "loaded %s (%s, %s) from %s in %.2fs",
