@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from tests.checkpoints import TINY_ARCHS, write_tiny_checkpoint
+from tests.checkpoints import write_tiny_checkpoint
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
@@ -32,5 +32,3 @@ def demo_model_path(tmp_path_factory):
 
     return ensure_demo_model(str(tmp_path_factory.mktemp("demo")))
 
-
-__all__ = ["TINY_ARCHS"]
