@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from jaxserve.engine.errors import EngineStepError
+from .errors import EngineStepError
 
 logger = logging.getLogger(__name__)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from jaxserve.engine.sampling_params import SamplingParams
+from .sampling_params import SamplingParams
 
 _PROMPT_CONTEXT_TOKENS = 5  # prompt tokens decoded with the first output tokens (spacing)
 _TRIM_AT = 256  # drop consumed ids from the window past this many

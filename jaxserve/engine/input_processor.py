@@ -5,9 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from jaxserve.engine.config import EngineConfig
-from jaxserve.engine.errors import InvalidRequestError
-from jaxserve.engine.sampling_params import SamplingParams
+from .config import EngineConfig
+from .errors import InvalidRequestError
+from .sampling_params import SamplingParams
 
 PromptType = str | list[int] | dict[str, Any]
 

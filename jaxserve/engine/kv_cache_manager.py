@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from jaxserve.engine.block_pool import BlockHash, BlockPool, KVBlock, hash_block_tokens
-from jaxserve.engine.sequence import Sequence
+from .block_pool import BlockHash, BlockPool, KVBlock, hash_block_tokens
+from .sequence import Sequence
 
 
 class KVCacheManager:

@@ -8,17 +8,17 @@ import time
 from collections.abc import Iterable
 from typing import Any
 
-from jaxserve.engine.config import EngineConfig
-from jaxserve.engine.errors import EngineStepError, InvalidRequestError
-from jaxserve.engine.input_processor import PromptType, parse_prompt, validate_request
-from jaxserve.engine.output_processor import OutputProcessor, make_request_output
-from jaxserve.engine.outputs import RequestOutput
-from jaxserve.engine.sampling_params import SamplingParams
-from jaxserve.engine.scheduler import Scheduler
-from jaxserve.engine.scheduler_output import ModelRunner, SchedulerOutput
-from jaxserve.engine.sequence import RequestState, Sequence, SequenceStatus
-from jaxserve.engine.stats import EngineStats
-from jaxserve.runtime.runner_output import ModelRunnerOutput
+from .config import EngineConfig
+from .errors import EngineStepError, InvalidRequestError
+from .input_processor import PromptType, parse_prompt, validate_request
+from .output_processor import OutputProcessor, make_request_output
+from .outputs import RequestOutput
+from .sampling_params import SamplingParams
+from .scheduler import Scheduler
+from .scheduler_output import ModelRunner, SchedulerOutput
+from .sequence import RequestState, Sequence, SequenceStatus
+from .stats import EngineStats
+from ..runtime.runner_output import ModelRunnerOutput
 
 logger = logging.getLogger(__name__)
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from jaxserve.engine.outputs import Logprob
-from jaxserve.runtime.runner_output import LogprobsRow
+from .outputs import Logprob
+from ..runtime.runner_output import LogprobsRow
 
 
 class LogprobsBuilder:

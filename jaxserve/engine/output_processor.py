@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from jaxserve.engine.config import EngineConfig
-from jaxserve.engine.detokenizer import IncrementalDetokenizer
-from jaxserve.engine.logprobs import LogprobsBuilder
-from jaxserve.engine.outputs import CompletionOutput, RequestOutput
-from jaxserve.engine.scheduler_output import SchedulerOutput
-from jaxserve.engine.sequence import RequestState, Sequence, SequenceStatus
-from jaxserve.runtime.runner_output import ModelRunnerOutput
+from .config import EngineConfig
+from .detokenizer import IncrementalDetokenizer
+from .logprobs import LogprobsBuilder
+from .outputs import CompletionOutput, RequestOutput
+from .scheduler_output import SchedulerOutput
+from .sequence import RequestState, Sequence, SequenceStatus
+from ..runtime.runner_output import ModelRunnerOutput
 
 
 class OutputProcessor:

@@ -5,12 +5,12 @@ from __future__ import annotations
 import bisect
 from collections import deque
 
-from jaxserve.engine.config import EngineConfig
-from jaxserve.engine.block_pool import KVBlock
-from jaxserve.engine.kv_cache_manager import KVCacheManager
-from jaxserve.engine.scheduler_output import ScheduledChunk, SchedulerOutput
-from jaxserve.engine.sequence import Sequence, SequenceStatus
-from jaxserve.runtime.runner_output import ModelRunnerOutput
+from .config import EngineConfig
+from .block_pool import KVBlock
+from .kv_cache_manager import KVCacheManager
+from .scheduler_output import ScheduledChunk, SchedulerOutput
+from .sequence import Sequence, SequenceStatus
+from ..runtime.runner_output import ModelRunnerOutput
 
 
 class Scheduler:

@@ -5,8 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from jaxserve.engine.sampling_params import SamplingParams
-from jaxserve.runtime.runner_output import ModelRunnerOutput
+from .sampling_params import SamplingParams
+from ..runtime.runner_output import ModelRunnerOutput
 
 
 @dataclass

@@ -6,11 +6,11 @@ import enum
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from jaxserve.engine.sampling_params import SamplingParams
+from .sampling_params import SamplingParams
 
 if TYPE_CHECKING:
-    from jaxserve.engine.detokenizer import IncrementalDetokenizer
-    from jaxserve.engine.outputs import Logprob
+    from .detokenizer import IncrementalDetokenizer
+    from .outputs import Logprob
 
 
 class SequenceStatus(enum.Enum):
