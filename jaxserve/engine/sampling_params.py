@@ -9,6 +9,7 @@ from .errors import InvalidRequestError
 
 _GREEDY_EPS = 1e-5
 MAX_LOGPROBS = 20
+MAX_LOGIT_BIAS = 300  # OpenAI's limit; the runner's sparse bias row holds these + banned ids
 
 
 @dataclass
@@ -93,6 +94,10 @@ class SamplingParams:
                 _check_int(name, value, lo=0, hi=MAX_LOGPROBS)
         self._verify_stop()
         if self.logit_bias is not None:
+            if len(self.logit_bias) > MAX_LOGIT_BIAS:
+                raise InvalidRequestError(
+                    "logit_bias", f"at most {MAX_LOGIT_BIAS} entries, got {len(self.logit_bias)}"
+                )
             for tok, bias in self.logit_bias.items():
                 if tok < 0 or not math.isfinite(bias):
                     raise InvalidRequestError(

@@ -58,3 +58,9 @@ def test_verify_catches_later_mutation():
     p.top_p = 0.0
     with pytest.raises(ValueError, match="top_p"):
         p.verify()
+
+
+def test_logit_bias_size_is_bounded():
+    SamplingParams(logit_bias={i: 1.0 for i in range(300)})
+    with pytest.raises(ValueError, match="^logit_bias"):
+        SamplingParams(logit_bias={i: 1.0 for i in range(301)})
