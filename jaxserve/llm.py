@@ -82,6 +82,11 @@ def create_engine(args: EngineArgs) -> LLMEngine:
     _enable_compilation_cache(args.compilation_cache_dir)
     mesh = make_mesh(args.tensor_parallel_size)
     attn = select_backend(args.attention_backend)
+    if attn.backend == "pallas" and args.tensor_parallel_size > 1:
+        raise ValueError(
+            "tensor_parallel_size: > 1 is not supported with the pallas attention backend yet "
+            "(its kernels are not wrapped in shard_map); use --attention-backend blockwise"
+        )
     loaded = load_model(args.model, args.dtype, attn, mesh)
     cfg = loaded.config
     on_cpu = jax.default_backend() == "cpu"

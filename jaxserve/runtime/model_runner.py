@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from jaxserve.layers.attention import AttentionMetadata
 from jaxserve.runtime.buckets import BucketSpec
@@ -67,7 +68,14 @@ class ModelRunner:
             bucket_widths=loaded.attention.backend == "reference",
         )
         self.penalty_len = 1 << (cfg.max_model_len - 1).bit_length()
-        self._step = jax.jit(partial(_forward, self.graphdef), donate_argnums=(1,))
+        # Logits and hidden states come out replicated (gathered over `tp`): the sampler and
+        # prompt-logprob executables are compiled for exactly that sharding.
+        self.replicated = NamedSharding(mesh, P())
+        kv_shardings = jax.tree.map(lambda a: a.sharding, self.kv_cache)
+        self._step = jax.jit(
+            partial(_forward, self.graphdef), donate_argnums=(1,),
+            out_shardings=(self.replicated, self.replicated, kv_shardings),
+        )
         self._sample = jax.jit(sample, static_argnames=("num_logprobs",))
         self._prompt_lp = jax.jit(
             partial(_prompt_logprobs, self.graphdef), static_argnames=("num_logprobs",)
@@ -154,23 +162,17 @@ class ModelRunner:
         shardings, so they are exactly what serving will pass.
         """
         shapes = self.buckets.step_shapes()
-        step_jobs, lowered = [], {}
-        for shape in shapes:
-            lowered[shape] = self._lower_step(shape)
-            step_jobs.append(("step", shape, lambda low=lowered[shape]: low))
-        any_step = next(iter(lowered.values()))
-        logits_sharding, hidden_sharding, _ = any_step.out_info
+        jobs = [("step", shape, partial(self._lower_step, shape)) for shape in shapes]
         vocab, d = self.model_config.vocab_size, self.model_config.hidden_size
         hidden_dtype = self.kv_cache[0][0].dtype
-        jobs = list(step_jobs)
         for s in sorted({s for _, s, _, _ in shapes}):
-            logits = jax.ShapeDtypeStruct((s, vocab), jnp.float32, sharding=logits_sharding.sharding)
+            logits = jax.ShapeDtypeStruct((s, vocab), jnp.float32, sharding=self.replicated)
             for v in SamplerVariant.all(self.cfg.max_logprobs):
                 md = build_metadata([], s, 0, v, self.penalty_len)
                 jobs.append(("sample", (s, v), partial(
                     self._sample.lower, logits, md, num_logprobs=v.num_logprobs)))
         for t in sorted({t for t, _, _, _ in shapes}):
-            hidden = jax.ShapeDtypeStruct((t, d), hidden_dtype, sharding=hidden_sharding.sharding)
+            hidden = jax.ShapeDtypeStruct((t, d), hidden_dtype, sharding=self.replicated)
             targets = jax.ShapeDtypeStruct((t,), jnp.int32)
             jobs.append(("prompt_logprobs", t, partial(
                 self._prompt_lp.lower, self.state, hidden, targets,

@@ -1,0 +1,43 @@
+"""tensor_parallel_size=2 over two (forced host) CPU devices gives the tp=1 greedy tokens."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+SCRIPT = r"""
+import json, os, sys
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+os.environ["JAX_PLATFORMS"] = "cpu"
+from jaxserve import LLM, SamplingParams
+path, cache = sys.argv[1], sys.argv[2]
+params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
+prompts = [{"prompt_token_ids": list(range(5, 60))}, {"prompt_token_ids": [9, 10, 11]}]
+out = {}
+for tp in (1, 2):
+    llm = LLM(path, max_model_len=128, max_num_seqs=4, max_num_batched_tokens=32,
+              tensor_parallel_size=tp, compilation_cache_dir=cache, use_tqdm_on_load=False)
+    runner = llm.engine.runner
+    out[tp] = {
+        "tokens": [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)],
+        "kv_spec": str(runner.kv_cache[0][0].sharding.spec),
+        "q_proj_spec": str(runner.state["layers"][0]["q_proj"]["kernel"][...].sharding.spec),
+        "free": llm.stats().kv_blocks_free == llm.stats().kv_blocks_total,
+    }
+print(json.dumps(out))
+"""
+
+
+def test_tp2_matches_tp1(demo_model_path, tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-c", SCRIPT, demo_model_path, str(tmp_path / "xla")],
+        capture_output=True, text=True, timeout=600, env={**os.environ},
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["1"]["tokens"] == out["2"]["tokens"]
+    assert out["2"]["kv_spec"] == "P('tp', None, None, None)"  # KV split by kv head
+    assert out["2"]["q_proj_spec"] == "P(None, 'tp')"  # column-parallel
+    assert out["1"]["free"] and out["2"]["free"]
