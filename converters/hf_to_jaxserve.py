@@ -11,7 +11,7 @@ import time
 
 from flax import nnx
 
-from jaxserve.weights.loader import CONVERTED_MARKER, PARAMS_DIR, _nest, load_model
+from jaxserve.weights.loader import CONVERTED_MARKER, PARAMS_DIR, nest_param, load_model
 
 # Everything but the weights travels as is: config, generation config, tokenizer, chat template.
 SIDE_FILES = (
@@ -37,7 +37,7 @@ def convert(src: str, out: str, dtype: str = "auto") -> dict:
     os.makedirs(out, exist_ok=True)
     tree: dict = {}
     for path, var in nnx.to_flat_state(nnx.state(loaded.model, nnx.Param)):
-        _nest(tree, path, var.get_value())
+        nest_param(tree, path, var.get_value())
     params_dir = os.path.abspath(os.path.join(out, PARAMS_DIR))
     if os.path.exists(params_dir):
         shutil.rmtree(params_dir)

@@ -19,9 +19,6 @@ class ExecutableTable:
     def __init__(self) -> None:
         self._table: dict[str, dict[Hashable, Any]] = {}
 
-    def __len__(self) -> int:
-        return sum(len(v) for v in self._table.values())
-
     def get(self, kind: str, key: Hashable):
         try:
             return self._table[kind][key]

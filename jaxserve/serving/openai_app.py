@@ -96,21 +96,20 @@ def build_app(state: ServerState, config: ServeConfig,
     async def chat_completions(body: ChatCompletionRequest, raw: Request):
         return await run(ChatHandler, body, raw)
 
-    @app.post("/tokenize")
-    async def tokenize(body: TokenizeRequest):
+    def run_sync(fn, body: Any) -> Any:
         try:
             check_model(body.model)
-            return _tokenize(state.ready_engine(), body)
-        except Exception as exc:  # noqa: BLE001
+            return fn(state.ready_engine(), body)
+        except Exception as exc:  # noqa: BLE001 - every failure leaves as an OpenAI error
             return to_openai_error(exc).response()
+
+    @app.post("/tokenize")
+    async def tokenize(body: TokenizeRequest):
+        return run_sync(_tokenize, body)
 
     @app.post("/detokenize")
     async def detokenize(body: DetokenizeRequest):
-        try:
-            check_model(body.model)
-            return _detokenize(state.ready_engine(), body)
-        except Exception as exc:  # noqa: BLE001
-            return to_openai_error(exc).response()
+        return run_sync(_detokenize, body)
 
     return app
 

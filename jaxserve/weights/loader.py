@@ -125,7 +125,7 @@ def _restore_converted(path: str, state, config: ModelConfig, mesh: Mesh, dtype:
     for param_path, var in nnx.to_flat_state(state):
         a = var.get_value()
         sharding = named_sharding(mesh, param_path, a.ndim, config.num_kv_heads)
-        _nest(abstract_tree, param_path, jax.ShapeDtypeStruct(a.shape, saved_dtype, sharding=sharding))
+        nest_param(abstract_tree, param_path, jax.ShapeDtypeStruct(a.shape, saved_dtype, sharding=sharding))
     with ocp.StandardCheckpointer() as ckptr:
         restored = ckptr.restore(os.path.abspath(os.path.join(path, PARAMS_DIR)), abstract_tree)
     for param_path, var in nnx.to_flat_state(state):
@@ -141,7 +141,8 @@ def _converted_info(path: str) -> dict:
         return json.load(f)
 
 
-def _nest(tree: dict, path: tuple, leaf) -> None:
+def nest_param(tree: dict, path: tuple, leaf) -> None:
+    """Put leaf at tree[path[0]][path[1]]... (keys as str), the layout of the orbax params."""
     for key in path[:-1]:
         tree = tree.setdefault(str(key), {})
     tree[str(path[-1])] = leaf
