@@ -7,11 +7,12 @@ import concurrent.futures
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 from .errors import EngineStepError
+from .input_processor import parse_prompt
 
 logger = logging.getLogger(__name__)
 
@@ -44,7 +45,9 @@ class RequestDeadlineError(TimeoutError):
 class AsyncEngineConfig:
     """Knobs of the async engine."""
 
-    max_queued_requests: int | None = None  # bound on the engine's waiting queue; None: unbounded
+    # Bound on requests left waiting once every free running slot (max_num_seqs) is taken;
+    # None: unbounded.
+    max_queued_requests: int | None = None
     idle_wait_s: float = 0.25  # how long the idle loop sleeps between checks
 
 
@@ -81,16 +84,28 @@ class _PendingAdd:
     prompt: Any
     params: Any
     stream: _Stream
-    future: concurrent.futures.Future
+
+
+class _Admitted:
+    """First item of a stream whose request the engine took (a refusal is an exception instead)."""
+
+
+_ADMITTED = _Admitted()
 
 
 class _Stream:
-    """Per-request queue of outputs; written by the engine thread, read in the caller's event loop."""
+    """Per-request queue; written by the engine thread, read in the caller's event loop.
+
+    The engine thread never touches an object the caller can cancel: it only puts items here
+    (first the admission verdict, then outputs), and the caller only sets `left`. So a caller
+    that goes away at any moment (disconnect, deadline, cancellation) cannot break the loop.
+    """
 
     def __init__(self, request_id: str, loop: asyncio.AbstractEventLoop):
         self.request_id = request_id
         self.loop = loop
         self.queue: asyncio.Queue = asyncio.Queue()
+        self.left = False  # set by the caller when it stops listening; read by the engine thread
 
     def put(self, item: Any) -> None:
         try:
@@ -98,16 +113,24 @@ class _Stream:
         except RuntimeError:  # the caller's loop is closed: nobody is listening any more
             pass
 
+    async def _get(self, deadline: float | None) -> Any:
+        if deadline is None:
+            return await self.queue.get()
+        remaining = deadline - time.monotonic()
+        try:
+            return await asyncio.wait_for(self.queue.get(), timeout=max(remaining, 0.0))
+        except asyncio.TimeoutError:
+            raise RequestDeadlineError(f"request {self.request_id} passed its deadline") from None
+
+    async def admitted(self, deadline: float | None) -> None:
+        """Wait for the engine's verdict on the add; raises the refusal."""
+        item = await self._get(deadline)
+        if isinstance(item, BaseException):
+            raise item
+
     async def next(self, deadline: float | None) -> Any:
         """The newest output (outputs are cumulative, so older queued ones are skipped)."""
-        if deadline is None:
-            item = await self.queue.get()
-        else:
-            remaining = deadline - time.monotonic()
-            try:
-                item = await asyncio.wait_for(self.queue.get(), timeout=max(remaining, 0.0))
-            except asyncio.TimeoutError:
-                raise RequestDeadlineError(f"request {self.request_id} passed its deadline") from None
+        item = await self._get(deadline)
         while not isinstance(item, BaseException) and not self.queue.empty():
             item = self.queue.get_nowait()
         if isinstance(item, BaseException):
@@ -123,13 +146,19 @@ class AsyncEngine:
     """
 
     def __init__(self, engine: Any, config: AsyncEngineConfig | None = None,
-                 observer: EngineObserver | None = None):
+                 observer: EngineObserver | None = None,
+                 on_dead: Callable[[BaseException], None] | None = None):
+        """`on_dead(exc)` is called on the engine thread if the loop fails for good."""
         self.engine = engine
         self.config = config or AsyncEngineConfig()
         self.observer = observer
+        self._on_dead = on_dead
+        self._tokenizer_pool = concurrent.futures.ThreadPoolExecutor(
+            1, thread_name_prefix="jaxserve-tokenizer")
         self._cv = threading.Condition()
         self._adds: list[_PendingAdd] = []
-        self._aborts: list[tuple[str, bool]] = []  # (request id, tell the caller)
+        # (request id, the caller's stream or None for "whichever holds the id", tell the caller)
+        self._aborts: list[tuple[str, _Stream | None, bool]] = []
         self._abort_all = False
         self._stopping = False
         self._accepting = True
@@ -172,10 +201,12 @@ class AsyncEngine:
         EngineDeadError, RequestDeadlineError (`deadline` is a time.monotonic() value). Leaving
         the iteration early (cancellation, disconnect, deadline) aborts the engine request.
         """
-        stream, added = self._submit(prompt, params, request_id)
+        self._check_open()
+        prompt = await self._tokenize_prompt(prompt)
+        stream = self._submit(prompt, params, request_id)
         finished = False
         try:
-            await asyncio.wrap_future(added)
+            await stream.admitted(deadline)
             while True:
                 output = await stream.next(deadline)
                 finished = bool(output.finished)
@@ -185,13 +216,34 @@ class AsyncEngine:
         finally:
             with self._cv:
                 self._num_in_flight -= 1
-            refused = added.done() and added.exception() is not None
-            if not finished and not refused:  # the id may belong to another request if refused
-                self._queue_abort(request_id, notify_caller=False)
+                if not finished:
+                    # Only this caller's own request is aborted (the id may be another's when
+                    # this add was refused as a duplicate); an add not applied yet is dropped.
+                    stream.left = True
+                    self._aborts.append((request_id, stream, False))
+                    self._cv.notify_all()
+
+    async def run_tokenizer(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """Run tokenizer work (encode, chat template, decode) on the tokenizer thread: never on
+        the caller's event loop nor on the engine thread. One thread, so calls never overlap on
+        the (not thread-safe) tokenizer."""
+        return await asyncio.wrap_future(self._tokenizer_pool.submit(fn, *args))
+
+    async def _tokenize_prompt(self, prompt: Any) -> Any:
+        """A text prompt becomes {'prompt', 'prompt_token_ids'} (tokenized off both loops)."""
+        text = prompt.get("prompt") if isinstance(prompt, dict) and \
+            "prompt_token_ids" not in prompt else prompt
+        if not isinstance(text, str):
+            return prompt
+        limit = getattr(self.engine.config, "max_model_len", None)
+        _, ids = await self.run_tokenizer(parse_prompt, text, self.engine.tokenizer, limit)
+        return {"prompt": text, "prompt_token_ids": ids}
 
     def abort(self, request_id: str) -> None:
         """Abort a request; its stream ends with finish_reason "abort"."""
-        self._queue_abort(request_id, notify_caller=True)
+        with self._cv:
+            self._aborts.append((request_id, None, True))
+            self._cv.notify_all()
 
     def abort_all(self) -> None:
         """Abort every request in flight (end of a drain); each stream ends with "abort"."""
@@ -219,24 +271,20 @@ class AsyncEngine:
         self._thread.join(timeout)
 
     # ----------------------------------------------------------------- caller side helpers
-    def _submit(self, prompt: Any, params: Any,
-                request_id: str) -> tuple[_Stream, concurrent.futures.Future]:
+    def _check_open(self) -> None:
         if self._dead is not None:
             raise EngineDeadError(f"engine loop failed: {self._dead!r}")
         if not self.is_accepting:
             raise EngineNotAcceptingError("the server is shutting down and takes no new requests")
+
+    def _submit(self, prompt: Any, params: Any, request_id: str) -> _Stream:
+        self._check_open()
         stream = _Stream(request_id, asyncio.get_running_loop())
-        future: concurrent.futures.Future = concurrent.futures.Future()
         with self._cv:
-            self._adds.append(_PendingAdd(request_id, prompt, params, stream, future))
+            self._adds.append(_PendingAdd(request_id, prompt, params, stream))
             self._num_in_flight += 1
             self._cv.notify_all()
-        return stream, future
-
-    def _queue_abort(self, request_id: str, notify_caller: bool) -> None:
-        with self._cv:
-            self._aborts.append((request_id, notify_caller))
-            self._cv.notify_all()
+        return stream
 
     # ----------------------------------------------------------------- engine thread
     def _run(self) -> None:
@@ -253,7 +301,7 @@ class AsyncEngine:
             try:
                 self._apply_adds(adds)
                 if abort_all:
-                    aborts.extend((rid, True) for rid in list(self._streams))
+                    aborts.extend((rid, None, True) for rid in list(self._streams))
                 self._apply_aborts(aborts)
                 step_start = time.monotonic()
                 outputs = self._step()
@@ -266,6 +314,7 @@ class AsyncEngine:
                 self._fail_all(exc)
                 return
         self._close_all(EngineNotAcceptingError("the engine was shut down"))
+        self._tokenizer_pool.shutdown(wait=False, cancel_futures=True)
 
     def _step(self) -> list[Any]:
         """One engine step; a runner failure fails only the requests of that step."""
@@ -300,33 +349,47 @@ class AsyncEngine:
             if any(getattr(seq, "num_computed_tokens", 0) > 0 for seq in seqs):
                 record.first_scheduled_time = step_start
 
-    def _apply_adds(self, adds: list[_PendingAdd]) -> None:
+    def _queue_room(self) -> int | None:
+        """How many more requests may be added before `max_queued_requests` would be left
+        waiting after the next schedule (free running slots fill first); None: unbounded."""
         limit = self.config.max_queued_requests
-        waiting = self.engine.get_stats().num_requests_waiting if adds and limit is not None else 0
+        if limit is None:
+            return None
+        stats = self.engine.get_stats()
+        max_seqs = getattr(self.engine.config, "max_num_seqs", 0)
+        free_slots = max(0, max_seqs - stats.num_requests_running)
+        return max(0, limit + free_slots - stats.num_requests_waiting)
+
+    def _apply_adds(self, adds: list[_PendingAdd]) -> None:
+        room = self._queue_room() if adds else None
         for add in adds:
-            if add.request_id in self._streams:
-                add.future.set_exception(
-                    ValueError(f"request_id: {add.request_id!r} is already in flight"))
+            if add.stream.left:  # the caller went away before the engine saw the request
                 continue
-            if limit is not None and waiting >= limit:
-                add.future.set_exception(QueueFullError(
-                    f"the waiting queue is full ({limit} requests); retry later"))
+            if add.request_id in self._streams:
+                add.stream.put(ValueError(f"request_id: {add.request_id!r} is already in flight"))
+                continue
+            if room is not None and room <= 0:
+                add.stream.put(QueueFullError(
+                    f"the waiting queue is full ({self.config.max_queued_requests} requests); "
+                    "retry later"))
                 continue
             try:
                 self.engine.add_request(add.request_id, add.prompt, add.params)
             except Exception as exc:  # noqa: BLE001 - bad input goes back to its caller
-                add.future.set_exception(exc)
+                add.stream.put(exc)
                 continue
-            waiting += 1
+            if room is not None:
+                room -= 1
             self._streams[add.request_id] = add.stream
             self._records[add.request_id] = RequestRecord(add.request_id, time.monotonic())
-            add.future.set_result(None)
+            add.stream.put(_ADMITTED)
 
-    def _apply_aborts(self, aborts: list[tuple[str, bool]]) -> None:
+    def _apply_aborts(self, aborts: list[tuple[str, _Stream | None, bool]]) -> None:
         """Abort in the engine (its blocks are freed now). A caller that asked for the abort
         still hears the final "abort" output from the next step; one that left does not."""
-        for request_id, notify_caller in aborts:
-            if request_id not in self._streams:
+        for request_id, stream, notify_caller in aborts:
+            held = self._streams.get(request_id)
+            if held is None or (stream is not None and held is not stream):
                 continue
             self.engine.abort_request(request_id)
             if notify_caller:
@@ -382,12 +445,18 @@ class AsyncEngine:
         self._dead = exc
         self._accepting = False
         self._close_all(EngineDeadError(f"engine loop failed: {exc!r}"))
+        self._tokenizer_pool.shutdown(wait=False, cancel_futures=True)
+        if self._on_dead is not None:
+            try:
+                self._on_dead(exc)
+            except Exception:  # noqa: BLE001 - the loop is already dead; just say so
+                logger.exception("the engine-death callback failed")
 
     def _close_all(self, error: AsyncEngineError) -> None:
         with self._cv:
             adds, self._adds = self._adds, []
         for add in adds:
-            add.future.set_exception(error)
+            add.stream.put(error)
         for stream in self._streams.values():
             stream.put(error)
         self._streams.clear()

@@ -19,15 +19,22 @@ class ProcessedPrompt:
     max_tokens: int  # resolved (max_tokens=None -> what is left of max_model_len)
 
 
-def parse_prompt(prompt: PromptType, tokenizer: Any | None) -> tuple[str | None, list[int]]:
-    """Returns (prompt text or None, prompt token ids)."""
+# A text longer than this many characters per allowed token is first tokenized in part: when the
+# part alone is over max_model_len the whole text is refused without tokenizing it in full.
+PROBE_CHARS_PER_TOKEN = 8
+
+
+def parse_prompt(prompt: PromptType, tokenizer: Any | None,
+                 max_model_len: int | None = None) -> tuple[str | None, list[int]]:
+    """Returns (prompt text or None, prompt token ids). With `max_model_len`, a text that cannot
+    fit is refused after tokenizing a bounded prefix of it."""
     if isinstance(prompt, dict):
         if "prompt_token_ids" in prompt:
             text = prompt.get("prompt")
             return (text if isinstance(text, str) else None), _as_token_ids(
                 prompt["prompt_token_ids"])
         if "prompt" in prompt:
-            return parse_prompt(prompt["prompt"], tokenizer) if isinstance(
+            return parse_prompt(prompt["prompt"], tokenizer, max_model_len) if isinstance(
                 prompt["prompt"], str) else _bad_prompt(prompt)
         return _bad_prompt(prompt)
     if isinstance(prompt, str):
@@ -35,10 +42,23 @@ def parse_prompt(prompt: PromptType, tokenizer: Any | None) -> tuple[str | None,
             raise InvalidRequestError("prompt", "must not be empty")
         if tokenizer is None:
             raise InvalidRequestError("prompt", "a text prompt needs a tokenizer; pass token ids")
-        return prompt, list(tokenizer.encode(prompt))
+        return prompt, _encode_bounded(prompt, tokenizer, max_model_len)
     if isinstance(prompt, (list, tuple)):
         return None, _as_token_ids(prompt)
     return _bad_prompt(prompt)
+
+
+def _encode_bounded(text: str, tokenizer: Any, max_model_len: int | None) -> list[int]:
+    if max_model_len is not None:
+        probe = PROBE_CHARS_PER_TOKEN * (max_model_len + 2)
+        if len(text) > probe:
+            # Tokens of a prefix are the text's own tokens but for the last one or two.
+            n = len(tokenizer.encode(text[:probe]))
+            if n > max_model_len + 2:
+                raise InvalidRequestError(
+                    "prompt", f"the prompt has more than {n - 2} tokens; max_model_len is "
+                              f"{max_model_len}")
+    return list(tokenizer.encode(text))
 
 
 def _bad_prompt(prompt: Any):

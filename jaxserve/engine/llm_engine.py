@@ -54,7 +54,7 @@ class LLMEngine:
         if not isinstance(params, SamplingParams):
             raise InvalidRequestError("params", f"expected SamplingParams, got {type(params)}")
         params.verify()  # catches fields changed after construction
-        text, token_ids = parse_prompt(prompt, self.tokenizer)
+        text, token_ids = parse_prompt(prompt, self.tokenizer, self.config.max_model_len)
         max_tokens = validate_request(token_ids, params, self.config, self.tokenizer is not None)
         req = RequestState(request_id, text, token_ids, params,
                            arrival_time if arrival_time is not None else time.time())

@@ -53,6 +53,7 @@ class Frontends:
         self._uvicorn_task: asyncio.Task | None = None
         self._grpc: Any = None
         self._log_task: asyncio.Task | None = None
+        self.engine_died = asyncio.Event()  # set (in this loop) when the engine loop fails
 
     async def start(self) -> None:
         """Listen on both ports; requests get 503 / UNAVAILABLE until `set_engine`."""
@@ -73,11 +74,21 @@ class Frontends:
     def set_engine(self, llm_engine: Any) -> AsyncEngine:
         """Wrap a built LLMEngine in the async engine and start serving."""
         engine_cfg = AsyncEngineConfig(max_queued_requests=self.config.max_queued_requests)
-        self.engine = AsyncEngine(llm_engine, engine_cfg, observer=self.metrics)
+        loop = asyncio.get_running_loop()
+
+        def on_dead(exc: BaseException) -> None:  # on the engine thread
+            loop.call_soon_threadsafe(self._engine_failed, exc)
+
+        self.engine = AsyncEngine(llm_engine, engine_cfg, observer=self.metrics, on_dead=on_dead)
         self.state.set_ready(self.engine)
         if self.config.log_stats_interval_s > 0:
             self._log_task = asyncio.create_task(self._log_stats())
         return self.engine
+
+    def _engine_failed(self, exc: BaseException) -> None:
+        logger.error("the engine loop failed: %r; health is NOT_SERVING", exc)
+        self.state.set_failed()
+        self.engine_died.set()
 
     async def load_engine(self, build: Callable[[], Any]) -> AsyncEngine:
         """Build the LLMEngine (load + compile) off the event loop, then serve it."""

@@ -86,12 +86,20 @@ async def run_until_signalled(config: ServeConfig, build_engine: Callable[[], An
         code = 1
     elif load.done():
         logger.info("ready: serving %s", config.model_name)
-        await stopped
-        logger.info("signal received: draining (grace period %.1fs)", config.drain_grace_period_s)
-        finished = await frontends.drain()
-        logger.info("drained (%s)", "all finished" if finished else "some aborted")
+        died = asyncio.create_task(frontends.engine_died.wait())
+        await asyncio.wait({stopped, died}, return_when=asyncio.FIRST_COMPLETED)
+        if died.done():
+            logger.error("exiting with status 1: the engine loop is dead and cannot serve")
+            code = 1
+        else:
+            logger.info("signal received: draining (grace period %.1fs)",
+                        config.drain_grace_period_s)
+            finished = await frontends.drain()
+            logger.info("drained (%s)", "all finished" if finished else "some aborted")
+        died.cancel()
     else:  # signalled while still loading
         load.cancel()
+    stopped.cancel()
     await frontends.stop()
     return code
 

@@ -13,6 +13,7 @@ class Phase(enum.Enum):
     STARTING = "starting"  # loading / compiling: not ready
     SERVING = "serving"
     DRAINING = "draining"  # SIGTERM: no new requests, in-flight ones finish
+    FAILED = "failed"  # the engine loop died: the process is about to exit non-zero
     STOPPED = "stopped"
 
 
@@ -51,6 +52,9 @@ class ServerState:
 
     def set_stopped(self) -> None:
         self._set_phase(Phase.STOPPED)
+
+    def set_failed(self) -> None:
+        self._set_phase(Phase.FAILED)
 
     @property
     def is_serving(self) -> bool:
