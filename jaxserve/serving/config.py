@@ -19,6 +19,7 @@ class ServeConfig:
     drain_grace_period_s: float = 30.0  # SIGTERM: in-flight requests finish within this, then abort
     log_stats_interval_s: float = 10.0  # the periodic stats log line; 0 disables it
     max_grpc_message_bytes: int = 16 * 1024 * 1024
+    max_request_bytes: int = 16 * 1024 * 1024  # HTTP request bodies; larger ones get 413
 
     @property
     def model_name(self) -> str:

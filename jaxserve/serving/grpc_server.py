@@ -109,7 +109,8 @@ class JaxServeServicer(pb_grpc.JaxServeServicer):
     async def Tokenize(self, request, context):
         engine = await self._engine(context)
         add_special = request.add_special_tokens if request.HasField("add_special_tokens") else True
-        ids = engine.tokenizer.encode(request.text, add_special_tokens=add_special)
+        ids = await engine.run_tokenizer(
+            lambda: engine.tokenizer.encode(request.text, add_special_tokens=add_special))
         return pb.TokenizeResponse(token_ids=ids)
 
     async def Detokenize(self, request, context):
@@ -120,7 +121,8 @@ class JaxServeServicer(pb_grpc.JaxServeServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                                 f"token_ids: {bad[0]} is outside the vocabulary [0, {vocab})")
         skip = request.skip_special_tokens if request.HasField("skip_special_tokens") else True
-        text = engine.tokenizer.decode(list(request.token_ids), skip_special_tokens=skip)
+        text = await engine.run_tokenizer(
+            lambda: engine.tokenizer.decode(list(request.token_ids), skip_special_tokens=skip))
         return pb.DetokenizeResponse(text=text)
 
     async def GetModelInfo(self, request, context):

@@ -33,6 +33,9 @@ def add_serve_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--max-queued-requests", type=int, default=None,
                         help="refuse requests (HTTP 429 / RESOURCE_EXHAUSTED) past this many "
                              "waiting")
+    parser.add_argument("--max-request-bytes", type=int, default=16 * 1024 * 1024,
+                        help="largest HTTP request body / gRPC message accepted (413 / "
+                             "RESOURCE_EXHAUSTED past it)")
     add_engine_args(parser)  # --dtype, --max-model-len, ... --seed: shared with `generate`
     return parser
 
@@ -47,6 +50,8 @@ def serve_config_from_args(args: argparse.Namespace) -> ServeConfig:
         grpc_port=args.grpc_port,
         api_key=args.api_key or None,
         max_queued_requests=args.max_queued_requests,
+        max_request_bytes=args.max_request_bytes,
+        max_grpc_message_bytes=args.max_request_bytes,
     )
 
 

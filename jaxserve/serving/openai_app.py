@@ -11,6 +11,7 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from jaxserve.engine.errors import InvalidRequestError
+from jaxserve.serving.body_limit import BodyLimitMiddleware
 from jaxserve.serving.config import ServeConfig
 from jaxserve.serving.openai_chat import ChatHandler, chat_prompt_ids
 from jaxserve.serving.openai_completions import CompletionsHandler
@@ -53,7 +54,8 @@ def build_app(state: ServerState, config: ServeConfig,
     """The FastAPI app serving `state`'s engine under `config.model_name`."""
     app = FastAPI(title="jaxserve", docs_url=None, redoc_url=None, openapi_url=None)
     install_error_handlers(app)
-    if config.api_key:
+    app.add_middleware(BodyLimitMiddleware, limit=config.max_request_bytes)
+    if config.api_key:  # added last: runs first, so no unauthenticated body is ever read
         app.add_middleware(ApiKeyMiddleware, api_key=config.api_key)
     created = int(time.time())
 
@@ -96,20 +98,22 @@ def build_app(state: ServerState, config: ServeConfig,
     async def chat_completions(body: ChatCompletionRequest, raw: Request):
         return await run(ChatHandler, body, raw)
 
-    def run_sync(fn, body: Any) -> Any:
+    async def run_tokenizer(fn, body: Any) -> Any:
+        """Tokenizer work runs on the engine's tokenizer thread, never on this event loop."""
         try:
             check_model(body.model)
-            return fn(state.ready_engine(), body)
+            engine = state.ready_engine()
+            return await engine.run_tokenizer(fn, engine, body)
         except Exception as exc:  # noqa: BLE001 - every failure leaves as an OpenAI error
             return to_openai_error(exc).response()
 
     @app.post("/tokenize")
     async def tokenize(body: TokenizeRequest):
-        return run_sync(_tokenize, body)
+        return await run_tokenizer(_tokenize, body)
 
     @app.post("/detokenize")
     async def detokenize(body: DetokenizeRequest):
-        return run_sync(_detokenize, body)
+        return await run_tokenizer(_detokenize, body)
 
     return app
 

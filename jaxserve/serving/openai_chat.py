@@ -11,6 +11,7 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from jaxserve.engine.async_engine import AsyncEngine
+from jaxserve.engine.errors import InvalidRequestError
 from jaxserve.serving import openai_format as fmt
 from jaxserve.serving.deltas import DeltaTracker
 from jaxserve.serving.openai_errors import to_openai_error
@@ -25,7 +26,16 @@ from jaxserve.serving.openai_stream import (
 
 
 def chat_prompt_ids(tokenizer: Any, body: ChatCompletionRequest) -> list[int]:
-    """The chat rendered with the tokenizer's chat template, as token ids."""
+    """The chat rendered with the tokenizer's chat template, as token ids.
+
+    Templates are code: only the server's own (the model's, or --chat-template) is rendered,
+    never one a request supplies.
+    """
+    if body.chat_template_kwargs and "chat_template" in body.chat_template_kwargs:
+        raise InvalidRequestError(
+            "chat_template_kwargs.chat_template",
+            "chat templates from requests are not rendered; the server uses the model's "
+            "template or the one given with --chat-template")
     messages = [{"role": m.role, "content": m.text()} for m in body.messages]
     return fmt.render_chat(tokenizer, messages, body.add_generation_prompt,
                            body.continue_final_message, body.chat_template_kwargs)
@@ -41,7 +51,8 @@ class ChatHandler:
 
     async def __call__(self, body: ChatCompletionRequest, raw: Request):
         params = body.to_sampling_params()
-        prompt = {"prompt_token_ids": chat_prompt_ids(self.engine.tokenizer, body)}
+        ids = await self.engine.run_tokenizer(chat_prompt_ids, self.engine.tokenizer, body)
+        prompt = {"prompt_token_ids": ids}
         request_id = body.request_id or f"chatcmpl-{uuid.uuid4().hex}"
         created = int(time.time())
         outputs = generate_all(self.engine, [prompt], params, request_id)
