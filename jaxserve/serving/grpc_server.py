@@ -49,6 +49,12 @@ def status_for(exc: BaseException) -> grpc.StatusCode:
     return grpc.StatusCode.INTERNAL
 
 
+def _num_top(request: pb.GenerateRequest) -> int:
+    """How many top alternatives per position the request asked for (its `logprobs`)."""
+    params = request.sampling_params
+    return max(params.logprobs, 0) if params.HasField("logprobs") else 0
+
+
 class JaxServeServicer(pb_grpc.JaxServeServicer):
     """Generate / GenerateStream / Tokenize / Detokenize / GetModelInfo over the async engine."""
 
@@ -92,16 +98,17 @@ class JaxServeServicer(pb_grpc.JaxServeServicer):
             final = (request_id, output)
         if final is None:
             await context.abort(grpc.StatusCode.INTERNAL, "the request produced no output")
-        return grpc_convert.full_response(*final)
+        return grpc_convert.full_response(*final, num_top=_num_top(request))
 
     async def GenerateStream(self, request, context):
-        tracker = DeltaTracker()
+        tracker, num_top = DeltaTracker(), _num_top(request)
         async for request_id, output in self._generate(request, context):
             deltas = tracker.update(output)
             if not deltas and not output.finished:
                 continue
-            msg = pb.GenerateResponse(
-                request_id=request_id, outputs=[grpc_convert.delta_to_proto(d) for d in deltas])
+            msg = pb.GenerateResponse(request_id=request_id,
+                                      outputs=[grpc_convert.delta_to_proto(d, num_top)
+                                               for d in deltas])
             if output.finished:
                 msg.usage.CopyFrom(grpc_convert.usage_from_output(output))
             yield msg
@@ -119,7 +126,8 @@ class JaxServeServicer(pb_grpc.JaxServeServicer):
         if bad:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                                 f"token_ids: {bad[0]} is outside the vocabulary [0, {vocab})")
-        skip = request.skip_special_tokens if request.HasField("skip_special_tokens") else True
+        # Default False, as HTTP /detokenize and vLLM: the inverse of Tokenize, specials kept.
+        skip = request.skip_special_tokens if request.HasField("skip_special_tokens") else False
         text = engine.tokenizer.decode(list(request.token_ids), skip_special_tokens=skip)
         return pb.DetokenizeResponse(text=text)
 
