@@ -41,6 +41,7 @@ class ChatHandler:
 
     async def __call__(self, body: ChatCompletionRequest, raw: Request):
         params = body.to_sampling_params()
+        fmt.refuse_streamed_prompt_logprobs(body)
         prompt = {"prompt_token_ids": chat_prompt_ids(self.engine.tokenizer, body)}
         request_id = body.request_id or f"chatcmpl-{uuid.uuid4().hex}"
         created = int(time.time())
@@ -67,7 +68,8 @@ class ChatHandler:
             "stop_reason": c.stop_reason,
         } for c in final.outputs]
         return {"id": request_id, "object": "chat.completion", "created": created,
-                "model": self.model_name, "choices": choices, "usage": fmt.usage_of([final])}
+                "model": self.model_name, "choices": choices, "usage": fmt.usage_of([final]),
+                "prompt_logprobs": fmt.prompt_logprobs_json(final, self.token_text)}
 
     async def _stream(self, request_id: str, created: int, outputs: AsyncIterator,
                       body: ChatCompletionRequest) -> AsyncIterator[str]:
