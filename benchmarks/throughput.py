@@ -174,6 +174,23 @@ def hf_kv_usage(requests: list[Request], batches: list[list[int]], n: int) -> tu
     return 100.0 * (1.0 - filled / allocated), peak
 
 
+def _eos_ids(generation_config) -> set[int]:
+    eos = generation_config.eos_token_id
+    return set() if eos is None else {eos} if isinstance(eos, int) else set(eos)
+
+
+def count_generated(rows: list[list[int]], output_lens: list[int], eos_ids: set[int]) -> int:
+    """Tokens HF actually generated for its requests: per row (one per request and sample, in
+    order), the new tokens up to and including the first EOS (after it come pads), at most the
+    request's own output length (a shorter row in a batch keeps going; that is waste)."""
+    assert len(rows) == len(output_lens), (len(rows), len(output_lens))
+    total = 0
+    for row, want in zip(rows, output_lens):
+        ended = next((k + 1 for k, t in enumerate(row) if t in eos_ids), len(row))
+        total += min(ended, want)
+    return total
+
+
 def run_hf(args, path: str, requests: list[Request]) -> dict:
     import torch
     import transformers
@@ -199,8 +216,9 @@ def run_hf(args, path: str, requests: list[Request]) -> dict:
                                  temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=new,
                                  min_new_tokens=new, num_return_sequences=args.n,
                                  pad_token_id=pad)
-            assert out.shape[1] == width + new
-            output_tokens += args.n * sum(requests[i].output_len for i in batch)
+            lens = [requests[i].output_len for i in batch for _ in range(args.n)]
+            output_tokens += count_generated(out[:, width:].tolist(), lens,
+                                             _eos_ids(model.generation_config))
     elapsed = time.perf_counter() - t0
     waste, peak_slots = hf_kv_usage(requests, batches, args.n)
     return {

@@ -66,6 +66,8 @@ class RequestRecord:
     last_token_time: float | None = None
     finished_time: float | None = None
     finish_reason: str | None = None
+    params: Any = None  # the request's SamplingParams (n, max_tokens)
+    max_seq_generation_tokens: int = 0  # the longest of its n outputs
 
 
 class EngineObserver(Protocol):
@@ -381,7 +383,8 @@ class AsyncEngine:
             if room is not None:
                 room -= 1
             self._streams[add.request_id] = add.stream
-            self._records[add.request_id] = RequestRecord(add.request_id, time.monotonic())
+            self._records[add.request_id] = RequestRecord(add.request_id, time.monotonic(),
+                                                          params=add.params)
             add.stream.put(_ADMITTED)
 
     def _apply_aborts(self, aborts: list[tuple[str, _Stream | None, bool]]) -> None:
@@ -435,6 +438,7 @@ class AsyncEngine:
             record.first_token_time = now
         record.last_token_time = now
         record.num_generation_tokens = total
+        record.max_seq_generation_tokens = max(len(o.token_ids) for o in output.outputs)
 
     def _publish_stats(self) -> None:
         self.last_stats = self.engine.get_stats()

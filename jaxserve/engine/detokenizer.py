@@ -69,6 +69,10 @@ class IncrementalDetokenizer:
         delta = self._next_delta()
         if not delta:
             return None
+        return self._append(delta)
+
+    def _append(self, delta: str) -> str | None:
+        """Extend the text by `delta`; returns the stop string if one now matches."""
         self.output_text += delta
         if self.stop and self.num_output_tokens >= self.min_tokens:
             return self._check_stop(len(delta))
@@ -89,10 +93,16 @@ class IncrementalDetokenizer:
         self.stopped = True
         return best
 
-    def flush(self) -> None:
-        """At the end of the sequence: emit any text still pending (e.g. a dangling byte)."""
-        if not self.stopped and self._read_offset < len(self._ids):
-            self.output_text += self._next_delta(force=True)
+    def flush(self) -> str | None:
+        """At the end of the sequence: emit any text still pending (e.g. a dangling byte).
+
+        Returns the stop string if the flushed text completes one: text held back for an
+        incomplete character is searched like any other text.
+        """
+        if self.stopped or self._read_offset >= len(self._ids):
+            return None
+        delta = self._next_delta(force=True)
+        return self._append(delta) if delta else None
 
     def visible_text(self, finished: bool) -> str:
         """The text safe to show now: all of it when finished, else minus a possible stop prefix."""

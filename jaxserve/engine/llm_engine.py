@@ -36,6 +36,8 @@ class LLMEngine:
         self.seqs: dict[str, Sequence] = {}
         self._arrival = itertools.count()
         self._pending_outputs: list[RequestOutput] = []  # abort notices for the next step()
+        self._num_steps = 0
+        self._last_step_num_tokens = 0
 
     # ---------------------------------------------------------------- requests
     def add_request(
@@ -121,6 +123,8 @@ class LLMEngine:
         scheduler_output = self.scheduler.schedule()
         if scheduler_output.is_empty:
             return outputs
+        self._num_steps += 1
+        self._last_step_num_tokens = scheduler_output.num_batched_tokens
         try:
             runner_output = self.runner.execute(scheduler_output)
             _check_runner_output(scheduler_output, runner_output)
@@ -178,6 +182,8 @@ class LLMEngine:
             num_requests_running=len(self.scheduler.running),
             num_requests_waiting=len(self.scheduler.waiting) + num_held,
             num_compilations=int(getattr(self.runner, "num_compilations", 0) or 0),
+            num_steps=self._num_steps,
+            last_step_num_tokens=self._last_step_num_tokens,
         )
 
     def get_tokenizer(self) -> Any | None:

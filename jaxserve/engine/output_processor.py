@@ -66,10 +66,10 @@ class OutputProcessor:
         detok = seq.detokenizer
         if detok is not None:
             stop_str = detok.add_token(token, skip_text and not params.include_stop_str_in_output)
+            if stop_str is None and status is not None:
+                stop_str = detok.flush()  # held-back text may complete a stop string
             if stop_str is not None:
                 status, stop_reason = SequenceStatus.FINISHED_STOPPED, stop_str
-            elif status is not None:
-                detok.flush()
             seq.text = detok.visible_text(finished=status is not None)
         seq.stop_reason = stop_reason
         return status

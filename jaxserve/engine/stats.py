@@ -22,6 +22,8 @@ class EngineStats:
     num_requests_running: int = 0
     num_requests_waiting: int = 0
     num_compilations: int = 0
+    num_steps: int = 0  # steps that ran the model
+    last_step_num_tokens: int = 0  # tokens scheduled in the latest such step
 
     @property
     def kv_blocks_used(self) -> int:

@@ -15,6 +15,7 @@ class ServeConfig:
     port: int = 8000  # HTTP (OpenAI-compatible); 0 picks a free port
     grpc_port: int = 50051  # 0 picks a free port; -1 disables gRPC
     api_key: str | None = None
+    protect_metrics: bool = False  # True: /metrics needs the API key too (default open, as vLLM)
     max_queued_requests: int | None = None
     drain_grace_period_s: float = 30.0  # SIGTERM: in-flight requests finish within this, then abort
     log_stats_interval_s: float = 10.0  # the periodic stats log line; 0 disables it

@@ -50,14 +50,20 @@ def _token_logprob(token_id: int, lp: Any) -> pb.TokenLogprob:
                            rank=int(lp.rank or 0), decoded_token=lp.decoded_token or "")
 
 
-def logprobs_to_proto(positions: list[dict[int, Any]],
-                      token_ids: list[int]) -> list[pb.PositionLogprobs]:
-    """One PositionLogprobs per generated position: the sampled token, then the top-k by rank."""
+def logprobs_to_proto(positions: list[dict[int, Any] | None], token_ids: list[int],
+                      num_top: int) -> list[pb.PositionLogprobs]:
+    """One PositionLogprobs per generated position: the sampled token (whatever its rank),
+    then the `num_top` most likely tokens by rank; the sampled token is among them only when
+    it ranks in the top `num_top` (vLLM's and OpenAI's `top_logprobs` meaning)."""
     result = []
     for token_id, position in zip(token_ids, positions):
+        if position is None:  # the first prompt token: no logprob
+            result.append(pb.PositionLogprobs())
+            continue
         sampled = position.get(token_id)
-        top = sorted(position.items(), key=lambda kv: kv[1].rank or 0)
-        msg = pb.PositionLogprobs(top=[_token_logprob(t, lp) for t, lp in top])
+        ranked = sorted(position.items(), key=lambda kv: kv[1].rank or 0)
+        top = [(t, lp) for t, lp in ranked if lp.rank is not None and lp.rank <= num_top]
+        msg = pb.PositionLogprobs(top=[_token_logprob(t, lp) for t, lp in top[:num_top]])
         if sampled is not None:
             msg.sampled.CopyFrom(_token_logprob(token_id, sampled))
         result.append(msg)
@@ -66,20 +72,20 @@ def logprobs_to_proto(positions: list[dict[int, Any]],
 
 def completion_to_proto(index: int, text: str, token_ids: list[int],
                         logprobs: list[dict[int, Any]] | None, finish_reason: str | None,
-                        stop_reason: int | str | None) -> pb.CompletionOutput:
+                        stop_reason: int | str | None, num_top: int = 0) -> pb.CompletionOutput:
     msg = pb.CompletionOutput(index=index, text=text, token_ids=token_ids)
     if finish_reason is not None:
         msg.finish_reason = finish_reason
     if stop_reason is not None:
         msg.stop_reason = str(stop_reason)
     if logprobs:
-        msg.logprobs.extend(logprobs_to_proto(logprobs, token_ids))
+        msg.logprobs.extend(logprobs_to_proto(logprobs, token_ids, num_top))
     return msg
 
 
-def delta_to_proto(delta: CompletionDelta) -> pb.CompletionOutput:
+def delta_to_proto(delta: CompletionDelta, num_top: int = 0) -> pb.CompletionOutput:
     return completion_to_proto(delta.index, delta.text, delta.token_ids, delta.logprobs,
-                               delta.finish_reason, delta.stop_reason)
+                               delta.finish_reason, delta.stop_reason, num_top)
 
 
 def usage_from_output(output: Any) -> pb.Usage:
@@ -90,12 +96,23 @@ def usage_from_output(output: Any) -> pb.Usage:
     )
 
 
-def full_response(request_id: str, output: Any) -> pb.GenerateResponse:
-    """The whole result of a finished request."""
+def prompt_logprobs_to_proto(output: Any, num_top: int) -> list[pb.PositionLogprobs]:
+    """The prompt logprobs of `output` (one entry per prompt token, the first empty)."""
+    return logprobs_to_proto(list(output.prompt_logprobs), list(output.prompt_token_ids),
+                             num_top)
+
+
+def full_response(request_id: str, output: Any, num_top: int = 0,
+                  num_prompt_top: int = 0) -> pb.GenerateResponse:
+    """The whole result of a finished request (`num_top` / `num_prompt_top`: the request's
+    `logprobs` / `prompt_logprobs`)."""
     outputs = [
         completion_to_proto(c.index, c.text, list(c.token_ids), c.logprobs, c.finish_reason,
-                            c.stop_reason)
+                            c.stop_reason, num_top)
         for c in output.outputs
     ]
-    return pb.GenerateResponse(request_id=request_id, outputs=outputs,
-                               usage=usage_from_output(output))
+    msg = pb.GenerateResponse(request_id=request_id, outputs=outputs,
+                              usage=usage_from_output(output))
+    if output.prompt_logprobs is not None:
+        msg.prompt_logprobs.extend(prompt_logprobs_to_proto(output, num_prompt_top))
+    return msg

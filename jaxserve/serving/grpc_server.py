@@ -49,6 +49,17 @@ def status_for(exc: BaseException) -> grpc.StatusCode:
     return grpc.StatusCode.INTERNAL
 
 
+def _num_top(request: pb.GenerateRequest, field: str) -> int:
+    """How many top tokens per position the request asked for (`logprobs` / `prompt_logprobs`)."""
+    params = request.sampling_params
+    return max(getattr(params, field), 0) if params.HasField(field) else 0
+
+
+def _prompt_logprobs_complete(output: Any) -> bool:
+    lps = output.prompt_logprobs
+    return lps is not None and len(lps) == len(output.prompt_token_ids or [])
+
+
 class JaxServeServicer(pb_grpc.JaxServeServicer):
     """Generate / GenerateStream / Tokenize / Detokenize / GetModelInfo over the async engine."""
 
@@ -92,16 +103,25 @@ class JaxServeServicer(pb_grpc.JaxServeServicer):
             final = (request_id, output)
         if final is None:
             await context.abort(grpc.StatusCode.INTERNAL, "the request produced no output")
-        return grpc_convert.full_response(*final)
+        return grpc_convert.full_response(*final, num_top=_num_top(request, "logprobs"),
+                                          num_prompt_top=_num_top(request, "prompt_logprobs"))
 
     async def GenerateStream(self, request, context):
-        tracker = DeltaTracker()
+        tracker, num_top = DeltaTracker(), _num_top(request, "logprobs")
+        prompt_top = _num_top(request, "prompt_logprobs")
+        prompt_sent = not request.sampling_params.HasField("prompt_logprobs")
         async for request_id, output in self._generate(request, context):
             deltas = tracker.update(output)
-            if not deltas and not output.finished:
+            prompt_ready = not prompt_sent and _prompt_logprobs_complete(output)
+            if not deltas and not output.finished and not prompt_ready:
                 continue
-            msg = pb.GenerateResponse(
-                request_id=request_id, outputs=[grpc_convert.delta_to_proto(d) for d in deltas])
+            msg = pb.GenerateResponse(request_id=request_id,
+                                      outputs=[grpc_convert.delta_to_proto(d, num_top)
+                                               for d in deltas])
+            if prompt_ready:
+                msg.prompt_logprobs.extend(grpc_convert.prompt_logprobs_to_proto(output,
+                                                                                 prompt_top))
+                prompt_sent = True
             if output.finished:
                 msg.usage.CopyFrom(grpc_convert.usage_from_output(output))
             yield msg
@@ -120,7 +140,8 @@ class JaxServeServicer(pb_grpc.JaxServeServicer):
         if bad:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                                 f"token_ids: {bad[0]} is outside the vocabulary [0, {vocab})")
-        skip = request.skip_special_tokens if request.HasField("skip_special_tokens") else True
+        # Default False, as HTTP /detokenize and vLLM: the inverse of Tokenize, specials kept.
+        skip = request.skip_special_tokens if request.HasField("skip_special_tokens") else False
         text = await engine.run_tokenizer(
             lambda: engine.tokenizer.decode(list(request.token_ids), skip_special_tokens=skip))
         return pb.DetokenizeResponse(text=text)

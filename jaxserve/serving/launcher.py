@@ -29,7 +29,9 @@ def add_serve_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         help="model name in the API (default: the MODEL argument)")
     parser.add_argument("--api-key", default=os.environ.get(API_KEY_ENV) or None,
                         help=f"require 'Authorization: Bearer KEY' on every route but /health "
-                             f"(default: ${API_KEY_ENV})")
+                             f"(default: ${API_KEY_ENV}); /metrics stays open for Prometheus")
+    parser.add_argument("--protect-metrics", action="store_true",
+                        help="require the API key on /metrics too")
     parser.add_argument("--max-queued-requests", type=int, default=None,
                         help="refuse requests (HTTP 429 / RESOURCE_EXHAUSTED) past this many "
                              "waiting")
@@ -49,6 +51,7 @@ def serve_config_from_args(args: argparse.Namespace) -> ServeConfig:
         port=args.port,
         grpc_port=args.grpc_port,
         api_key=args.api_key or None,
+        protect_metrics=args.protect_metrics,
         max_queued_requests=args.max_queued_requests,
         max_request_bytes=args.max_request_bytes,
         max_grpc_message_bytes=args.max_request_bytes,

@@ -17,6 +17,10 @@ _LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 
                     2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
 _E2E_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0,
                 60.0, 120.0, 240.0, 480.0, 960.0)
+# Token counts: 1-2-5 steps (as vLLM's) up to 1M; tokens per step: powers of two.
+_TOKEN_BUCKETS = tuple(float(m * 10 ** e) for e in range(6) for m in (1, 2, 5)) + (1e6,)
+_STEP_TOKEN_BUCKETS = tuple(float(2 ** i) for i in range(15))
+_N_BUCKETS = (1.0, 2.0, 5.0, 10.0, 20.0)
 
 
 class EngineMetrics:
@@ -62,6 +66,31 @@ class EngineMetrics:
         self.queue_time = histogram("request_queue_time_seconds",
                                     "Arrival until the first step that scheduled the request.",
                                     _E2E_BUCKETS)
+        self.prefill_time = histogram(
+            "request_prefill_time_seconds", "First scheduled step until the first token.",
+            _E2E_BUCKETS)
+        self.decode_time = histogram("request_decode_time_seconds",
+                                     "First token until the request finished.", _E2E_BUCKETS)
+        self.inference_time = histogram("request_inference_time_seconds",
+                                        "First scheduled step until the request finished.",
+                                        _E2E_BUCKETS)
+        self.request_prompt_tokens = histogram(
+            "request_prompt_tokens", "Prompt tokens of each finished request.", _TOKEN_BUCKETS)
+        self.request_generation_tokens = histogram(
+            "request_generation_tokens", "Tokens generated for each finished request (all n).",
+            _TOKEN_BUCKETS)
+        self.request_max_num_generation_tokens = histogram(
+            "request_max_num_generation_tokens",
+            "Tokens of the longest of the n outputs of each finished request.", _TOKEN_BUCKETS)
+        self.request_params_n = histogram("request_params_n", "The n of each finished request.",
+                                          _N_BUCKETS)
+        self.request_params_max_tokens = histogram(
+            "request_params_max_tokens", "The max_tokens of each finished request (when set).",
+            _TOKEN_BUCKETS)
+        self.iteration_tokens = histogram("iteration_tokens_total",
+                                          "Tokens scheduled in each engine step.",
+                                          _STEP_TOKEN_BUCKETS)
+        self._last_num_steps = 0
         self._lock = threading.Lock()
         self._last_engine_counts = (0, 0, 0)  # preemptions, prefix queries, prefix hits
         self.total_prompt_tokens = 0
@@ -77,6 +106,10 @@ class EngineMetrics:
         with self._lock:
             last, self._last_engine_counts = self._last_engine_counts, counts
             self.last_stats = stats
+            new_step = stats.num_steps > self._last_num_steps
+            self._last_num_steps = max(self._last_num_steps, stats.num_steps)
+        if new_step:  # the loop publishes stats after every step
+            self.iteration_tokens.observe(stats.last_step_num_tokens)
         for metric, new, old in zip(
                 (self.num_preemptions, self.prefix_cache_queries, self.prefix_cache_hits),
                 counts, last):
@@ -106,6 +139,21 @@ class EngineMetrics:
         self.e2e.observe(end - record.arrival_time)
         self.request_success.labels(finished_reason=record.finish_reason or "unknown",
                                     **self._label).inc()
+        self.request_prompt_tokens.observe(record.num_prompt_tokens)
+        self.request_generation_tokens.observe(record.num_generation_tokens)
+        self.request_max_num_generation_tokens.observe(record.max_seq_generation_tokens)
+        params = record.params
+        if params is not None:
+            self.request_params_n.observe(params.n)
+            if params.max_tokens is not None:
+                self.request_params_max_tokens.observe(params.max_tokens)
+        scheduled, first = record.first_scheduled_time, record.first_token_time
+        if scheduled is not None:
+            self.inference_time.observe(max(end - scheduled, 0.0))
+            if first is not None:
+                self.prefill_time.observe(max(first - scheduled, 0.0))
+        if first is not None:
+            self.decode_time.observe(max(end - first, 0.0))
 
     # ------------------------------------------------------------------ log line
     def totals(self) -> tuple[int, int]:

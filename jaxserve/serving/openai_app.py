@@ -30,18 +30,17 @@ from jaxserve.serving.openai_protocol import (
 from jaxserve.serving.openai_stream import ClientDisconnected
 from jaxserve.serving.state import ServerState
 
-_OPEN_PATHS = frozenset({"/health"})
-
-
 class ApiKeyMiddleware:
-    """ASGI middleware: every path but /health needs `Authorization: Bearer <key>`."""
+    """ASGI middleware: every path but /health (and /metrics unless protected) needs
+    `Authorization: Bearer <key>`."""
 
-    def __init__(self, app: Any, api_key: str):
+    def __init__(self, app: Any, api_key: str, protect_metrics: bool = False):
         self.app = app
         self._expected = f"Bearer {api_key}".encode()
+        self._open_paths = frozenset({"/health"} | (set() if protect_metrics else {"/metrics"}))
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] == "http" and scope["path"] not in _OPEN_PATHS:
+        if scope["type"] == "http" and scope["path"] not in self._open_paths:
             given = dict(scope.get("headers") or ()).get(b"authorization", b"")
             if not hmac.compare_digest(given, self._expected):
                 await unauthorized().response()(scope, receive, send)
@@ -56,7 +55,8 @@ def build_app(state: ServerState, config: ServeConfig,
     install_error_handlers(app)
     app.add_middleware(BodyLimitMiddleware, limit=config.max_request_bytes)
     if config.api_key:  # added last: runs first, so no unauthenticated body is ever read
-        app.add_middleware(ApiKeyMiddleware, api_key=config.api_key)
+        app.add_middleware(ApiKeyMiddleware, api_key=config.api_key,
+                           protect_metrics=config.protect_metrics)
     created = int(time.time())
 
     def check_model(name: str | None) -> None:

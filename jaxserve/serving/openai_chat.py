@@ -51,6 +51,7 @@ class ChatHandler:
 
     async def __call__(self, body: ChatCompletionRequest, raw: Request):
         params = body.to_sampling_params()
+        fmt.refuse_streamed_prompt_logprobs(body)
         ids = await self.engine.run_tokenizer(chat_prompt_ids, self.engine.tokenizer, body)
         prompt = {"prompt_token_ids": ids}
         request_id = body.request_id or f"chatcmpl-{uuid.uuid4().hex}"
@@ -78,7 +79,8 @@ class ChatHandler:
             "stop_reason": c.stop_reason,
         } for c in final.outputs]
         return {"id": request_id, "object": "chat.completion", "created": created,
-                "model": self.model_name, "choices": choices, "usage": fmt.usage_of([final])}
+                "model": self.model_name, "choices": choices, "usage": fmt.usage_of([final]),
+                "prompt_logprobs": fmt.prompt_logprobs_json(final, self.token_text)}
 
     async def _stream(self, request_id: str, created: int, outputs: AsyncIterator,
                       body: ChatCompletionRequest) -> AsyncIterator[str]:

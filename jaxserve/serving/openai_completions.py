@@ -37,6 +37,7 @@ class CompletionsHandler:
 
     async def __call__(self, body: CompletionRequest, raw: Request):
         params = body.to_sampling_params()
+        fmt.refuse_streamed_prompt_logprobs(body)
         prompts = self._prompts(body)
         request_id = body.request_id or f"cmpl-{uuid.uuid4().hex}"
         created = int(time.time())
@@ -53,6 +54,7 @@ class CompletionsHandler:
               body: CompletionRequest) -> dict:
         choices = []
         for prompt_index, output in enumerate(finals):
+            prompt_logprobs = fmt.prompt_logprobs_json(output, self.token_text)
             for c in output.outputs:
                 logprobs = None
                 if body.logprobs is not None and c.logprobs is not None:
@@ -64,6 +66,7 @@ class CompletionsHandler:
                     "logprobs": logprobs,
                     "finish_reason": c.finish_reason,
                     "stop_reason": c.stop_reason,
+                    "prompt_logprobs": prompt_logprobs,
                 })
         return {"id": request_id, "object": "text_completion", "created": created,
                 "model": self.model_name, "choices": choices, "usage": fmt.usage_of(finals)}

@@ -80,6 +80,28 @@ def chat_logprobs(token_ids: list[int], positions: list[dict[int, Any]], k: int,
     return {"content": content}
 
 
+def prompt_logprobs_json(output: Any, token_text: TokenText) -> list[dict | None] | None:
+    """vLLM's `prompt_logprobs`: per prompt token, None for the first (nothing precedes it),
+    else {token id: {"logprob", "rank", "decoded_token"}} holding the prompt token itself and
+    the `prompt_logprobs` most likely tokens. None when the request did not ask for them."""
+    if output.prompt_logprobs is None:
+        return None
+    return [
+        None if position is None else {
+            str(t): {"logprob": max(float(lp.logprob), -9999.0), "rank": lp.rank,
+                     "decoded_token": token_text(t, lp)}
+            for t, lp in position.items()
+        }
+        for position in output.prompt_logprobs
+    ]
+
+
+def refuse_streamed_prompt_logprobs(body: Any) -> None:
+    """Prompt logprobs come in whole responses only (vLLM refuses them with stream=true)."""
+    if body.stream and body.prompt_logprobs is not None:
+        raise InvalidRequestError("prompt_logprobs", "is not available when stream is true")
+
+
 def render_chat(tokenizer: Any, messages: list[dict[str, str]], add_generation_prompt: bool,
                 continue_final_message: bool = False,
                 template_kwargs: dict[str, Any] | None = None) -> list[int]:

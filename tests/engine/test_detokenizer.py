@@ -20,7 +20,7 @@ def _stream(tokenizer, ids, params, prompt=(1, 2)):
         stop = detok.add_token(t)
         finished = stop is not None or i == len(ids) - 1
         if finished and stop is None:
-            detok.flush()
+            stop = detok.flush()
         texts.append(detok.visible_text(finished))
         if stop is not None:
             break
@@ -93,3 +93,24 @@ def test_stop_strings_ignored_before_min_tokens(tokenizer):
     params = SamplingParams(stop=["stop"], min_tokens=len(tokenizer.encode("stop here")) + 1)
     texts, _, stop = _stream(tokenizer, ids, params)
     assert stop == "stop" and texts[-1] == "stop here "
+
+
+def _token_ending_in_partial_char(tokenizer) -> tuple[int, str]:
+    """A vocab token decoding to ASCII letters followed by an incomplete UTF-8 character."""
+    for i in range(len(tokenizer)):
+        s = tokenizer.decode([i])
+        if len(s) >= 3 and s.endswith("\ufffd") and s[:-1].isascii() and s[:-1].isalpha():
+            return i, s[:-1]
+    raise AssertionError("tokenizer has no letters+partial-character token")
+
+
+@pytest.mark.parametrize("min_tokens", [0, 3])
+def test_stop_string_in_text_flushed_at_the_end_is_found(tokenizer, min_tokens):
+    """Text held back for an incomplete character and flushed when the sequence ends is
+    searched for stop strings too (issue 9, item 12)."""
+    tid, letters = _token_ending_in_partial_char(tokenizer)
+    ids = tokenizer.encode("hello ") + [tid]
+    texts, detok, stop = _stream(tokenizer, ids, SamplingParams(stop=[letters],
+                                                                min_tokens=min_tokens))
+    assert stop == letters and detok.stopped
+    assert texts[-1] == "hello "

@@ -9,14 +9,17 @@ from jaxserve.engine import SamplingParams
 from tests.engine.conftest import reference_tokens
 
 
-@pytest.mark.parametrize("seed", range(6))
-def test_random_mix_tight_pool(make_engine, seed):
+@pytest.mark.parametrize("seed,prefix_caching", [(s, True) for s in range(6)] +
+                         [(s, False) for s in range(6, 8)])
+def test_random_mix_tight_pool(make_engine, seed, prefix_caching):
+    """Several sequences at once on a pool that cannot hold them all: the test checks that the
+    pressure happened (preemptions, and prefix-cache hits where caching is on)."""
     rng = random.Random(seed)
     bs = rng.choice([2, 4, 8])
     engine = make_engine(
-        block_size=bs, num_kv_blocks=48 // bs + rng.randint(1, 16), max_model_len=48,
-        max_num_seqs=rng.randint(1, 6), max_num_batched_tokens=rng.randint(4, 40),
-        enable_prefix_caching=rng.random() < 0.8,
+        block_size=bs, num_kv_blocks=48 // bs + rng.randint(1, 8), max_model_len=48,
+        max_num_seqs=rng.randint(3, 6), max_num_batched_tokens=rng.randint(8, 40),
+        enable_prefix_caching=prefix_caching,
     )
     shared = [rng.randrange(1, 1000) for _ in range(20)]
     expected, aborted, added = {}, set(), 0
@@ -51,3 +54,6 @@ def test_random_mix_tight_pool(make_engine, seed):
         if added >= 20 and not engine.has_unfinished_requests():
             break
     assert not engine.has_unfinished_requests()
+    stats = engine.get_stats()
+    assert stats.num_preemptions > 0, "the pool was never under pressure"
+    assert (stats.prefix_cache_hits > 0) == prefix_caching, stats

@@ -309,3 +309,18 @@ def test_engine_layer_does_not_import_jax():
             "bad = [m for m in ('jax', 'flax', 'jaxlib') if m in sys.modules];"
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.parametrize("eos_last", [False, True])
+def test_stop_string_in_flushed_partial_character(make_engine, tokenizer, eos_last):
+    """A stop string inside text held back for an incomplete UTF-8 character is found when the
+    sequence ends (max_tokens or EOS): finish_reason "stop", the string cut (issue 9, item 12)."""
+    tid = next(i for i in range(len(tokenizer)) if tokenizer.decode([i]) == "na\ufffd")
+    eos = tokenizer.eos_token_id
+    script = tokenizer.encode("hello ") + [tid] + ([eos] if eos_last else [])
+    engine = make_engine(tokenizer=tokenizer, vocab_size=len(tokenizer), script=script,
+                         eos_token_ids=(eos,))
+    engine.add_request("a", "x", SamplingParams(max_tokens=len(script), stop=["na"]))
+    out = run_to_completion(engine)["a"].outputs[0]
+    assert out.text == "hello "
+    assert out.finish_reason == "stop" and out.stop_reason == "na"

@@ -47,6 +47,17 @@ def test_hf_static_batch_waste():
     assert abs(waste - 100 * (1 - 14 / 18)) < 1e-9 and peak == 12
 
 
+def test_hf_output_tokens_are_counted_from_what_was_generated():
+    """Rows that end early (EOS, then pads) or that generate fewer tokens than asked count what
+    they generated; a row past its request's length counts only the request's tokens."""
+    bench = _load("throughput")
+    eos, pad = 2, 0
+    rows = [[5, 6, 7, 8], [5, eos, pad, pad], [9, 9, 9, 9]]
+    assert bench.count_generated(rows, [4, 4, 2], {eos}) == 4 + 2 + 2
+    assert bench.count_generated([[5, 6]], [4], {eos}) == 2  # generated fewer than asked
+    assert bench.count_generated([[5, 6]], [4], set()) == 2
+
+
 def test_benchmark_runs_both_backends(demo_model_path, compile_cache_dir, tmp_path, capsys):
     bench = _load("throughput")
     out_json = tmp_path / "result.json"

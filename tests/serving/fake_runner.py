@@ -36,6 +36,9 @@ class FakeRunner:
             time.sleep(self.step_delay_s)
         out = ModelRunnerOutput()
         for chunk in scheduler_output.chunks:
+            if chunk.sampling_params.prompt_logprobs is not None:
+                out.prompt_logprobs[chunk.request_id] = _prompt_rows(
+                    chunk, chunk.sampling_params.prompt_logprobs)
             if not chunk.sample:
                 continue
             context = list(chunk.prompt_token_ids) + list(chunk.output_token_ids)
@@ -50,3 +53,23 @@ class FakeRunner:
                     ranks=[1] + list(range(1, k + 1)),
                 )
         return out
+
+
+def _prompt_rows(chunk, k: int) -> list[LogprobsRow]:
+    """One row per chunk position p that scores prompt token p + 1: that token at rank
+    1 + (id mod 3) (so sometimes outside the top k), then the top k by rank (the prompt token
+    at its own rank when within k, made-up other tokens elsewhere); logprob = -rank / 2."""
+    prompt = list(chunk.prompt_token_ids)
+    rows = []
+    for p in range(chunk.start_pos, chunk.start_pos + len(chunk.token_ids)):
+        if p + 1 >= len(prompt):
+            break
+        actual = prompt[p + 1]
+        rank = 1 + actual % 3
+        others = [t for t in range(FIRST_ORDINARY_TOKEN, FIRST_ORDINARY_TOKEN + k + 1)
+                  if t != actual]
+        top = [actual if j == rank else others.pop(0) for j in range(1, k + 1)]
+        rows.append(LogprobsRow(token_ids=[actual] + top,
+                                logprobs=[-0.5 * rank] + [-0.5 * j for j in range(1, k + 1)],
+                                ranks=[rank] + list(range(1, k + 1))))
+    return rows
