@@ -10,6 +10,7 @@ from .errors import InvalidRequestError
 _GREEDY_EPS = 1e-5
 MAX_LOGPROBS = 20
 MAX_LOGIT_BIAS = 300  # OpenAI's limit; the runner's sparse bias row holds these + banned ids
+FLOAT32_MAX = 3.4028234663852886e38  # floats reach the sampler as float32: larger is infinity
 
 
 @dataclass
@@ -99,7 +100,7 @@ class SamplingParams:
                     "logit_bias", f"at most {MAX_LOGIT_BIAS} entries, got {len(self.logit_bias)}"
                 )
             for tok, bias in self.logit_bias.items():
-                if tok < 0 or not math.isfinite(bias):
+                if tok < 0 or not math.isfinite(bias) or abs(bias) > FLOAT32_MAX:
                     raise InvalidRequestError(
                         "logit_bias", f"invalid entry {tok}: {bias} (ids >= 0, finite biases)"
                     )
@@ -150,8 +151,8 @@ def _check_float(
 ) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise InvalidRequestError(name, f"must be a number, got {value!r}")
-    if math.isnan(value):
-        raise InvalidRequestError(name, "must not be NaN")
+    if not math.isfinite(value) or abs(value) > FLOAT32_MAX:
+        raise InvalidRequestError(name, f"must be a finite number, got {value!r}")
     _check_range(name, value, lo, hi)
 
 

@@ -1,0 +1,72 @@
+"""Hostile inputs at the edge: each is refused with 400 / INVALID_ARGUMENT naming the field,
+and the server keeps serving (fake-runner engine; HTTP with httpx, gRPC with grpcio stubs)."""
+
+from __future__ import annotations
+
+import grpc
+import httpx
+import pytest
+
+from jaxserve.serving.proto import jaxserve_pb2 as pb
+from jaxserve.serving.proto import jaxserve_pb2_grpc as pb_grpc
+from tests.serving.harness import API_KEY, MODEL_NAME
+
+AUTH = (("authorization", f"Bearer {API_KEY}"),)
+HEADERS = {"Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json"}
+
+
+@pytest.fixture(scope="module")
+def stub(fake_server):
+    with grpc.insecure_channel(fake_server.grpc_target) as channel:
+        yield pb_grpc.JaxServeStub(channel)
+
+
+def post(server, path: str, body: dict | str) -> httpx.Response:
+    """POST a JSON body (a dict, or raw JSON text for what json.dumps cannot write)."""
+    content = body if isinstance(body, str) else None
+    return httpx.post(f"{server.http_url}{path}", headers=HEADERS, timeout=30,
+                      content=content, json=None if content is not None else body)
+
+
+def assert_refused(response: httpx.Response, field: str) -> None:
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert field in error["message"], error
+    assert error["type"] == "invalid_request_error"
+
+
+def grpc_code(stub, request: pb.GenerateRequest) -> tuple[grpc.StatusCode, str]:
+    with pytest.raises(grpc.RpcError) as info:
+        stub.Generate(request, metadata=AUTH, timeout=30)
+    return info.value.code(), info.value.details()
+
+
+def assert_still_serving(server) -> None:
+    ok = post(server, "/v1/completions", {"model": MODEL_NAME, "prompt": "hi", "max_tokens": 2})
+    assert ok.status_code == 200, ok.text
+
+
+# ------------------------------------------------------------------ item 7: non-finite floats
+@pytest.mark.parametrize("field", ["temperature", "repetition_penalty", "top_p", "min_p",
+                                   "presence_penalty", "frequency_penalty"])
+@pytest.mark.parametrize("literal", ["Infinity", "-Infinity", "1e999"])
+def test_http_infinite_floats_refused(fake_server, field, literal):
+    for path, head in (("/v1/completions", '"prompt": "hi"'),
+                       ("/v1/chat/completions", '"messages": [{"role": "user", "content": "hi"}]')):
+        raw = f'{{"model": "{MODEL_NAME}", {head}, "max_tokens": 2, "{field}": {literal}}}'
+        assert_refused(post(fake_server, path, raw), field)
+    raw = f'{{"model": "{MODEL_NAME}", "prompt": "hi", "logit_bias": {{"5": {literal}}}}}'
+    assert_refused(post(fake_server, "/v1/completions", raw), "logit_bias")
+    assert_still_serving(fake_server)
+
+
+@pytest.mark.parametrize("field", ["temperature", "repetition_penalty", "top_p", "min_p",
+                                   "presence_penalty", "frequency_penalty"])
+def test_grpc_infinite_floats_refused(stub, field):
+    for value in (float("inf"), float("-inf"), 1e300):
+        params = pb.SamplingParams(max_tokens=2, **{field: value})
+        code, details = grpc_code(stub, pb.GenerateRequest(text="hi", sampling_params=params))
+        assert code == grpc.StatusCode.INVALID_ARGUMENT and field in details
+    params = pb.SamplingParams(max_tokens=2, logit_bias={5: float("inf")})
+    code, details = grpc_code(stub, pb.GenerateRequest(text="hi", sampling_params=params))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "logit_bias" in details
