@@ -8,7 +8,13 @@ import time
 from dataclasses import dataclass
 from typing import Any, Sequence
 
-from jaxserve.engine import EngineConfig, LLMEngine, RequestOutput, SamplingParams
+from jaxserve.engine import (
+    EngineConfig,
+    LLMEngine,
+    RequestLimits,
+    RequestOutput,
+    SamplingParams,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -34,6 +40,7 @@ class EngineArgs:
     attention_backend: str = "auto"  # auto | blockwise | reference | pallas
     compilation_cache_dir: str | None = DEFAULT_COMPILE_CACHE
     show_progress: bool = True
+    request_limits: RequestLimits = RequestLimits()  # bounds on n, stop lists (per request)
 
 
 def _enable_compilation_cache(path: str | None) -> None:
@@ -75,6 +82,7 @@ def create_engine(args: EngineArgs) -> LLMEngine:
     from jaxserve.runtime.kv_cache import kv_block_bytes
     from jaxserve.runtime.mesh import make_mesh
     from jaxserve.runtime.model_runner import ModelRunner, RunnerConfig
+    from jaxserve.runtime.sampling_rows import BIAS_WIDTH
     from jaxserve.weights.loader import load_model
 
     import jax
@@ -114,6 +122,8 @@ def create_engine(args: EngineArgs) -> LLMEngine:
         max_num_batched_tokens=max_batched,
         enable_prefix_caching=args.enable_prefix_caching,
         eos_token_ids=read_generation_eos(loaded.path, cfg),
+        limits=args.request_limits,
+        max_biased_token_ids=BIAS_WIDTH,
     )
     runner = ModelRunner(
         loaded,

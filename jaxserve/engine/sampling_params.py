@@ -10,6 +10,7 @@ from .errors import InvalidRequestError
 _GREEDY_EPS = 1e-5
 MAX_LOGPROBS = 20
 MAX_LOGIT_BIAS = 300  # OpenAI's limit; the runner's sparse bias row holds these + banned ids
+INT32_MAX = 2**31 - 1
 FLOAT32_MAX = 3.4028234663852886e38  # floats reach the sampler as float32: larger is infinity
 
 
@@ -70,7 +71,7 @@ class SamplingParams:
         _check_float("top_p", self.top_p)
         if not 0.0 < self.top_p <= 1.0:
             raise InvalidRequestError("top_p", f"must be in (0, 1], got {self.top_p}")
-        _check_int("top_k", self.top_k, lo=-1)
+        _check_int("top_k", self.top_k, lo=-1, hi=INT32_MAX)  # an int32 on device
         _check_float("min_p", self.min_p, lo=0.0, hi=1.0)
         _check_float("presence_penalty", self.presence_penalty, lo=-2.0, hi=2.0)
         _check_float("frequency_penalty", self.frequency_penalty, lo=-2.0, hi=2.0)

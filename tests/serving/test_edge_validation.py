@@ -70,3 +70,33 @@ def test_grpc_infinite_floats_refused(stub, field):
     params = pb.SamplingParams(max_tokens=2, logit_bias={5: float("inf")})
     code, details = grpc_code(stub, pb.GenerateRequest(text="hi", sampling_params=params))
     assert code == grpc.StatusCode.INVALID_ARGUMENT and "logit_bias" in details
+
+
+# ------------------------------------------------------------------ items 2, 4, 20: bounded lists
+@pytest.mark.parametrize("extra, field", [
+    ({"n": 10**6}, "n"),
+    ({"n": 10**6, "best_of": 10**6}, "n"),
+    ({"best_of": 10**6}, "best_of"),
+    ({"stop": [f"s{i}" for i in range(100_000)]}, "stop"),
+    ({"stop": "x" * 1_000_000}, "stop"),
+    ({"stop_token_ids": list(range(1000)), "min_tokens": 1}, "stop_token_ids"),
+])
+def test_http_unbounded_requests_refused(fake_server, extra, field):
+    body = {"model": MODEL_NAME, "prompt": "hi", "max_tokens": 2, **extra}
+    assert_refused(post(fake_server, "/v1/completions", body), field)
+    if "best_of" not in extra:
+        chat = {"model": MODEL_NAME, "messages": [{"role": "user", "content": "hi"}],
+                "max_tokens": 2, **extra}
+        assert_refused(post(fake_server, "/v1/chat/completions", chat), field)
+    assert_still_serving(fake_server)
+
+
+@pytest.mark.parametrize("params, field", [
+    (pb.SamplingParams(n=10**6), "n"),
+    (pb.SamplingParams(stop=[f"s{i}" for i in range(100_000)]), "stop"),
+    (pb.SamplingParams(stop=["x" * 100_000]), "stop"),
+    (pb.SamplingParams(stop_token_ids=list(range(1000)), min_tokens=1), "stop_token_ids"),
+])
+def test_grpc_unbounded_requests_refused(stub, params, field):
+    code, details = grpc_code(stub, pb.GenerateRequest(text="hi", sampling_params=params))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and details.startswith(field), details
