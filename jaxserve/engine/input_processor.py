@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .config import EngineConfig
-from .errors import InvalidRequestError
+from .errors import InvalidRequestError, require_utf8
 from .sampling_params import SamplingParams
 
 PromptType = str | list[int] | dict[str, Any]
@@ -35,7 +35,7 @@ def parse_prompt(prompt: PromptType, tokenizer: Any | None) -> tuple[str | None,
             raise InvalidRequestError("prompt", "must not be empty")
         if tokenizer is None:
             raise InvalidRequestError("prompt", "a text prompt needs a tokenizer; pass token ids")
-        return prompt, list(tokenizer.encode(prompt))
+        return prompt, list(tokenizer.encode(require_utf8("prompt", prompt)))
     if isinstance(prompt, (list, tuple)):
         return None, _as_token_ids(prompt)
     return _bad_prompt(prompt)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from .errors import InvalidRequestError
+from .errors import InvalidRequestError, require_utf8
 
 _GREEDY_EPS = 1e-5
 MAX_LOGPROBS = 20
@@ -111,6 +111,7 @@ class SamplingParams:
             for s in self.stop:
                 if not isinstance(s, str) or not s:
                     raise InvalidRequestError("stop", f"must be non-empty strings, got {s!r}")
+                require_utf8("stop", s)
         if self.stop_token_ids is not None:
             for t in self.stop_token_ids:
                 if isinstance(t, bool) or not isinstance(t, int) or t < 0:

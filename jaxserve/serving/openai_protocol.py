@@ -4,17 +4,40 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from jaxserve.engine.errors import InvalidRequestError
+from jaxserve.engine.errors import InvalidRequestError, require_utf8
 from jaxserve.engine.sampling_params import SamplingParams
 
 
-class StreamOptions(BaseModel):
+def _check_texts(value: Any, where: str) -> None:
+    """Every str inside `value` (lists and dicts walked) must be valid Unicode text."""
+    if isinstance(value, str):
+        require_utf8(where, value)
+    elif isinstance(value, (list, tuple)):
+        for i, item in enumerate(value):
+            _check_texts(item, f"{where}[{i}]")
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            _check_texts(key, where)
+            _check_texts(item, f"{where}.{key}")
+
+
+class _Body(BaseModel):
+    """A request body: strings are valid Unicode (JSON "\\ud800" cannot be tokenized)."""
+
+    @field_validator("*", mode="after")
+    @classmethod
+    def _valid_text(cls, value: Any, info) -> Any:
+        _check_texts(value, info.field_name)
+        return value
+
+
+class StreamOptions(_Body):
     include_usage: bool = False
 
 
-class _SamplingRequest(BaseModel):
+class _SamplingRequest(_Body):
     """Fields shared by completions and chat completions (OpenAI's, then vLLM's extras)."""
 
     # Infinity / 1e999 (JSON numbers that parse to inf) are refused like NaN.
@@ -104,7 +127,7 @@ class CompletionRequest(_SamplingRequest):
         return SamplingParams(**kwargs)
 
 
-class ChatMessage(BaseModel):
+class ChatMessage(_Body):
     model_config = ConfigDict(extra="allow")
 
     role: str
@@ -152,7 +175,7 @@ class ChatCompletionRequest(_SamplingRequest):
         return SamplingParams(**kwargs)
 
 
-class TokenizeRequest(BaseModel):
+class TokenizeRequest(_Body):
     """POST /tokenize: a prompt, or chat messages rendered with the chat template."""
 
     model: str | None = None
@@ -162,7 +185,7 @@ class TokenizeRequest(BaseModel):
     add_generation_prompt: bool = True
 
 
-class DetokenizeRequest(BaseModel):
+class DetokenizeRequest(_Body):
     """POST /detokenize."""
 
     model: str | None = None

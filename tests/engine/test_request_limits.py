@@ -10,8 +10,9 @@ from tests.engine.conftest import run_to_completion
 
 
 def _refused(engine, params: SamplingParams, field: str, prompt=(1, 2, 3)) -> None:
+    prompt = prompt if isinstance(prompt, str) else list(prompt)
     with pytest.raises(InvalidRequestError) as info:
-        engine.add_request("bad", list(prompt), params)
+        engine.add_request("bad", prompt, params)
     assert info.value.field == field, info.value
     assert "bad" not in engine.requests
 
@@ -58,3 +59,17 @@ def test_bias_plus_banned_ids_must_fit_the_sampler_row(make_engine):
                                     min_tokens=1, max_tokens=3), "stop_token_ids")
     _refused(engine, SamplingParams(logit_bias={i: 1.0 for i in range(17)}), "logit_bias")
     assert set(run_to_completion(engine)) == {"fits", "not-banned"}
+
+
+def test_lone_surrogates_name_the_field(make_engine, tokenizer):
+    """A str that is not valid Unicode text (JSON "\\ud800") is refused before tokenizing."""
+    engine = make_engine(tokenizer)
+    _refused(engine, SamplingParams(max_tokens=2), "prompt", prompt="a\ud800b")
+    with pytest.raises(InvalidRequestError) as info:
+        engine.add_request("bad", {"prompt": "x\udfff"}, SamplingParams())
+    assert info.value.field == "prompt"
+    with pytest.raises(InvalidRequestError) as info:
+        SamplingParams(stop=["ok", "\ud800"])
+    assert info.value.field == "stop"
+    engine.add_request("ok", "héllo wörld 😀", SamplingParams(max_tokens=2))
+    assert set(run_to_completion(engine)) == {"ok"}

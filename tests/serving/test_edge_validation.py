@@ -100,3 +100,57 @@ def test_http_unbounded_requests_refused(fake_server, extra, field):
 def test_grpc_unbounded_requests_refused(stub, params, field):
     code, details = grpc_code(stub, pb.GenerateRequest(text="hi", sampling_params=params))
     assert code == grpc.StatusCode.INVALID_ARGUMENT and details.startswith(field), details
+
+
+# ------------------------------------------------------------------ item 6: not-UTF-8 text
+SURROGATE = '"a\\ud800b"'  # JSON text of a str with a lone surrogate
+
+
+@pytest.mark.parametrize("path, body, field", [
+    ("/v1/completions", f'{{"prompt": {SURROGATE}}}', "prompt"),
+    ("/v1/completions", f'{{"prompt": ["ok", {SURROGATE}]}}', "prompt[1]"),
+    ("/v1/completions", f'{{"prompt": "hi", "stop": [{SURROGATE}]}}', "stop[0]"),
+    ("/v1/chat/completions", f'{{"messages": [{{"role": "user", "content": {SURROGATE}}}]}}',
+     "messages.0.content"),
+    ("/v1/chat/completions", '{"messages": [{"role": "user", "content": '
+     f'[{{"type": "text", "text": {SURROGATE}}}]}}]}}', "messages.0.content[0].text"),
+    ("/tokenize", f'{{"prompt": {SURROGATE}}}', "prompt"),
+    ("/tokenize", f'{{"messages": [{{"role": "user", "content": {SURROGATE}}}]}}',
+     "messages.0.content"),
+])
+def test_http_lone_surrogates_refused(fake_server, path, body, field):
+    response = post(fake_server, path, body)
+    assert_refused(response, field)
+    assert response.json()["error"]["param"] == field
+    assert_still_serving(fake_server)
+
+
+def _raw_rpc(channel, method: str, data: bytes, metadata=AUTH):
+    """Call `method` with raw bytes (what a client with its own encoder could send)."""
+    if method.endswith("Stream"):
+        call = channel.unary_stream(method, request_serializer=None, response_deserializer=None)
+        return list(call(data, metadata=metadata, timeout=30))
+    call = channel.unary_unary(method, request_serializer=None, response_deserializer=None)
+    return call(data, metadata=metadata, timeout=30)
+
+
+@pytest.mark.parametrize("method, message, field", [
+    ("Generate", pb.GenerateRequest(text="hello"), "text"),
+    ("GenerateStream", pb.GenerateRequest(text="hello"), "text"),
+    ("Generate", pb.GenerateRequest(text="hi", sampling_params=pb.SamplingParams(
+        stop=["x", "hello"])), "sampling_params.stop"),
+    ("Tokenize", pb.TokenizeRequest(text="hello"), "text"),
+])
+def test_grpc_invalid_utf8_is_invalid_argument(fake_server, method, message, field):
+    data = message.SerializeToString().replace(b"hello", b"hel\xfflo")
+    with grpc.insecure_channel(fake_server.grpc_target) as channel:
+        with pytest.raises(grpc.RpcError) as info:
+            _raw_rpc(channel, f"/jaxserve.v1.JaxServe/{method}", data)
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, info.value
+        assert info.value.details().startswith(f"{field}:"), info.value.details()
+        with pytest.raises(grpc.RpcError) as info:  # without the key: refused first
+            _raw_rpc(channel, f"/jaxserve.v1.JaxServe/{method}", data, metadata=())
+        assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        good = pb.GenerateRequest(text="hi", sampling_params=pb.SamplingParams(max_tokens=2))
+        reply = _raw_rpc(channel, "/jaxserve.v1.JaxServe/Generate", good.SerializeToString())
+        assert pb.GenerateResponse.FromString(reply).outputs[0].token_ids
