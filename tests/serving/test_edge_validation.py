@@ -154,3 +154,60 @@ def test_grpc_invalid_utf8_is_invalid_argument(fake_server, method, message, fie
         good = pb.GenerateRequest(text="hi", sampling_params=pb.SamplingParams(max_tokens=2))
         reply = _raw_rpc(channel, "/jaxserve.v1.JaxServe/Generate", good.SerializeToString())
         assert pb.GenerateResponse.FromString(reply).outputs[0].token_ids
+
+
+# ------------------------------------------------------------------ item 9: strict types
+CHAT = {"model": MODEL_NAME, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+COMPLETION = {"model": MODEL_NAME, "prompt": "hi", "max_tokens": 2}
+
+
+@pytest.mark.parametrize("path, body, field", [
+    ("/v1/chat/completions", {**CHAT, "messages": [{"role": "user"}]}, "messages.0.content"),
+    ("/v1/chat/completions", {**CHAT, "messages": [{"role": "user", "content": None}]},
+     "messages.0.content"),
+    ("/v1/chat/completions", {**CHAT, "messages": [{"content": "hi"}]}, "messages.0.role"),
+    ("/v1/chat/completions", {**CHAT, "max_tokens": "5"}, "max_tokens"),
+    ("/v1/completions", {**COMPLETION, "max_tokens": "5"}, "max_tokens"),
+    ("/v1/completions", {**COMPLETION, "n": True}, "n"),
+    ("/v1/completions", {**COMPLETION, "temperature": "0.5"}, "temperature"),
+    ("/v1/completions", {**COMPLETION, "stream": "true"}, "stream"),
+    ("/v1/completions", {**COMPLETION, "prompt": ["1", 2]}, "prompt"),
+    ("/detokenize", {"tokens": ["1"]}, "tokens"),
+])
+def test_http_strict_types(fake_server, path, body, field):
+    response = post(fake_server, path, body)
+    assert_refused(response, field)
+    assert response.json()["error"]["param"].startswith(field)
+
+
+# ------------------------------------------------------------------ item 14: unknown fields
+@pytest.mark.parametrize("path, extra, field", [
+    ("/v1/chat/completions", {"response_format": {"type": "json_object"}}, "response_format"),
+    ("/v1/chat/completions", {"guided_json": {"type": "object"}}, "guided_json"),
+    ("/v1/completions", {"guided_regex": "a+"}, "guided_regex"),
+    ("/v1/completions", {"response_format": {"type": "json_schema"}}, "response_format"),
+    ("/v1/completions", {"use_beam_search": True}, "use_beam_search"),
+    ("/v1/completions", {"truncate_prompt_tokens": 5}, "truncate_prompt_tokens"),
+    ("/v1/completions", {"add_special_tokens": False}, "add_special_tokens"),
+    ("/v1/completions", {"bad_words": ["x"]}, "bad_words"),
+    ("/v1/chat/completions", {"tool_choice": "required"}, "tool_choice"),
+    ("/v1/chat/completions", {"no_such_field": 1}, "no_such_field"),
+])
+def test_http_unsupported_fields_refused(fake_server, path, extra, field):
+    base = CHAT if "chat" in path else COMPLETION
+    response = post(fake_server, path, {**base, **extra})
+    assert_refused(response, field)
+    assert response.json()["error"]["param"] == field
+
+
+@pytest.mark.parametrize("path, extra", [
+    ("/v1/chat/completions", {"user": "u1", "parallel_tool_calls": True, "tool_choice": "none",
+                              "response_format": {"type": "text"}}),
+    ("/v1/completions", {"user": "u1", "use_beam_search": False, "length_penalty": 1.0,
+                         "spaces_between_special_tokens": True, "priority": 0,
+                         "echo": False, "best_of": 1, "response_format": {"type": "text"}}),
+])
+def test_http_documented_no_op_fields_accepted(fake_server, path, extra):
+    base = CHAT if "chat" in path else COMPLETION
+    response = post(fake_server, path, {**base, **extra})
+    assert response.status_code == 200, response.text
