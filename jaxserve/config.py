@@ -73,6 +73,7 @@ class ModelConfig:
         archs = raw.get("architectures") or []
         if not archs:
             raise ConfigError("config.json has no 'architectures' entry; cannot pick a model class")
+        _check_quantization(raw)
         num_heads = int(raw["num_attention_heads"])
         hidden = int(raw["hidden_size"])
         num_kv = int(raw.get("num_key_value_heads") or num_heads)
@@ -121,6 +122,19 @@ class ModelConfig:
             # Remote code is never executed: we only use the architectures we implement.
             raw = {k: v for k, v in raw.items() if k != "auto_map"}
         return cls.from_dict(raw)
+
+
+def _check_quantization(raw: dict[str, Any]) -> None:
+    """Quantized checkpoints are refused (naming the method) until their kernels exist:
+    casting their weights without the scales would load garbage."""
+    quant = raw.get("quantization_config") or raw.get("compression_config")
+    if not quant:
+        return
+    method = quant.get("quant_method") or quant.get("format") if isinstance(quant, dict) else None
+    raise ConfigError(
+        f"quantization_config: quantization method {method or 'unknown'!r} is not supported "
+        "(jaxserve loads unquantized float32 / bfloat16 / float16 checkpoints only)"
+    )
 
 
 def _rope_from_dict(raw: dict[str, Any]) -> RopeConfig:

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import argparse
 
+from jaxserve.engine import RequestLimits
 from jaxserve.llm import EngineArgs
+
+_LIMITS = RequestLimits()
 
 
 def add_engine_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -21,6 +24,13 @@ def add_engine_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--tensor-parallel-size", type=int, default=1)
     g.add_argument("--attention-backend", default="auto", choices=["auto", "blockwise", "reference", "pallas"])
     g.add_argument("--seed", type=int, default=0)
+    lim = parser.add_argument_group("per-request limits")
+    lim.add_argument("--max-n-sequences", type=int, default=_LIMITS.max_n,
+                     help="largest n / best_of of one request (vLLM: VLLM_MAX_N_SEQUENCES)")
+    lim.add_argument("--max-stop-strings", type=int, default=_LIMITS.max_stop_strings)
+    lim.add_argument("--max-stop-string-length", type=int, default=_LIMITS.max_stop_string_chars,
+                     help="characters")
+    lim.add_argument("--max-stop-token-ids", type=int, default=_LIMITS.max_stop_token_ids)
     return parser
 
 
@@ -38,4 +48,9 @@ def engine_args_from(args: argparse.Namespace, model: str | None = None) -> Engi
         tensor_parallel_size=args.tensor_parallel_size,
         attention_backend=args.attention_backend,
         seed=args.seed,
+        request_limits=RequestLimits(
+            max_n=args.max_n_sequences, max_stop_strings=args.max_stop_strings,
+            max_stop_string_chars=args.max_stop_string_length,
+            max_stop_token_ids=args.max_stop_token_ids,
+        ),
     )

@@ -8,7 +8,13 @@ import time
 from dataclasses import dataclass
 from typing import Any, Sequence
 
-from jaxserve.engine import EngineConfig, LLMEngine, RequestOutput, SamplingParams
+from jaxserve.engine import (
+    EngineConfig,
+    LLMEngine,
+    RequestLimits,
+    RequestOutput,
+    SamplingParams,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -34,6 +40,7 @@ class EngineArgs:
     attention_backend: str = "auto"  # auto | blockwise | reference | pallas
     compilation_cache_dir: str | None = DEFAULT_COMPILE_CACHE
     show_progress: bool = True
+    request_limits: RequestLimits = RequestLimits()  # bounds on n, stop lists (per request)
 
 
 def _enable_compilation_cache(path: str | None) -> None:
@@ -75,6 +82,7 @@ def create_engine(args: EngineArgs) -> LLMEngine:
     from jaxserve.runtime.kv_cache import kv_block_bytes
     from jaxserve.runtime.mesh import make_mesh
     from jaxserve.runtime.model_runner import ModelRunner, RunnerConfig
+    from jaxserve.runtime.sampling_rows import BIAS_WIDTH
     from jaxserve.weights.loader import load_model
 
     import jax
@@ -114,6 +122,8 @@ def create_engine(args: EngineArgs) -> LLMEngine:
         max_num_batched_tokens=max_batched,
         enable_prefix_caching=args.enable_prefix_caching,
         eos_token_ids=read_generation_eos(loaded.path, cfg),
+        limits=args.request_limits,
+        max_biased_token_ids=BIAS_WIDTH,
     )
     runner = ModelRunner(
         loaded,
@@ -208,11 +218,35 @@ def _chat_prompt(tok, conversation, add_generation_prompt: bool) -> dict:
 
     `return_dict=False`: transformers 5 otherwise returns a BatchEncoding for tokenize=True.
     """
+    _check_messages(conversation)
     ids = tok.apply_chat_template(conversation, tokenize=True, return_dict=False,
                                   add_generation_prompt=add_generation_prompt)
     text = tok.apply_chat_template(conversation, tokenize=False,
                                    add_generation_prompt=add_generation_prompt)
     return {"prompt_token_ids": [int(t) for t in ids], "prompt": text}
+
+
+def _check_messages(conversation) -> None:
+    """Each message a dict with a str role and content (a str or text parts), valid Unicode."""
+    from jaxserve.engine.errors import InvalidRequestError, require_utf8
+
+    for i, message in enumerate(conversation):
+        if not isinstance(message, dict):
+            raise InvalidRequestError("messages", f"message {i} is not a dict")
+        where = f"messages[{i}]"
+        if not isinstance(message.get("role"), str):
+            raise InvalidRequestError(f"{where}.role", "must be a string")
+        content = message.get("content")
+        texts = [content] if isinstance(content, str) else None
+        if isinstance(content, list) and all(
+                isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
+                for p in content):
+            texts = [p["text"] for p in content]
+        if texts is None:
+            raise InvalidRequestError(f"{where}.content",
+                                      "must be a string or a list of text parts")
+        for text in [message["role"], *texts]:
+            require_utf8(f"{where}.content", text)
 
 
 def _as_prompt_list(prompts) -> list:

@@ -4,6 +4,7 @@ from .block_pool import NULL_BLOCK_ID, BlockPool, KVBlock, hash_block_tokens
 from .config import EngineConfig
 from .errors import EngineStepError, InvalidRequestError
 from .kv_cache_manager import KVCacheManager
+from .limits import RequestLimits
 from .llm_engine import LLMEngine
 from .outputs import CompletionOutput, Logprob, RequestOutput
 from .sampling_params import SamplingParams
@@ -24,6 +25,7 @@ __all__ = [
     "LLMEngine",
     "Logprob",
     "ModelRunner",
+    "RequestLimits",
     "RequestOutput",
     "SamplingParams",
     "ScheduledChunk",

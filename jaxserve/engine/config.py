@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+from .limits import RequestLimits
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -17,11 +19,15 @@ class EngineConfig:
     max_num_batched_tokens: int = 2048
     enable_prefix_caching: bool = True
     eos_token_ids: tuple[int, ...] = ()
+    limits: RequestLimits = field(default_factory=RequestLimits)
+    # Width of the runner's per-request sparse logit-bias row: logit_bias entries plus the ids
+    # banned until min_tokens (stop ids + EOS) must fit, or the request is refused at admission.
+    max_biased_token_ids: int = 512
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "eos_token_ids", tuple(int(t) for t in self.eos_token_ids))
         for name in ("block_size", "max_model_len", "vocab_size", "max_num_seqs",
-                     "max_num_batched_tokens"):
+                     "max_num_batched_tokens", "max_biased_token_ids"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name}: must be an int >= 1, got {value!r}")

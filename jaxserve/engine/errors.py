@@ -11,6 +11,17 @@ class InvalidRequestError(ValueError):
         self.field = field
 
 
+def require_utf8(field: str, text: str) -> str:
+    """`text` unchanged, or InvalidRequestError when it cannot be UTF-8 (a lone surrogate)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise InvalidRequestError(
+            field, f"is not valid Unicode text ({exc.reason} at character {exc.start})"
+        ) from None
+    return text
+
+
 class EngineStepError(RuntimeError):
     """The model runner failed during a step; the requests in that step were failed and freed."""
 

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .config import EngineConfig
-from .errors import InvalidRequestError
+from .errors import InvalidRequestError, require_utf8
 from .sampling_params import SamplingParams
 
 PromptType = str | list[int] | dict[str, Any]
@@ -42,7 +42,7 @@ def parse_prompt(prompt: PromptType, tokenizer: Any | None,
             raise InvalidRequestError("prompt", "must not be empty")
         if tokenizer is None:
             raise InvalidRequestError("prompt", "a text prompt needs a tokenizer; pass token ids")
-        return prompt, _encode_bounded(prompt, tokenizer, max_model_len)
+        return prompt, _encode_bounded(require_utf8("prompt", prompt), tokenizer, max_model_len)
     if isinstance(prompt, (list, tuple)):
         return None, _as_token_ids(prompt)
     return _bad_prompt(prompt)
@@ -83,6 +83,7 @@ def validate_request(
     token_ids: list[int], params: SamplingParams, config: EngineConfig, has_tokenizer: bool
 ) -> int:
     """Check a tokenized request against the engine's limits; returns the resolved max_tokens."""
+    config.limits.check(params)
     if not token_ids:
         raise InvalidRequestError("prompt", "must not be empty (it has no tokens)")
     bad = [t for t in token_ids if t < 0 or t >= config.vocab_size]
@@ -109,9 +110,25 @@ def validate_request(
         raise InvalidRequestError("min_tokens", f"must be <= max_tokens ({max_tokens})")
     _check_vocab_ids("logit_bias", list(params.logit_bias or ()), config.vocab_size)
     _check_vocab_ids("stop_token_ids", params.stop_token_ids or [], config.vocab_size)
+    _check_bias_width(params, config)
     if params.stop and not has_tokenizer:
         raise InvalidRequestError("stop", "stop strings need a tokenizer")
     return max_tokens
+
+
+def _check_bias_width(params: SamplingParams, config: EngineConfig) -> None:
+    """logit_bias + the ids banned until min_tokens must fit the sampler's bias row."""
+    banned: set[int] = set()
+    if params.min_tokens > 0:
+        banned.update(params.all_stop_token_ids)
+        if not params.ignore_eos:
+            banned.update(config.eos_token_ids)
+    total = len(params.logit_bias or ()) + len(banned)
+    if total > config.max_biased_token_ids:
+        field = "stop_token_ids" if banned else "logit_bias"
+        raise InvalidRequestError(
+            field, f"logit_bias ({len(params.logit_bias or ())} ids) plus the ids banned until "
+            f"min_tokens ({len(banned)}) exceed the sampler's {config.max_biased_token_ids}")
 
 
 def _check_vocab_ids(field: str, ids: list[int], vocab_size: int) -> None:

@@ -5,11 +5,13 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from .errors import InvalidRequestError
+from .errors import InvalidRequestError, require_utf8
 
 _GREEDY_EPS = 1e-5
 MAX_LOGPROBS = 20
 MAX_LOGIT_BIAS = 300  # OpenAI's limit; the runner's sparse bias row holds these + banned ids
+INT32_MAX = 2**31 - 1
+FLOAT32_MAX = 3.4028234663852886e38  # floats reach the sampler as float32: larger is infinity
 
 
 @dataclass
@@ -69,7 +71,7 @@ class SamplingParams:
         _check_float("top_p", self.top_p)
         if not 0.0 < self.top_p <= 1.0:
             raise InvalidRequestError("top_p", f"must be in (0, 1], got {self.top_p}")
-        _check_int("top_k", self.top_k, lo=-1)
+        _check_int("top_k", self.top_k, lo=-1, hi=INT32_MAX)  # an int32 on device
         _check_float("min_p", self.min_p, lo=0.0, hi=1.0)
         _check_float("presence_penalty", self.presence_penalty, lo=-2.0, hi=2.0)
         _check_float("frequency_penalty", self.frequency_penalty, lo=-2.0, hi=2.0)
@@ -99,7 +101,7 @@ class SamplingParams:
                     "logit_bias", f"at most {MAX_LOGIT_BIAS} entries, got {len(self.logit_bias)}"
                 )
             for tok, bias in self.logit_bias.items():
-                if tok < 0 or not math.isfinite(bias):
+                if tok < 0 or not math.isfinite(bias) or abs(bias) > FLOAT32_MAX:
                     raise InvalidRequestError(
                         "logit_bias", f"invalid entry {tok}: {bias} (ids >= 0, finite biases)"
                     )
@@ -109,6 +111,7 @@ class SamplingParams:
             for s in self.stop:
                 if not isinstance(s, str) or not s:
                     raise InvalidRequestError("stop", f"must be non-empty strings, got {s!r}")
+                require_utf8("stop", s)
         if self.stop_token_ids is not None:
             for t in self.stop_token_ids:
                 if isinstance(t, bool) or not isinstance(t, int) or t < 0:
@@ -150,8 +153,8 @@ def _check_float(
 ) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise InvalidRequestError(name, f"must be a number, got {value!r}")
-    if math.isnan(value):
-        raise InvalidRequestError(name, "must not be NaN")
+    if not math.isfinite(value) or abs(value) > FLOAT32_MAX:
+        raise InvalidRequestError(name, f"must be a finite number, got {value!r}")
     _check_range(name, value, lo, hi)
 
 

@@ -24,6 +24,7 @@ from jaxserve.engine.async_engine import (
 from jaxserve.serving import grpc_convert
 from jaxserve.serving.config import ServeConfig
 from jaxserve.serving.deltas import DeltaTracker
+from jaxserve.serving.grpc_decode import DecodeErrorInterceptor
 from jaxserve.serving.proto import jaxserve_pb2 as pb
 from jaxserve.serving.proto import jaxserve_pb2_grpc as pb_grpc
 from jaxserve.serving.state import Phase, ServerState
@@ -215,6 +216,7 @@ def _health_listener(servicer: Any, loop: asyncio.AbstractEventLoop):
 async def start_grpc_server(state: ServerState, config: ServeConfig) -> tuple[grpc.aio.Server, int]:
     """Start the gRPC server on `config.grpc_port`; returns it and the port it bound."""
     interceptors = [ApiKeyInterceptor(config.api_key)] if config.api_key else []
+    interceptors.append(DecodeErrorInterceptor())  # innermost: runs after the key check
     limit = config.max_grpc_message_bytes
     server = grpc.aio.server(
         interceptors=interceptors,

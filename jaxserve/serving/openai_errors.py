@@ -79,6 +79,13 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     first = errors[0]
     loc = [str(p) for p in first.get("loc", ()) if p != "body"]
     param = ".".join(loc) or None
+    error = (first.get("ctx") or {}).get("error")
+    field = getattr(error, "field", None)
+    if isinstance(error, ValueError) and field:  # our InvalidRequestError, relative to its model
+        param = ".".join([*loc[:-1], field])
+        return f"{param}: {str(error).removeprefix(field + ': ')}", param
+    if first.get("type") == "extra_forbidden":
+        return f"{param}: is not supported by this server (unknown or unimplemented field)", param
     return f"{param or 'body'}: {first.get('msg', 'invalid value')}", param
 
 

@@ -4,20 +4,56 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from jaxserve.engine.errors import InvalidRequestError
+from jaxserve.engine.errors import InvalidRequestError, require_utf8
 from jaxserve.engine.sampling_params import SamplingParams
 
 
-class StreamOptions(BaseModel):
+def _check_texts(value: Any, where: str) -> None:
+    """Every str inside `value` (lists and dicts walked) must be valid Unicode text."""
+    if isinstance(value, str):
+        require_utf8(where, value)
+    elif isinstance(value, (list, tuple)):
+        for i, item in enumerate(value):
+            _check_texts(item, f"{where}[{i}]")
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            _check_texts(key, where)
+            _check_texts(item, f"{where}.{key}")
+
+
+class _Body(BaseModel):
+    """A request body, as strict as OpenAI's schema: no coercion ("5" is not an int), no
+    Infinity, no unknown fields (a field we do not implement is refused, never ignored), and
+    strings are valid Unicode (JSON "\\ud800" cannot be tokenized)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+
+    @field_validator("*", mode="after")
+    @classmethod
+    def _valid_text(cls, value: Any, info) -> Any:
+        _check_texts(value, info.field_name)
+        return value
+
+
+class StreamOptions(_Body):
     include_usage: bool = False
 
 
-class _SamplingRequest(BaseModel):
-    """Fields shared by completions and chat completions (OpenAI's, then vLLM's extras)."""
+def _require_neutral(body: BaseModel, neutral: dict[str, Any]) -> None:
+    """Fields accepted for compatibility but only at their no-op value."""
+    for name, value in neutral.items():
+        if getattr(body, name) != value:
+            raise InvalidRequestError(name, f"is not supported by this server (only {value!r})")
 
-    model_config = ConfigDict(extra="ignore")
+
+class ResponseFormat(_Body):
+    type: str
+
+
+class _SamplingRequest(_Body):
+    """Fields shared by completions and chat completions (OpenAI's, then vLLM's extras)."""
 
     model: str | None = None
     n: int = 1
@@ -30,7 +66,6 @@ class _SamplingRequest(BaseModel):
     logit_bias: dict[str, float] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
-    user: str | None = None
     # vLLM's extra sampling fields
     top_k: int | None = None
     min_p: float | None = None
@@ -42,8 +77,28 @@ class _SamplingRequest(BaseModel):
     include_stop_str_in_output: bool = False
     prompt_logprobs: int | None = None
     request_id: str | None = None
+    # Accepted, and no-ops, as in vLLM ("user" is ignored by vLLM too).
+    user: str | None = None
+    # vLLM fields accepted only at their neutral value (refused otherwise: not implemented).
+    response_format: ResponseFormat | None = None
+    use_beam_search: bool = False
+    length_penalty: float = 1.0
+    spaces_between_special_tokens: bool = True
+    truncate_prompt_tokens: int | None = None
+    priority: int = 0
+
+    def _check_unsupported(self) -> None:
+        _require_neutral(self, dict(use_beam_search=False, length_penalty=1.0,
+                                    spaces_between_special_tokens=True,
+                                    truncate_prompt_tokens=None, priority=0))
+        if self.response_format is not None and self.response_format.type != "text":
+            raise InvalidRequestError("response_format", "structured output is not supported "
+                                      "by this server (only {'type': 'text'})")
+        if self.stream_options is not None and not self.stream:
+            raise InvalidRequestError("stream_options", "is only allowed with stream: true")
 
     def _common_kwargs(self) -> dict[str, Any]:
+        self._check_unsupported()
         kwargs: dict[str, Any] = dict(
             n=self.n, ignore_eos=self.ignore_eos, min_tokens=self.min_tokens,
             skip_special_tokens=self.skip_special_tokens,
@@ -96,6 +151,9 @@ class CompletionRequest(_SamplingRequest):
             raise InvalidRequestError("echo", "is not supported")
         if self.best_of is not None and self.best_of != self.n:
             raise InvalidRequestError("best_of", "is not supported (must equal n)")
+        if not self.add_special_tokens:
+            raise InvalidRequestError("add_special_tokens", "false is not supported by this "
+                                      "server; send prompt token ids instead")
         kwargs = self._common_kwargs()
         kwargs["max_tokens"] = self.max_tokens
         if self.logprobs is not None:
@@ -103,23 +161,23 @@ class CompletionRequest(_SamplingRequest):
         return SamplingParams(**kwargs)
 
 
-class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="allow")
+class ChatMessage(_Body):
+    """One message: a role and its content (required, as in OpenAI's schema for these roles)."""
 
-    role: str
-    content: str | list[dict[str, Any]] | None = None
+    role: str = Field(min_length=1)
+    content: str | list[dict[str, Any]]
     name: str | None = None
 
     def text(self) -> str:
         """The message's text; content parts other than text are refused."""
-        if self.content is None or isinstance(self.content, str):
-            return self.content or ""
+        if isinstance(self.content, str):
+            return self.content
         parts = []
         for part in self.content:
-            if part.get("type") != "text":
+            if part.get("type") != "text" or not isinstance(part.get("text"), str):
                 raise InvalidRequestError("messages", f"content part {part.get('type')!r} "
-                                          "is not supported (text only)")
-            parts.append(str(part.get("text", "")))
+                                          "is not supported (text parts only)")
+            parts.append(part["text"])
         return "".join(parts)
 
 
@@ -136,10 +194,13 @@ class ChatCompletionRequest(_SamplingRequest):
     chat_template_kwargs: dict[str, Any] | None = None
     tools: list[dict[str, Any]] | None = None
     tool_choice: Literal["none", "auto"] | dict[str, Any] | str | None = None
+    parallel_tool_calls: bool | None = None  # a no-op, as in vLLM
 
     def to_sampling_params(self) -> SamplingParams:
         if self.tools:
             raise InvalidRequestError("tools", "tool calling is not supported")
+        if self.tool_choice not in (None, "none", "auto"):
+            raise InvalidRequestError("tool_choice", "tool calling is not supported")
         kwargs = self._common_kwargs()
         max_tokens = self.max_completion_tokens if self.max_completion_tokens is not None \
             else self.max_tokens
@@ -151,7 +212,7 @@ class ChatCompletionRequest(_SamplingRequest):
         return SamplingParams(**kwargs)
 
 
-class TokenizeRequest(BaseModel):
+class TokenizeRequest(_Body):
     """POST /tokenize: a prompt, or chat messages rendered with the chat template."""
 
     model: str | None = None
@@ -161,7 +222,7 @@ class TokenizeRequest(BaseModel):
     add_generation_prompt: bool = True
 
 
-class DetokenizeRequest(BaseModel):
+class DetokenizeRequest(_Body):
     """POST /detokenize."""
 
     model: str | None = None

@@ -25,6 +25,7 @@ from jaxserve.weights.safetensors_reader import CheckpointError, SafetensorsChec
 logger = logging.getLogger(__name__)
 
 CONVERTED_MARKER = "jaxserve_checkpoint.json"
+_FLOAT_DTYPES = frozenset({"F64", "F32", "F16", "BF16"})  # safetensors names we cast from
 PARAMS_DIR = "params"
 
 
@@ -101,6 +102,12 @@ def _read_hf(path: str, state, config: ModelConfig, mesh: Mesh, dtype: str):
     for param_path, var in nnx.to_flat_state(state):
         abstract = var.get_value()
         tensor = hf_tensor_for(param_path)
+        stored = ckpt.tensors[tensor.name].dtype if tensor.name in ckpt else None
+        if stored is not None and stored not in _FLOAT_DTYPES:  # fp8 / int: quantized weights
+            raise CheckpointError(
+                f"tensor {tensor.name!r} has dtype {stored}: quantized weights (fp8 / int) are "
+                "not supported (casting them without their scales would load garbage)"
+            )
         host = ckpt.get(tensor.name)
         if tensor.transpose:
             host = host.T

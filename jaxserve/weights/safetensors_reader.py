@@ -41,6 +41,19 @@ class TensorInfo:
     end: int
 
 
+def _check_shard_name(file: object, directory: str) -> None:
+    """A shard listed in the index must be a relative path inside the checkpoint directory."""
+    if not isinstance(file, str) or not file:
+        raise CheckpointError(f"{INDEX_FILE} of {directory} lists a shard that is not a file "
+                              f"name: {file!r}")
+    parts = file.replace("\\", "/").split("/")
+    if os.path.isabs(file) or file.startswith(("/", "\\")) or ".." in parts or ":" in parts[0]:
+        raise CheckpointError(
+            f"{INDEX_FILE} of {directory} lists shard {file!r} outside the checkpoint "
+            "directory; shards must be relative paths inside it"
+        )
+
+
 def _read_header(path: str) -> tuple[dict, int]:
     with open(path, "rb") as f:
         (n,) = struct.unpack("<Q", f.read(8))
@@ -71,7 +84,10 @@ class SafetensorsCheckpoint:
         index = os.path.join(self.directory, INDEX_FILE)
         if os.path.isfile(index):
             with open(index) as f:
-                return sorted(set(json.load(f)["weight_map"].values()))
+                files = set(json.load(f)["weight_map"].values())
+            for file in files:
+                _check_shard_name(file, self.directory)
+            return sorted(files)
         files = sorted(f for f in os.listdir(self.directory) if f.endswith(".safetensors"))
         if files:
             return files

@@ -64,3 +64,14 @@ def test_logit_bias_size_is_bounded():
     SamplingParams(logit_bias={i: 1.0 for i in range(300)})
     with pytest.raises(ValueError, match="^logit_bias"):
         SamplingParams(logit_bias={i: 1.0 for i in range(301)})
+
+
+@pytest.mark.parametrize("field", ["temperature", "top_p", "min_p", "presence_penalty",
+                                   "frequency_penalty", "repetition_penalty"])
+@pytest.mark.parametrize("value", [float("inf"), float("-inf"), 1e300])
+def test_infinite_floats_refused(field, value):
+    """Infinity (and finite values that become infinity as float32) name the field."""
+    with pytest.raises(InvalidRequestError, match=f"^{field}"):
+        SamplingParams(**{field: value})
+    with pytest.raises(InvalidRequestError, match="^logit_bias"):
+        SamplingParams(logit_bias={3: value})

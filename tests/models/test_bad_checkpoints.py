@@ -97,3 +97,57 @@ def test_bad_dtype_and_missing_config(llama_copy, tmp_path):
         load_model(str(llama_copy), dtype="int3")
     with pytest.raises(ConfigError, match="config.json"):
         load_model(str(tmp_path))
+
+
+def _write_index(path, weight_map: dict) -> None:
+    (path / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {}, "weight_map": weight_map}))
+
+
+@pytest.mark.parametrize("shard", ["../outside.safetensors", "sub/../../outside.safetensors",
+                                   "ABSOLUTE"])
+def test_index_shards_are_confined_to_the_checkpoint(llama_copy, tmp_path, shard):
+    """An index may not point at files outside the directory (not even real safetensors)."""
+    outside = tmp_path / "outside.safetensors"
+    shutil.copy(llama_copy / "model.safetensors", outside)
+    os.remove(llama_copy / "model.safetensors")
+    name = str(outside) if shard == "ABSOLUTE" else shard
+    tensors = load_file(str(outside))
+    _write_index(llama_copy, {k: name for k in tensors})
+    with pytest.raises(CheckpointError, match="outside the checkpoint directory"):
+        load_model(str(llama_copy))
+
+
+def test_index_shard_in_a_subdirectory_still_loads(llama_copy):
+    (llama_copy / "shards").mkdir()
+    shutil.move(llama_copy / "model.safetensors", llama_copy / "shards" / "a.safetensors")
+    tensors = load_file(str(llama_copy / "shards" / "a.safetensors"))
+    _write_index(llama_copy, {k: "shards/a.safetensors" for k in tensors})
+    assert load_model(str(llama_copy)).config.architecture == "LlamaForCausalLM"
+
+
+@pytest.mark.parametrize("quant, method", [
+    ({"quant_method": "fp8", "activation_scheme": "dynamic"}, "fp8"),
+    ({"quant_method": "gptq", "bits": 4}, "gptq"),
+    ({"quant_method": "compressed-tensors", "format": "float-quantized"}, "compressed-tensors"),
+])
+def test_quantization_config_is_refused_naming_the_method(llama_copy, quant, method):
+    _edit_config(llama_copy, quantization_config=quant)
+    with pytest.raises(ConfigError, match=f"quantization method '{method}' is not supported"):
+        load_model(str(llama_copy))
+
+
+@pytest.mark.parametrize("dtype", ["float8_e4m3fn", "int8"])
+def test_fp8_or_int_tensors_are_refused(llama_copy, dtype):
+    """Without a quantization_config, fp8 / int weights would be cast without their scales."""
+    import ml_dtypes
+
+    f = llama_copy / "model.safetensors"
+    tensors = load_file(str(f))
+    name = "model.layers.0.self_attn.q_proj.weight"
+    np_dtype = getattr(ml_dtypes, dtype, None) or np.dtype(dtype)
+    tensors[name] = tensors[name].astype(np_dtype)
+    tensors[name.replace("weight", "weight_scale")] = np.ones((1,), np.float32)
+    save_file(tensors, str(f))
+    with pytest.raises(CheckpointError, match=rf"{name}.*quantized weights"):
+        load_model(str(llama_copy))
