@@ -147,6 +147,7 @@ def create_engine(args: EngineArgs) -> LLMEngine:
         eos_token_ids=read_generation_eos(loaded.path, cfg),
         limits=dataclasses.replace(args.request_limits, max_logprobs=args.max_logprobs),
         max_biased_token_ids=BIAS_WIDTH,
+        generation_defaults=_generation_defaults(args, loaded.path),
     )
     runner = ModelRunner(
         loaded,
@@ -165,6 +166,17 @@ def create_engine(args: EngineArgs) -> LLMEngine:
         args.max_num_seqs, max_batched,
     )
     return LLMEngine(runner, tokenizer, engine_cfg)
+
+
+def _generation_defaults(args: EngineArgs, model_path: str) -> dict:
+    from jaxserve.config import read_generation_defaults
+
+    defaults = read_generation_defaults(model_path, args.generation_config)
+    SamplingParams(**defaults)  # a bad generation_config.json fails at start, naming the field
+    if defaults:
+        logger.info("default sampling parameters from generation_config.json (override per "
+                    "request; --generation-config vllm to ignore): %s", defaults)
+    return defaults
 
 
 def load_tokenizer(args: EngineArgs, model_path: str):
@@ -201,6 +213,10 @@ class LLM:
         self.engine = create_engine(self.engine_args)
         self._counter = 0
 
+    def get_default_sampling_params(self) -> SamplingParams:
+        """vLLM's name: SamplingParams with the model's generation_config.json defaults."""
+        return SamplingParams(**self.engine.config.generation_defaults)
+
     def get_tokenizer(self):
         return self.engine.tokenizer
 
@@ -209,6 +225,8 @@ class LLM:
 
     def generate(self, prompts, sampling_params=None, use_tqdm: bool = True) -> list[RequestOutput]:
         prompts = _as_prompt_list(prompts)
+        if sampling_params is None:
+            sampling_params = self.get_default_sampling_params()
         params = _broadcast_params(sampling_params, len(prompts))
         ids = []
         try:

@@ -40,7 +40,7 @@ class ChatHandler:
         self.token_text = fmt.TokenText(engine.tokenizer)
 
     async def __call__(self, body: ChatCompletionRequest, raw: Request):
-        params = body.to_sampling_params()
+        params = body.to_sampling_params(self.engine.engine_config.generation_defaults)
         prompt = {"prompt_token_ids": chat_prompt_ids(self.engine.tokenizer, body)}
         request_id = body.request_id or f"chatcmpl-{uuid.uuid4().hex}"
         created = int(time.time())

@@ -15,7 +15,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
-from jaxserve.config import ModelConfig, resolve_dtype_name
+from jaxserve.config import ConfigError, ModelConfig, resolve_dtype_name
 from jaxserve.layers.attention import AttentionConfig
 from jaxserve.models.registry import MODEL_REGISTRY, UnsupportedArchitectureError, model_class_for
 from jaxserve.runtime.mesh import make_mesh, named_sharding
@@ -66,7 +66,7 @@ def read_model_config(path: str) -> ModelConfig:
     would otherwise fail on a field name our families have and it lacks)."""
     cfg_path = os.path.join(path, "config.json")
     if not os.path.isfile(cfg_path):
-        raise CheckpointError(f"model: no config.json in {path!r} (not an HF checkpoint)")
+        raise ConfigError(f"model: no config.json in {path!r} (not an HF checkpoint)")
     with open(cfg_path) as f:
         archs = json.load(f).get("architectures") or []
     if archs and archs[0] not in MODEL_REGISTRY:
