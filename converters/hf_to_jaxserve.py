@@ -33,7 +33,11 @@ def convert(src: str, out: str, dtype: str = "auto") -> dict:
     import orbax.checkpoint as ocp
 
     start = time.perf_counter()
+    if os.path.exists(out) and os.path.exists(src) and os.path.samefile(src, out):
+        raise ValueError(f"out: {out!r} is the source checkpoint itself; give a new directory")
     loaded = load_model(src, dtype=dtype)
+    if os.path.exists(out) and os.path.samefile(loaded.path, out):
+        raise ValueError(f"out: {out!r} is the source checkpoint itself; give a new directory")
     os.makedirs(out, exist_ok=True)
     tree: dict = {}
     for path, var in nnx.to_flat_state(nnx.state(loaded.model, nnx.Param)):

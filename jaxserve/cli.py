@@ -8,6 +8,12 @@ import logging
 import sys
 import time
 
+logger = logging.getLogger("jaxserve")
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+# Third-party loggers that talk at INFO about nothing the user asked for: the backend probe
+# ("Unable to initialize backend 'tpu': ... Failed to open libtpu.so") and ~40 orbax lines.
+_NOISY_LOGGERS = ("absl", "jax._src.xla_bridge")
+
 DEMO_PROMPTS = [
     "The quick brown fox",
     "Once upon a time, in a small village by the sea,",
@@ -53,37 +59,82 @@ def _generate(args: argparse.Namespace, model: str, prompts: list[str]) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
+def configure_logging(level: str) -> None:
+    """Timestamped lines for every command (the server's included); third-party noise off."""
+    numeric = logging.getLevelName(level.upper())
+    if not isinstance(numeric, int):
+        raise ValueError(f"--log-level: {level!r} is not a level (DEBUG, INFO, WARNING, ERROR)")
+    logging.basicConfig(level=numeric, format=LOG_FORMAT, force=True)
+    for name in _NOISY_LOGGERS:  # shown at DEBUG only
+        logging.getLogger(name).setLevel(numeric if numeric <= logging.DEBUG
+                                         else max(numeric, logging.WARNING))
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("jaxserve")
+    except PackageNotFoundError:  # running from a source tree that is not installed
+        return "unknown (not installed)"
+
+
+def build_parser() -> argparse.ArgumentParser:
     from converters import hf_to_jaxserve
     from jaxserve.engine_flags import add_engine_args
 
+    # --log-level works before or after the subcommand (the subcommand's copy wins when given).
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--log-level", default=argparse.SUPPRESS,
+                        help="DEBUG, INFO, WARNING or ERROR (default INFO)")
     parser = argparse.ArgumentParser(prog="jaxserve", description=__doc__)
-    parser.add_argument("--log-level", default="INFO")
+    parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR")
+    parser.add_argument("--version", action="version", version=f"jaxserve {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    demo = sub.add_parser("demo", help="write the built-in random demo model and generate with it")
+    demo = sub.add_parser("demo", parents=[common],
+                          help="write the built-in random demo model and generate with it")
     demo.add_argument("--cache-dir", default=None, help="where the demo checkpoint is written")
     add_engine_args(demo)
     _add_sampling_args(demo)
     # Small limits: the demo compiles few buckets and starts in well under a minute on a CPU.
     demo.set_defaults(max_model_len=512, max_num_seqs=16, max_num_batched_tokens=128)
 
-    gen = sub.add_parser("generate", help="offline generation for a few prompts")
+    gen = sub.add_parser("generate", parents=[common], help="offline generation for a few prompts")
     gen.add_argument("model")
     gen.add_argument("prompts", nargs="+")
     add_engine_args(gen)
     _add_sampling_args(gen)
 
-    conv = sub.add_parser("convert", help="HF checkpoint -> jaxserve (orbax) checkpoint")
+    conv = sub.add_parser("convert", parents=[common],
+                          help="HF checkpoint -> jaxserve (orbax) checkpoint")
     hf_to_jaxserve.add_arguments(conv)
 
-    serve = sub.add_parser("serve", help="OpenAI-compatible HTTP + gRPC server")
+    serve = sub.add_parser("serve", parents=[common], help="OpenAI-compatible HTTP + gRPC server")
     from jaxserve.serving.launcher import add_serve_args
 
     add_serve_args(serve)
+    return parser
 
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+
+def main(argv: list[str] | None = None) -> int:
+    """Run one command; an error is one line on stderr (the traceback is logged at DEBUG)."""
+    args = build_parser().parse_args(argv)
+    try:
+        configure_logging(args.log_level)
+        return _run(args)
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:  # noqa: BLE001 - the CLI's one error line
+        logger.debug("the command failed", exc_info=True)
+        kind = "" if isinstance(exc, (ValueError, OSError)) else f"{type(exc).__name__}: "
+        print(f"jaxserve {args.command}: error: {kind}{exc}", file=sys.stderr)
+        return 1
+
+
+def _run(args: argparse.Namespace) -> int:
+    from converters import hf_to_jaxserve
+
     if args.command == "demo":
         from jaxserve.demo import ensure_demo_model
 

@@ -180,3 +180,30 @@ def read_generation_eos(path: str, config: ModelConfig) -> tuple[int, ...]:
     if eos is None:
         return config.eos_token_ids
     return tuple(int(e) for e in eos) if isinstance(eos, list) else (int(eos),)
+
+
+# generation_config.json keys that become default sampling parameters (vLLM's set and names).
+_GENERATION_DEFAULTS = {
+    "temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "min_p": "min_p",
+    "repetition_penalty": "repetition_penalty", "max_new_tokens": "max_tokens",
+}
+
+
+def read_generation_defaults(model_path: str, mode: str = "auto") -> dict[str, float | int]:
+    """Default sampling parameters, as vLLM's `--generation-config`.
+
+    "auto": the model's generation_config.json; "vllm": none (vLLM's own defaults);
+    otherwise a directory holding a generation_config.json. Requests override each field.
+    """
+    if mode == "vllm":
+        return {}
+    directory = model_path if mode == "auto" else mode
+    gen_path = os.path.join(directory, "generation_config.json")
+    if not os.path.isfile(gen_path):
+        if mode != "auto":
+            raise ConfigError(f"generation_config: no generation_config.json in {mode!r}")
+        return {}
+    with open(gen_path) as f:
+        raw = json.load(f)
+    return {ours: raw[theirs] for theirs, ours in _GENERATION_DEFAULTS.items()
+            if raw.get(theirs) is not None}

@@ -13,17 +13,32 @@ _LIMITS = RequestLimits()
 def add_engine_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """The EngineArgs fields as flags (the model itself is each command's own argument)."""
     g = parser.add_argument_group("engine")
-    g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    g.add_argument("--dtype", default="auto",
+                   choices=["auto", "float32", "float", "bfloat16", "float16", "half"])
     g.add_argument("--max-model-len", type=int, default=None)
     g.add_argument("--max-num-seqs", type=int, default=256)
     g.add_argument("--max-num-batched-tokens", type=int, default=None)
     g.add_argument("--block-size", type=int, default=16)
     g.add_argument("--num-kv-blocks", type=int, default=None)
-    g.add_argument("--kv-cache-memory-fraction", type=float, default=0.9)
+    g.add_argument("--kv-cache-memory-fraction", "--gpu-memory-utilization", type=float,
+                   default=0.9, dest="kv_cache_memory_fraction",
+                   help="share of free device memory for the KV cache (vLLM's name also works)")
     g.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True)
     g.add_argument("--tensor-parallel-size", type=int, default=1)
     g.add_argument("--attention-backend", default="auto", choices=["auto", "blockwise", "reference", "pallas"])
     g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--max-logprobs", type=int, default=20,
+                   help="most logprobs / prompt_logprobs one request may ask for")
+    g.add_argument("--tokenizer", default=None, help="tokenizer directory (default: the model's)")
+    g.add_argument("--chat-template", default=None,
+                   help="the chat template (a file, or the template itself) instead of the model's")
+    g.add_argument("--generation-config", default="auto",
+                   help="sampling defaults: 'auto' (the model's generation_config.json), "
+                        "'vllm' (none), or a directory holding a generation_config.json")
+    g.add_argument("--trust-remote-code", action="store_true",
+                   help="refused: jaxserve never runs code shipped with a checkpoint")
+    g.add_argument("--enforce-eager", action="store_true",
+                   help="accepted for vLLM compatibility; no effect (steps are always compiled)")
     lim = parser.add_argument_group("per-request limits")
     lim.add_argument("--max-n-sequences", type=int, default=_LIMITS.max_n,
                      help="largest n / best_of of one request (vLLM: VLLM_MAX_N_SEQUENCES)")
@@ -48,6 +63,12 @@ def engine_args_from(args: argparse.Namespace, model: str | None = None) -> Engi
         tensor_parallel_size=args.tensor_parallel_size,
         attention_backend=args.attention_backend,
         seed=args.seed,
+        max_logprobs=args.max_logprobs,
+        tokenizer=args.tokenizer,
+        chat_template=args.chat_template,
+        generation_config=args.generation_config,
+        trust_remote_code=args.trust_remote_code,
+        enforce_eager=args.enforce_eager,
         request_limits=RequestLimits(
             max_n=args.max_n_sequences, max_stop_strings=args.max_stop_strings,
             max_stop_string_chars=args.max_stop_string_length,

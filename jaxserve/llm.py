@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import time
@@ -41,6 +42,28 @@ class EngineArgs:
     compilation_cache_dir: str | None = DEFAULT_COMPILE_CACHE
     show_progress: bool = True
     request_limits: RequestLimits = RequestLimits()  # bounds on n, stop lists (per request)
+    # vLLM's names
+    max_logprobs: int = 20  # logprobs / prompt_logprobs a request may ask for
+    tokenizer: str | None = None  # tokenizer directory (default: the model's)
+    chat_template: str | None = None  # a Jinja template, or a file holding one
+    generation_config: str = "auto"  # auto | vllm | a directory with generation_config.json
+    trust_remote_code: bool = False  # True is refused: checkpoint code is never run
+    enforce_eager: bool = False  # no effect: every step is a compiled XLA program
+
+    def __post_init__(self) -> None:
+        if self.trust_remote_code:
+            raise ValueError(
+                "trust_remote_code: jaxserve never runs code shipped with a checkpoint; it "
+                "serves only the architectures it implements (leave trust_remote_code False)"
+            )
+        if self.max_model_len is not None and self.max_model_len < 1:
+            raise ValueError(f"max_model_len: must be >= 1 (leave it unset for the model's "
+                             f"maximum), got {self.max_model_len}")
+        if self.num_kv_blocks is not None and self.num_kv_blocks < 2:
+            raise ValueError(f"num_kv_blocks: must be >= 2 (block 0 is reserved), got "
+                             f"{self.num_kv_blocks}")
+        if not isinstance(self.max_logprobs, int) or self.max_logprobs < 0:
+            raise ValueError(f"max_logprobs: must be an int >= 0, got {self.max_logprobs!r}")
 
 
 def _enable_compilation_cache(path: str | None) -> None:
@@ -75,8 +98,6 @@ def _num_kv_blocks(args: EngineArgs, block_bytes: int, max_useful: int) -> int:
 
 def create_engine(args: EngineArgs) -> LLMEngine:
     """Load the model and tokenizer, size the KV cache, compile every bucket."""
-    from transformers import AutoTokenizer
-
     from jaxserve.config import read_generation_eos
     from jaxserve.layers.attention import select_backend
     from jaxserve.runtime.kv_cache import kv_block_bytes
@@ -88,6 +109,8 @@ def create_engine(args: EngineArgs) -> LLMEngine:
     import jax
 
     _enable_compilation_cache(args.compilation_cache_dir)
+    if args.enforce_eager:
+        logger.warning("enforce_eager has no effect: jaxserve always runs compiled XLA steps")
     mesh = make_mesh(args.tensor_parallel_size)
     attn = select_backend(args.attention_backend)
     if attn.backend == "pallas" and args.tensor_parallel_size > 1:
@@ -122,19 +145,21 @@ def create_engine(args: EngineArgs) -> LLMEngine:
         max_num_batched_tokens=max_batched,
         enable_prefix_caching=args.enable_prefix_caching,
         eos_token_ids=read_generation_eos(loaded.path, cfg),
-        limits=args.request_limits,
+        limits=dataclasses.replace(args.request_limits, max_logprobs=args.max_logprobs),
         max_biased_token_ids=BIAS_WIDTH,
+        generation_defaults=_generation_defaults(args, loaded.path),
     )
     runner = ModelRunner(
         loaded,
         RunnerConfig(
             block_size=args.block_size, num_kv_blocks=num_blocks, max_model_len=max_model_len,
             max_num_seqs=args.max_num_seqs, max_num_batched_tokens=max_batched, seed=args.seed,
+            max_logprobs=args.max_logprobs,
         ),
         mesh,
     )
     runner.warmup(progress=args.show_progress)
-    tokenizer = AutoTokenizer.from_pretrained(loaded.path, trust_remote_code=False)
+    tokenizer = load_tokenizer(args, loaded.path)
     logger.info(
         "engine ready: %d KV blocks of %d tokens, max_model_len %d, max_num_seqs %d, "
         "max_num_batched_tokens %d", num_blocks, args.block_size, max_model_len,
@@ -143,14 +168,54 @@ def create_engine(args: EngineArgs) -> LLMEngine:
     return LLMEngine(runner, tokenizer, engine_cfg)
 
 
+def _generation_defaults(args: EngineArgs, model_path: str) -> dict:
+    from jaxserve.config import read_generation_defaults
+
+    defaults = read_generation_defaults(model_path, args.generation_config)
+    SamplingParams(**defaults)  # a bad generation_config.json fails at start, naming the field
+    if defaults:
+        logger.info("default sampling parameters from generation_config.json (override per "
+                    "request; --generation-config vllm to ignore): %s", defaults)
+    return defaults
+
+
+def load_tokenizer(args: EngineArgs, model_path: str):
+    """The tokenizer (args.tokenizer or the model's), with args.chat_template when given."""
+    from transformers import AutoTokenizer
+
+    from jaxserve.weights.loader import resolve_model_path
+
+    path = resolve_model_path(args.tokenizer) if args.tokenizer else model_path
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+    if args.chat_template is not None:
+        tokenizer.chat_template = read_chat_template(args.chat_template)
+    return tokenizer
+
+
+def read_chat_template(template: str) -> str:
+    """A template given inline, or the contents of the file it names (as vLLM's flag)."""
+    if os.path.isfile(template):
+        with open(template, encoding="utf-8") as f:
+            return f.read()
+    if "{" not in template:  # neither a file nor Jinja: most likely a mistyped path
+        raise ValueError(f"chat_template: {template!r} is not a file nor a Jinja template")
+    return template
+
+
 class LLM:
     """Offline generation: `LLM(model=...).generate(prompts, sampling_params)`."""
 
     def __init__(self, model: str, **kwargs: Any):
         kwargs.setdefault("show_progress", kwargs.pop("use_tqdm_on_load", True))
+        if "gpu_memory_utilization" in kwargs:  # vLLM's name for the memory share we may use
+            kwargs["kv_cache_memory_fraction"] = kwargs.pop("gpu_memory_utilization")
         self.engine_args = EngineArgs(model=model, **kwargs)
         self.engine = create_engine(self.engine_args)
         self._counter = 0
+
+    def get_default_sampling_params(self) -> SamplingParams:
+        """vLLM's name: SamplingParams with the model's generation_config.json defaults."""
+        return SamplingParams(**self.engine.config.generation_defaults)
 
     def get_tokenizer(self):
         return self.engine.tokenizer
@@ -160,6 +225,8 @@ class LLM:
 
     def generate(self, prompts, sampling_params=None, use_tqdm: bool = True) -> list[RequestOutput]:
         prompts = _as_prompt_list(prompts)
+        if sampling_params is None:
+            sampling_params = self.get_default_sampling_params()
         params = _broadcast_params(sampling_params, len(prompts))
         ids = []
         try:
@@ -179,11 +246,19 @@ class LLM:
             self.engine.step()
 
     def chat(self, messages, sampling_params=None, use_tqdm: bool = True,
-             add_generation_prompt: bool = True) -> list[RequestOutput]:
-        """One conversation (a list of {"role", "content"}) or a list of conversations."""
+             add_generation_prompt: bool = True, chat_template: str | None = None,
+             chat_template_kwargs: dict[str, Any] | None = None) -> list[RequestOutput]:
+        """One conversation (a list of {"role", "content"}) or a list of conversations.
+
+        `chat_template` (vLLM's name): the caller's own template, instead of the model's.
+        """
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
         tok = self.engine.tokenizer
-        prompts = [_chat_prompt(tok, conv, add_generation_prompt) for conv in conversations]
+        kwargs = dict(chat_template_kwargs or {})
+        if chat_template is not None:
+            kwargs["chat_template"] = read_chat_template(chat_template)
+        prompts = [_chat_prompt(tok, conv, add_generation_prompt, **kwargs)
+                   for conv in conversations]
         return self.generate(prompts, sampling_params, use_tqdm)
 
     def _run(self, ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
@@ -213,16 +288,16 @@ class LLM:
         return [final[i] for i in ids]
 
 
-def _chat_prompt(tok, conversation, add_generation_prompt: bool) -> dict:
+def _chat_prompt(tok, conversation, add_generation_prompt: bool, **template_kwargs) -> dict:
     """One conversation -> {"prompt_token_ids", "prompt"} through the tokenizer's chat template.
 
     `return_dict=False`: transformers 5 otherwise returns a BatchEncoding for tokenize=True.
     """
     _check_messages(conversation)
     ids = tok.apply_chat_template(conversation, tokenize=True, return_dict=False,
-                                  add_generation_prompt=add_generation_prompt)
+                                  add_generation_prompt=add_generation_prompt, **template_kwargs)
     text = tok.apply_chat_template(conversation, tokenize=False,
-                                   add_generation_prompt=add_generation_prompt)
+                                   add_generation_prompt=add_generation_prompt, **template_kwargs)
     return {"prompt_token_ids": [int(t) for t in ids], "prompt": text}
 
 

@@ -20,6 +20,9 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     eos_token_ids: tuple[int, ...] = ()
     limits: RequestLimits = field(default_factory=RequestLimits)
+    # Default sampling parameters (generation_config.json; vLLM's --generation-config): a
+    # request's own value wins. Keys are SamplingParams field names.
+    generation_defaults: dict[str, float | int] = field(default_factory=dict)
     # Width of the runner's per-request sparse logit-bias row: logit_bias entries plus the ids
     # banned until min_tokens (stop ids + EOS) must fit, or the request is refused at admission.
     max_biased_token_ids: int = 512

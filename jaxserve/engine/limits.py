@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 
 from .errors import InvalidRequestError
-from .sampling_params import SamplingParams
+from .sampling_params import MAX_LOGPROBS, SamplingParams
 
 
 @dataclass(frozen=True)
@@ -20,6 +20,7 @@ class RequestLimits:
     max_stop_strings: int = 64  # every stop string is searched after every token
     max_stop_string_chars: int = 256  # streamed text is held back by the longest stop string
     max_stop_token_ids: int = 128
+    max_logprobs: int = MAX_LOGPROBS  # logprobs / prompt_logprobs (vLLM's max_logprobs)
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -40,6 +41,11 @@ class RequestLimits:
         if longest > self.max_stop_string_chars:
             raise InvalidRequestError("stop", f"a stop string may have at most "
                                       f"{self.max_stop_string_chars} characters, got {longest}")
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(params, name)
+            if value is not None and value > self.max_logprobs:
+                raise InvalidRequestError(name, f"must be <= {self.max_logprobs} (the server's "
+                                          f"max_logprobs), got {value}")
         ids = params.all_stop_token_ids
         if len(ids) > self.max_stop_token_ids:
             raise InvalidRequestError("stop_token_ids", f"at most {self.max_stop_token_ids} "

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from .errors import InvalidRequestError, require_utf8
 
 _GREEDY_EPS = 1e-5
-MAX_LOGPROBS = 20
+MAX_LOGPROBS = 20  # vLLM's default max_logprobs
 MAX_LOGIT_BIAS = 300  # OpenAI's limit; the runner's sparse bias row holds these + banned ids
 INT32_MAX = 2**31 - 1
 FLOAT32_MAX = 3.4028234663852886e38  # floats reach the sampler as float32: larger is infinity
@@ -93,7 +93,7 @@ class SamplingParams:
         for name in ("logprobs", "prompt_logprobs"):
             value = getattr(self, name)
             if value is not None:
-                _check_int(name, value, lo=0, hi=MAX_LOGPROBS)
+                _check_int(name, value, lo=0)  # the upper bound is the engine's max_logprobs
         self._verify_stop()
         if self.logit_bias is not None:
             if len(self.logit_bias) > MAX_LOGIT_BIAS:

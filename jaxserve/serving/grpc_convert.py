@@ -17,12 +17,14 @@ _SCALAR_FIELDS = (
 )
 
 
-def sampling_params_from_proto(msg: pb.SamplingParams) -> SamplingParams:
-    """SamplingParams from the message; unset fields keep the Python defaults.
+def sampling_params_from_proto(msg: pb.SamplingParams,
+                               defaults: dict[str, Any] | None = None) -> SamplingParams:
+    """SamplingParams from the message; unset fields take the server's `defaults`
+    (generation_config.json), else the Python defaults.
 
     Raises InvalidRequestError (a ValueError naming the field) for invalid values.
     """
-    kwargs: dict[str, Any] = {}
+    kwargs: dict[str, Any] = dict(defaults or {})
     for name in _SCALAR_FIELDS:
         if msg.HasField(name):
             kwargs[name] = getattr(msg, name)

@@ -86,7 +86,8 @@ class JaxServeServicer(pb_grpc.JaxServeServicer):
         request_id = request.request_id or f"grpc-{uuid.uuid4().hex}"
         try:
             prompt = grpc_convert.prompt_from_request(request)
-            params = grpc_convert.sampling_params_from_proto(request.sampling_params)
+            params = grpc_convert.sampling_params_from_proto(
+                request.sampling_params, engine.engine_config.generation_defaults)
             remaining = context.time_remaining()
             deadline = None if remaining is None else time.monotonic() + remaining
             outputs = engine.generate(prompt, params, request_id, deadline=deadline)

@@ -50,7 +50,7 @@ class ChatHandler:
         self.token_text = fmt.TokenText(engine.tokenizer)
 
     async def __call__(self, body: ChatCompletionRequest, raw: Request):
-        params = body.to_sampling_params()
+        params = body.to_sampling_params(self.engine.engine_config.generation_defaults)
         fmt.refuse_streamed_prompt_logprobs(body)
         ids = await self.engine.run_tokenizer(chat_prompt_ids, self.engine.tokenizer, body)
         prompt = {"prompt_token_ids": ids}

@@ -36,7 +36,7 @@ class CompletionsHandler:
         return [p if isinstance(p, str) else {"prompt_token_ids": p} for p in body.prompts()]
 
     async def __call__(self, body: CompletionRequest, raw: Request):
-        params = body.to_sampling_params()
+        params = body.to_sampling_params(self.engine.engine_config.generation_defaults)
         fmt.refuse_streamed_prompt_logprobs(body)
         prompts = self._prompts(body)
         request_id = body.request_id or f"cmpl-{uuid.uuid4().hex}"

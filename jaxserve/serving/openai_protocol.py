@@ -97,9 +97,12 @@ class _SamplingRequest(_Body):
         if self.stream_options is not None and not self.stream:
             raise InvalidRequestError("stream_options", "is only allowed with stream: true")
 
-    def _common_kwargs(self) -> dict[str, Any]:
+    def _common_kwargs(self, defaults: dict[str, Any] | None) -> dict[str, Any]:
+        """SamplingParams kwargs: the request's fields, else the server's defaults
+        (generation_config.json), else SamplingParams' own."""
         self._check_unsupported()
-        kwargs: dict[str, Any] = dict(
+        kwargs: dict[str, Any] = dict(defaults or {})
+        kwargs.update(
             n=self.n, ignore_eos=self.ignore_eos, min_tokens=self.min_tokens,
             skip_special_tokens=self.skip_special_tokens,
             include_stop_str_in_output=self.include_stop_str_in_output,
@@ -126,7 +129,7 @@ class CompletionRequest(_SamplingRequest):
     """POST /v1/completions."""
 
     prompt: str | list[str] | list[int] | list[list[int]]
-    max_tokens: int | None = 16
+    max_tokens: int | None = None  # None: the server's default, else 16 (SamplingParams')
     logprobs: int | None = None
     echo: bool = False
     suffix: str | None = None
@@ -144,7 +147,7 @@ class CompletionRequest(_SamplingRequest):
             return [list(prompt)]
         return list(prompt)
 
-    def to_sampling_params(self) -> SamplingParams:
+    def to_sampling_params(self, defaults: dict[str, Any] | None = None) -> SamplingParams:
         if self.suffix:
             raise InvalidRequestError("suffix", "is not supported")
         if self.echo:
@@ -154,8 +157,9 @@ class CompletionRequest(_SamplingRequest):
         if not self.add_special_tokens:
             raise InvalidRequestError("add_special_tokens", "false is not supported by this "
                                       "server; send prompt token ids instead")
-        kwargs = self._common_kwargs()
-        kwargs["max_tokens"] = self.max_tokens
+        kwargs = self._common_kwargs(defaults)
+        if self.max_tokens is not None:
+            kwargs["max_tokens"] = self.max_tokens
         if self.logprobs is not None:
             kwargs["logprobs"] = self.logprobs
         return SamplingParams(**kwargs)
@@ -196,15 +200,16 @@ class ChatCompletionRequest(_SamplingRequest):
     tool_choice: Literal["none", "auto"] | dict[str, Any] | str | None = None
     parallel_tool_calls: bool | None = None  # a no-op, as in vLLM
 
-    def to_sampling_params(self) -> SamplingParams:
+    def to_sampling_params(self, defaults: dict[str, Any] | None = None) -> SamplingParams:
         if self.tools:
             raise InvalidRequestError("tools", "tool calling is not supported")
         if self.tool_choice not in (None, "none", "auto"):
             raise InvalidRequestError("tool_choice", "tool calling is not supported")
-        kwargs = self._common_kwargs()
+        kwargs = self._common_kwargs(defaults)
         max_tokens = self.max_completion_tokens if self.max_completion_tokens is not None \
             else self.max_tokens
-        kwargs["max_tokens"] = max_tokens
+        if max_tokens is not None or "max_tokens" not in kwargs:
+            kwargs["max_tokens"] = max_tokens  # None: up to max_model_len
         if self.top_logprobs is not None and not self.logprobs:
             raise InvalidRequestError("top_logprobs", "needs logprobs to be true")
         if self.logprobs:

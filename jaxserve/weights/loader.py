@@ -15,9 +15,9 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
-from jaxserve.config import ModelConfig, resolve_dtype_name
+from jaxserve.config import ConfigError, ModelConfig, resolve_dtype_name
 from jaxserve.layers.attention import AttentionConfig
-from jaxserve.models.registry import model_class_for
+from jaxserve.models.registry import MODEL_REGISTRY, UnsupportedArchitectureError, model_class_for
 from jaxserve.runtime.mesh import make_mesh, named_sharding
 from jaxserve.weights.hf_names import hf_tensor_for
 from jaxserve.weights.safetensors_reader import CheckpointError, SafetensorsCheckpoint
@@ -45,12 +45,35 @@ def resolve_model_path(model: str) -> str:
         return model
     if os.path.exists(model):
         raise CheckpointError(f"model: {model!r} is a file, not a checkpoint directory")
+    if _looks_local(model):
+        raise CheckpointError(f"model: no such directory: {model!r}")
     try:
         from huggingface_hub import snapshot_download
     except ImportError as e:  # pragma: no cover - huggingface_hub ships with transformers
         raise CheckpointError(f"model: {model!r} is not a local directory") from e
     patterns = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt"]
     return snapshot_download(model, allow_patterns=patterns)
+
+
+def _looks_local(model: str) -> bool:
+    """A path rather than a hub id ("org/name"): absolute, relative with dots, ~, or deeper."""
+    return (model.startswith(("/", ".", "~")) or os.path.isabs(model) or model.count("/") > 1
+            or "\\" in model)
+
+
+def read_model_config(path: str) -> ModelConfig:
+    """config.json, checking first that its architecture is one we implement (a GPT-2 config
+    would otherwise fail on a field name our families have and it lacks)."""
+    cfg_path = os.path.join(path, "config.json")
+    if not os.path.isfile(cfg_path):
+        raise ConfigError(f"model: no config.json in {path!r} (not an HF checkpoint)")
+    with open(cfg_path) as f:
+        archs = json.load(f).get("architectures") or []
+    if archs and archs[0] not in MODEL_REGISTRY:
+        raise UnsupportedArchitectureError(
+            f"architecture {archs[0]!r} is not supported; supported: "
+            + ", ".join(sorted(MODEL_REGISTRY)))
+    return ModelConfig.from_dir(path)
 
 
 def is_converted(path: str) -> bool:
@@ -72,7 +95,7 @@ def load_model(
 ) -> LoadedModel:
     start = time.perf_counter()
     path = resolve_model_path(model)
-    config = ModelConfig.from_dir(path)
+    config = read_model_config(path)
     converted = is_converted(path)
     if converted and dtype == "auto":
         dtype = _converted_info(path)["dtype"]  # the dtype the converter stored

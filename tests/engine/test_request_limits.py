@@ -73,3 +73,13 @@ def test_lone_surrogates_name_the_field(make_engine, tokenizer):
     assert info.value.field == "stop"
     engine.add_request("ok", "héllo wörld 😀", SamplingParams(max_tokens=2))
     assert set(run_to_completion(engine)) == {"ok"}
+
+
+def test_logprobs_bounded_by_max_logprobs(make_engine):
+    engine = make_engine()
+    _refused(engine, SamplingParams(logprobs=21), "logprobs")
+    _refused(engine, SamplingParams(prompt_logprobs=30), "prompt_logprobs")
+    wide = make_engine(limits=RequestLimits(max_logprobs=50))
+    wide.add_request("ok", [1, 2], SamplingParams(logprobs=50, prompt_logprobs=50, max_tokens=2))
+    _refused(wide, SamplingParams(logprobs=51), "logprobs")
+    assert set(run_to_completion(wide)) == {"ok"}
