@@ -49,6 +49,7 @@ class AsyncEngineConfig:
     # None: unbounded.
     max_queued_requests: int | None = None
     idle_wait_s: float = 0.25  # how long the idle loop sleeps between checks
+    log_requests: bool = False  # log each admitted request (id, prompt length, parameters)
 
 
 @dataclass
@@ -386,6 +387,10 @@ class AsyncEngine:
             self._records[add.request_id] = RequestRecord(add.request_id, time.monotonic(),
                                                           params=add.params)
             add.stream.put(_ADMITTED)
+            if self.config.log_requests:
+                state = self.engine.requests[add.request_id]
+                logger.info("request %s admitted: %d prompt tokens, %r", add.request_id,
+                            len(state.prompt_token_ids), add.params)
 
     def _apply_aborts(self, aborts: list[tuple[str, _Stream | None, bool]]) -> None:
         """Abort in the engine (its blocks are freed now). A caller that asked for the abort

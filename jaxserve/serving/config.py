@@ -10,7 +10,7 @@ class ServeConfig:
     """Settings of the HTTP and gRPC front ends (the engine's own live in EngineArgs)."""
 
     model: str
-    served_model_name: str | None = None
+    served_model_name: str | tuple[str, ...] | None = None  # one name or several (aliases)
     host: str = "0.0.0.0"
     port: int = 8000  # HTTP (OpenAI-compatible); 0 picks a free port
     grpc_port: int = 50051  # 0 picks a free port; -1 disables gRPC
@@ -21,8 +21,17 @@ class ServeConfig:
     log_stats_interval_s: float = 10.0  # the periodic stats log line; 0 disables it
     max_grpc_message_bytes: int = 16 * 1024 * 1024
     max_request_bytes: int = 16 * 1024 * 1024  # HTTP request bodies; larger ones get 413
+    log_requests: bool = False  # log every request's arrival (--enable-log-requests)
+
+    @property
+    def model_names(self) -> tuple[str, ...]:
+        """Every name clients may use for the model; the first is the one responses carry."""
+        names = self.served_model_name
+        if isinstance(names, str):
+            return (names,)
+        return tuple(names) if names else (self.model,)
 
     @property
     def model_name(self) -> str:
-        """The name clients use for the model (`--served-model-name`, else the model path)."""
-        return self.served_model_name or self.model
+        """The name responses carry (the first `--served-model-name`, else the model path)."""
+        return self.model_names[0]

@@ -73,7 +73,8 @@ class Frontends:
 
     def set_engine(self, llm_engine: Any) -> AsyncEngine:
         """Wrap a built LLMEngine in the async engine and start serving."""
-        engine_cfg = AsyncEngineConfig(max_queued_requests=self.config.max_queued_requests)
+        engine_cfg = AsyncEngineConfig(max_queued_requests=self.config.max_queued_requests,
+                                       log_requests=self.config.log_requests)
         loop = asyncio.get_running_loop()
 
         def on_dead(exc: BaseException) -> None:  # on the engine thread

@@ -21,12 +21,20 @@ API_KEY_ENV = "JAXSERVE_API_KEY"  # read only here, as the default of --api-key
 
 def add_serve_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Add the flags of `jaxserve serve` to `parser` (the `serve` subcommand's parser)."""
-    parser.add_argument("model", help="HF checkpoint directory (or jaxserve checkpoint)")
+    parser.add_argument("model", nargs="?", default=None,
+                        help="HF checkpoint directory (or jaxserve checkpoint); or --model")
+    parser.add_argument("--model", dest="model_option", default=None, metavar="MODEL",
+                        help="the same as the positional MODEL (vLLM's spelling)")
     parser.add_argument("--host", default="0.0.0.0", help="address both servers bind")
     parser.add_argument("--port", type=int, default=8000, help="HTTP (OpenAI-compatible) port")
     parser.add_argument("--grpc-port", type=int, default=50051, help="gRPC port (-1: off)")
-    parser.add_argument("--served-model-name", default=None,
-                        help="model name in the API (default: the MODEL argument)")
+    parser.add_argument("--served-model-name", nargs="+", default=None, metavar="NAME",
+                        help="model name(s) in the API; the first is the one responses carry "
+                             "(default: the MODEL argument)")
+    parser.add_argument("--disable-log-stats", action="store_true",
+                        help="no periodic stats log line")
+    parser.add_argument("--enable-log-requests", action="store_true",
+                        help="log every request as it arrives (id, prompt length, parameters)")
     parser.add_argument("--api-key", default=os.environ.get(API_KEY_ENV) or None,
                         help=f"require 'Authorization: Bearer KEY' on every route but /health "
                              f"(default: ${API_KEY_ENV}); /metrics stays open for Prometheus")
@@ -42,11 +50,25 @@ def add_serve_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return parser
 
 
+def resolve_model_arg(args: argparse.Namespace) -> str:
+    """MODEL given positionally or as --model (the same value if both); sets `args.model`."""
+    given = {m for m in (args.model, getattr(args, "model_option", None)) if m is not None}
+    if len(given) != 1:
+        raise ValueError("model: give the checkpoint directory once, as MODEL or --model"
+                         if given else "model: a checkpoint directory is required (MODEL)")
+    args.model = given.pop()
+    return args.model
+
+
 def serve_config_from_args(args: argparse.Namespace) -> ServeConfig:
     """The servers' settings from parsed flags (`api_key` must already be resolved)."""
+    resolve_model_arg(args)
+    extra = {"log_stats_interval_s": 0.0} if args.disable_log_stats else {}
     return ServeConfig(
         model=args.model,
-        served_model_name=args.served_model_name,
+        served_model_name=tuple(args.served_model_name) if args.served_model_name else None,
+        log_requests=args.enable_log_requests,
+        **extra,
         host=args.host,
         port=args.port,
         grpc_port=args.grpc_port,
@@ -59,6 +81,7 @@ def serve_config_from_args(args: argparse.Namespace) -> ServeConfig:
 
 
 def _build_engine(args: argparse.Namespace) -> Any:
+    resolve_model_arg(args)
     from jaxserve.llm import create_engine
 
     return create_engine(engine_args_from(args))

@@ -60,7 +60,7 @@ def build_app(state: ServerState, config: ServeConfig,
     created = int(time.time())
 
     def check_model(name: str | None) -> None:
-        if name is not None and name not in (config.model_name, config.model):
+        if name is not None and name not in (*config.model_names, config.model):
             raise model_not_found(name)
 
     async def run(handler_cls: type, body: Any, raw: Request) -> Any:
@@ -85,10 +85,10 @@ def build_app(state: ServerState, config: ServeConfig,
     @app.get("/v1/models")
     async def models() -> JSONResponse:
         max_len = state.engine.engine_config.max_model_len if state.engine else None
-        card = {"id": config.model_name, "object": "model", "created": created,
-                "owned_by": "jaxserve", "root": config.model, "parent": None,
-                "max_model_len": max_len}
-        return JSONResponse({"object": "list", "data": [card]})
+        cards = [{"id": name, "object": "model", "created": created, "owned_by": "jaxserve",
+                  "root": config.model, "parent": None, "max_model_len": max_len}
+                 for name in config.model_names]
+        return JSONResponse({"object": "list", "data": cards})
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, raw: Request):

@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import argparse
 
+import httpx
+import pytest
+
 from jaxserve.engine_flags import engine_args_from
 from jaxserve.serving import launcher
+from tests.serving.harness import ServerThread, make_fake_engine
 
 
 def _parse(argv: list[str]) -> argparse.Namespace:
@@ -41,3 +45,35 @@ def test_defaults_and_api_key_from_env(monkeypatch):
     assert (config.port, config.grpc_port, config.model_name) == (8000, 50051, "m")
     assert config.api_key == "from-env"
     assert engine_args_from(args).enable_prefix_caching is True
+
+
+def test_vllm_serve_flag_spellings():
+    def parse(*argv):
+        return launcher.serve_config_from_args(_parse(list(argv)))
+
+    cfg = parse("--model", "/m", "--served-model-name", "a", "b", "--disable-log-stats",
+                "--enable-log-requests")
+    assert cfg.model == "/m" and cfg.model_names == ("a", "b") and cfg.model_name == "a"
+    assert cfg.log_stats_interval_s == 0 and cfg.log_requests
+    assert parse("/m").model_names == ("/m",)
+    with pytest.raises(ValueError, match="model"):
+        parse("/m", "--model", "/other")
+    with pytest.raises(ValueError, match="model"):
+        parse()
+
+
+def test_every_served_name_is_accepted(demo_tokenizer):
+    server = ServerThread(lambda: make_fake_engine(demo_tokenizer), api_key=None,
+                          served_model_name=("first", "alias"), log_requests=True).start()
+    try:
+        names = [m["id"] for m in httpx.get(f"{server.http_url}/v1/models").json()["data"]]
+        assert names == ["first", "alias"]
+        for name in names:
+            r = httpx.post(f"{server.http_url}/v1/completions",
+                           json={"model": name, "prompt": "hi", "max_tokens": 2}, timeout=30)
+            assert r.status_code == 200 and r.json()["model"] == "first", r.text
+        r = httpx.post(f"{server.http_url}/v1/completions",
+                       json={"model": "other", "prompt": "hi", "max_tokens": 2}, timeout=30)
+        assert r.status_code == 404
+    finally:
+        server.stop()
