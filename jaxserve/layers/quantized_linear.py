@@ -1,0 +1,116 @@
+"""Weight-only quantized projection (int8 / int4 / fp8 weights + float32 scales, W*A16)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxserve.layers.linear import Linear
+from jaxserve.layers.quant_scheme import QWEIGHT_DTYPES, QuantConfig
+
+# Up to this many tokens per step the matmul is written as multiply + reduce over the input
+# axis: XLA:CPU fuses the int8 -> f32 convert into that reduction (one YNNPACK fusion reading
+# the quantized bytes), while its dot_general first materialises an f32 copy of the whole
+# weight (4x the int8 bytes) every step. Past it (prefill) the copy is amortised over the
+# tokens and the blocked dot is faster. See benchmarks/quant_matvec.py.
+REDUCE_MAX_TOKENS = 64
+
+
+class QuantizedLinear(nnx.Module):
+    """y = x @ dequant(qweight).T (+ bias), the weight kept quantized; layouts in quant_scheme.
+
+    qweight: int8 [out, in] | uint8 [out, in / 2] (int4 pairs) | uint8 [out, in] (fp8 bits)
+    scales: float32 [out, G] (G = in / group); zeros: float32 [out, G] when asymmetric.
+    """
+
+    def __init__(self, in_dim: int, out_dim: int, *, bias: bool, dtype, quant: QuantConfig):
+        self.method = quant.method
+        self.group = quant.group_for(in_dim)
+        groups = in_dim // self.group
+        packed_in = in_dim // 2 if quant.method == "int4" else in_dim
+        self.qweight = nnx.Param(jnp.zeros((out_dim, packed_in), QWEIGHT_DTYPES[quant.method]))
+        self.scales = nnx.Param(jnp.ones((out_dim, groups), jnp.float32))  # [out, G]
+        self.zeros = (None if quant.symmetric
+                      else nnx.Param(jnp.zeros((out_dim, groups), jnp.float32)))  # [out, G]
+        self.bias = nnx.Param(jnp.zeros((out_dim,), dtype=dtype)) if bias else None  # [out]
+
+    def values(self) -> tuple[tuple[jax.Array, ...], float]:
+        """(stored values as float32, offset): one [out, G, group] array, or for int4 the low-
+        and high-nibble halves [out, G, group / 2] (the even and odd inputs); the weight is
+        (value - offset - zero) * scale.
+
+        Only convert / multiply / add / floor touch the weight: XLA:CPU fuses those into its
+        YNNPACK reduction, but not bitwise ops, bitcasts, selects or f8 converts, which first
+        materialise a full-size copy (benchmarks/quant_matvec.py). Constants are made per layer
+        (`_per_layer`): a scalar constant shared by several same-shaped layers is broadcast
+        once to the weight's shape and materialised for all of them."""
+        q = self.qweight[...]
+        out_dim = q.shape[0]
+        const = _per_layer(self.scales[...])
+        if self.method == "int4":  # uint8 [out, in / 2]: byte = lo + 16 * hi, stored q + 8
+            b = q.astype(jnp.float32)
+            hi = jnp.floor(b * const(1.0 / 16.0))
+            lo = b - const(16.0) * hi
+            half = self.group // 2
+            return (lo.reshape(out_dim, -1, half), hi.reshape(out_dim, -1, half)), 8.0
+        v = fp8_e4m3_to_f32(q, const) if self.method == "fp8" else q.astype(jnp.float32)
+        return (v.reshape(out_dim, -1, self.group),), 0.0
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        t = x.shape[0]
+        values, offset = self.values()
+        parts = len(values)  # int4: inputs split into even / odd halves
+        xf = x.astype(jnp.float32).reshape(t, -1, self.group // parts, parts)  # [T, G, k, p]
+        if t <= REDUCE_MAX_TOKENS:
+            part = sum(jnp.sum(xf[:, None, ..., i] * v[None], axis=-1)
+                       for i, v in enumerate(values))  # [T, out, G]
+        else:
+            part = sum(jnp.einsum("tgk,ogk->tog", xf[..., i], v) for i, v in enumerate(values))
+        if offset or self.zeros is not None:
+            xsum = jnp.sum(xf, axis=(-2, -1))[:, None, :]  # [T, 1, G]
+            shift = offset if self.zeros is None else self.zeros[...][None] + offset  # [1, out, G]
+            part = part - shift * xsum
+        y = jnp.sum(part * self.scales[...][None], axis=-1)  # [T, out]
+        if self.bias is not None:
+            y = y + self.bias[...].astype(jnp.float32)
+        return y.astype(x.dtype)
+
+
+def _per_layer(anchor: jax.Array):
+    """c -> a float32 scalar equal to c but computed from this layer's `anchor` (finite), so
+    XLA neither shares it with other layers nor hoists its broadcast out of the fusion."""
+    zero = anchor.reshape(-1)[0] * 0.0
+    return lambda c: zero + jnp.float32(c)
+
+
+def fp8_e4m3_to_f32(q: jax.Array, const=jnp.float32) -> jax.Array:
+    """float8_e4m3fn bit patterns (uint8) -> float32 with convert / floor / multiply / add only (the
+    ops XLA:CPU fuses into its reduction). Exact for every finite value (NaN is not kept)."""
+    c = const
+    u = q.astype(jnp.float32)  # the byte, [0, 255]
+    neg = jnp.floor(u * c(1.0 / 128.0))  # sign bit
+    mag = u - c(128.0) * neg
+    e = jnp.floor(mag * c(1.0 / 8.0))  # exponent field 0..15
+    m = mag - c(8.0) * e  # mantissa 0..7
+    b3 = jnp.floor(e * c(1.0 / 8.0))
+    r = e - c(8.0) * b3
+    b2 = jnp.floor(r * c(1.0 / 4.0))
+    r = r - c(4.0) * b2
+    b1 = jnp.floor(r * c(0.5))
+    b0 = r - c(2.0) * b1
+    one = c(1.0)
+    pow2 = ((one + c(255.0) * b3) * (one + c(15.0) * b2) * (one + c(3.0) * b1)
+            * (one + b0))  # 2^e
+    normal = one - jnp.floor((c(15.0) - e) * c(1.0 / 15.0))  # 1 if e >= 1 else 0
+    # e >= 1: (8 + m) * 2^(e - 10); e == 0 (subnormal): m * 2^-9 = m * 2 * 2^-10.
+    value = (m + c(8.0) * normal) * (pow2 + one - normal) * c(2.0**-10)
+    return value * (one - c(2.0) * neg)
+
+
+def make_linear(in_dim: int, out_dim: int, *, bias: bool, dtype, rngs: nnx.Rngs,
+                quant: QuantConfig | None = None) -> nnx.Module:
+    """A float Linear, or a QuantizedLinear when the model is quantized."""
+    if quant is None:
+        return Linear(in_dim, out_dim, bias=bias, dtype=dtype, rngs=rngs)
+    return QuantizedLinear(in_dim, out_dim, bias=bias, dtype=dtype, quant=quant)
