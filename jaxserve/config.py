@@ -124,16 +124,23 @@ class ModelConfig:
         return cls.from_dict(raw)
 
 
+SUPPORTED_QUANT_METHODS = ("compressed-tensors",)  # pre-quantized formats the loader reads
+
+
 def _check_quantization(raw: dict[str, Any]) -> None:
-    """Quantized checkpoints are refused (naming the method) until their kernels exist:
-    casting their weights without the scales would load garbage."""
+    """Quantized checkpoints of a method we do not read are refused, naming the method:
+    casting their weights without the scales would load garbage. compressed-tensors passes
+    here; the weight loader checks its scheme field by field."""
     quant = raw.get("quantization_config") or raw.get("compression_config")
     if not quant:
         return
     method = quant.get("quant_method") or quant.get("format") if isinstance(quant, dict) else None
+    if method in SUPPORTED_QUANT_METHODS:
+        return
     raise ConfigError(
         f"quantization_config: quantization method {method or 'unknown'!r} is not supported "
-        "(jaxserve loads unquantized float32 / bfloat16 / float16 checkpoints only)"
+        f"(jaxserve loads float32 / bfloat16 / float16 checkpoints, and pre-quantized "
+        f"{', '.join(SUPPORTED_QUANT_METHODS)} ones)"
     )
 
 

@@ -17,6 +17,8 @@ from jaxserve.layers.attention import (
 )
 from jaxserve.layers.linear import Embedding, Linear
 from jaxserve.layers.norms import RMSNorm
+from jaxserve.layers.quant_scheme import QuantConfig
+from jaxserve.layers.quantized_linear import make_linear
 from jaxserve.layers.rotary import apply_rotary, inverse_frequencies
 
 KVCache = tuple[tuple[jax.Array, jax.Array], ...]  # per layer: (k_pages, v_pages)
@@ -43,24 +45,26 @@ class FamilySpec:
 class DecoderLayer(nnx.Module):
     """Pre-norm attention + gated MLP block."""
 
-    def __init__(self, cfg: ModelConfig, spec: FamilySpec, attn: AttentionConfig, dtype, rngs):
+    def __init__(self, cfg: ModelConfig, spec: FamilySpec, attn: AttentionConfig, dtype, rngs,
+                 quant: QuantConfig | None = None):
         d, eps, off = cfg.hidden_size, cfg.rms_norm_eps, spec.norm_offset
+        lin = lambda i, o, b: make_linear(i, o, bias=b, dtype=dtype, rngs=rngs, quant=quant)
         qkv_bias = spec.qkv_bias or cfg.attention_bias
         self.input_layernorm = RMSNorm(d, eps=eps, offset=off, dtype=dtype)
         self.post_attention_layernorm = RMSNorm(d, eps=eps, offset=off, dtype=dtype)
-        self.q_proj = Linear(d, cfg.q_size, bias=qkv_bias, dtype=dtype, rngs=rngs)
-        self.k_proj = Linear(d, cfg.kv_size, bias=qkv_bias, dtype=dtype, rngs=rngs)
-        self.v_proj = Linear(d, cfg.kv_size, bias=qkv_bias, dtype=dtype, rngs=rngs)
-        self.o_proj = Linear(cfg.q_size, d, bias=cfg.attention_bias, dtype=dtype, rngs=rngs)
+        self.q_proj = lin(d, cfg.q_size, qkv_bias)
+        self.k_proj = lin(d, cfg.kv_size, qkv_bias)
+        self.v_proj = lin(d, cfg.kv_size, qkv_bias)
+        self.o_proj = lin(cfg.q_size, d, cfg.attention_bias)
         if spec.qk_norm:
             self.q_norm = RMSNorm(cfg.head_dim, eps=eps, offset=off, dtype=dtype)
             self.k_norm = RMSNorm(cfg.head_dim, eps=eps, offset=off, dtype=dtype)
         else:
             self.q_norm = self.k_norm = None
         m, mb = cfg.intermediate_size, cfg.mlp_bias
-        self.gate_proj = Linear(d, m, bias=mb, dtype=dtype, rngs=rngs)
-        self.up_proj = Linear(d, m, bias=mb, dtype=dtype, rngs=rngs)
-        self.down_proj = Linear(m, d, bias=mb, dtype=dtype, rngs=rngs)
+        self.gate_proj = lin(d, m, mb)
+        self.up_proj = lin(d, m, mb)
+        self.down_proj = lin(m, d, mb)
         if cfg.hidden_act not in _ACTIVATIONS:
             raise ValueError(f"hidden_act {cfg.hidden_act!r} is not supported: {sorted(_ACTIVATIONS)}")
         self.act_name = cfg.hidden_act
@@ -92,11 +96,14 @@ class DecoderForCausalLM(nnx.Module):
 
     spec = FamilySpec()
 
-    def __init__(self, cfg: ModelConfig, attn: AttentionConfig, *, dtype, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, attn: AttentionConfig, *, dtype, rngs: nnx.Rngs,
+                 quant: QuantConfig | None = None):
+        """quant: the decoder layers' projections are QuantizedLinear (embeddings, lm_head and
+        norms stay in `dtype`)."""
         spec = self.spec
         self.embed_tokens = Embedding(cfg.vocab_size, cfg.hidden_size, dtype=dtype, rngs=rngs)
         self.layers = nnx.List(
-            [DecoderLayer(cfg, spec, attn, dtype, rngs) for _ in range(cfg.num_layers)]
+            [DecoderLayer(cfg, spec, attn, dtype, rngs, quant) for _ in range(cfg.num_layers)]
         )
         self.norm = RMSNorm(
             cfg.hidden_size, eps=cfg.rms_norm_eps, offset=spec.norm_offset, dtype=dtype

@@ -17,9 +17,16 @@ from jax.sharding import Mesh
 
 from jaxserve.config import ConfigError, ModelConfig, resolve_dtype_name
 from jaxserve.layers.attention import AttentionConfig
+from jaxserve.layers.quant_scheme import QuantConfig
 from jaxserve.models.registry import MODEL_REGISTRY, UnsupportedArchitectureError, model_class_for
 from jaxserve.runtime.mesh import make_mesh, named_sharding
 from jaxserve.weights.hf_names import hf_tensor_for
+from jaxserve.weights.quant_loading import (
+    QUANT_LEAVES,
+    layer_arrays,
+    log_weight_bytes,
+    resolve_quantization,
+)
 from jaxserve.weights.safetensors_reader import CheckpointError, SafetensorsCheckpoint
 
 logger = logging.getLogger(__name__)
@@ -37,6 +44,8 @@ class LoadedModel:
     attention: AttentionConfig
     path: str
     load_seconds: float
+    quant: QuantConfig | None = None  # quantized decoder projections (None: all float)
+    weight_report: dict | None = None  # bytes, and the ratios to bf16 when quantized
 
 
 def resolve_model_path(model: str) -> str:
@@ -64,11 +73,7 @@ def _looks_local(model: str) -> bool:
 def read_model_config(path: str) -> ModelConfig:
     """config.json, checking first that its architecture is one we implement (a GPT-2 config
     would otherwise fail on a field name our families have and it lacks)."""
-    cfg_path = os.path.join(path, "config.json")
-    if not os.path.isfile(cfg_path):
-        raise ConfigError(f"model: no config.json in {path!r} (not an HF checkpoint)")
-    with open(cfg_path) as f:
-        archs = json.load(f).get("architectures") or []
+    archs = read_raw_config(path).get("architectures") or []
     if archs and archs[0] not in MODEL_REGISTRY:
         raise UnsupportedArchitectureError(
             f"architecture {archs[0]!r} is not supported; supported: "
@@ -76,14 +81,24 @@ def read_model_config(path: str) -> ModelConfig:
     return ModelConfig.from_dir(path)
 
 
+def read_raw_config(path: str) -> dict:
+    cfg_path = os.path.join(path, "config.json")
+    if not os.path.isfile(cfg_path):
+        raise ConfigError(f"model: no config.json in {path!r} (not an HF checkpoint)")
+    with open(cfg_path) as f:
+        return json.load(f)
+
+
 def is_converted(path: str) -> bool:
     return os.path.isfile(os.path.join(path, CONVERTED_MARKER))
 
 
-def abstract_model(config: ModelConfig, attn: AttentionConfig, dtype: str):
+def abstract_model(config: ModelConfig, attn: AttentionConfig, dtype: str,
+                   quant: QuantConfig | None = None):
     """(graphdef, abstract state) of the model: shapes and dtypes only, nothing allocated."""
     cls = model_class_for(config)
-    model = nnx.eval_shape(lambda: cls(config, attn, dtype=jnp.dtype(dtype), rngs=nnx.Rngs(0)))
+    model = nnx.eval_shape(
+        lambda: cls(config, attn, dtype=jnp.dtype(dtype), rngs=nnx.Rngs(0), quant=quant))
     return nnx.split(model)
 
 
@@ -92,23 +107,31 @@ def load_model(
     dtype: str = "auto",
     attn: AttentionConfig | None = None,
     mesh: Mesh | None = None,
+    quantization: str | None = None,
 ) -> LoadedModel:
+    """quantization: int8 | int4 | fp8 quantizes the decoder projections while loading;
+    a compressed-tensors checkpoint is loaded quantized as it is (None or its method name)."""
     start = time.perf_counter()
     path = resolve_model_path(model)
     config = read_model_config(path)
     converted = is_converted(path)
+    quant = resolve_quantization(read_raw_config(path), quantization)
+    if quant is not None and converted:
+        raise ConfigError("quantization: converted jaxserve checkpoints are float only; "
+                          "quantize the HF checkpoint at load instead")
     if converted and dtype == "auto":
         dtype = _converted_info(path)["dtype"]  # the dtype the converter stored
     dtype_name = resolve_dtype_name(dtype, config)
     mesh = mesh or make_mesh(1)
     attn = dataclasses.replace(attn or AttentionConfig(), sliding_window=config.sliding_window)
-    graphdef, state = abstract_model(config, attn, dtype_name)
+    graphdef, state = abstract_model(config, attn, dtype_name, quant)
     if converted:
         state = _restore_converted(path, state, config, mesh, dtype_name)
     else:
-        state = _read_hf(path, state, config, mesh, dtype_name)
+        state = _read_hf(path, state, config, mesh, dtype_name, quant)
     loaded = LoadedModel(
-        nnx.merge(graphdef, state), config, dtype_name, attn, path, time.perf_counter() - start
+        nnx.merge(graphdef, state), config, dtype_name, attn, path, time.perf_counter() - start,
+        quant, log_weight_bytes(state, quant, dtype_name),
     )
     logger.info(
         "loaded %s (%s, %s) from %s in %.2fs",
@@ -118,12 +141,23 @@ def load_model(
     return loaded
 
 
-def _read_hf(path: str, state, config: ModelConfig, mesh: Mesh, dtype: str):
-    """Fill every parameter from the safetensors files, each placed onto its sharding."""
+def _read_hf(path: str, state, config: ModelConfig, mesh: Mesh, dtype: str,
+             quant: QuantConfig | None = None):
+    """Fill every parameter from the safetensors files, each placed onto its sharding;
+    quantized projections are read (or quantized) one layer at a time."""
     ckpt = SafetensorsCheckpoint(path)
     target = jnp.dtype(dtype)
+    layer: tuple[tuple, dict] = ((), {})  # the projection whose quantized arrays are at hand
     for param_path, var in nnx.to_flat_state(state):
         abstract = var.get_value()
+        if str(param_path[-1]) in QUANT_LEAVES:
+            prefix = tuple(param_path[:-1])
+            if layer[0] != prefix:
+                layer = prefix, _quantized_layer(ckpt, prefix, state, quant)
+            host = layer[1][str(param_path[-1])]
+            sharding = named_sharding(mesh, param_path, host.ndim, config.num_kv_heads)
+            var.set_value(jax.device_put(host, sharding))
+            continue
         tensor = hf_tensor_for(param_path)
         stored = ckpt.tensors[tensor.name].dtype if tensor.name in ckpt else None
         if stored is not None and stored not in _FLOAT_DTYPES:  # fp8 / int: quantized weights
@@ -144,6 +178,28 @@ def _read_hf(path: str, state, config: ModelConfig, mesh: Mesh, dtype: str):
         var.set_value(jax.device_put(np.asarray(host, dtype=target), sharding))
     ckpt.close()
     return state
+
+
+def _quantized_layer(ckpt: SafetensorsCheckpoint, prefix: tuple, state, quant) -> dict:
+    """The quantized arrays of the QuantizedLinear at `prefix`, shapes checked against it."""
+    module = state
+    for key in prefix:
+        module = module[key]
+    qweight = module["qweight"].get_value()
+    out_dim = qweight.shape[0]
+    in_dim = qweight.shape[1] * (2 if quant.method == "int4" else 1)
+    name = hf_tensor_for(prefix + ("kernel",)).name  # e.g. model.layers.0.mlp.up_proj.weight
+    arrays = layer_arrays(ckpt, name, quant, out_dim, in_dim)
+    for leaf in QUANT_LEAVES:
+        if leaf in module and module[leaf] is not None:
+            want = module[leaf].get_value()
+            got = arrays.get(leaf)
+            if got is None or got.shape != want.shape or got.dtype != want.dtype:
+                raise CheckpointError(
+                    f"tensor {name!r}: quantized {leaf} is "
+                    f"{'missing' if got is None else f'{got.dtype}{list(got.shape)}'}; the "
+                    f"model needs {want.dtype}{list(want.shape)}")
+    return arrays
 
 
 def _restore_converted(path: str, state, config: ModelConfig, mesh: Mesh, dtype: str):
