@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 
 import jax
@@ -19,8 +19,8 @@ from jaxserve.runtime.executables import ExecutableTable
 from jaxserve.runtime.inputs import StepInputs, prepare_inputs
 from jaxserve.runtime.kv_cache import allocate_kv_cache
 from jaxserve.runtime.runner_output import LogprobsRow, ModelRunnerOutput
-from jaxserve.runtime.sampling_rows import SamplerVariant, build_metadata, rows_for
-from jaxserve.sample.sampler import prompt_logprobs, sample
+from jaxserve.runtime.sampling_rows import build_metadata, rows_for
+from jaxserve.sample.sampler import process_logits, prompt_logprobs, sample_step
 
 logger = logging.getLogger(__name__)
 
@@ -76,7 +76,8 @@ class ModelRunner:
             partial(_forward, self.graphdef), donate_argnums=(1,),
             out_shardings=(self.replicated, self.replicated, kv_shardings),
         )
-        self._sample = jax.jit(sample, static_argnames=("num_logprobs",))
+        self._sample = jax.jit(sample_step, static_argnames=("num_logprobs",))
+        self._process = jax.jit(process_logits, out_shardings=self.replicated)
         self._prompt_lp = jax.jit(
             partial(_prompt_logprobs, self.graphdef), static_argnames=("num_logprobs",)
         )
@@ -101,10 +102,7 @@ class ModelRunner:
         sampled_rows = [i for i, c in enumerate(chunks) if c.sample]
         if not sampled_rows:
             return out
-        rows, variant = rows_for(chunks, self.cfg.max_logprobs)
-        md = build_metadata(rows, len(inp.seq_lens), self._step_seed(), variant, self.penalty_len)
-        result = self.executables.get("sample", (len(inp.seq_lens), variant))(logits, md)
-        host = jax.device_get(result)  # the one device -> host transfer of the step
+        host = self._sample_rows(chunks, logits, len(inp.seq_lens))
         for i in sampled_rows:
             c = chunks[i]
             out.sampled[c.request_id] = int(host.token_ids[i])
@@ -116,6 +114,19 @@ class ModelRunner:
                     host.ranks[i, : k + 1].tolist(),
                 )
         return out
+
+    def _sample_rows(self, chunks, logits, num_rows: int):
+        """Host copy of the sampler's output for one step (logprob rows only when asked)."""
+        rows, processed = rows_for(chunks)
+        md = build_metadata(rows, num_rows, self._step_seed(), processed, self.penalty_len)
+        chosen = logits
+        if processed:  # bias / penalties: their own small program before the sampler
+            chosen = self.executables.get("process", num_rows)(logits, md)
+            md = replace(md, penalties=None, bias=None)
+        result = self.executables.get("sample", num_rows)(logits, chosen, md)
+        if not any(r.num_logprobs is not None for r in rows):
+            result = replace(result, logprob_token_ids=None, logprobs=None, ranks=None)
+        return jax.device_get(result)  # the one device -> host transfer of the step
 
     def _run_model(self, inp: StepInputs):
         args = _step_arrays(inp)
@@ -156,7 +167,7 @@ class ModelRunner:
 
     # ------------------------------------------------------------------ warm-up
     def warmup(self, progress: bool = True) -> float:
-        """Compile every step shape, sampler variant and prompt-logprob size, ahead of time.
+        """Compile every step shape, sampler, logits processor and prompt-logprob size, ahead of time.
 
         The sampler and prompt-logprob inputs are described with the step's own output
         shardings, so they are exactly what serving will pass.
@@ -167,10 +178,11 @@ class ModelRunner:
         hidden_dtype = self.kv_cache[0][0].dtype
         for s in sorted({s for _, s, _, _ in shapes}):
             logits = jax.ShapeDtypeStruct((s, vocab), jnp.float32, sharding=self.replicated)
-            for v in SamplerVariant.all(self.cfg.max_logprobs):
-                md = build_metadata([], s, 0, v, self.penalty_len)
-                jobs.append(("sample", (s, v), partial(
-                    self._sample.lower, logits, md, num_logprobs=v.num_logprobs)))
+            plain = build_metadata([], s, 0, False, self.penalty_len)
+            jobs.append(("sample", s, partial(
+                self._sample.lower, logits, logits, plain, num_logprobs=self.cfg.max_logprobs)))
+            full = build_metadata([], s, 0, True, self.penalty_len)
+            jobs.append(("process", s, partial(self._process.lower, logits, full)))
         for t in sorted({t for t, _, _, _ in shapes}):
             hidden = jax.ShapeDtypeStruct((t, d), hidden_dtype, sharding=self.replicated)
             targets = jax.ShapeDtypeStruct((t,), jnp.int32)
