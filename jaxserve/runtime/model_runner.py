@@ -13,7 +13,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from jaxserve.layers.attention import AttentionMetadata
-from jaxserve.runtime.buckets import BucketSpec
+from jaxserve.runtime.buckets import BucketSpec, decode_has_own_program
 from jaxserve.runtime.compile_counter import CompileCounter
 from jaxserve.runtime.executables import ExecutableTable
 from jaxserve.runtime.inputs import StepInputs, prepare_inputs
@@ -66,6 +66,7 @@ class ModelRunner:
         self.buckets = BucketSpec.build(
             cfg.max_num_batched_tokens, cfg.max_num_seqs, max_blocks,
             bucket_widths=loaded.attention.backend == "reference",
+            decode_programs=decode_has_own_program(loaded.attention.backend),
         )
         self.penalty_len = 1 << (cfg.max_model_len - 1).bit_length()
         # Logits and hidden states come out replicated (gathered over `tp`): the sampler and
@@ -129,8 +130,9 @@ class ModelRunner:
         return jax.device_get(result)  # the one device -> host transfer of the step
 
     def _run_model(self, inp: StepInputs):
-        args = _step_arrays(inp)
-        step = self.executables.get("step", inp.shape_key)
+        key = self.buckets.step_key(inp.shape_key)
+        args = _step_arrays(inp, decode_only=key[3])
+        step = self.executables.get("step", key)
         logits, hidden, self.kv_cache = step(self.state, self.kv_cache, *args)
         return logits, hidden
 
@@ -206,14 +208,15 @@ class ModelRunner:
         return self._step.lower(self.state, self.kv_cache, tokens, md, rows)
 
 
-def _step_arrays(inp: StepInputs):
-    """(token_ids, metadata, logits_indices) of one step as the step executable takes them."""
+def _step_arrays(inp: StepInputs, decode_only: bool):
+    """(token_ids, metadata, logits_indices) of one step as the step executable takes them;
+    decode_only: whether that executable was compiled for decode-only steps (max_query_len 1)."""
     md = AttentionMetadata(
         positions=inp.positions,
         slot_mapping=inp.slot_mapping,
         block_tables=inp.block_tables,
         seq_lens=inp.seq_lens,
         query_start_loc=inp.query_start_loc,
-        max_query_len=1 if inp.decode_only else 0,
+        max_query_len=1 if decode_only else 0,
     )
     return inp.token_ids, md, inp.logits_indices
