@@ -18,6 +18,8 @@ def add_engine_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--num-kv-blocks", type=int, default=None)
     g.add_argument("--kv-cache-memory-fraction", type=float, default=0.9)
     g.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True)
+    g.add_argument("--enable-prompt-logprobs", action=argparse.BooleanOptionalAction, default=True,
+                   help="compile the prompt-logprob programs (requests may ask prompt_logprobs)")
     g.add_argument("--tensor-parallel-size", type=int, default=1)
     g.add_argument("--attention-backend", default="auto", choices=["auto", "blockwise", "reference", "pallas"])
     g.add_argument("--seed", type=int, default=0)
@@ -35,6 +37,7 @@ def engine_args_from(args: argparse.Namespace, model: str | None = None) -> Engi
         num_kv_blocks=args.num_kv_blocks,
         kv_cache_memory_fraction=args.kv_cache_memory_fraction,
         enable_prefix_caching=args.enable_prefix_caching,
+        enable_prompt_logprobs=args.enable_prompt_logprobs,
         tensor_parallel_size=args.tensor_parallel_size,
         attention_backend=args.attention_backend,
         seed=args.seed,

@@ -32,6 +32,7 @@ class EngineArgs:
     seed: int = 0
     tensor_parallel_size: int = 1
     attention_backend: str = "auto"  # auto | blockwise | reference | pallas
+    enable_prompt_logprobs: bool = True  # off: fewer programs to compile at start-up
     compilation_cache_dir: str | None = DEFAULT_COMPILE_CACHE
     show_progress: bool = True
 
@@ -113,6 +114,7 @@ def create_engine(args: EngineArgs) -> LLMEngine:
         max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=max_batched,
         enable_prefix_caching=args.enable_prefix_caching,
+        enable_prompt_logprobs=args.enable_prompt_logprobs,
         eos_token_ids=read_generation_eos(loaded.path, cfg),
     )
     runner = ModelRunner(
@@ -120,6 +122,7 @@ def create_engine(args: EngineArgs) -> LLMEngine:
         RunnerConfig(
             block_size=args.block_size, num_kv_blocks=num_blocks, max_model_len=max_model_len,
             max_num_seqs=args.max_num_seqs, max_num_batched_tokens=max_batched, seed=args.seed,
+            prompt_logprobs=args.enable_prompt_logprobs,
         ),
         mesh,
     )

@@ -36,6 +36,7 @@ class RunnerConfig:
     max_num_batched_tokens: int
     max_logprobs: int = 20
     seed: int = 0
+    prompt_logprobs: bool = True  # compile the prompt-logprob programs
 
 
 def _forward(graphdef, state, kv_cache, token_ids, md, logits_indices):
@@ -185,7 +186,7 @@ class ModelRunner:
                 self._sample.lower, logits, logits, plain, num_logprobs=self.cfg.max_logprobs)))
             full = build_metadata([], s, 0, True, self.penalty_len)
             jobs.append(("process", s, partial(self._process.lower, logits, full)))
-        for t in sorted({t for t, _, _, _ in shapes}):
+        for t in sorted({t for t, _, _, _ in shapes} if self.cfg.prompt_logprobs else ()):
             hidden = jax.ShapeDtypeStruct((t, d), hidden_dtype, sharding=self.replicated)
             targets = jax.ShapeDtypeStruct((t,), jnp.int32)
             jobs.append(("prompt_logprobs", t, partial(
