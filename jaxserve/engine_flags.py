@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from jaxserve.llm import EngineArgs
+from jaxserve.llm import DEFAULT_COMPILE_CACHE, EngineArgs
 
 
 def add_engine_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -23,6 +23,11 @@ def add_engine_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--tensor-parallel-size", type=int, default=1)
     g.add_argument("--attention-backend", default="auto", choices=["auto", "blockwise", "reference", "pallas"])
     g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--compilation-cache-dir", default=DEFAULT_COMPILE_CACHE,
+                   help="JAX's persistent compilation cache: a second start-up loads the "
+                        "executables from here instead of compiling (default: %(default)s)")
+    g.add_argument("--no-compilation-cache", dest="compilation_cache_dir", action="store_const",
+                   const=None, help="no persistent compilation cache")
     return parser
 
 
@@ -41,4 +46,5 @@ def engine_args_from(args: argparse.Namespace, model: str | None = None) -> Engi
         tensor_parallel_size=args.tensor_parallel_size,
         attention_backend=args.attention_backend,
         seed=args.seed,
+        compilation_cache_dir=args.compilation_cache_dir,
     )

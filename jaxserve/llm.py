@@ -12,6 +12,7 @@ from jaxserve.engine import EngineConfig, LLMEngine, RequestOutput, SamplingPara
 
 logger = logging.getLogger(__name__)
 
+# JAX's persistent compilation cache (runtime/compile_cache.py); None turns it off.
 DEFAULT_COMPILE_CACHE = os.path.join(os.path.expanduser("~"), ".cache", "jaxserve", "xla")
 CPU_KV_CACHE_BYTES = 1 << 30  # the "modest default" KV cache on CPU: 1 GiB
 
@@ -35,17 +36,6 @@ class EngineArgs:
     enable_prompt_logprobs: bool = True  # off: fewer programs to compile at start-up
     compilation_cache_dir: str | None = DEFAULT_COMPILE_CACHE
     show_progress: bool = True
-
-
-def _enable_compilation_cache(path: str | None) -> None:
-    import jax
-
-    if not path:
-        return
-    os.makedirs(path, exist_ok=True)
-    jax.config.update("jax_compilation_cache_dir", path)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
 def _num_kv_blocks(args: EngineArgs, block_bytes: int, max_useful: int) -> int:
@@ -73,6 +63,7 @@ def create_engine(args: EngineArgs) -> LLMEngine:
 
     from jaxserve.config import read_generation_eos
     from jaxserve.layers.attention import select_backend
+    from jaxserve.runtime.compile_cache import use_compilation_cache
     from jaxserve.runtime.kv_cache import kv_block_bytes
     from jaxserve.runtime.mesh import make_mesh
     from jaxserve.runtime.model_runner import ModelRunner, RunnerConfig
@@ -80,7 +71,7 @@ def create_engine(args: EngineArgs) -> LLMEngine:
 
     import jax
 
-    _enable_compilation_cache(args.compilation_cache_dir)
+    use_compilation_cache(args.compilation_cache_dir)
     mesh = make_mesh(args.tensor_parallel_size)
     attn = select_backend(args.attention_backend)
     if attn.backend == "pallas" and args.tensor_parallel_size > 1:

@@ -15,7 +15,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from jaxserve.layers.attention import AttentionMetadata
 from jaxserve.runtime.buckets import BucketSpec, decode_has_own_program
 from jaxserve.runtime.compile_counter import CompileCounter
-from jaxserve.runtime.executables import ExecutableTable
+from jaxserve.runtime.executables import ExecutableTable, WarmupReport
 from jaxserve.runtime.inputs import StepInputs, prepare_inputs
 from jaxserve.runtime.kv_cache import allocate_kv_cache
 from jaxserve.runtime.runner_output import LogprobsRow, ModelRunnerOutput
@@ -169,8 +169,8 @@ class ModelRunner:
             ]
 
     # ------------------------------------------------------------------ warm-up
-    def warmup(self, progress: bool = True) -> float:
-        """Compile every step shape, sampler, logits processor and prompt-logprob size, ahead of time.
+    def warmup(self, progress: bool = True) -> WarmupReport:
+        """Compile every step, sampler, logits-processor and prompt-logprob shape ahead of time.
 
         The sampler and prompt-logprob inputs are described with the step's own output
         shardings, so they are exactly what serving will pass.
@@ -192,7 +192,8 @@ class ModelRunner:
             jobs.append(("prompt_logprobs", t, partial(
                 self._prompt_lp.lower, self.state, hidden, targets,
                 num_logprobs=self.cfg.max_logprobs)))
-        return self.executables.compile_all(jobs, progress)
+        self.warmup_report = self.executables.compile_all(jobs, progress)
+        return self.warmup_report
 
     def _lower_step(self, shape):
         t, s, w, decode_only = shape
