@@ -98,13 +98,16 @@ def build_parser() -> argparse.ArgumentParser:
     add_engine_args(demo)
     _add_sampling_args(demo)
     # Small limits: the demo compiles few buckets and starts in well under a minute on a CPU.
-    demo.set_defaults(max_model_len=512, max_num_seqs=16, max_num_batched_tokens=128)
+    # No prompt logprobs: these commands never ask for them (fewer programs to compile).
+    demo.set_defaults(max_model_len=512, max_num_seqs=16, max_num_batched_tokens=128,
+                      enable_prompt_logprobs=False)
 
     gen = sub.add_parser("generate", parents=[common], help="offline generation for a few prompts")
     gen.add_argument("model")
     gen.add_argument("prompts", nargs="+")
     add_engine_args(gen)
     _add_sampling_args(gen)
+    gen.set_defaults(enable_prompt_logprobs=False)
 
     conv = sub.add_parser("convert", parents=[common],
                           help="HF checkpoint -> jaxserve (orbax) checkpoint")

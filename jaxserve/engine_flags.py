@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from jaxserve.engine import RequestLimits
-from jaxserve.llm import EngineArgs
+from jaxserve.llm import DEFAULT_COMPILE_CACHE, EngineArgs
 
 _LIMITS = RequestLimits()
 
@@ -24,6 +24,8 @@ def add_engine_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    default=0.9, dest="kv_cache_memory_fraction",
                    help="share of free device memory for the KV cache (vLLM's name also works)")
     g.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True)
+    g.add_argument("--enable-prompt-logprobs", action=argparse.BooleanOptionalAction, default=True,
+                   help="compile the prompt-logprob programs (requests may ask prompt_logprobs)")
     g.add_argument("--tensor-parallel-size", type=int, default=1)
     g.add_argument("--attention-backend", default="auto", choices=["auto", "blockwise", "reference", "pallas"])
     g.add_argument("--seed", type=int, default=0)
@@ -46,6 +48,11 @@ def add_engine_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     lim.add_argument("--max-stop-string-length", type=int, default=_LIMITS.max_stop_string_chars,
                      help="characters")
     lim.add_argument("--max-stop-token-ids", type=int, default=_LIMITS.max_stop_token_ids)
+    g.add_argument("--compilation-cache-dir", default=DEFAULT_COMPILE_CACHE,
+                   help="JAX's persistent compilation cache: a second start-up loads the "
+                        "executables from here instead of compiling (default: %(default)s)")
+    g.add_argument("--no-compilation-cache", dest="compilation_cache_dir", action="store_const",
+                   const=None, help="no persistent compilation cache")
     return parser
 
 
@@ -60,6 +67,7 @@ def engine_args_from(args: argparse.Namespace, model: str | None = None) -> Engi
         num_kv_blocks=args.num_kv_blocks,
         kv_cache_memory_fraction=args.kv_cache_memory_fraction,
         enable_prefix_caching=args.enable_prefix_caching,
+        enable_prompt_logprobs=args.enable_prompt_logprobs,
         tensor_parallel_size=args.tensor_parallel_size,
         attention_backend=args.attention_backend,
         seed=args.seed,
@@ -74,4 +82,5 @@ def engine_args_from(args: argparse.Namespace, model: str | None = None) -> Engi
             max_stop_string_chars=args.max_stop_string_length,
             max_stop_token_ids=args.max_stop_token_ids,
         ),
+        compilation_cache_dir=args.compilation_cache_dir,
     )

@@ -19,6 +19,7 @@ from jaxserve.engine import (
 
 logger = logging.getLogger(__name__)
 
+# JAX's persistent compilation cache (runtime/compile_cache.py); None turns it off.
 DEFAULT_COMPILE_CACHE = os.path.join(os.path.expanduser("~"), ".cache", "jaxserve", "xla")
 CPU_KV_CACHE_BYTES = 1 << 30  # the "modest default" KV cache on CPU: 1 GiB
 
@@ -39,6 +40,7 @@ class EngineArgs:
     seed: int = 0
     tensor_parallel_size: int = 1
     attention_backend: str = "auto"  # auto | blockwise | reference | pallas
+    enable_prompt_logprobs: bool = True  # off: fewer programs to compile at start-up
     compilation_cache_dir: str | None = DEFAULT_COMPILE_CACHE
     show_progress: bool = True
     request_limits: RequestLimits = RequestLimits()  # bounds on n, stop lists (per request)
@@ -66,17 +68,6 @@ class EngineArgs:
             raise ValueError(f"max_logprobs: must be an int >= 0, got {self.max_logprobs!r}")
 
 
-def _enable_compilation_cache(path: str | None) -> None:
-    import jax
-
-    if not path:
-        return
-    os.makedirs(path, exist_ok=True)
-    jax.config.update("jax_compilation_cache_dir", path)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-
-
 def _num_kv_blocks(args: EngineArgs, block_bytes: int, max_useful: int) -> int:
     """Blocks for the KV cache: the override, or a share of free device memory."""
     import jax
@@ -100,6 +91,7 @@ def create_engine(args: EngineArgs) -> LLMEngine:
     """Load the model and tokenizer, size the KV cache, compile every bucket."""
     from jaxserve.config import read_generation_eos
     from jaxserve.layers.attention import select_backend
+    from jaxserve.runtime.compile_cache import use_compilation_cache
     from jaxserve.runtime.kv_cache import kv_block_bytes
     from jaxserve.runtime.mesh import make_mesh
     from jaxserve.runtime.model_runner import ModelRunner, RunnerConfig
@@ -108,7 +100,7 @@ def create_engine(args: EngineArgs) -> LLMEngine:
 
     import jax
 
-    _enable_compilation_cache(args.compilation_cache_dir)
+    use_compilation_cache(args.compilation_cache_dir)
     if args.enforce_eager:
         logger.warning("enforce_eager has no effect: jaxserve always runs compiled XLA steps")
     mesh = make_mesh(args.tensor_parallel_size)
@@ -144,6 +136,7 @@ def create_engine(args: EngineArgs) -> LLMEngine:
         max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=max_batched,
         enable_prefix_caching=args.enable_prefix_caching,
+        enable_prompt_logprobs=args.enable_prompt_logprobs,
         eos_token_ids=read_generation_eos(loaded.path, cfg),
         limits=dataclasses.replace(args.request_limits, max_logprobs=args.max_logprobs),
         max_biased_token_ids=BIAS_WIDTH,
@@ -155,6 +148,7 @@ def create_engine(args: EngineArgs) -> LLMEngine:
             block_size=args.block_size, num_kv_blocks=num_blocks, max_model_len=max_model_len,
             max_num_seqs=args.max_num_seqs, max_num_batched_tokens=max_batched, seed=args.seed,
             max_logprobs=args.max_logprobs,
+            prompt_logprobs=args.enable_prompt_logprobs,
         ),
         mesh,
     )

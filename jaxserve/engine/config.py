@@ -18,6 +18,7 @@ class EngineConfig:
     max_num_seqs: int = 256
     max_num_batched_tokens: int = 2048
     enable_prefix_caching: bool = True
+    enable_prompt_logprobs: bool = True  # off: no prompt-logprob programs were compiled
     eos_token_ids: tuple[int, ...] = ()
     limits: RequestLimits = field(default_factory=RequestLimits)
     # Default sampling parameters (generation_config.json; vLLM's --generation-config): a

@@ -108,6 +108,11 @@ def validate_request(
         )
     if params.min_tokens > max_tokens:
         raise InvalidRequestError("min_tokens", f"must be <= max_tokens ({max_tokens})")
+    if params.prompt_logprobs is not None and not config.enable_prompt_logprobs:
+        raise InvalidRequestError(
+            "prompt_logprobs",
+            "not enabled on this engine (enable_prompt_logprobs, --enable-prompt-logprobs)",
+        )
     _check_vocab_ids("logit_bias", list(params.logit_bias or ()), config.vocab_size)
     _check_vocab_ids("stop_token_ids", params.stop_token_ids or [], config.vocab_size)
     _check_bias_width(params, config)

@@ -37,16 +37,21 @@ class BucketSpec:
     cache per layer; such a step ran ~40x slower on CPU than a 2-row one;
     widths: padded block-table width (blocks per request); one full width when the attention
     loops stop at the real lengths by themselves (blockwise, pallas) — width buckets only pay
-    for the reference, which reads the whole padded width.
+    for the reference, which reads the whole padded width;
+    decode_programs: whether a decode-only step compiles to another program than a mixed step
+    of the same size (only when the attention reads the static max_query_len bound, see
+    decode_has_own_program); otherwise the two are one executable.
     """
 
     tokens: tuple[int, ...]
     seqs: tuple[int, ...]
     widths: tuple[int, ...]
+    decode_programs: bool = True
 
     @classmethod
     def build(cls, max_num_batched_tokens: int, max_num_seqs: int, max_blocks_per_seq: int,
-              min_tokens: int = 16, bucket_widths: bool = True) -> BucketSpec:
+              min_tokens: int = 16, bucket_widths: bool = True,
+              decode_programs: bool = True) -> BucketSpec:
         widths = []
         w = 4
         while bucket_widths and w < max_blocks_per_seq:  # every 4x: at most 4x over-read
@@ -57,14 +62,28 @@ class BucketSpec:
             tokens=powers_of_two(min(min_tokens, max_num_batched_tokens), max_num_batched_tokens),
             seqs=powers_of_two(MIN_SEQS, max(MIN_SEQS, max_num_seqs)),
             widths=tuple(sorted(set(widths))),
+            decode_programs=decode_programs,
         )
 
+    def step_key(self, shape: tuple[int, int, int, bool]) -> tuple[int, int, int, bool]:
+        """The executable key of a (tokens, seqs, width, decode_only) step shape."""
+        t, s, w, decode_only = shape
+        return (t, s, w, decode_only and self.decode_programs)
+
     def step_shapes(self) -> list[tuple[int, int, int, bool]]:
-        """Every (tokens, seqs, width, decode_only) the runner can ask for; all are warmed up."""
+        """Every distinct executable key the runner can ask for; all are warmed up."""
         shapes = []
         for w in self.widths:
             for s in self.seqs:
-                shapes.append((s, s, w, True))
+                shapes.append(self.step_key((s, s, w, True)))
             for t in self.tokens:
                 shapes.append((t, min(t, self.seqs[-1]), w, False))
-        return shapes
+        return list(dict.fromkeys(shapes))
+
+
+def decode_has_own_program(attention_backend: str) -> bool:
+    """Only the reference attention reads AttentionMetadata.max_query_len (a static bound that
+    makes decode-only steps a program of their own); blockwise and pallas ignore it, so their
+    decode-only step is the mixed step of the same size (tests/llm/test_step_executables.py
+    checks that the two lower to the same program)."""
+    return attention_backend == "reference"

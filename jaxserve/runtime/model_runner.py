@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 
 import jax
@@ -13,14 +13,14 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from jaxserve.layers.attention import AttentionMetadata
-from jaxserve.runtime.buckets import BucketSpec
+from jaxserve.runtime.buckets import BucketSpec, decode_has_own_program
 from jaxserve.runtime.compile_counter import CompileCounter
-from jaxserve.runtime.executables import ExecutableTable
+from jaxserve.runtime.executables import ExecutableTable, WarmupReport
 from jaxserve.runtime.inputs import StepInputs, prepare_inputs
 from jaxserve.runtime.kv_cache import allocate_kv_cache
 from jaxserve.runtime.runner_output import LogprobsRow, ModelRunnerOutput
-from jaxserve.runtime.sampling_rows import SamplerVariant, build_metadata, rows_for
-from jaxserve.sample.sampler import prompt_logprobs, sample
+from jaxserve.runtime.sampling_rows import build_metadata, rows_for
+from jaxserve.sample.sampler import process_logits, prompt_logprobs, sample_step
 
 logger = logging.getLogger(__name__)
 
@@ -36,6 +36,7 @@ class RunnerConfig:
     max_num_batched_tokens: int
     max_logprobs: int = 20
     seed: int = 0
+    prompt_logprobs: bool = True  # compile the prompt-logprob programs
 
 
 def _forward(graphdef, state, kv_cache, token_ids, md, logits_indices):
@@ -66,6 +67,7 @@ class ModelRunner:
         self.buckets = BucketSpec.build(
             cfg.max_num_batched_tokens, cfg.max_num_seqs, max_blocks,
             bucket_widths=loaded.attention.backend == "reference",
+            decode_programs=decode_has_own_program(loaded.attention.backend),
         )
         self.penalty_len = 1 << (cfg.max_model_len - 1).bit_length()
         # Logits and hidden states come out replicated (gathered over `tp`): the sampler and
@@ -76,7 +78,8 @@ class ModelRunner:
             partial(_forward, self.graphdef), donate_argnums=(1,),
             out_shardings=(self.replicated, self.replicated, kv_shardings),
         )
-        self._sample = jax.jit(sample, static_argnames=("num_logprobs",))
+        self._sample = jax.jit(sample_step, static_argnames=("num_logprobs",))
+        self._process = jax.jit(process_logits, out_shardings=self.replicated)
         self._prompt_lp = jax.jit(
             partial(_prompt_logprobs, self.graphdef), static_argnames=("num_logprobs",)
         )
@@ -101,10 +104,7 @@ class ModelRunner:
         sampled_rows = [i for i, c in enumerate(chunks) if c.sample]
         if not sampled_rows:
             return out
-        rows, variant = rows_for(chunks, self.cfg.max_logprobs)
-        md = build_metadata(rows, len(inp.seq_lens), self._step_seed(), variant, self.penalty_len)
-        result = self.executables.get("sample", (len(inp.seq_lens), variant))(logits, md)
-        host = jax.device_get(result)  # the one device -> host transfer of the step
+        host = self._sample_rows(chunks, logits, len(inp.seq_lens))
         for i in sampled_rows:
             c = chunks[i]
             out.sampled[c.request_id] = int(host.token_ids[i])
@@ -117,9 +117,23 @@ class ModelRunner:
                 )
         return out
 
+    def _sample_rows(self, chunks, logits, num_rows: int):
+        """Host copy of the sampler's output for one step (logprob rows only when asked)."""
+        rows, processed = rows_for(chunks)
+        md = build_metadata(rows, num_rows, self._step_seed(), processed, self.penalty_len)
+        chosen = logits
+        if processed:  # bias / penalties: their own small program before the sampler
+            chosen = self.executables.get("process", num_rows)(logits, md)
+            md = replace(md, penalties=None, bias=None)
+        result = self.executables.get("sample", num_rows)(logits, chosen, md)
+        if not any(r.num_logprobs is not None for r in rows):
+            result = replace(result, logprob_token_ids=None, logprobs=None, ranks=None)
+        return jax.device_get(result)  # the one device -> host transfer of the step
+
     def _run_model(self, inp: StepInputs):
-        args = _step_arrays(inp)
-        step = self.executables.get("step", inp.shape_key)
+        key = self.buckets.step_key(inp.shape_key)
+        args = _step_arrays(inp, decode_only=key[3])
+        step = self.executables.get("step", key)
         logits, hidden, self.kv_cache = step(self.state, self.kv_cache, *args)
         return logits, hidden
 
@@ -155,8 +169,8 @@ class ModelRunner:
             ]
 
     # ------------------------------------------------------------------ warm-up
-    def warmup(self, progress: bool = True) -> float:
-        """Compile every step shape, sampler variant and prompt-logprob size, ahead of time.
+    def warmup(self, progress: bool = True) -> WarmupReport:
+        """Compile every step, sampler, logits-processor and prompt-logprob shape ahead of time.
 
         The sampler and prompt-logprob inputs are described with the step's own output
         shardings, so they are exactly what serving will pass.
@@ -167,17 +181,19 @@ class ModelRunner:
         hidden_dtype = self.kv_cache[0][0].dtype
         for s in sorted({s for _, s, _, _ in shapes}):
             logits = jax.ShapeDtypeStruct((s, vocab), jnp.float32, sharding=self.replicated)
-            for v in SamplerVariant.all(self.cfg.max_logprobs):
-                md = build_metadata([], s, 0, v, self.penalty_len)
-                jobs.append(("sample", (s, v), partial(
-                    self._sample.lower, logits, md, num_logprobs=v.num_logprobs)))
-        for t in sorted({t for t, _, _, _ in shapes}):
+            plain = build_metadata([], s, 0, False, self.penalty_len)
+            jobs.append(("sample", s, partial(
+                self._sample.lower, logits, logits, plain, num_logprobs=self.cfg.max_logprobs)))
+            full = build_metadata([], s, 0, True, self.penalty_len)
+            jobs.append(("process", s, partial(self._process.lower, logits, full)))
+        for t in sorted({t for t, _, _, _ in shapes} if self.cfg.prompt_logprobs else ()):
             hidden = jax.ShapeDtypeStruct((t, d), hidden_dtype, sharding=self.replicated)
             targets = jax.ShapeDtypeStruct((t,), jnp.int32)
             jobs.append(("prompt_logprobs", t, partial(
                 self._prompt_lp.lower, self.state, hidden, targets,
                 num_logprobs=self.cfg.max_logprobs)))
-        return self.executables.compile_all(jobs, progress)
+        self.warmup_report = self.executables.compile_all(jobs, progress)
+        return self.warmup_report
 
     def _lower_step(self, shape):
         t, s, w, decode_only = shape
@@ -194,14 +210,15 @@ class ModelRunner:
         return self._step.lower(self.state, self.kv_cache, tokens, md, rows)
 
 
-def _step_arrays(inp: StepInputs):
-    """(token_ids, metadata, logits_indices) of one step as the step executable takes them."""
+def _step_arrays(inp: StepInputs, decode_only: bool):
+    """(token_ids, metadata, logits_indices) of one step as the step executable takes them;
+    decode_only: whether that executable was compiled for decode-only steps (max_query_len 1)."""
     md = AttentionMetadata(
         positions=inp.positions,
         slot_mapping=inp.slot_mapping,
         block_tables=inp.block_tables,
         seq_lens=inp.seq_lens,
         query_start_loc=inp.query_start_loc,
-        max_query_len=1 if inp.decode_only else 0,
+        max_query_len=1 if decode_only else 0,
     )
     return inp.token_ids, md, inp.logits_indices

@@ -1,8 +1,8 @@
-"""Scheduled chunks -> sampler rows, in one of a few fixed sampler variants (no recompiles)."""
+"""Scheduled chunks -> sampler rows and metadata, in one of two fixed structures (no recompiles)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 import numpy as np
 
@@ -14,25 +14,14 @@ from jaxserve.sample.metadata import (
     build_sampling_metadata,
 )
 
-# Width of the sparse logit-bias array in the "processed" variant: logit_bias entries plus
-# banned ids (min_tokens) of one request must fit.
+# Width of the sparse logit-bias array of processed metadata: logit_bias entries plus banned
+# ids (min_tokens) of one request must fit.
 BIAS_WIDTH = 512
 
 
-@dataclass(frozen=True)
-class SamplerVariant:
-    """Static structure of one sampler compile: penalties/bias on or off, logprobs or not."""
-
-    processed: bool  # penalty and bias arrays present
-    num_logprobs: int  # 0 or the configured max
-
-    @staticmethod
-    def all(max_logprobs: int) -> list[SamplerVariant]:
-        return [SamplerVariant(p, k) for p in (False, True) for k in (0, max_logprobs)]
-
-
-def rows_for(chunks, max_logprobs: int) -> tuple[list[SamplingRow], SamplerVariant]:
-    """One SamplingRow per chunk (chunks that do not sample get a harmless greedy row)."""
+def rows_for(chunks) -> tuple[list[SamplingRow], bool]:
+    """One SamplingRow per chunk (chunks that do not sample get a harmless greedy row), and
+    whether any row needs logits processing (penalties, logit bias or banned ids)."""
     rows = []
     for c in chunks:
         if not c.sample:
@@ -60,17 +49,15 @@ def rows_for(chunks, max_logprobs: int) -> tuple[list[SamplingRow], SamplerVaria
                 num_logprobs=sp.logprobs,
             )
         )
-    processed = any(r.uses_penalties or r.uses_bias for r in rows)
-    wants_logprobs = any(c.sample and c.sampling_params.logprobs is not None for c in chunks)
-    return rows, SamplerVariant(processed, max_logprobs if wants_logprobs else 0)
+    return rows, any(r.uses_penalties or r.uses_bias for r in rows)
 
 
 def build_metadata(
-    rows: list[SamplingRow], padded_rows: int, step_seed: int, variant: SamplerVariant,
-    penalty_len: int,
+    rows: list[SamplingRow], padded_rows: int, step_seed: int, processed: bool, penalty_len: int,
 ) -> SamplingMetadata:
-    """SamplingMetadata of exactly the variant's structure (neutral parts filled in)."""
-    if not variant.processed:
+    """SamplingMetadata of exactly one of the two structures (neutral parts filled in):
+    processed carries penalty arrays [B, penalty_len] and bias arrays [B, BIAS_WIDTH]."""
+    if not processed:
         return build_sampling_metadata(rows, padded_rows, step_seed)
     md = build_sampling_metadata(
         rows, padded_rows, step_seed, penalty_len=penalty_len, bias_len=BIAS_WIDTH

@@ -88,6 +88,7 @@ class SamplingMetadata:
     has_seed: jax.Array  # bool[B]
     output_index: jax.Array  # i32[B]
     step_seed: jax.Array  # u32[]: per-step seed for unseeded rows
+    want_logprobs: jax.Array  # bool[]: some row asked for logprobs (sample_step computes them)
     penalties: PenaltyInputs | None = None
     bias: SparseBias | None = None
 
@@ -185,6 +186,7 @@ def build_sampling_metadata(
         has_seed=has_seed,
         output_index=col("output_index", 0, np.int32),
         step_seed=np.asarray(step_key_seed & _U32, dtype=np.uint32),
+        want_logprobs=np.asarray(any(r.num_logprobs is not None for r in rows)),
         penalties=(
             _build_penalty_inputs(rows, b, penalty_len)
             if any(r.uses_penalties for r in rows)

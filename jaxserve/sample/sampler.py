@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
+from functools import partial
 
 import jax
 import jax.numpy as jnp
@@ -64,16 +65,12 @@ def _random_sample(logits: jax.Array, md: SamplingMetadata, is_greedy: jax.Array
     return jnp.argmax(filtered + gumbel, axis=-1).astype(jnp.int32)  # [B]
 
 
-def sample(logits: jax.Array, md: SamplingMetadata, *, num_logprobs: int) -> SamplerOutput:
-    """Sample one token per row. Wrap as jax.jit(sample, static_argnames=("num_logprobs",)).
+def process_logits(logits: jax.Array, md: SamplingMetadata) -> jax.Array:
+    """Logit bias / banned ids, then penalties (as vLLM), for the parts md carries.
 
-    logits: f32[B, V], the unmodified model logits. Order (as vLLM): logit bias / banned ids,
-    penalties, then greedy rows take the exact argmax; random rows go through _random_sample
-    (skipped entirely when every row is greedy). num_logprobs >= 1 adds logprob rows computed
-    from log_softmax of the unmodified logits; 0 leaves them None.
+    logits: [B, V] -> f32 [B, V]. With neither part present this is the identity.
     """
-    logits = logits.astype(jnp.float32)
-    processed = logits  # [B, V]
+    processed = logits.astype(jnp.float32)  # [B, V]
     if md.bias is not None:
         processed = apply_logit_bias(processed, md.bias)
     if md.penalties is not None:
@@ -84,16 +81,63 @@ def sample(logits: jax.Array, md: SamplingMetadata, *, num_logprobs: int) -> Sam
             md.frequency_penalty,
             md.presence_penalty,
         )
+    return processed
+
+
+def choose_tokens(processed: jax.Array, md: SamplingMetadata) -> jax.Array:
+    """Greedy rows take the exact argmax; random rows go through _random_sample (skipped
+    entirely when every row is greedy). processed: f32 [B, V] -> i32 [B]."""
     greedy_ids = jnp.argmax(processed, axis=-1).astype(jnp.int32)  # [B]
     is_greedy = md.temperature < GREEDY_TEMPERATURE_EPS  # [B]
-    token_ids = lax.cond(
+    return lax.cond(
         jnp.all(is_greedy),
         lambda: greedy_ids,
         lambda: jnp.where(is_greedy, greedy_ids, _random_sample(processed, md, is_greedy)),
     )
+
+
+def _logprob_rows(logits: jax.Array, token_ids: jax.Array, num_logprobs: int):
+    return gather_logprobs(safe_log_softmax(logits.astype(jnp.float32)), token_ids, num_logprobs)
+
+
+def sample(logits: jax.Array, md: SamplingMetadata, *, num_logprobs: int) -> SamplerOutput:
+    """Sample one token per row. Wrap as jax.jit(sample, static_argnames=("num_logprobs",)).
+
+    logits: f32[B, V], the unmodified model logits. Order (as vLLM): logit bias / banned ids,
+    penalties, then the choice (choose_tokens). num_logprobs >= 1 adds logprob rows computed
+    from log_softmax of the unmodified logits; 0 leaves them None.
+    """
+    token_ids = choose_tokens(process_logits(logits, md), md)
     if num_logprobs <= 0:
         return SamplerOutput(token_ids=token_ids)
-    ids, lps, ranks = gather_logprobs(safe_log_softmax(logits), token_ids, num_logprobs)
+    ids, lps, ranks = _logprob_rows(logits, token_ids, num_logprobs)
+    return SamplerOutput(token_ids=token_ids, logprob_token_ids=ids, logprobs=lps, ranks=ranks)
+
+
+def sample_step(
+    logits: jax.Array, processed: jax.Array, md: SamplingMetadata, *, num_logprobs: int
+) -> SamplerOutput:
+    """The serving sampler: one program per row count for every kind of request.
+
+    logits: the unmodified logits f32 [B, V] (logprobs are taken from them); processed: the
+    same after process_logits, or logits itself when no row uses bias / penalties (md carries
+    neither part here). Logprob rows [B, 1 + num_logprobs] are always returned, computed only
+    when md.want_logprobs (zeros otherwise), so asking for logprobs needs no other program.
+    """
+    token_ids = choose_tokens(processed.astype(jnp.float32), md)
+    num_rows = logits.shape[0]
+
+    def skipped(_logits, _ids):
+        width = (num_rows, 1 + num_logprobs)
+        return jnp.zeros(width, jnp.int32), jnp.zeros(width, jnp.float32), jnp.zeros(width, jnp.int32)
+
+    ids, lps, ranks = lax.cond(
+        md.want_logprobs,
+        partial(_logprob_rows, num_logprobs=num_logprobs),
+        skipped,
+        logits,
+        token_ids,
+    )
     return SamplerOutput(token_ids=token_ids, logprob_token_ids=ids, logprobs=lps, ranks=ranks)
 
 

@@ -158,6 +158,15 @@ def test_bad_input_names_field_and_engine_keeps_serving(make_engine, prompt, par
     assert set(final) == {"ok1", "ok2"}
 
 
+def test_prompt_logprobs_refused_when_not_enabled(make_engine):
+    engine = make_engine(enable_prompt_logprobs=False)
+    with pytest.raises(InvalidRequestError, match="enable-prompt-logprobs") as info:
+        engine.add_request("pl", [1, 2, 3], SamplingParams(max_tokens=2, prompt_logprobs=1))
+    assert info.value.field == "prompt_logprobs" and "pl" not in engine.requests
+    engine.add_request("lp", [1, 2, 3], SamplingParams(max_tokens=2, logprobs=1))
+    assert set(run_to_completion(engine)) == {"lp"}
+
+
 def test_duplicate_request_id_rejected(make_engine):
     engine = make_engine()
     engine.add_request("x", [1, 2], SamplingParams(max_tokens=2))

@@ -20,3 +20,14 @@ def test_no_step_copies_the_kv_cache(make_llm):
            if (n := sum(m in shapes for m in copy.findall(text)))}
     assert not bad, f"steps that copy a whole KV cache array (shape key: copies): {bad}"
     assert min(key[1] for key in keys) >= 2  # no 1-row step (see runtime/buckets.py)
+
+
+def test_folded_decode_steps_are_the_mixed_programs(make_llm):
+    """Where the buckets give a decode-only step no program of its own, a decode-only and a mixed
+    step of the same size lower to the same program (the attention ignores max_query_len)."""
+    runner = make_llm(ARCH).engine.runner
+    assert not runner.buckets.decode_programs  # blockwise attention on CPU
+    s, w = runner.buckets.seqs[-1], runner.buckets.widths[-1]
+    decode = runner._lower_step((s, s, w, True)).as_text()
+    mixed = runner._lower_step((s, s, w, False)).as_text()
+    assert decode == mixed

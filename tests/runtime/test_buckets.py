@@ -1,0 +1,53 @@
+"""Bucket shapes: every step the inputs can be packed into maps to one warmed-up executable."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+
+from jaxserve.runtime.buckets import BucketSpec, decode_has_own_program
+from jaxserve.runtime.inputs import prepare_inputs
+
+BLOCK = 16
+
+
+@dataclass
+class Chunk:
+    token_ids: list[int]
+    start_pos: int
+    block_table: list[int]
+
+
+def _steps(rng, max_tokens, max_seqs, max_len):
+    """Random decode-only and mixed steps within the limits."""
+    for _ in range(300):
+        n = int(rng.integers(1, max_seqs + 1))
+        decode = rng.random() < 0.5
+        lens = np.ones(n, int) if decode else rng.integers(1, max_tokens // n + 1, n)
+        if lens.sum() > max_tokens:
+            continue
+        starts = [int(rng.integers(0, max_len - q)) for q in lens]
+        yield [Chunk([1] * int(q), s, list(range(1, max_len // BLOCK + 1)))
+               for q, s in zip(lens, starts)]
+
+
+@pytest.mark.parametrize("decode_programs", [True, False])
+def test_every_packed_step_has_a_warmed_up_key(decode_programs):
+    spec = BucketSpec.build(128, 16, 32, bucket_widths=False, decode_programs=decode_programs)
+    keys = spec.step_shapes()
+    assert len(keys) == len(set(keys))
+    # decode 2..16 + mixed 16..128: decode 16 folds into mixed (16, 16) unless it has its own
+    assert len(keys) == (8 if decode_programs else 7)
+    seen = set()
+    for chunks in _steps(np.random.default_rng(0), 128, 16, 32 * BLOCK):
+        key = spec.step_key(prepare_inputs(chunks, BLOCK, spec).shape_key)
+        assert key in keys
+        seen.add(key)
+    assert seen == set(keys)
+
+
+def test_only_the_reference_attention_has_decode_programs():
+    assert decode_has_own_program("reference")
+    assert not decode_has_own_program("blockwise") and not decode_has_own_program("pallas")
