@@ -129,11 +129,19 @@ def test_index_shard_in_a_subdirectory_still_loads(llama_copy):
 @pytest.mark.parametrize("quant, method", [
     ({"quant_method": "fp8", "activation_scheme": "dynamic"}, "fp8"),
     ({"quant_method": "gptq", "bits": 4}, "gptq"),
-    ({"quant_method": "compressed-tensors", "format": "float-quantized"}, "compressed-tensors"),
+    ({"quant_method": "awq", "bits": 4}, "awq"),
 ])
 def test_quantization_config_is_refused_naming_the_method(llama_copy, quant, method):
     _edit_config(llama_copy, quantization_config=quant)
     with pytest.raises(ConfigError, match=f"quantization method '{method}' is not supported"):
+        load_model(str(llama_copy))
+
+
+def test_compressed_tensors_without_a_scheme_is_refused(llama_copy):
+    """compressed-tensors is read, field by field: a config without config_groups is refused."""
+    _edit_config(llama_copy, quantization_config={"quant_method": "compressed-tensors",
+                                                  "format": "float-quantized"})
+    with pytest.raises(ValueError, match="quantization_config.config_groups: missing"):
         load_model(str(llama_copy))
 
 
