@@ -49,13 +49,11 @@ def build(form: str, rng) -> list:
         w = (rng.standard_normal((OUT, IN)) * 0.02).astype(np.float32)
         if form == "bf16":
             lin = Linear(IN, OUT, bias=False, dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
-            kernel = lin.kernel[...]
-            lin.kernel.set_value(jnp.asarray(w.T if kernel.shape == (IN, OUT) else w,
-                                             dtype=jnp.bfloat16))
+            lin.weight.set_value(jnp.asarray(w, dtype=jnp.bfloat16))  # [out, in]
         else:
             quant = QuantConfig.online(form)
             lin = QuantizedLinear(IN, OUT, bias=False, dtype=jnp.bfloat16, quant=quant)
-            arrays = quantize(w, form, quant.group_for(IN))
+            arrays = quantize(w, quant.method, quant.group_for(IN))
             lin.qweight.set_value(jnp.asarray(arrays["qweight"]))
             lin.scales.set_value(jnp.asarray(arrays["scales"]))
         layers.append(lin)
@@ -94,7 +92,7 @@ def run(form: str, tokens: int, repeats: int) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--tokens", type=int, nargs="+", default=[1])
-    ap.add_argument("--forms", nargs="+", default=["bf16", "int8", "int4", "fp8"])
+    ap.add_argument("--forms", nargs="+", default=["bf16", "int8", "int4", "fp8", "w8a8"])
     ap.add_argument("--repeats", type=int, default=15)
     args = ap.parse_args()
     rows = []

@@ -16,10 +16,11 @@ def add_engine_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--dtype", default="auto",
                    choices=["auto", "float32", "float", "bfloat16", "float16", "half"])
     g.add_argument("--quantization", "-q", default=None,
-                   choices=["int8", "int4", "fp8", "compressed-tensors"],
-                   help="weight-only quantization of the decoder projections at load: int8 "
-                        "(W8A16, per channel), int4 (W4A16, groups of 128), fp8 (e4m3, per "
-                        "channel); a compressed-tensors checkpoint loads quantized without it")
+                   choices=["int8", "int4", "fp8", "w8a8", "compressed-tensors"],
+                   help="quantize the decoder projections at load: int8 (W8A16, per channel), "
+                        "int4 (W4A16, groups of 128), fp8 (e4m3 weights, per channel), w8a8 "
+                        "(int8 weights and per-token int8 activations); a compressed-tensors "
+                        "checkpoint loads quantized without it")
     g.add_argument("--max-model-len", type=int, default=None)
     g.add_argument("--max-num-seqs", type=int, default=256)
     g.add_argument("--max-num-batched-tokens", type=int, default=None)

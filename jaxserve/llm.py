@@ -54,7 +54,7 @@ class EngineArgs:
     generation_config: str = "auto"  # auto | vllm | a directory with generation_config.json
     trust_remote_code: bool = False  # True is refused: checkpoint code is never run
     enforce_eager: bool = False  # no effect: every step is a compiled XLA program
-    quantization: str | None = None  # int8 | int4 | fp8 (PTQ at load) | compressed-tensors
+    quantization: str | None = None  # int8 | int4 | fp8 | w8a8 (PTQ at load) | compressed-tensors
 
     def __post_init__(self) -> None:
         if self.trust_remote_code:
@@ -68,9 +68,9 @@ class EngineArgs:
         if self.num_kv_blocks is not None and self.num_kv_blocks < 2:
             raise ValueError(f"num_kv_blocks: must be >= 2 (block 0 is reserved), got "
                              f"{self.num_kv_blocks}")
-        if self.quantization not in (None, "int8", "int4", "fp8", "compressed-tensors"):
+        if self.quantization not in (None, "int8", "int4", "fp8", "w8a8", "compressed-tensors"):
             raise ValueError(f"quantization: unknown method {self.quantization!r}; supported: "
-                             "int8, int4, fp8 (at load), compressed-tensors (pre-quantized)")
+                             "int8, int4, fp8, w8a8 (at load), compressed-tensors (pre-quantized)")
         if not isinstance(self.max_logprobs, int) or self.max_logprobs < 0:
             raise ValueError(f"max_logprobs: must be an int >= 0, got {self.max_logprobs!r}")
 

@@ -18,7 +18,10 @@ from dataclasses import dataclass
 import ml_dtypes
 import numpy as np
 
-METHODS = ("int8", "int4", "fp8")
+METHODS = ("int8", "int4", "fp8")  # weight formats
+# Names accepted by `quantization=` for PTQ at load: the weight formats (weight-only, W*A16),
+# and w8a8: int8 weights with int8 activations quantized per token at run time.
+ONLINE_NAMES = METHODS + ("w8a8",)
 INT4_GROUP = 128  # the default int4 group; smaller where the input dimension needs it
 FP8_MAX = float(ml_dtypes.finfo(ml_dtypes.float8_e4m3fn).max)  # 448
 QWEIGHT_DTYPES = {"int8": np.int8, "int4": np.uint8, "fp8": np.uint8}
@@ -34,13 +37,16 @@ class QuantConfig:
 
     method: int8 | int4 | fp8; group_size: None = one group per output channel (the whole
     input row), else the size of the input groups (int4's default 128); symmetric: no zero
-    points; source: "online" (quantized here at load) or the checkpoint format it came from.
+    points; source: "online" (quantized here at load) or the checkpoint format it came from;
+    int8_activations: each token's activations are quantized to int8 (symmetric, scale
+    max|x| / 127) before an int8 x int8 -> int32 matmul (W8A8; int8 channel weights only).
     """
 
     method: str
     group_size: int | None = None
     symmetric: bool = True
     source: str = "online"
+    int8_activations: bool = False
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -50,14 +56,24 @@ class QuantConfig:
             raise QuantizationError(f"quantization group_size: must be >= 2, got {self.group_size}")
         if self.method == "fp8" and not self.symmetric:
             raise QuantizationError("quantization: fp8 weights are symmetric only")
+        if self.int8_activations and (self.method != "int8" or self.group_size is not None
+                                      or not self.symmetric):
+            raise QuantizationError("quantization: int8 activations need symmetric per-channel "
+                                    "int8 weights")
 
     @classmethod
     def online(cls, method: str) -> QuantConfig:
-        """The PTQ scheme of a vLLM-style `quantization=` name."""
-        if method not in METHODS:
+        """The PTQ scheme of a `quantization=` name (ONLINE_NAMES)."""
+        if method not in ONLINE_NAMES:
             raise QuantizationError(
-                f"quantization: unknown method {method!r}; supported: {', '.join(METHODS)}")
+                f"quantization: unknown method {method!r}; supported: {', '.join(ONLINE_NAMES)}")
+        if method == "w8a8":
+            return cls("int8", None, int8_activations=True)
         return cls(method, INT4_GROUP if method == "int4" else None)
+
+    @property
+    def name(self) -> str:
+        return "w8a8" if self.int8_activations else self.method
 
     def group_for(self, in_dim: int) -> int:
         """The group size used for a layer with `in_dim` inputs."""

@@ -26,6 +26,7 @@ class QuantizedLinear(nnx.Module):
 
     def __init__(self, in_dim: int, out_dim: int, *, bias: bool, dtype, quant: QuantConfig):
         self.method = quant.method
+        self.int8_activations = quant.int8_activations
         self.group = quant.group_for(in_dim)
         groups = in_dim // self.group
         packed_in = in_dim // 2 if quant.method == "int4" else in_dim
@@ -58,6 +59,8 @@ class QuantizedLinear(nnx.Module):
         return (v.reshape(out_dim, -1, self.group),), 0.0
 
     def __call__(self, x: jax.Array) -> jax.Array:
+        if self.int8_activations:
+            return self._w8a8(x)
         t = x.shape[0]
         values, offset = self.values()
         parts = len(values)  # int4: inputs split into even / odd halves
@@ -72,6 +75,21 @@ class QuantizedLinear(nnx.Module):
             shift = offset if self.zeros is None else self.zeros[...][None] + offset  # [1, out, G]
             part = part - shift * xsum
         y = jnp.sum(part * self.scales[...][None], axis=-1)  # [T, out]
+        if self.bias is not None:
+            y = y + self.bias[...].astype(jnp.float32)
+        return y.astype(x.dtype)
+
+
+    def _w8a8(self, x: jax.Array) -> jax.Array:
+        """int8 x int8 -> int32 matmul on per-token int8 activations: the one int8 matmul
+        XLA:CPU runs as a YNNPACK dot without first converting the weight to float."""
+        xf = x.astype(jnp.float32)  # [T, in]
+        x_scale = jnp.max(jnp.abs(xf), axis=-1, keepdims=True) / 127.0  # [T, 1]
+        x_scale = jnp.where(x_scale == 0, 1.0, x_scale)
+        xq = jnp.clip(jnp.round(xf / x_scale), -127, 127).astype(jnp.int8)  # [T, in]
+        acc = jax.lax.dot_general(xq, self.qweight[...], (((1,), (1,)), ((), ())),
+                                  preferred_element_type=jnp.int32)  # [T, out], exact
+        y = acc.astype(jnp.float32) * x_scale * self.scales[...][:, 0]  # [T, out]
         if self.bias is not None:
             y = y + self.bias[...].astype(jnp.float32)
         return y.astype(x.dtype)

@@ -187,7 +187,7 @@ def _quantized_layer(ckpt: SafetensorsCheckpoint, prefix: tuple, state, quant) -
     qweight = module["qweight"].get_value()
     out_dim = qweight.shape[0]
     in_dim = qweight.shape[1] * (2 if quant.method == "int4" else 1)
-    name = hf_tensor_for(prefix + ("kernel",)).name  # e.g. model.layers.0.mlp.up_proj.weight
+    name = hf_tensor_for(prefix + ("weight",)).name  # e.g. model.layers.0.mlp.up_proj.weight
     arrays = layer_arrays(ckpt, name, quant, out_dim, in_dim)
     for leaf in QUANT_LEAVES:
         if leaf in module and module[leaf] is not None:

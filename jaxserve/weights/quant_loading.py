@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from jaxserve.layers.quant_scheme import METHODS, QuantConfig, QuantizationError, quantize
+from jaxserve.layers.quant_scheme import ONLINE_NAMES, QuantConfig, QuantizationError, quantize
 from jaxserve.weights import compressed_tensors
 from jaxserve.weights.safetensors_reader import CheckpointError, SafetensorsCheckpoint
 
@@ -20,10 +20,10 @@ _FLOAT_DTYPES = frozenset({"F64", "F32", "F16", "BF16"})
 def resolve_quantization(raw_config: dict[str, Any], requested: str | None) -> QuantConfig | None:
     """The checkpoint's own scheme (compressed-tensors), else `requested` (PTQ at load)."""
     qc = raw_config.get("quantization_config") or raw_config.get("compression_config")
-    if requested is not None and requested not in METHODS + (compressed_tensors.QUANT_METHOD,):
+    if requested is not None and requested not in ONLINE_NAMES + (compressed_tensors.QUANT_METHOD,):
         raise QuantizationError(
             f"quantization: unknown method {requested!r}; supported: "
-            f"{', '.join(METHODS)} (online, at load) or {compressed_tensors.QUANT_METHOD!r} "
+            f"{', '.join(ONLINE_NAMES)} (online, at load) or {compressed_tensors.QUANT_METHOD!r} "
             "(pre-quantized checkpoints)")
     if not qc:
         if requested == compressed_tensors.QUANT_METHOD:
@@ -92,6 +92,6 @@ def log_weight_bytes(state, quant: QuantConfig | None, dtype: str) -> dict[str, 
     logger.info(
         "weights: %.1f MB, %s (%s) projections %.1f MB = %.3fx their bf16 size; whole model "
         "%.3fx the %s model (embeddings / lm_head / norms unquantized)", total / 1e6,
-        quant.method, quant.source, quantized / 1e6, report["layer_ratio"],
+        quant.name, quant.source, quantized / 1e6, report["layer_ratio"],
         report["model_ratio"], dtype)
     return report

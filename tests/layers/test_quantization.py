@@ -126,6 +126,26 @@ def test_asymmetric_zero_points(method):
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
 
 
+@pytest.mark.parametrize("tokens", [1, 2, REDUCE_MAX_TOKENS + 3])
+def test_w8a8_equals_numpy_per_token_int8_reference(tokens):
+    in_dim, out_dim = 96, 40
+    w = _weight(out_dim, in_dim, seed=6)
+    arrays = quantize(w, "int8", in_dim)
+    lin = QuantizedLinear(in_dim, out_dim, bias=False, dtype=jnp.float32,
+                          quant=QuantConfig.online("w8a8"))
+    lin.qweight.set_value(jnp.asarray(arrays["qweight"]))
+    lin.scales.set_value(jnp.asarray(arrays["scales"]))
+    x = np.random.default_rng(7).standard_normal((tokens, in_dim)).astype(np.float32)
+    x[0] = 0.0  # an all-zero token
+    xs = np.abs(x).max(axis=1, keepdims=True) / np.float32(127.0)
+    xs[xs == 0] = 1.0
+    xq = np.clip(np.rint(x / xs), -127, 127).astype(np.int64)
+    acc = xq @ arrays["qweight"].astype(np.int64).T  # exact integer matmul
+    want = acc.astype(np.float64) * xs * arrays["scales"][:, 0]
+    got = np.asarray(jax.jit(lambda v: lin(v))(jnp.asarray(x)))
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6 * np.abs(want).max())
+
+
 def test_bfloat16_activations_keep_their_dtype():
     lin, w = _layer("int8", 64, 16, None)
     x = np.random.default_rng(5).standard_normal((2, 64)).astype(np.float32)
@@ -148,6 +168,8 @@ def test_bad_settings_are_refused_naming_the_field():
         QuantConfig.online("int3")
     with pytest.raises(QuantizationError, match="group_size"):
         QuantConfig("int4", group_size=1)
+    with pytest.raises(QuantizationError, match="int8 activations need"):
+        QuantConfig("int4", 32, int8_activations=True)
     with pytest.raises(QuantizationError, match="group_size 128 does not divide the input "
                                                 "dimension 96"):
         QuantConfig("int4", 128, source="compressed-tensors:pack-quantized").group_for(96)

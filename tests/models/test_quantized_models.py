@@ -55,6 +55,20 @@ def test_online_ptq_equals_float_model_on_dequantized_weights(arch, method, tiny
     assert np.abs(ours[0] - float_logits).max() / np.abs(float_logits).max() > 10 * RTOL
 
 
+def test_w8a8_model_stays_near_the_float_model_on_dequantized_weights(tiny_checkpoints,
+                                                                       tmp_path):
+    """Per-token int8 activations add a rounding error of at most max|x| / 254 per input:
+    logits move by ~1e-2 of their range, clearly more than the W8A16 bound (so activations
+    really were quantized) and clearly less than a broken model would."""
+    path = tiny_checkpoints("LlamaForCausalLM")
+    loaded = load_model(path, dtype="float32", quantization="w8a8")
+    prompts = make_prompts(loaded.config.vocab_size)[:3]
+    ours = paged_logits(loaded, prompts)
+    oracle = hf_logits(write_dequantized_copy(path, str(tmp_path / "deq"), "int8"), prompts)
+    errs = [np.abs(a - b).max() / np.abs(b).max() for a, b in zip(ours, oracle)]
+    assert RTOL < max(errs) < 5e-2, errs
+
+
 def test_weight_bytes_are_reported(tiny_checkpoints):
     path = tiny_checkpoints("LlamaForCausalLM")
     for method, bound in (("int8", 0.53), ("int4", 0.30)):  # in=64 rows: scale overhead 1/32

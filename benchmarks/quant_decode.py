@@ -1,0 +1,91 @@
+"""Quantized decode on the CPU: ms/token of 1 request (and mixed-batch tok/s) for bf16, int8,
+int4 and fp8 weights of the same small random model, in one run, with the weight bytes.
+
+The model is decode_probe's "small" one (Qwen2.5-0.5B widths, 12 layers, vocab 32000, tied).
+Quantized runs quantize it at load (`LLM(quantization=...)`). One JSON line per run, a table
+last with each run's speed-up over bf16 and its weight bytes over bf16's.
+
+  PYTHONPATH=. python benchmarks/quant_decode.py --methods none int8 int4 fp8 --mixed-prompts 64
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import statistics
+import sys
+import time
+
+import numpy as np
+
+from benchmarks.decode_probe import measure_bandwidth, run_decode, run_mixed, write_small_checkpoint
+
+
+def one_run(path: str, method: str | None, args) -> dict:
+    import jax
+    from jaxserve import LLM
+    from jaxserve.layers.quant_scheme import QuantConfig
+    from jaxserve.weights.quant_loading import log_weight_bytes
+
+    t = time.perf_counter()
+    llm = LLM(path, dtype="bfloat16", quantization=method, max_num_seqs=args.max_num_seqs,
+              max_model_len=args.max_model_len, max_num_batched_tokens=512,
+              use_tqdm_on_load=False)
+    startup = time.perf_counter() - t
+    quant = QuantConfig.online(method) if method else None
+    report = log_weight_bytes(llm.engine.runner.state, quant, "bfloat16")
+    steps = []
+    for rep in range(args.repeats):
+        steps += run_decode(llm, args.prompt_len, args.decode_tokens, seed=1 + rep)
+    row = {"method": method or "bf16", "ms_per_token": 1e3 * statistics.median(steps),
+           "p90_ms": 1e3 * float(np.percentile(steps, 90)), "steps": len(steps),
+           "weight_bytes": report["weight_bytes"], "layer_ratio": report.get("layer_ratio"),
+           "startup_s": startup, "jax": jax.__version__}
+    for num in args.mixed_prompts:
+        row[f"mixed_{num}_output_tok_s"] = run_mixed(llm, num, seed=2)["output_tok_s"]
+    del llm
+    gc.collect()
+    return row
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--methods", nargs="+", default=["none", "int8", "int4", "fp8"])
+    p.add_argument("--cache-dir", default=os.path.expanduser("~/.cache/jaxserve"))
+    p.add_argument("--prompt-len", type=int, default=128)
+    p.add_argument("--decode-tokens", type=int, default=48)
+    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--mixed-prompts", type=int, nargs="*", default=[])
+    p.add_argument("--max-num-seqs", type=int, default=64)
+    p.add_argument("--max-model-len", type=int, default=1024)
+    p.add_argument("--out", default=None, help="also write the rows as JSON here")
+    args = p.parse_args(argv)
+
+    path = write_small_checkpoint(os.path.join(args.cache_dir, "probe-small-bfloat16"),
+                                  "bfloat16")
+    bw0 = measure_bandwidth()
+    rows = []
+    for m in args.methods:
+        rows.append(one_run(path, None if m == "none" else m, args))
+        print(json.dumps(rows[-1]), flush=True)
+    bw1 = measure_bandwidth()
+    base = next((r for r in rows if r["method"] == "bf16"), None)
+    print(f"\nread bandwidth {bw0['read_GBps']:.0f} / {bw1['read_GBps']:.0f} GB/s (start / end)")
+    print(f"{'method':<7} {'ms/token':>9} {'speed-up':>9} {'weight MB':>10} {'x bf16':>7} "
+          f"{'layers x bf16':>14}")
+    for r in rows:
+        speed = base["ms_per_token"] / r["ms_per_token"] if base else float("nan")
+        size = r["weight_bytes"] / base["weight_bytes"] if base else float("nan")
+        layers = f"{r['layer_ratio']:.3f}" if r["layer_ratio"] else "-"
+        print(f"{r['method']:<7} {r['ms_per_token']:>9.2f} {speed:>9.2f} "
+              f"{r['weight_bytes'] / 1e6:>10.1f} {size:>7.3f} {layers:>14}")
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"command": "benchmarks/quant_decode.py " + " ".join(argv or sys.argv[1:]),
+                       "bandwidth": [bw0, bw1], "rows": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
