@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import shutil
@@ -30,14 +31,16 @@ SIDE_FILES = (
 )
 
 
-def convert(src: str, out: str, dtype: str = "auto") -> dict:
-    """Read src tensor by tensor, cast to dtype, and write an orbax checkpoint under out."""
+def convert(src: str, out: str, dtype: str = "auto", quantization: str | None = None) -> dict:
+    """Read src tensor by tensor, cast to dtype (quantizing the decoder projections when
+    asked, or keeping a compressed-tensors checkpoint's), and write an orbax checkpoint under
+    out that loads without re-quantizing."""
     import orbax.checkpoint as ocp
 
     start = time.perf_counter()
     if os.path.exists(out) and os.path.exists(src) and os.path.samefile(src, out):
         raise ValueError(f"out: {out!r} is the source checkpoint itself; give a new directory")
-    loaded = load_model(src, dtype=dtype)
+    loaded = load_model(src, dtype=dtype, quantization=quantization)
     if os.path.exists(out) and os.path.samefile(loaded.path, out):
         raise ValueError(f"out: {out!r} is the source checkpoint itself; give a new directory")
     os.makedirs(out, exist_ok=True)
@@ -59,6 +62,7 @@ def convert(src: str, out: str, dtype: str = "auto") -> dict:
         "dtype": loaded.dtype,
         "architecture": loaded.config.architecture,
         "source": os.path.abspath(loaded.path),
+        "quantization": dataclasses.asdict(loaded.quant) if loaded.quant else None,
         "convert_seconds": round(time.perf_counter() - start, 3),
     }
     with open(os.path.join(out, CONVERTED_MARKER), "w") as f:
@@ -73,10 +77,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
         help="parameter dtype to store (auto: the checkpoint's own)",
     )
+    parser.add_argument(
+        "--quantization", "-q", default=None, choices=["int8", "int4", "fp8", "w8a8"],
+        help="quantize the decoder projections while converting (stored quantized)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
-    info = convert(args.src, args.out, args.dtype)
+    info = convert(args.src, args.out, args.dtype, args.quantization)
     print(json.dumps({"out": args.out, **info}))
     return 0
 

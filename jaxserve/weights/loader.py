@@ -116,10 +116,8 @@ def load_model(
     path = resolve_model_path(model)
     config = read_model_config(path)
     converted = is_converted(path)
-    quant = resolve_quantization(read_raw_config(path), quantization)
-    if quant is not None and converted:
-        raise ConfigError("quantization: converted jaxserve checkpoints are float only; "
-                          "quantize the HF checkpoint at load instead")
+    quant = (_converted_quantization(path, quantization) if converted
+             else resolve_quantization(read_raw_config(path), quantization))
     if converted and dtype == "auto":
         dtype = _converted_info(path)["dtype"]  # the dtype the converter stored
     dtype_name = resolve_dtype_name(dtype, config)
@@ -210,15 +208,29 @@ def _restore_converted(path: str, state, config: ModelConfig, mesh: Mesh, dtype:
     for param_path, var in nnx.to_flat_state(state):
         a = var.get_value()
         sharding = named_sharding(mesh, param_path, a.ndim, config.num_kv_heads)
-        nest_param(abstract_tree, param_path, jax.ShapeDtypeStruct(a.shape, saved_dtype, sharding=sharding))
+        stored = a.dtype if str(param_path[-1]) in QUANT_LEAVES else saved_dtype  # kept as is
+        nest_param(abstract_tree, param_path, jax.ShapeDtypeStruct(a.shape, stored, sharding=sharding))
     with ocp.StandardCheckpointer() as ckptr:
         restored = ckptr.restore(os.path.abspath(os.path.join(path, PARAMS_DIR)), abstract_tree)
     for param_path, var in nnx.to_flat_state(state):
         arr = restored
         for key in param_path:
             arr = arr[str(key)]
-        var.set_value(arr.astype(dtype) if arr.dtype != jnp.dtype(dtype) else arr)
+        if str(param_path[-1]) not in QUANT_LEAVES and arr.dtype != jnp.dtype(dtype):
+            arr = arr.astype(dtype)
+        var.set_value(arr)
     return state
+
+
+def _converted_quantization(path: str, requested: str | None) -> QuantConfig | None:
+    """The scheme a converted checkpoint was stored with; asking for another is refused."""
+    saved = _converted_info(path).get("quantization")
+    quant = QuantConfig(**saved) if saved else None
+    if requested is not None and (quant is None or requested not in (quant.name, quant.source)):
+        raise ConfigError(
+            f"quantization: {requested!r} asked for, but this converted checkpoint holds "
+            f"{quant.name if quant else 'float'} weights; convert again with --quantization")
+    return quant
 
 
 def _converted_info(path: str) -> dict:

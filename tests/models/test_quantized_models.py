@@ -172,3 +172,22 @@ def test_unknown_methods_are_refused(tiny_checkpoints):
     with pytest.raises(QuantizationError, match="no quantization_config"):
         load_model(path, dtype="float32", quantization="compressed-tensors")
     assert issubclass(QuantizationError, ValueError) and issubclass(ConfigError, ValueError)
+
+
+def test_convert_with_quantization_loads_without_requantizing(tiny_checkpoints, tmp_path):
+    from converters.hf_to_jaxserve import convert
+
+    path = tiny_checkpoints("Qwen2ForCausalLM")
+    info = convert(path, str(tmp_path / "conv"), "float32", quantization="int4")
+    assert info["quantization"]["method"] == "int4"
+    converted = load_model(str(tmp_path / "conv"))
+    direct = load_model(path, dtype="float32", quantization="int4")
+    assert converted.quant == direct.quant
+    layer_c, layer_d = converted.model.layers[1].down_proj, direct.model.layers[1].down_proj
+    assert layer_c.qweight[...].dtype == np.uint8  # stored packed, not re-quantized
+    assert np.array_equal(np.asarray(layer_c.qweight[...]), np.asarray(layer_d.qweight[...]))
+    prompts = make_prompts(direct.config.vocab_size)[:2]
+    for a, b in zip(paged_logits(converted, prompts), paged_logits(direct, prompts)):
+        assert np.array_equal(a, b)
+    with pytest.raises(ConfigError, match="holds int4 weights"):
+        load_model(str(tmp_path / "conv"), quantization="int8")
