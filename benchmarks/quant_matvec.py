@@ -30,7 +30,7 @@ _SHAPE = re.compile(r"= (\w+)\[([\d,]+)\]")
 
 
 def materialised(hlo: str) -> list[str]:
-    """ENTRY instructions (not parameters) whose result has >= OUT * IN / 2 elements (int4 packed size)."""
+    """ENTRY instructions (not parameters) with >= OUT * IN / 2 elements (int4's packed size)."""
     entry = hlo[hlo.index("ENTRY"):]
     found = []
     for line in entry.splitlines():

@@ -209,7 +209,8 @@ def _restore_converted(path: str, state, config: ModelConfig, mesh: Mesh, dtype:
         a = var.get_value()
         sharding = named_sharding(mesh, param_path, a.ndim, config.num_kv_heads)
         stored = a.dtype if str(param_path[-1]) in QUANT_LEAVES else saved_dtype  # kept as is
-        nest_param(abstract_tree, param_path, jax.ShapeDtypeStruct(a.shape, stored, sharding=sharding))
+        nest_param(abstract_tree, param_path,
+                   jax.ShapeDtypeStruct(a.shape, stored, sharding=sharding))
     with ocp.StandardCheckpointer() as ckptr:
         restored = ckptr.restore(os.path.abspath(os.path.join(path, PARAMS_DIR)), abstract_tree)
     for param_path, var in nnx.to_flat_state(state):

@@ -61,7 +61,8 @@ def test_int_quantize_dequantize_bit_for_bit(method, group):
     if method == "int8":
         assert got["qweight"].dtype == np.int8 and np.array_equal(got["qweight"], q)
     else:
-        assert got["qweight"].dtype == np.uint8 and np.array_equal(got["qweight"], _ref_pack_int4(q))
+        assert got["qweight"].dtype == np.uint8
+        assert np.array_equal(got["qweight"], _ref_pack_int4(q))
     back = dequantize(method, got["qweight"], got["scales"])
     assert back.dtype == np.float32 and np.array_equal(back, deq)
     assert np.abs(back - w).max() <= scales.max() / 2 * (1 + 1e-6)  # half a step at most
