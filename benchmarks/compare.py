@@ -99,6 +99,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--checkpoint-dir", default=os.path.join(
         os.path.expanduser("~"), ".cache", "jaxserve", "compare"))
+    p.add_argument("--probe-mib", type=int, default=512,
+                   help="MiB per array of the bandwidth probe (well above the L3 cache)")
     p.add_argument("--timeout", type=float, default=3600, help="seconds per engine subprocess")
     p.add_argument("--label", default="", help="free text stored in the results")
     p.add_argument("--out", default=None)
@@ -215,7 +217,8 @@ def run_model(args, report: dict, name: str, dtype: str, wcfg: WorkloadConfig,
     spec = make_spec(args, name, dtype, path, wcfg)
     probe = os.path.join(RUNNERS, "hw_probe.py")
     for engine in args.engines:
-        bw = _run_json([sys.executable, probe, "bandwidth", str(args.threads)])
+        bw = _run_json([sys.executable, probe, "bandwidth", str(args.threads),
+                         str(args.probe_mib)])
         result = run_engine(args, engine, spec, workdir)
         run = {"engine": engine, "model": name, "dtype": dtype, "bandwidth": bw,
                **{k: v for k, v in result.items() if k != "rows"}}
@@ -234,8 +237,8 @@ def workload_config(args) -> WorkloadConfig:
 def main(argv=None) -> dict:
     args = parse_args(argv)
     wcfg = workload_config(args)
-    command = shlex.join([os.path.relpath(sys.executable, REPO) if sys.executable.startswith(REPO)
-                          else sys.executable, *sys.argv])
+    given = sys.argv[1:] if argv is None else list(argv)
+    command = shlex.join([sys.executable, os.path.relpath(__file__, REPO), *given])
     probe = os.path.join(RUNNERS, "hw_probe.py")
     report = {
         "command": command, "label": args.label,

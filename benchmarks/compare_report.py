@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 from benchmarks.compare_models import MODELS
 
 DTYPE_BYTES = {"bfloat16": 2, "float32": 4}
@@ -18,6 +20,21 @@ def cpu_model() -> str:
     return "unknown"
 
 
+def llc_bytes() -> int:
+    """Size of the last-level cache of cpu0 (0 when unknown)."""
+    base = "/sys/devices/system/cpu/cpu0/cache"
+    best = 0
+    try:
+        for idx in [d for d in os.listdir(base) if d.startswith("index")]:
+            with open(os.path.join(base, idx, "size")) as f:
+                text = f.read().strip()
+            mult = {"K": 1 << 10, "M": 1 << 20}.get(text[-1], 1)
+            best = max(best, int(text.rstrip("KM")) * mult)
+    except (OSError, ValueError):
+        return 0
+    return best
+
+
 def decode_floor(model: str, dtype: str, workload_desc: dict, read_gbs: float) -> dict:
     """Bytes one decode step must read (all weights it touches + the KV cache at the mean
     context length of the decode) over the read bandwidth measured before this engine ran."""
@@ -26,8 +43,11 @@ def decode_floor(model: str, dtype: str, workload_desc: dict, read_gbs: float) -
     weights = shape.weight_bytes_per_decode_step(nbytes)
     mean_ctx = workload_desc["input"] + workload_desc["output"] / 2
     kv = int(shape.kv_bytes_per_token(nbytes) * mean_ctx)
+    llc = llc_bytes()
     return {"weight_bytes_per_step": weights, "kv_bytes_per_step": kv,
-            "read_gbs": read_gbs, "floor_ms": round(1e3 * (weights + kv) / (read_gbs * 1e9), 3)}
+            "read_gbs": read_gbs, "llc_bytes": llc,
+            # weights that fit in the last-level cache need not come from DRAM each step
+            "fits_in_llc": bool(llc) and weights + kv < llc, "floor_ms": round(1e3 * (weights + kv) / (read_gbs * 1e9), 3)}
 
 
 def annotate(row: dict, engine: str, model: str, dtype: str, bw: dict, spec: dict) -> dict:
@@ -90,10 +110,20 @@ def table(report: dict) -> str:
                     ratio = (b / a if lower_better else a / b) if a and b else None
                     line += f" {_fmt(ratio, 'x'):>10}"
             lines.append(line)
-    floors = sorted({(r["model"], r["dtype"], r["floor_ms"]) for r in rows if "floor_ms" in r})
+    floors: dict[tuple, list[float]] = {}
+    for r in rows:
+        if "floor_ms" in r:
+            floors.setdefault((r["model"], r["dtype"]), []).append(r["floor_ms"])
     if floors:
-        lines.append("floor ms/token (weights+KV / read bandwidth before that engine): " + "; ".join(
-            f"{m} {d}: {f}" for m, d, f in floors))
+        lines.append("decode floor ms/token = (weights + KV) bytes per step / read bandwidth "
+                     "measured before each engine: " + "; ".join(
+                         f"{m} {d} {min(v):.3g}..{max(v):.3g}" for (m, d), v in floors.items()))
+    m = report.get("machine", {})
+    if "loadavg_start" in m:
+        lines.append(f"load average (1 min) at start {m['loadavg_start'][0]:.2f}, at end "
+                     f"{m.get('loadavg_end', [float('nan')])[0]:.2f}, on {m.get('nproc')} cores")
+    if any(r.get("floor", {}).get("fits_in_llc") for r in rows):
+        lines.append("(a model whose weights fit in the last-level cache can beat this floor)")
     lines.append("jax/<engine>: jaxserve's speed over that engine's (>1 = jaxserve faster)")
     return "\n".join(lines)
 

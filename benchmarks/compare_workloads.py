@@ -4,7 +4,8 @@ decode   1 request, fixed input / output (single-stream latency vs the bandwidth
 mixed    N requests, input and output lengths uniform in ranges (continuous batching)
 prefix   N requests sharing one long prefix plus a few unique tokens (prefix caching)
 
-Every repeat draws fresh prompts (and a fresh shared prefix), so a prefix cache never carries
+Each workload first runs an untimed warm-up of the same shape on its own prompts (engines
+that compile or autotune per shape do it there). Every repeat draws fresh prompts (and a fresh shared prefix), so a prefix cache never carries
 over from one repeat to the next; repeat r of a workload is the same for every engine.
 """
 
@@ -17,6 +18,9 @@ import numpy as np
 from benchmarks.compare_models import FIRST_PROMPT_ID
 
 WORKLOADS = ("decode", "mixed", "prefix")
+# Before its timed repeats each workload runs once untimed on its own prompts (so a prefix
+# cache gains nothing): up to 16 requests of the same shape, at most 8 tokens out.
+WARMUP_STREAM, WARMUP_MAX_REQUESTS, WARMUP_MAX_TOKENS = 1000, 16, 8
 
 
 @dataclass(frozen=True)
@@ -74,8 +78,11 @@ def build(names: list[str], cfg: WorkloadConfig, vocab: int, seed: int) -> list[
         reps = cfg.decode_repeats if name == "decode" else cfg.repeats
         repeats = [_requests(name, cfg, vocab, np.random.default_rng([seed, w, r]))
                    for r in range(reps)]
+        warm = _requests(name, cfg, vocab, np.random.default_rng([seed, w, WARMUP_STREAM]))
         workload = {"name": name, "description": describe(name, cfg),
-                    "temperature": cfg.temperature, "repeats": repeats}
+                    "temperature": cfg.temperature, "repeats": repeats,
+                    "warmup": [dict(r, max_tokens=min(r["max_tokens"], WARMUP_MAX_TOKENS))
+                               for r in warm[:WARMUP_MAX_REQUESTS]]}
         if name == "decode":  # same input length, 1 output token: prefill + first token
             workload["prefill_probe"] = [
                 [{"prompt_token_ids": _ids(np.random.default_rng([seed, w, r, 1]), vocab,

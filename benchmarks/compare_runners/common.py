@@ -39,6 +39,9 @@ def _timed(generate: GenerateFn, requests: list[dict], temperature: float) -> tu
 def run_workload(generate: GenerateFn, workload: dict) -> dict:
     """Time every repeat of one workload (fresh prompts each repeat); medians of the repeats."""
     temp = workload["temperature"]
+    t0 = time.perf_counter()
+    generate(workload["warmup"], temp)
+    warmup_s = time.perf_counter() - t0
     runs = [_timed(generate, reqs, temp) for reqs in workload["repeats"]]
     elapsed = statistics.median(r[0] for r in runs)
     first = workload["repeats"][0]
@@ -47,7 +50,7 @@ def run_workload(generate: GenerateFn, workload: dict) -> dict:
     row = {
         "workload": workload["name"], "num_prompts": len(first),
         "num_prompt_tokens": in_toks, "num_output_tokens": out_toks,
-        "temperature": temp, "repeats": len(runs),
+        "temperature": temp, "repeats": len(runs), "warmup_s": round(warmup_s, 3),
         "elapsed_s": round(elapsed, 4), "elapsed_s_all": [round(r[0], 4) for r in runs],
         "requests_per_s": round(len(first) / elapsed, 3),
         "output_tokens_per_s": round(out_toks / elapsed, 2),

@@ -1,6 +1,6 @@
 """Machine probes for compare.py: memory bandwidth (membw.c, OpenMP) and matmul peaks.
 
-  python hw_probe.py bandwidth THREADS   -> {"read_gbs_best", "copy_gbs_best", ...}
+  python hw_probe.py bandwidth THREADS [MIB] -> {"read_gbs_best", "copy_gbs_best", ...}
   python hw_probe.py matmul THREADS      -> jax and torch GFLOP/s, bf16 and f32
 Each prints one JSON line. membw.c is compiled with gcc -O3 -march=native -fopenmp into a
 cache directory on first use.
@@ -74,4 +74,7 @@ def matmul(threads: int, n: int = 2048) -> dict:
 
 if __name__ == "__main__":
     what, nthreads = sys.argv[1], int(sys.argv[2])
-    print(json.dumps(bandwidth(nthreads) if what == "bandwidth" else matmul(nthreads)))
+    if what == "bandwidth":
+        print(json.dumps(bandwidth(nthreads, *(int(a) for a in sys.argv[3:4]))))
+    else:
+        print(json.dumps(matmul(nthreads)))
