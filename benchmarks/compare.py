@@ -32,12 +32,11 @@ RUNNERS = os.path.join(HERE, "compare_runners")
 sys.path.insert(0, REPO)
 from benchmarks import compare_report  # noqa: E402
 from benchmarks.compare_models import MODELS  # noqa: E402
-from benchmarks.compare_workloads import WORKLOADS, WorkloadConfig, build, longest_sequence  # noqa: E402
-from benchmarks.compare_workloads import warmup_requests  # noqa: E402
+from benchmarks.compare_workloads import (  # noqa: E402
+    WORKLOADS, WorkloadConfig, build, longest_sequence, warmup_requests)
 
 ENGINES = ("jaxserve", "vllm", "hf")
 DTYPES = ("bfloat16", "float32")
-DTYPE_BYTES = {"bfloat16": 2, "float32": 4}
 
 
 def _csv(choices):

@@ -47,7 +47,8 @@ def decode_floor(model: str, dtype: str, workload_desc: dict, read_gbs: float) -
     return {"weight_bytes_per_step": weights, "kv_bytes_per_step": kv,
             "read_gbs": read_gbs, "llc_bytes": llc,
             # weights that fit in the last-level cache need not come from DRAM each step
-            "fits_in_llc": bool(llc) and weights + kv < llc, "floor_ms": round(1e3 * (weights + kv) / (read_gbs * 1e9), 3)}
+            "fits_in_llc": bool(llc) and weights + kv < llc,
+            "floor_ms": round(1e3 * (weights + kv) / (read_gbs * 1e9), 3)}
 
 
 def annotate(row: dict, engine: str, model: str, dtype: str, bw: dict, spec: dict) -> dict:

@@ -5,8 +5,9 @@ mixed    N requests, input and output lengths uniform in ranges (continuous batc
 prefix   N requests sharing one long prefix plus a few unique tokens (prefix caching)
 
 Each workload first runs an untimed warm-up of the same shape on its own prompts (engines
-that compile or autotune per shape do it there). Every repeat draws fresh prompts (and a fresh shared prefix), so a prefix cache never carries
-over from one repeat to the next; repeat r of a workload is the same for every engine.
+that compile or autotune per shape do it there). Every repeat draws fresh prompts (and a fresh
+shared prefix), so a prefix cache never carries over from one repeat to the next; repeat r of
+a workload is the same for every engine.
 """
 
 from __future__ import annotations

@@ -27,7 +27,8 @@ def main() -> None:
     dtype_bytes = 2 if spec["dtype"] == "bfloat16" else 4
     kwargs = dict(
         dtype=spec["dtype"], max_model_len=eng["max_model_len"], max_num_seqs=eng["max_num_seqs"],
-        block_size=eng["block_size"], num_kv_blocks=kv_block_count(spec, eng["block_size"], dtype_bytes),
+        block_size=eng["block_size"],
+        num_kv_blocks=kv_block_count(spec, eng["block_size"], dtype_bytes),
         max_num_batched_tokens=eng.get("max_num_batched_tokens"), seed=spec["seed"],
         show_progress=False,
     )
