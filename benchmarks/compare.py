@@ -210,8 +210,9 @@ def make_spec(args, name: str, dtype: str, path: str, wcfg: WorkloadConfig) -> d
 
 
 def run_model(args, report: dict, name: str, dtype: str, wcfg: WorkloadConfig,
-              workdir: str) -> None:
-    """Every engine on one checkpoint, one after the other; bandwidth probed before each."""
+              workdir: str, out: str) -> None:
+    """Every engine on one checkpoint, one after the other; bandwidth probed before each.
+    The report so far is saved to `out` after each engine (marked partial)."""
     path = ensure_checkpoint(args, name, dtype)
     spec = make_spec(args, name, dtype, path, wcfg)
     probe = os.path.join(RUNNERS, "hw_probe.py")
@@ -227,6 +228,13 @@ def run_model(args, report: dict, name: str, dtype: str, wcfg: WorkloadConfig,
             continue
         for row in result["rows"]:
             report["rows"].append(compare_report.annotate(row, engine, name, dtype, bw, spec))
+        save(report | {"partial": True}, out)
+
+
+def save(report: dict, out: str) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    with open(out, "w") as f:
+        json.dump(report, f, indent=1)
 
 
 def workload_config(args) -> WorkloadConfig:
@@ -250,22 +258,20 @@ def main(argv=None) -> dict:
         "runs": [], "rows": [],
     }
     print(json.dumps({"matmul": report["matmul"]}), flush=True)
+    out = args.out or os.path.join(HERE, "results", "compare_" + datetime.datetime.now()
+                                   .strftime("%Y%m%d_%H%M%S") + ".json")
     workdir = tempfile.mkdtemp(prefix="jaxserve-compare-")  # specs and engine logs stay here
     report["logs_dir"] = workdir
     for name in args.models:
         for dtype in args.dtypes:
-            run_model(args, report, name, dtype, wcfg, workdir)
+            run_model(args, report, name, dtype, wcfg, workdir, out)
     compare_report.add_ratios(report["rows"])
     for row in report["rows"]:
         print(json.dumps(row), flush=True)
     report["machine"]["loadavg_end"] = list(os.getloadavg())
     report["table"] = compare_report.table(report)
     print(report["table"])
-    out = args.out or os.path.join(HERE, "results", "compare_" + datetime.datetime.now()
-                                   .strftime("%Y%m%d_%H%M%S") + ".json")
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    with open(out, "w") as f:
-        json.dump(report, f, indent=1)
+    save(report, out)
     print(f"# wrote {out}", file=sys.stderr)
     return report
 
