@@ -36,7 +36,8 @@ def _command(args, cache_dir: str) -> list[str]:
     if args.model is None:
         return base + ["demo", "--max-tokens", "32"] + cache + args.extra
     flags = ["--enable-prompt-logprobs"] if args.serve_defaults else []
-    return base + ["generate", args.model, "Hello", "--max-tokens", "8"] + flags + cache + args.extra
+    gen = ["generate", args.model, "Hello", "--max-tokens", "8"]
+    return base + gen + flags + cache + args.extra
 
 
 def _children_cpu() -> float:
