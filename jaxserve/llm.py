@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import gc
 import logging
 import os
 import time
@@ -127,7 +128,21 @@ def _num_kv_blocks(args: EngineArgs, block_bytes: int, max_useful: int) -> int:
 
 
 def create_engine(args: EngineArgs) -> LLMEngine:
-    """Load the model and tokenizer, size the KV cache, compile every bucket."""
+    """Load the model and tokenizer, size the KV cache, compile every bucket.
+
+    Python's cyclic garbage collector is paused meanwhile: start-up (tracing above all) makes
+    many short-lived objects, and its collections cost ~15% of a warm start's CPU time.
+    """
+    gc_was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        return _create_engine(args)
+    finally:
+        if gc_was_enabled:
+            gc.enable()
+
+
+def _create_engine(args: EngineArgs) -> LLMEngine:
     from jaxserve.config import read_generation_eos
     from jaxserve.layers.attention import select_backend
     from jaxserve.runtime.compile_cache import use_compilation_cache

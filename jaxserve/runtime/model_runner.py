@@ -84,6 +84,7 @@ class ModelRunner:
             partial(_prompt_logprobs, self.graphdef), static_argnames=("num_logprobs",)
         )
         self.executables = ExecutableTable()
+        self.warmup_report: WarmupReport | None = None  # set by warmup()
         self._steps = 0
 
     @property
