@@ -46,8 +46,8 @@ def test_every_admitted_request_builds_a_sampler_row(kwargs):
     validate_request([3, 4], params, CONFIG, has_tokenizer=True)  # admitted
     ok = SamplingParams(max_tokens=8)
     chunks = [_chunk(ok, None), _chunk(params, params.seed), _chunk(ok, 7)]
-    rows, variant = rows_for(chunks, max_logprobs=20)
-    md = build_metadata(rows, 4, step_seed=123, variant=variant, penalty_len=64)
+    rows, processed = rows_for(chunks)
+    md = build_metadata(rows, 4, step_seed=123, processed=processed, penalty_len=64)
     assert md.num_rows == 4
     assert np.asarray(md.temperature).shape == (4,)
 
