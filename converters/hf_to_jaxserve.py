@@ -11,7 +11,9 @@ import time
 
 from flax import nnx
 
-from jaxserve.weights.loader import CONVERTED_MARKER, PARAMS_DIR, nest_param, load_model
+from jaxserve.weights.loader import (
+    CONVERTED_MARKER, CONVERTED_VERSION, PARAMS_DIR, load_model, nest_param,
+)
 
 # Everything but the weights travels as is: config, generation config, tokenizer, chat template.
 SIDE_FILES = (
@@ -53,7 +55,7 @@ def convert(src: str, out: str, dtype: str = "auto") -> dict:
             shutil.copy2(f, os.path.join(out, name))
     info = {
         "format": "jaxserve-orbax",
-        "version": 1,
+        "version": CONVERTED_VERSION,
         "dtype": loaded.dtype,
         "architecture": loaded.config.architecture,
         "source": os.path.abspath(loaded.path),

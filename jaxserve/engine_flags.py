@@ -20,9 +20,13 @@ def add_engine_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--max-num-batched-tokens", type=int, default=None)
     g.add_argument("--block-size", type=int, default=16)
     g.add_argument("--num-kv-blocks", type=int, default=None)
+    g.add_argument("--kv-cache-memory-bytes", type=parse_bytes, default=None,
+                   help="KV cache budget, e.g. 4GiB or 512MB (default on CPU: 4 GiB, at most "
+                        "--kv-cache-memory-fraction of the available RAM)")
     g.add_argument("--kv-cache-memory-fraction", "--gpu-memory-utilization", type=float,
                    default=0.9, dest="kv_cache_memory_fraction",
-                   help="share of free device memory for the KV cache (vLLM's name also works)")
+                   help="share of free accelerator memory (or available RAM on CPU) the KV "
+                        "cache may take (vLLM's name also works)")
     g.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True)
     g.add_argument("--enable-prompt-logprobs", action=argparse.BooleanOptionalAction, default=True,
                    help="compile the prompt-logprob programs (requests may ask prompt_logprobs)")
@@ -60,6 +64,26 @@ def add_engine_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return parser
 
 
+_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "m": 10**6, "mb": 10**6, "g": 10**9,
+          "gb": 10**9, "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30}
+
+
+def parse_bytes(text: str) -> int:
+    """'4GiB', '512MB', '1e9' or '1073741824' -> bytes (argparse type)."""
+    t = text.strip().lower()
+    num = t.rstrip("abcdefghijklmnopqrstuvwxyz")
+    unit = t[len(num):].strip()
+    try:
+        value = float(num) * _UNITS[unit]
+    except (ValueError, KeyError):
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a size (e.g. 4GiB, 512MB, 1073741824)"
+        ) from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: must be > 0")
+    return int(value)
+
+
 def engine_args_from(args: argparse.Namespace, model: str | None = None) -> EngineArgs:
     return EngineArgs(
         model=model or args.model,
@@ -69,6 +93,7 @@ def engine_args_from(args: argparse.Namespace, model: str | None = None) -> Engi
         max_num_batched_tokens=args.max_num_batched_tokens,
         block_size=args.block_size,
         num_kv_blocks=args.num_kv_blocks,
+        kv_cache_memory_bytes=args.kv_cache_memory_bytes,
         kv_cache_memory_fraction=args.kv_cache_memory_fraction,
         enable_prefix_caching=args.enable_prefix_caching,
         enable_prompt_logprobs=args.enable_prompt_logprobs,

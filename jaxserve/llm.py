@@ -21,7 +21,9 @@ logger = logging.getLogger(__name__)
 
 # JAX's persistent compilation cache (runtime/compile_cache.py); None turns it off.
 DEFAULT_COMPILE_CACHE = os.path.join(os.path.expanduser("~"), ".cache", "jaxserve", "xla")
-CPU_KV_CACHE_BYTES = 1 << 30  # the "modest default" KV cache on CPU: 1 GiB
+# KV cache on CPU when no budget is given: vLLM's CPU default (VLLM_CPU_KVCACHE_SPACE=4 GiB),
+# never more than kv_cache_memory_fraction of the RAM available at start-up.
+CPU_KV_CACHE_BYTES = 4 << 30
 
 
 @dataclass(frozen=True)
@@ -35,7 +37,8 @@ class EngineArgs:
     max_num_batched_tokens: int | None = None
     block_size: int = 16
     num_kv_blocks: int | None = None
-    kv_cache_memory_fraction: float = 0.9
+    kv_cache_memory_bytes: int | None = None  # KV cache budget (all layers, K and V)
+    kv_cache_memory_fraction: float = 0.9  # of free accelerator memory / available RAM on CPU
     enable_prefix_caching: bool = True
     seed: int = 0
     tensor_parallel_size: int = 1
@@ -75,23 +78,59 @@ class EngineArgs:
             raise ValueError(f"max_logprobs: must be an int >= 0, got {self.max_logprobs!r}")
 
 
-def _num_kv_blocks(args: EngineArgs, block_bytes: int, max_useful: int) -> int:
-    """Blocks for the KV cache: the override, or a share of free device memory."""
+def _available_ram() -> int:
+    """Bytes of RAM available now (MemAvailable), or total physical RAM where unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def _kv_budget(args: EngineArgs) -> tuple[int, str]:
+    """(KV cache budget in bytes, how it was chosen) from the flags and the device's memory."""
     import jax
 
-    if args.num_kv_blocks is not None:
-        return args.num_kv_blocks
     if not 0.0 < args.kv_cache_memory_fraction <= 1.0:
         raise ValueError("kv_cache_memory_fraction: must be in (0, 1]")
+    if args.kv_cache_memory_bytes is not None:
+        if args.kv_cache_memory_bytes <= 0:
+            raise ValueError(
+                f"kv_cache_memory_bytes: must be > 0, got {args.kv_cache_memory_bytes}"
+            )
+        return args.kv_cache_memory_bytes, "kv_cache_memory_bytes"
     device = jax.devices()[0]
     stats = device.memory_stats() if device.platform != "cpu" else None
     if stats and "bytes_limit" in stats:
         free = stats["bytes_limit"] - stats.get("bytes_in_use", 0)
         # Leave room for activations of the largest step (not yet profiled: 10% margin).
-        budget = int(free * args.kv_cache_memory_fraction * 0.9)
+        frac = args.kv_cache_memory_fraction
+        return int(free * frac * 0.9), f"{frac:g} of free device memory, less 10%"
+    cap = int(_available_ram() * args.kv_cache_memory_fraction)
+    if cap < CPU_KV_CACHE_BYTES:
+        return cap, f"{args.kv_cache_memory_fraction:g} of available RAM"
+    return CPU_KV_CACHE_BYTES, "CPU default; set kv_cache_memory_bytes to change"
+
+
+def _num_kv_blocks(args: EngineArgs, block_bytes: int, max_useful: int) -> int:
+    """Blocks for the KV cache: the override, or the budget / bytes per block; logged."""
+    if args.num_kv_blocks is not None:
+        blocks, how = args.num_kv_blocks, "num_kv_blocks"
     else:
-        budget = CPU_KV_CACHE_BYTES
-    return max(2, min(budget // block_bytes, max_useful))
+        budget, how = _kv_budget(args)
+        blocks = max(2, min(budget // block_bytes, max_useful))
+        if blocks == max_useful:
+            how += f"; capped at {max_useful} blocks: max_num_seqs x max_model_len"
+        how = f"budget {budget / (1 << 30):.2f} GiB ({how})"
+    logger.info(
+        "KV cache: %d blocks x %d tokens = %d tokens, %.2f GiB (%s)",
+        blocks, args.block_size, (blocks - 1) * args.block_size,
+        blocks * block_bytes / (1 << 30), how,
+    )
+    return blocks
 
 
 def create_engine(args: EngineArgs) -> LLMEngine:

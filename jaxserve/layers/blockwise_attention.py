@@ -6,6 +6,8 @@ at the longest context actually present, so the work follows the real lengths:
 - decode rows (one query token): all sequences at once, one chunk of blocks per iteration;
 - prefill chunks (more than one query token): one sequence at a time, query tiles x KV chunks.
 NaN in unused cache slots cannot leak: scores and V rows outside a sequence are selected away.
+Gathered K/V chunks are computed on in f32 (XLA:CPU has no bf16 x bf16 -> f32 dot outside its
+YNN fusions: a `preferred_element_type` product that misses them fails at run time).
 """
 
 from __future__ import annotations
@@ -21,14 +23,24 @@ from jax import lax
 class BlockwiseSizes:
     """Loop granularity: blocks per KV chunk (decode rows / prefill tiles), tokens per tile.
 
-    Measured on a 2-core CPU (18M-param Llama, 64 decode rows at 500 tokens of context): a
-    2-block decode chunk ran the step in 66 ms against 77 ms (4 blocks) and 96 ms (8 blocks);
-    small chunks keep the gathered K/V in cache.
+    Decode rows gather `decode_gather_tokens` keys per iteration over all rows, in chunks of
+    `decode_kv_blocks` to `decode_max_kv_blocks` blocks per row: many rows take short chunks
+    (measured on a 2-core CPU, 18M-param Llama, 64 rows at 500 tokens of context: 2 blocks ran
+    the step in 66 ms against 77 ms with 4 and 96 ms with 8: the gathered K/V stays in cache),
+    few rows take long ones, so a single request loops a few times per layer, not once per 2
+    blocks. `decode_gather_tokens=0` keeps every chunk at `decode_kv_blocks`.
     """
 
     decode_kv_blocks: int = 2
     prefill_kv_blocks: int = 8
     q_tile: int = 64
+    decode_gather_tokens: int = 1024
+    decode_max_kv_blocks: int = 16
+
+    def decode_chunk(self, num_seqs: int, block_size: int) -> int:
+        """Blocks per decode iteration for num_seqs rows (static: shapes are known)."""
+        fit = self.decode_gather_tokens // max(1, num_seqs * block_size)
+        return max(self.decode_kv_blocks, min(self.decode_max_kv_blocks, fit))
 
 
 def _visible(key_pos, query_pos, seq_len, sliding_window):
@@ -70,7 +82,7 @@ def _decode_rows(q_last, k_pages, v_pages, bt, seq_lens, rows_ok, scale, window,
     num_seqs, num_q_heads, head_dim = q_last.shape
     kvh, _, bs, _ = k_pages.shape
     group = num_q_heads // kvh
-    chunk = sizes.decode_kv_blocks
+    chunk = sizes.decode_chunk(num_seqs, bs)
     qg = q_last.astype(jnp.float32).reshape(num_seqs, kvh, group, head_dim) * scale
     q_pos = seq_lens - 1  # [S]
     longest = jnp.max(jnp.where(rows_ok, seq_lens, 0))
@@ -157,7 +169,7 @@ def blockwise_paged_attention(q, k_pages, v_pages, block_tables, seq_lens, query
     qsl = query_start_loc.astype(jnp.int32)
     seq_lens = seq_lens.astype(jnp.int32)
     # Extra columns so a chunk that runs past the table reads block 0 (masked), never shifts.
-    pad = max(sizes.decode_kv_blocks, sizes.prefill_kv_blocks)
+    pad = max(sizes.decode_chunk(num_seqs, k_pages.shape[2]), sizes.prefill_kv_blocks)
     bt = jnp.pad(block_tables.astype(jnp.int32), ((0, 0), (0, pad)))
     qlen = qsl[1:] - qsl[:-1]  # [S]
     is_decode = (qlen == 1) & (seq_lens > 0)

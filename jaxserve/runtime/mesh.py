@@ -26,13 +26,13 @@ def partition_spec(path: tuple, ndim: int, num_kv_heads: int, tp: int) -> P:
     module, leaf = (names[-2] if len(names) > 1 else ""), names[-1]
     kv_replicated = module in ("k_proj", "v_proj") and num_kv_heads < tp
     if module in _COLUMN and not kv_replicated:
-        return P(None, "tp") if leaf == "kernel" else P("tp")
-    if module in _ROW and leaf == "kernel":
-        return P("tp", None)
+        return P("tp", None) if leaf == "weight" else P("tp")  # weight [out, in]
+    if module in _ROW and leaf == "weight":
+        return P(None, "tp")
     if module == "embed_tokens":
         return P("tp", None)
     if module == "lm_head":
-        return P(None, "tp")
+        return P("tp", None)
     return P(*([None] * ndim))
 
 

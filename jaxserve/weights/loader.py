@@ -26,6 +26,7 @@ logger = logging.getLogger(__name__)
 
 CONVERTED_MARKER = "jaxserve_checkpoint.json"
 _FLOAT_DTYPES = frozenset({"F64", "F32", "F16", "BF16"})  # safetensors names we cast from
+CONVERTED_VERSION = 2  # 2: Linear weights [out, in] under the name "weight" (1: "kernel" [in, out])
 PARAMS_DIR = "params"
 
 
@@ -132,13 +133,11 @@ def _read_hf(path: str, state, config: ModelConfig, mesh: Mesh, dtype: str):
                 "not supported (casting them without their scales would load garbage)"
             )
         host = ckpt.get(tensor.name)
-        if tensor.transpose:
-            host = host.T
         if host.shape != abstract.shape:
             info = ckpt.tensors[tensor.name]
             raise CheckpointError(
                 f"tensor {tensor.name!r} in {info.file} has shape {tuple(info.shape)}; "
-                f"the config needs {abstract.shape[::-1] if tensor.transpose else abstract.shape}"
+                f"the config needs {abstract.shape}"
             )
         sharding = named_sharding(mesh, param_path, host.ndim, config.num_kv_heads)
         var.set_value(jax.device_put(np.asarray(host, dtype=target), sharding))
@@ -168,7 +167,14 @@ def _restore_converted(path: str, state, config: ModelConfig, mesh: Mesh, dtype:
 
 def _converted_info(path: str) -> dict:
     with open(os.path.join(path, CONVERTED_MARKER)) as f:
-        return json.load(f)
+        info = json.load(f)
+    if info.get("version") != CONVERTED_VERSION:
+        raise CheckpointError(
+            f"{path!r} is a jaxserve checkpoint of format version {info.get('version')!r}; this "
+            f"jaxserve reads version {CONVERTED_VERSION}: convert the HF checkpoint again "
+            "(`jaxserve convert`)"
+        )
+    return info
 
 
 def nest_param(tree: dict, path: tuple, leaf) -> None:

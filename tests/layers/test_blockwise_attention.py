@@ -21,11 +21,12 @@ CASES = {
 
 @pytest.mark.parametrize("name", sorted(CASES))
 @pytest.mark.parametrize("window,cap", [(None, None), (24, None), (None, 5.0)])
-def test_blockwise_matches_naive(name, window, cap):
+@pytest.mark.parametrize("gather", [0, 512])  # decode chunks: always 2 blocks / 5-8 blocks
+def test_blockwise_matches_naive(name, window, cap, gather):
     spec = dict(CASES[name])
     case = make_case(spec.pop("seq_lens"), spec.pop("q_lens"), max_blocks=14, seed=3, **spec)
     fn = jax.jit(lambda *a: blockwise_paged_attention(
-        *a, sliding_window=window, logits_soft_cap=cap, sizes=BlockwiseSizes(2, 3, 16)))
+        *a, sliding_window=window, logits_soft_cap=cap, sizes=BlockwiseSizes(2, 3, 16, decode_gather_tokens=gather)))
     got = np.asarray(fn(case.q, case.k_pages, case.v_pages, case.block_tables, case.seq_lens,
                         case.query_start_loc))
     want = naive_ragged(case, sliding_window=window, logits_soft_cap=cap)

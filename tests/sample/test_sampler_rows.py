@@ -51,10 +51,14 @@ def test_greedy_after_bias_and_penalties_matches_reference():
 def test_seeded_key_contract():
     vocab = 1000
     logits = np.random.default_rng(2).standard_normal(vocab).astype(np.float32)
-    rows = [SamplingRow(temperature=1.0, seed=s, output_index=i) for s, i in [(5, 0), (123, 9)]]
-    tokens = np.asarray(_sample(np.stack([logits] * 2), rows, 2).token_ids)
+    pairs = [(5, 0), (123, 9), ((7 << 32) + 5, 3)]  # a seed >= 2**32 folds its high half in
+    rows = [SamplingRow(temperature=1.0, seed=s, output_index=i) for s, i in pairs]
+    tokens = np.asarray(_sample(np.stack([logits] * 3), rows, 4).token_ids)
     for token, row in zip(tokens, rows):
-        key = jax.random.fold_in(jax.random.key(row.seed), row.output_index)
+        key = jax.random.key(row.seed & 0xFFFFFFFF)
+        if row.seed >> 32:
+            key = jax.random.fold_in(key, row.seed >> 32)
+        key = jax.random.fold_in(key, row.output_index)
         gumbel = np.asarray(jax.random.gumbel(key, (vocab,)))
         assert token == np.argmax(logits + gumbel)
 
