@@ -212,3 +212,19 @@ def test_abort_mid_speculation(engine_pair):
     assert final["r0"].outputs[0].finish_reason == "abort"
     assert final["r1"].outputs[0].finish_reason == "length"
     assert len(final["r1"].outputs[0].token_ids) == 40
+
+
+def test_engine_args_and_cli_flag():
+    import argparse
+
+    from jaxserve.engine_flags import add_engine_args, engine_args_from
+    from jaxserve.llm import EngineArgs
+
+    parser = add_engine_args(argparse.ArgumentParser())
+    parser.add_argument("model")
+    ns = parser.parse_args(["m", "--speculative-config",
+                            '{"method": "ngram", "num_speculative_tokens": 3}'])
+    assert engine_args_from(ns).speculative_config == SpeculativeConfig("ngram", 3, 5, 5)
+    assert engine_args_from(parser.parse_args(["m"])).speculative_config is None
+    with pytest.raises(ValueError, match="speculative_config.method"):
+        EngineArgs(model="m", speculative_config={"method": "medusa", "num_speculative_tokens": 2})
