@@ -55,6 +55,9 @@ class EngineArgs:
     generation_config: str = "auto"  # auto | vllm | a directory with generation_config.json
     trust_remote_code: bool = False  # True is refused: checkpoint code is never run
     enforce_eager: bool = False  # no effect: every step is a compiled XLA program
+    # speculative decoding: {"method": "ngram", "num_speculative_tokens": k,
+    # "prompt_lookup_max": N, "prompt_lookup_min": M} (a dict, or the same as JSON)
+    speculative_config: Any = None
 
     def __post_init__(self) -> None:
         if self.trust_remote_code:
@@ -68,6 +71,10 @@ class EngineArgs:
         if self.num_kv_blocks is not None and self.num_kv_blocks < 2:
             raise ValueError(f"num_kv_blocks: must be >= 2 (block 0 is reserved), got "
                              f"{self.num_kv_blocks}")
+        from jaxserve.engine.spec_config import parse_speculative_config
+
+        object.__setattr__(self, "speculative_config",
+                           parse_speculative_config(self.speculative_config))
         if not isinstance(self.max_logprobs, int) or self.max_logprobs < 0:
             raise ValueError(f"max_logprobs: must be an int >= 0, got {self.max_logprobs!r}")
 
@@ -195,6 +202,7 @@ def _create_engine(args: EngineArgs) -> LLMEngine:
         limits=dataclasses.replace(args.request_limits, max_logprobs=args.max_logprobs),
         max_biased_token_ids=BIAS_WIDTH,
         generation_defaults=_generation_defaults(args, loaded.path),
+        speculative=args.speculative_config,
     )
     runner = ModelRunner(
         loaded,
@@ -203,6 +211,8 @@ def _create_engine(args: EngineArgs) -> LLMEngine:
             max_num_seqs=args.max_num_seqs, max_num_batched_tokens=max_batched, seed=args.seed,
             max_logprobs=args.max_logprobs,
             prompt_logprobs=args.enable_prompt_logprobs,
+            num_speculative_tokens=(args.speculative_config.num_speculative_tokens
+                                    if args.speculative_config else 0),
         ),
         mesh,
     )
