@@ -97,9 +97,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--cache-dir", default=None, help="where the demo checkpoint is written")
     add_engine_args(demo)
     _add_sampling_args(demo)
-    # Small limits: the demo compiles few buckets and starts in well under a minute on a CPU.
-    # No prompt logprobs: these commands never ask for them (fewer programs to compile).
-    demo.set_defaults(max_model_len=512, max_num_seqs=16, max_num_batched_tokens=128,
+    # Limits that fit its few short prompts: few buckets to compile (6 steps, 3 row counts),
+    # and no prompt logprobs (the demo and `generate` never ask for them).
+    demo.set_defaults(max_model_len=512, max_num_seqs=8, max_num_batched_tokens=64,
                       enable_prompt_logprobs=False)
 
     gen = sub.add_parser("generate", parents=[common], help="offline generation for a few prompts")

@@ -51,6 +51,10 @@ def add_engine_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="refused: jaxserve never runs code shipped with a checkpoint")
     g.add_argument("--enforce-eager", action="store_true",
                    help="accepted for vLLM compatibility; no effect (steps are always compiled)")
+    g.add_argument("--speculative-config", default=None,
+                   help='speculative decoding as JSON, vLLM\'s keys: \'{"method": "ngram", '
+                        '"num_speculative_tokens": 4, "prompt_lookup_max": 4, '
+                        '"prompt_lookup_min": 2}\'')
     lim = parser.add_argument_group("per-request limits")
     lim.add_argument("--max-n-sequences", type=int, default=_LIMITS.max_n,
                      help="largest n / best_of of one request (vLLM: VLLM_MAX_N_SEQUENCES)")
@@ -109,6 +113,7 @@ def engine_args_from(args: argparse.Namespace, model: str | None = None) -> Engi
         generation_config=args.generation_config,
         trust_remote_code=args.trust_remote_code,
         enforce_eager=args.enforce_eager,
+        speculative_config=args.speculative_config,
         request_limits=RequestLimits(
             max_n=args.max_n_sequences, max_stop_strings=args.max_stop_strings,
             max_stop_string_chars=args.max_stop_string_length,

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from .limits import RequestLimits
+from .spec_config import SpeculativeConfig
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -27,6 +28,8 @@ class EngineConfig:
     # Width of the runner's per-request sparse logit-bias row: logit_bias entries plus the ids
     # banned until min_tokens (stop ids + EOS) must fit, or the request is refused at admission.
     max_biased_token_ids: int = 512
+    # Speculative decoding (vLLM's speculative_config); None = off.
+    speculative: SpeculativeConfig | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "eos_token_ids", tuple(int(t) for t in self.eos_token_ids))

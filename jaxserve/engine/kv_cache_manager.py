@@ -96,6 +96,19 @@ class KVCacheManager:
             self.pool.cache_full_block(blocks[i], hashes[i])
         self._num_registered[seq.seq_id] = num_full
 
+    def trim(self, seq: Sequence, num_tokens: int) -> None:
+        """Return `seq`'s blocks past those `num_tokens` tokens need (rejected speculative
+        slots) to the pool; they were never registered in the prefix cache."""
+        blocks = self._blocks.get(seq.seq_id)
+        keep = -(-num_tokens // self.block_size)
+        if not blocks or len(blocks) <= keep:
+            return
+        extra = blocks[keep:]
+        del blocks[keep:]
+        del self._block_ids[seq.seq_id][keep:]
+        assert self._num_registered.get(seq.seq_id, 0) <= keep
+        self.pool.free_blocks(reversed(extra))
+
     def free(self, seq: Sequence) -> None:
         """Release all of `seq`'s blocks (tail first, so its prefix stays cached longest)."""
         blocks = self._blocks.pop(seq.seq_id, [])

@@ -142,7 +142,7 @@ class LLMEngine:
         self.output_processor.collect_prompt_logprobs(scheduler_output, runner_output, self.seqs)
         progressed: dict[str, RequestState] = {}
         for seq in sampled:
-            status = self.output_processor.process_token(seq, runner_output)
+            status = self._process_new_tokens(seq, runner_output)
             if status is not None:
                 self.scheduler.finish_sequence(seq, status)
             req = seq.request
@@ -155,6 +155,21 @@ class LLMEngine:
             if req.is_finished:
                 self._finish_request(req, SequenceStatus.FINISHED_ABORTED)
         return outputs
+
+    def _process_new_tokens(self, seq: Sequence, runner_output: ModelRunnerOutput):
+        """Stop checks, logprobs and text for each token the step added to `seq` (several after
+        a verified speculative decode: the ones after a stop are dropped)."""
+        tokens = runner_output.spec_tokens.get(seq.seq_id)
+        if not tokens:
+            return self.output_processor.process_token(seq, runner_output)
+        del seq.output_token_ids[len(seq.output_token_ids) - len(tokens):]
+        status = None
+        for i, token in enumerate(tokens):
+            seq.output_token_ids.append(token)
+            status = self.output_processor.process_token(seq, runner_output, spec_index=i)
+            if status is not None:
+                break
+        return status
 
     def _fail_in_flight(self) -> list[str]:
         """After a runner error: abort every request that had work in the step, freeing blocks."""
@@ -184,6 +199,8 @@ class LLMEngine:
             num_compilations=int(getattr(self.runner, "num_compilations", 0) or 0),
             num_steps=self._num_steps,
             last_step_num_tokens=self._last_step_num_tokens,
+            spec_decoding=(self.scheduler.spec_stats.copy()
+                           if self.config.speculative is not None else None),
         )
 
     def get_tokenizer(self) -> Any | None:

@@ -47,11 +47,14 @@ class OutputProcessor:
                     collected.append(self.logprobs.build(row, num_top))
 
     # ---------------------------------------------------------------- one new token
-    def process_token(self, seq: Sequence, runner_output: ModelRunnerOutput) -> SequenceStatus | None:
-        """Handle `seq`'s newest token; returns the finished status, or None if it goes on."""
+    def process_token(self, seq: Sequence, runner_output: ModelRunnerOutput,
+                      spec_index: int | None = None) -> SequenceStatus | None:
+        """Handle `seq`'s newest token; returns the finished status, or None if it goes on.
+
+        spec_index: the token's index among the step's speculative tokens (its logprob row)."""
         token = seq.output_token_ids[-1]
         if seq.logprobs is not None:
-            self._record_logprobs(seq, runner_output)
+            self._record_logprobs(seq, runner_output, spec_index)
         params = seq.params
         status: SequenceStatus | None = None
         stop_reason: int | str | None = None
@@ -74,8 +77,12 @@ class OutputProcessor:
         seq.stop_reason = stop_reason
         return status
 
-    def _record_logprobs(self, seq: Sequence, runner_output: ModelRunnerOutput) -> None:
+    def _record_logprobs(self, seq: Sequence, runner_output: ModelRunnerOutput,
+                         spec_index: int | None = None) -> None:
         row = runner_output.logprobs.get(seq.seq_id)
+        if spec_index is not None:
+            rows = runner_output.spec_logprobs.get(seq.seq_id) or []
+            row = rows[spec_index] if spec_index < len(rows) else None
         if row is None or not row.token_ids:
             seq.logprobs.append({})
             return

@@ -8,8 +8,10 @@ from collections import deque
 from .config import EngineConfig
 from .block_pool import KVBlock
 from .kv_cache_manager import KVCacheManager
+from .proposers import NgramProposer
 from .scheduler_output import ScheduledChunk, SchedulerOutput
 from .sequence import Sequence, SequenceStatus
+from .stats import SpecDecodingStats
 from ..runtime.runner_output import ModelRunnerOutput
 
 
@@ -20,6 +22,11 @@ class Scheduler:
     (FCFS). When a running sequence needs a block and none is free, the newest running sequence
     not yet scheduled this step is preempted (its blocks freed, recomputed later from the front
     of the waiting queue); older sequences win.
+
+    Speculative decoding: a decode also carries the proposer's draft tokens when the token
+    budget and the free blocks allow (drafts never cause a preemption: they are dropped first);
+    after verification the rejected tail is rolled back (computed tokens, and the blocks past
+    the sequence's end go back to the pool).
     """
 
     def __init__(self, config: EngineConfig):
@@ -31,6 +38,9 @@ class Scheduler:
         self.running: list[Sequence] = []  # kept sorted by arrival_order
         self.num_preemptions = 0
         self._in_flight: dict[str, Sequence] = {}
+        spec = config.speculative
+        self.proposer = NgramProposer(spec) if spec is not None else None
+        self.spec_stats = SpecDecodingStats.empty(spec.num_speculative_tokens if spec else 0)
 
     # ---------------------------------------------------------------- queues
     def add_sequence(self, seq: Sequence, front: bool = False) -> None:
@@ -71,13 +81,16 @@ class Scheduler:
                 if (remaining == 1) != decode_pass:
                     continue
                 num_new = min(remaining, budget)
-                blocks = self._allocate_or_preempt(seq, num_new, scheduled, decode_pass)
-                if blocks is None:
+                drafts = self._propose(seq, budget) if decode_pass else []
+                if drafts and self.kv.allocate_slots(seq, 1 + len(drafts)) is None:
+                    drafts = []  # too few free blocks: decode without speculation
+                if not drafts and self._allocate_or_preempt(
+                        seq, num_new, scheduled, decode_pass) is None:
                     blocked = True
                     continue
-                chunks.append(self._make_chunk(seq, num_new))
+                chunks.append(self._make_chunk(seq, num_new, drafts))
                 scheduled.add(seq.seq_id)
-                budget -= num_new
+                budget -= num_new + len(drafts)
         if not blocked and self.num_preemptions == num_preempted_before:
             budget = self._schedule_waiting(budget, chunks)
         return SchedulerOutput(
@@ -138,14 +151,27 @@ class Scheduler:
         self.waiting.appendleft(seq)
         self.num_preemptions += 1
 
-    def _make_chunk(self, seq: Sequence, num_new: int) -> ScheduledChunk:
+    def _propose(self, seq: Sequence, budget: int) -> list[int]:
+        """Draft tokens for `seq`'s decode: at most what the budget, max_tokens and
+        max_model_len leave room for; none while min_tokens bans stop ids (those bans are
+        per position)."""
+        if self.proposer is None or seq.num_output_tokens < seq.params.min_tokens:
+            return []
+        k = min(budget - 1, seq.max_tokens - seq.num_output_tokens - 1,
+                self.config.max_model_len - seq.num_tokens)
+        if k <= 0:
+            return []
+        return self.proposer.propose(seq.all_token_ids, k)
+
+    def _make_chunk(self, seq: Sequence, num_new: int, drafts: list[int] = ()) -> ScheduledChunk:
         self._in_flight[seq.seq_id] = seq
         start = seq.num_computed_tokens
         end = start + num_new
         sample = end == seq.num_tokens
         return ScheduledChunk(
             request_id=seq.seq_id,
-            token_ids=seq.token_slice(start, end),
+            token_ids=seq.token_slice(start, end) + list(drafts),
+            spec_token_ids=list(drafts),
             start_pos=start,
             block_table=self.kv.get_block_ids(seq),
             sample=sample,
@@ -178,6 +204,10 @@ class Scheduler:
             seq = self._in_flight.get(chunk.request_id)
             if seq is None or seq.status is not SequenceStatus.RUNNING:
                 continue
+            if chunk.spec_token_ids:
+                self._apply_verified(seq, chunk, runner_output)
+                sampled.append(seq)
+                continue
             seq.num_computed_tokens += len(chunk.token_ids)
             self.kv.cache_computed_blocks(seq)
             if chunk.sample:
@@ -188,6 +218,22 @@ class Scheduler:
                 sampled.append(seq)
         self._in_flight = {}
         return sampled
+
+    def _apply_verified(self, seq: Sequence, chunk: ScheduledChunk,
+                        runner_output: ModelRunnerOutput) -> None:
+        """Keep the accepted drafts plus the one sampled token; roll back the rejected tail."""
+        tokens = runner_output.spec_tokens.get(chunk.request_id)
+        num_drafts = len(chunk.spec_token_ids)
+        if not tokens or len(tokens) > num_drafts + 1:
+            raise RuntimeError(f"runner returned {tokens!r} for {chunk.request_id!r} with "
+                               f"{num_drafts} draft tokens")
+        num_accepted = len(tokens) - 1
+        # KV of the last token and of the accepted drafts is right; the rejected slots are not
+        seq.num_computed_tokens += len(chunk.token_ids) - (num_drafts - num_accepted)
+        seq.output_token_ids.extend(int(t) for t in tokens)
+        self.kv.cache_computed_blocks(seq)  # only full blocks of accepted tokens
+        self.kv.trim(seq, seq.num_tokens)  # blocks past the accepted end back to the pool
+        self.spec_stats.record(num_drafts, num_accepted)
 
     def clear_in_flight(self) -> None:
         self._in_flight = {}

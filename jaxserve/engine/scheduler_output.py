@@ -23,6 +23,9 @@ class ScheduledChunk:
     output_token_ids: list[int]  # generated so far; len() is the output index for seeding
     seed: int | None  # effective seed of this sequence (None = unseeded)
     banned_token_ids: tuple[int, ...] = ()  # forced to -inf this step (min_tokens)
+    # Speculative decoding: draft tokens, also the tail of token_ids ([last token] + drafts);
+    # the runner scores every position and returns the accepted prefix plus one more token.
+    spec_token_ids: list[int] = field(default_factory=list)
 
     @property
     def num_tokens(self) -> int:
@@ -61,6 +64,9 @@ class ModelRunner(Protocol):
       different chunks in one step need no ordering.
     - Block tables list real blocks only; pad them with block 0 (the null block).
     - An optional `num_compilations` attribute is reported in EngineStats.
+    - A chunk with `spec_token_ids` (d drafts) gets `spec_tokens[request_id]`: the accepted
+      drafts then one token sampled by rejection sampling (1 .. d + 1 tokens; `sampled` holds
+      the first), and `spec_logprobs[request_id]` one row per returned token when asked.
     """
 
     def execute(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput: ...

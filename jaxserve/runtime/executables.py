@@ -64,21 +64,17 @@ class ExecutableTable:
         start = time.perf_counter()
         workers = threads or max(1, min(8, os.cpu_count() or 1))
         bar = tqdm(total=len(jobs), desc="Compiling buckets", disable=not progress, unit="exe")
+        try:
+            done = _compile_in_pool(jobs, workers, bar)
+        finally:
+            bar.close()
         seconds: Counter[str] = Counter()
-        compiled = hits = 0
-        with ThreadPoolExecutor(workers) as pool:
-            futures = [(kind, key, pool.submit(_compile, lower())) for kind, key, lower in jobs]
-            for kind, key, fut in futures:
-                exe, took, how = fut.result()
-                self._table.setdefault(kind, {})[key] = exe
-                seconds[kind] += took
-                compiled += how == "compiled"
-                hits += how == "cache"
-                logger.debug("%s %s: %.2fs (%s)", kind, key, took, how)
-                bar.set_postfix_str(f"{kind} {key}", refresh=False)
-                bar.update(1)
-        bar.close()
-        report = WarmupReport(len(jobs), compiled, hits, dict(seconds),
+        for kind, key, exe, took, how in done:
+            self._table.setdefault(kind, {})[key] = exe
+            seconds[kind] += took
+            logger.debug("%s %s: %.2fs (%s)", kind, key, took, how)
+        hows = Counter(how for *_, how in done)
+        report = WarmupReport(len(jobs), hows["compiled"], hows["cache"], dict(seconds),
                               time.perf_counter() - start, workers)
         by_kind = Counter(kind for kind, _, _ in jobs)
         logger.info(
@@ -88,6 +84,18 @@ class ExecutableTable:
             report.compiled, report.from_cache,
         )
         return report
+
+
+def _compile_in_pool(jobs, workers: int, bar) -> list[tuple[str, Hashable, Any, float, str]]:
+    """Lower each job here, in order, while the pool compiles the ones lowered before."""
+    done = []
+    with ThreadPoolExecutor(workers) as pool:
+        futures = [(kind, key, pool.submit(_compile, lower())) for kind, key, lower in jobs]
+        for kind, key, fut in futures:
+            done.append((kind, key, *fut.result()))
+            bar.set_postfix_str(f"{kind} {key}", refresh=False)
+            bar.update(1)
+    return done
 
 
 def _compile(lowered) -> tuple[Any, float, str]:

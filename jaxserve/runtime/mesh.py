@@ -25,14 +25,17 @@ def partition_spec(path: tuple, ndim: int, num_kv_heads: int, tp: int) -> P:
     names = [str(p) for p in path]
     module, leaf = (names[-2] if len(names) > 1 else ""), names[-1]
     kv_replicated = module in ("k_proj", "v_proj") and num_kv_heads < tp
+    # Linear `weight` is [out, in], `kernel` [in, out] (jaxserve.layers.linear.rows_major).
+    out_axis = {"weight": P("tp", None), "kernel": P(None, "tp"), "bias": P("tp")}
+    in_axis = {"weight": P(None, "tp"), "kernel": P("tp", None)}
     if module in _COLUMN and not kv_replicated:
-        return P("tp", None) if leaf == "weight" else P("tp")  # weight [out, in]
-    if module in _ROW and leaf == "weight":
-        return P(None, "tp")
+        return out_axis[leaf]
+    if module in _ROW and leaf in in_axis:
+        return in_axis[leaf]
     if module == "embed_tokens":
         return P("tp", None)
     if module == "lm_head":
-        return P("tp", None)
+        return out_axis[leaf]
     return P(*([None] * ndim))
 
 

@@ -20,6 +20,8 @@ from jaxserve.runtime.inputs import StepInputs, prepare_inputs
 from jaxserve.runtime.kv_cache import allocate_kv_cache
 from jaxserve.runtime.runner_output import LogprobsRow, ModelRunnerOutput
 from jaxserve.runtime.sampling_rows import build_metadata, rows_for
+from jaxserve.runtime import spec_decode
+from jaxserve.sample.rejection import verify_step
 from jaxserve.sample.sampler import process_logits, prompt_logprobs, sample_step
 
 logger = logging.getLogger(__name__)
@@ -37,6 +39,7 @@ class RunnerConfig:
     max_logprobs: int = 20
     seed: int = 0
     prompt_logprobs: bool = True  # compile the prompt-logprob programs
+    num_speculative_tokens: int = 0  # > 0: steps score up to k + 1 positions per request
 
 
 def _forward(graphdef, state, kv_cache, token_ids, md, logits_indices):
@@ -64,8 +67,10 @@ class ModelRunner:
             loaded.config, cfg.num_kv_blocks, cfg.block_size, loaded.dtype, mesh
         )
         max_blocks = -(-cfg.max_model_len // cfg.block_size)
+        # speculation: a 1-request verify step (k + 1 <= 8 tokens) gets an 8-token bucket
+        min_tokens = 8 if 0 < cfg.num_speculative_tokens < 8 else 16
         self.buckets = BucketSpec.build(
-            cfg.max_num_batched_tokens, cfg.max_num_seqs, max_blocks,
+            cfg.max_num_batched_tokens, cfg.max_num_seqs, max_blocks, min_tokens=min_tokens,
             bucket_widths=loaded.attention.backend == "reference",
             decode_programs=decode_has_own_program(loaded.attention.backend),
         )
@@ -78,12 +83,15 @@ class ModelRunner:
             partial(_forward, self.graphdef), donate_argnums=(1,),
             out_shardings=(self.replicated, self.replicated, kv_shardings),
         )
-        self._sample = jax.jit(sample_step, static_argnames=("num_logprobs",))
+        self.spec_k = cfg.num_speculative_tokens
+        self._sample = jax.jit(verify_step if self.spec_k else sample_step,
+                               static_argnames=("num_logprobs",))
         self._process = jax.jit(process_logits, out_shardings=self.replicated)
         self._prompt_lp = jax.jit(
             partial(_prompt_logprobs, self.graphdef), static_argnames=("num_logprobs",)
         )
         self.executables = ExecutableTable()
+        self.warmup_report: WarmupReport | None = None  # set by warmup()
         self._steps = 0
 
     @property
@@ -97,12 +105,22 @@ class ModelRunner:
         if not chunks:
             return out
         inp = prepare_inputs(chunks, self.cfg.block_size, self.buckets)
+        layout = None
+        if self.spec_k:
+            t, s = len(inp.token_ids), len(inp.seq_lens)
+            layout = spec_decode.build_layout(
+                chunks, inp.query_start_loc, spec_decode.logit_rows(t, s, self.spec_k))
+            inp = replace(inp, logits_indices=layout.logits_indices)
         logits, hidden = self._run_model(inp)
         self._steps += 1
         if any(c.sampling_params.prompt_logprobs is not None for c in chunks):
             self._collect_prompt_logprobs(chunks, inp, hidden, out)
         sampled_rows = [i for i, c in enumerate(chunks) if c.sample]
         if not sampled_rows:
+            return out
+        if layout is not None:
+            host = self._sample_rows(chunks, logits, len(layout.logits_indices), layout)
+            spec_decode.collect(host, chunks, layout, out)
             return out
         host = self._sample_rows(chunks, logits, len(inp.seq_lens))
         for i in sampled_rows:
@@ -117,16 +135,20 @@ class ModelRunner:
                 )
         return out
 
-    def _sample_rows(self, chunks, logits, num_rows: int):
-        """Host copy of the sampler's output for one step (logprob rows only when asked)."""
+    def _sample_rows(self, chunks, logits, num_rows: int, layout=None):
+        """Host copy of the sampler's output for one step (logprob rows only when asked);
+        with a speculative layout, one row per scored position, verified against the drafts."""
         rows, processed = rows_for(chunks)
+        if layout is not None:
+            rows = spec_decode.expand_rows(chunks, rows)
         md = build_metadata(rows, num_rows, self._step_seed(), processed, self.penalty_len)
         chosen = logits
         if processed:  # bias / penalties: their own small program before the sampler
             chosen = self.executables.get("process", num_rows)(logits, md)
             md = replace(md, penalties=None, bias=None)
-        result = self.executables.get("sample", num_rows)(logits, chosen, md)
-        if not any(r.num_logprobs is not None for r in rows):
+        extra = (layout.draft_ids,) if layout is not None else ()
+        result = self.executables.get("sample", num_rows)(logits, chosen, md, *extra)
+        if not any(r.num_logprobs is not None for r in rows) and layout is None:
             result = replace(result, logprob_token_ids=None, logprobs=None, ranks=None)
         return jax.device_get(result)  # the one device -> host transfer of the step
 
@@ -179,11 +201,13 @@ class ModelRunner:
         jobs = [("step", shape, partial(self._lower_step, shape)) for shape in shapes]
         vocab, d = self.model_config.vocab_size, self.model_config.hidden_size
         hidden_dtype = self.kv_cache[0][0].dtype
-        for s in sorted({s for _, s, _, _ in shapes}):
+        for s in sorted({self._logit_rows(t, s) for t, s, _, _ in shapes}):
             logits = jax.ShapeDtypeStruct((s, vocab), jnp.float32, sharding=self.replicated)
             plain = build_metadata([], s, 0, False, self.penalty_len)
+            extra = (jax.ShapeDtypeStruct((s,), jnp.int32),) if self.spec_k else ()
             jobs.append(("sample", s, partial(
-                self._sample.lower, logits, logits, plain, num_logprobs=self.cfg.max_logprobs)))
+                self._sample.lower, logits, logits, plain, *extra,
+                num_logprobs=self.cfg.max_logprobs)))
             full = build_metadata([], s, 0, True, self.penalty_len)
             jobs.append(("process", s, partial(self._process.lower, logits, full)))
         for t in sorted({t for t, _, _, _ in shapes} if self.cfg.prompt_logprobs else ()):
@@ -206,8 +230,12 @@ class ModelRunner:
             query_start_loc=jax.ShapeDtypeStruct((s + 1,), i32),
             max_query_len=1 if decode_only else 0,
         )
-        tokens, rows = jax.ShapeDtypeStruct((t,), i32), jax.ShapeDtypeStruct((s,), i32)
+        tokens = jax.ShapeDtypeStruct((t,), i32)
+        rows = jax.ShapeDtypeStruct((self._logit_rows(t, s),), i32)
         return self._step.lower(self.state, self.kv_cache, tokens, md, rows)
+
+    def _logit_rows(self, t: int, s: int) -> int:
+        return spec_decode.logit_rows(t, s, self.spec_k)
 
 
 def _step_arrays(inp: StepInputs, decode_only: bool):

@@ -23,3 +23,7 @@ class ModelRunnerOutput:
     # request id -> one row per prompt position covered by the chunk (position p gives the
     # logprob of prompt token p + 1); only for requests with sampling_params.prompt_logprobs set
     prompt_logprobs: dict[str, list[LogprobsRow]] = field(default_factory=dict)
+    # speculative decoding: request id -> the new tokens of a chunk with drafts (accepted
+    # drafts, then the recovered or bonus token), and their logprob rows when asked
+    spec_tokens: dict[str, list[int]] = field(default_factory=dict)
+    spec_logprobs: dict[str, list[LogprobsRow]] = field(default_factory=dict)

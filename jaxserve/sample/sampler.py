@@ -124,7 +124,8 @@ def sample_step(
 
     def skipped(_logits, _ids):
         width = (num_rows, 1 + num_logprobs)
-        return jnp.zeros(width, jnp.int32), jnp.zeros(width, jnp.float32), jnp.zeros(width, jnp.int32)
+        zeros = jnp.zeros(width, jnp.int32)
+        return zeros, jnp.zeros(width, jnp.float32), zeros
 
     ids, lps, ranks = lax.cond(
         md.want_logprobs,

@@ -91,6 +91,9 @@ class EngineMetrics:
                                           "Tokens scheduled in each engine step.",
                                           _STEP_TOKEN_BUCKETS)
         self._last_num_steps = 0
+        self._counter = counter
+        self._spec: tuple | None = None  # speculative decoding counters, made on first use
+        self._last_spec: Any = None
         self._lock = threading.Lock()
         self._last_engine_counts = (0, 0, 0)  # preemptions, prefix queries, prefix hits
         self.total_prompt_tokens = 0
@@ -115,6 +118,33 @@ class EngineMetrics:
                 counts, last):
             if new > old:
                 metric.inc(new - old)
+        if getattr(stats, "spec_decoding", None) is not None:
+            self._on_spec_stats(stats.spec_decoding)
+
+    def _on_spec_stats(self, spec: Any) -> None:
+        """vLLM's spec_decode_* counters (accepted per position labelled by `position`)."""
+        if self._spec is None:
+            per_pos = Counter("jaxserve:spec_decode_num_accepted_tokens_per_pos",
+                              "Accepted draft tokens at each draft position.",
+                              ["model_name", "position"], registry=self.registry)
+            self._spec = (
+                self._counter("spec_decode_num_drafts", "Verified decodes with drafts."),
+                self._counter("spec_decode_num_draft_tokens", "Draft tokens proposed."),
+                self._counter("spec_decode_num_accepted_tokens", "Draft tokens accepted."),
+                per_pos,
+            )
+            self._last_spec = type(spec).empty(len(spec.num_accepted_tokens_per_pos))
+        drafts, draft_tokens, accepted, per_pos = self._spec
+        last, self._last_spec = self._last_spec, spec.copy()
+        for metric, new, old in ((drafts, spec.num_drafts, last.num_drafts),
+                                 (draft_tokens, spec.num_draft_tokens, last.num_draft_tokens),
+                                 (accepted, spec.num_accepted_tokens, last.num_accepted_tokens)):
+            if new > old:
+                metric.inc(new - old)
+        for pos, (new, old) in enumerate(zip(spec.num_accepted_tokens_per_pos,
+                                             last.num_accepted_tokens_per_pos)):
+            if new > old:
+                per_pos.labels(position=str(pos), **self._label).inc(new - old)
 
     def on_tokens(self, record: RequestRecord, num_new_tokens: int, now: float) -> None:
         self.generation_tokens.inc(num_new_tokens)
@@ -176,6 +206,7 @@ class StatLogger:
         self._last_time = time.monotonic()
         self._last_totals = metrics.totals()
         self._last_prefix = (0, 0)
+        self._last_spec: Any = None
 
     def line(self, now: float | None = None) -> str:
         now = time.monotonic() if now is None else now
@@ -204,4 +235,33 @@ class StatLogger:
         stats = self.metrics.last_stats
         busy = stats is not None and (stats.num_requests_running or stats.num_requests_waiting)
         if busy or self.metrics.totals() != self._last_totals:
-            logger.info("%s", self.line())
+            now = time.monotonic()
+            dt = now - self._last_time
+            logger.info("%s", self.line(now))
+            spec = self.spec_line(dt)
+            if spec:
+                logger.info("%s", spec)
+
+    def spec_line(self, dt: float) -> str | None:
+        """vLLM's "SpecDecoding metrics" line over the interval; None when speculation is off
+        or nothing was drafted since the last line."""
+        stats = self.metrics.last_stats
+        spec = getattr(stats, "spec_decoding", None) if stats is not None else None
+        if spec is None:
+            return None
+        last = self._last_spec or type(spec).empty(len(spec.num_accepted_tokens_per_pos))
+        self._last_spec = spec.copy()
+        drafts = spec.num_drafts - last.num_drafts
+        drafted = spec.num_draft_tokens - last.num_draft_tokens
+        accepted = spec.num_accepted_tokens - last.num_accepted_tokens
+        if drafts <= 0:
+            return None
+        per_pos = [(a - b) / drafts for a, b in zip(spec.num_accepted_tokens_per_pos,
+                                                   last.num_accepted_tokens_per_pos)]
+        dt = max(dt, 1e-9)
+        return (f"SpecDecoding metrics: Mean acceptance length: {1 + accepted / drafts:.2f}, "
+                f"Accepted throughput: {accepted / dt:.2f} tokens/s, "
+                f"Drafted throughput: {drafted / dt:.2f} tokens/s, "
+                f"Accepted: {accepted} tokens, Drafted: {drafted} tokens, "
+                f"Per-position acceptance rate: {', '.join(f'{r:.3f}' for r in per_pos)}, "
+                f"Avg Draft acceptance rate: {100.0 * accepted / max(drafted, 1):.1f}%")

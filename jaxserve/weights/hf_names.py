@@ -17,27 +17,29 @@ _LAYER_PARENTS = {
     "input_layernorm": None,
     "post_attention_layernorm": None,
 }
-_LEAF = {"bias": "bias", "weight": "weight", "embedding": "weight"}
+_LEAF = {"kernel": "weight", "bias": "bias", "weight": "weight", "embedding": "weight"}
 
 
 @dataclass(frozen=True)
 class HFTensor:
-    name: str  # our layouts are HF's (Linear weights [out, in]): tensors load as stored
+    name: str
+    transpose: bool = False  # a Linear `kernel` is [in, out]; HF (and our `weight`) [out, in]
 
 
 def hf_tensor_for(path: tuple) -> HFTensor:
     """Our parameter path, e.g. ('layers', 3, 'q_proj', 'weight'), -> its HF tensor."""
     *mods, leaf = (str(p) for p in path)
     hf_leaf = _LEAF[leaf]
+    transpose = leaf == "kernel"
     if mods[0] == "layers":
         index, module = mods[1], mods[2]
         parent = _LAYER_PARENTS[module]
         middle = f"{parent}.{module}" if parent else module
-        return HFTensor(f"model.layers.{index}.{middle}.{hf_leaf}")
+        return HFTensor(f"model.layers.{index}.{middle}.{hf_leaf}", transpose)
     if mods == ["embed_tokens"]:
         return HFTensor("model.embed_tokens.weight")
     if mods == ["norm"]:
         return HFTensor("model.norm.weight")
     if mods == ["lm_head"]:
-        return HFTensor("lm_head.weight")
+        return HFTensor("lm_head.weight", transpose)
     raise KeyError(f"no HF name for parameter path {path}")

@@ -17,6 +17,7 @@ from jax.sharding import Mesh
 
 from jaxserve.config import ConfigError, ModelConfig, resolve_dtype_name
 from jaxserve.layers.attention import AttentionConfig
+from jaxserve.layers.linear import rows_major
 from jaxserve.layers.quant_scheme import QuantConfig
 from jaxserve.models.registry import MODEL_REGISTRY, UnsupportedArchitectureError, model_class_for
 from jaxserve.runtime.mesh import make_mesh, named_sharding
@@ -33,7 +34,7 @@ logger = logging.getLogger(__name__)
 
 CONVERTED_MARKER = "jaxserve_checkpoint.json"
 _FLOAT_DTYPES = frozenset({"F64", "F32", "F16", "BF16"})  # safetensors names we cast from
-CONVERTED_VERSION = 2  # 2: Linear weights [out, in] under the name "weight" (1: "kernel" [in, out])
+CONVERTED_VERSION = 2  # 2: bf16/f16 Linear weights [out, in] as "weight" (1: all "kernel" [in, out])
 PARAMS_DIR = "params"
 
 
@@ -165,11 +166,13 @@ def _read_hf(path: str, state, config: ModelConfig, mesh: Mesh, dtype: str,
                 "not supported (casting them without their scales would load garbage)"
             )
         host = ckpt.get(tensor.name)
+        if tensor.transpose:
+            host = host.T
         if host.shape != abstract.shape:
             info = ckpt.tensors[tensor.name]
             raise CheckpointError(
                 f"tensor {tensor.name!r} in {info.file} has shape {tuple(info.shape)}; "
-                f"the config needs {abstract.shape}"
+                f"the config needs {abstract.shape[::-1] if tensor.transpose else abstract.shape}"
             )
         sharding = named_sharding(mesh, param_path, host.ndim, config.num_kv_heads)
         var.set_value(jax.device_put(np.asarray(host, dtype=target), sharding))
@@ -200,27 +203,43 @@ def _quantized_layer(ckpt: SafetensorsCheckpoint, prefix: tuple, state, quant) -
 
 
 def _restore_converted(path: str, state, config: ModelConfig, mesh: Mesh, dtype: str):
-    """Restore orbax params straight onto their target shardings."""
+    """Restore orbax params straight onto their target shardings (cast and, where the stored
+    dtype's Linear layout differs from the target's, transposed)."""
     import orbax.checkpoint as ocp
 
     saved_dtype = _converted_info(path)["dtype"]
-    abstract_tree = {}
+    flip = rows_major(saved_dtype) != rows_major(dtype)
+    abstract_tree, saved_paths = {}, []
     for param_path, var in nnx.to_flat_state(state):
         a = var.get_value()
-        sharding = named_sharding(mesh, param_path, a.ndim, config.num_kv_heads)
+        saved_path, shape = _saved_layout(param_path, a.shape, flip)
+        sharding = named_sharding(mesh, saved_path, a.ndim, config.num_kv_heads)
         stored = a.dtype if str(param_path[-1]) in QUANT_LEAVES else saved_dtype  # kept as is
-        nest_param(abstract_tree, param_path,
-                   jax.ShapeDtypeStruct(a.shape, stored, sharding=sharding))
+        nest_param(abstract_tree, saved_path,
+                   jax.ShapeDtypeStruct(shape, stored, sharding=sharding))
+        saved_paths.append(saved_path)
     with ocp.StandardCheckpointer() as ckptr:
         restored = ckptr.restore(os.path.abspath(os.path.join(path, PARAMS_DIR)), abstract_tree)
-    for param_path, var in nnx.to_flat_state(state):
+    for (param_path, var), saved_path in zip(nnx.to_flat_state(state), saved_paths):
         arr = restored
-        for key in param_path:
+        for key in saved_path:
             arr = arr[str(key)]
+        if saved_path != param_path:
+            arr = jax.device_put(arr.T, named_sharding(mesh, param_path, arr.ndim,
+                                                       config.num_kv_heads))
         if str(param_path[-1]) not in QUANT_LEAVES and arr.dtype != jnp.dtype(dtype):
             arr = arr.astype(dtype)
         var.set_value(arr)
     return state
+
+
+def _saved_layout(param_path: tuple, shape: tuple, flip: bool) -> tuple[tuple, tuple]:
+    """(path, shape) a target parameter was stored under: a Linear `weight` [out, in] is a
+    `kernel` [in, out] when the stored dtype's layout differs (see layers.linear.rows_major)."""
+    leaf = str(param_path[-1])
+    if not flip or len(shape) != 2 or leaf not in ("weight", "kernel"):
+        return param_path, shape
+    return (*param_path[:-1], "kernel" if leaf == "weight" else "weight"), shape[::-1]
 
 
 def _converted_quantization(path: str, requested: str | None) -> QuantConfig | None:

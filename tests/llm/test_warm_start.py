@@ -30,7 +30,8 @@ def test_second_start_loads_every_executable_from_the_cache(
     assert report.executables == first.engine.runner.warmup_report.executables
     # nothing compiled; the steps (their own closures) load from disk, the sampler programs may
     # also be found in this process's memory
-    assert report.compiled == 0 and report.from_cache >= len(second.engine.runner.buckets.step_shapes())
+    steps = len(second.engine.runner.buckets.step_shapes())
+    assert report.compiled == 0 and report.from_cache >= steps
     prompts = token_prompts([[5, 6, 7, 8, 9], [11, 12]])
     want = [o.outputs[0].token_ids for o in first.generate(prompts, greedy(), use_tqdm=False)]
     got = [o.outputs[0].token_ids for o in second.generate(prompts, greedy(), use_tqdm=False)]

@@ -23,7 +23,7 @@ for tp in (1, 2):
     out[tp] = {
         "tokens": [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)],
         "kv_spec": str(runner.kv_cache[0][0].sharding.spec),
-        "q_proj_spec": str(runner.state["layers"][0]["q_proj"]["weight"][...].sharding.spec),
+        "q_proj_spec": str(runner.state["layers"][0]["q_proj"]["kernel"][...].sharding.spec),
         "free": llm.stats().kv_blocks_free == llm.stats().kv_blocks_total,
     }
 print(json.dumps(out))
@@ -39,5 +39,5 @@ def test_tp2_matches_tp1(demo_model_path, tmp_path):
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     assert out["1"]["tokens"] == out["2"]["tokens"]
     assert out["2"]["kv_spec"] == "P('tp', None, None, None)"  # KV split by kv head
-    assert out["2"]["q_proj_spec"] == "P('tp', None)"  # column-parallel (weight [out, in])
+    assert out["2"]["q_proj_spec"] == "P(None, 'tp')"  # column-parallel
     assert out["1"]["free"] and out["2"]["free"]

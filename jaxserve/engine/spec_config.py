@@ -1,0 +1,68 @@
+"""SpeculativeConfig: vLLM's `speculative_config` dict / `--speculative-config` JSON, validated."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+SUPPORTED_METHODS = ("ngram",)
+_KNOWN_KEYS = {"method", "num_speculative_tokens", "prompt_lookup_max", "prompt_lookup_min"}
+
+
+@dataclass(frozen=True)
+class SpeculativeConfig:
+    """n-gram (prompt lookup) speculation: propose the k tokens that followed the latest earlier
+    occurrence of the sequence's last n tokens, n from prompt_lookup_max down to prompt_lookup_min."""
+
+    method: str = "ngram"
+    num_speculative_tokens: int = 3
+    prompt_lookup_max: int = 5
+    prompt_lookup_min: int = 5
+
+    def __post_init__(self) -> None:
+        if self.method not in SUPPORTED_METHODS:
+            hint = (" (a draft model is not implemented yet)"
+                    if self.method in ("draft_model", "eagle", "eagle3", "medusa", "mtp") else "")
+            raise ValueError(f"speculative_config.method: {self.method!r} is not supported"
+                             f"{hint}; supported: {', '.join(SUPPORTED_METHODS)}")
+        for name in ("num_speculative_tokens", "prompt_lookup_max", "prompt_lookup_min"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"speculative_config.{name}: must be an int >= 1, got {value!r}")
+        if self.num_speculative_tokens > 16:
+            raise ValueError("speculative_config.num_speculative_tokens: at most 16, got "
+                             f"{self.num_speculative_tokens}")
+        if self.prompt_lookup_min > self.prompt_lookup_max:
+            raise ValueError(
+                f"speculative_config.prompt_lookup_min: {self.prompt_lookup_min} exceeds "
+                f"prompt_lookup_max {self.prompt_lookup_max}")
+
+
+def parse_speculative_config(value: Any) -> SpeculativeConfig | None:
+    """None, a SpeculativeConfig, a dict with vLLM's keys, or that dict as a JSON string."""
+    if value is None or isinstance(value, SpeculativeConfig):
+        return value
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"speculative_config: not valid JSON ({exc.msg})") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"speculative_config: expected a dict, got {type(value).__name__}")
+    unknown = sorted(set(value) - _KNOWN_KEYS)
+    if unknown:
+        raise ValueError(f"speculative_config: unknown key(s) {unknown}; known: "
+                         f"{sorted(_KNOWN_KEYS)}")
+    if "method" not in value:
+        raise ValueError("speculative_config.method: required (supported: "
+                         f"{', '.join(SUPPORTED_METHODS)})")
+    if value.get("num_speculative_tokens") is None:
+        raise ValueError("speculative_config.num_speculative_tokens: required")
+    cfg = {k: v for k, v in value.items() if v is not None}
+    # vLLM: one of the two lookup bounds given -> the other equals it; neither -> 5 and 5
+    if "prompt_lookup_max" in cfg and "prompt_lookup_min" not in cfg:
+        cfg["prompt_lookup_min"] = cfg["prompt_lookup_max"]
+    if "prompt_lookup_min" in cfg and "prompt_lookup_max" not in cfg:
+        cfg["prompt_lookup_max"] = cfg["prompt_lookup_min"]
+    return SpeculativeConfig(**cfg)

@@ -1,0 +1,45 @@
+"""Speculative decoding metrics under vLLM's names, and the "SpecDecoding metrics" log line."""
+
+from __future__ import annotations
+
+from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client import generate_latest
+
+from jaxserve.engine.stats import EngineStats, SpecDecodingStats
+from jaxserve.serving.metrics import EngineMetrics, StatLogger
+
+
+def _values(registry) -> dict[tuple, float]:
+    out = {}
+    for fam in text_string_to_metric_families(generate_latest(registry).decode()):
+        for s in fam.samples:
+            if s.name.startswith("jaxserve:spec_decode") and s.name.endswith("_total"):
+                out[(s.name, s.labels.get("position"))] = s.value
+    return out
+
+
+def test_spec_counters_and_log_line():
+    metrics = EngineMetrics("m")
+    log = StatLogger(metrics)
+    metrics.on_stats(EngineStats(kv_blocks_total=8, kv_blocks_free=8))
+    assert _values(metrics.registry) == {} and log.spec_line(1.0) is None  # speculation off
+    spec = SpecDecodingStats.empty(3)
+    for drafted, accepted in ((3, 3), (3, 1), (2, 0), (3, 2)):
+        spec.record(drafted, accepted)
+    metrics.on_stats(EngineStats(num_steps=4, spec_decoding=spec.copy()))
+    v = _values(metrics.registry)
+    assert v[("jaxserve:spec_decode_num_drafts_total", None)] == 4
+    assert v[("jaxserve:spec_decode_num_draft_tokens_total", None)] == 11
+    assert v[("jaxserve:spec_decode_num_accepted_tokens_total", None)] == 6
+    assert [v[("jaxserve:spec_decode_num_accepted_tokens_per_pos_total", str(p))]
+            for p in range(3)] == [3, 2, 1]
+    line = log.spec_line(2.0)
+    assert line.startswith("SpecDecoding metrics: Mean acceptance length: 2.50, ")
+    assert "Accepted: 6 tokens, Drafted: 11 tokens" in line
+    assert "Per-position acceptance rate: 0.750, 0.500, 0.250" in line
+    assert line.endswith("Avg Draft acceptance rate: 54.5%")
+    spec.record(2, 2)
+    metrics.on_stats(EngineStats(num_steps=5, spec_decoding=spec.copy()))
+    assert _values(metrics.registry)[("jaxserve:spec_decode_num_accepted_tokens_total", None)] == 8
+    assert "Accepted: 2 tokens, Drafted: 2 tokens" in log.spec_line(1.0)  # per interval
+    assert log.spec_line(1.0) is None  # nothing new
