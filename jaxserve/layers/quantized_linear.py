@@ -51,9 +51,10 @@ class QuantizedLinear(nnx.Module):
         const = _per_layer(self.scales[...])
         if self.method == "int4":  # uint8 [out, in / 2]: byte = lo + 16 * hi, stored q + 8
             b = q.astype(jnp.float32)
-            # hi = floor(b / 16) with adds only: b / 16 - 15/32 is never a tie, and adding
-            # 2^23 rounds it to an integer (f32 ulp 1 there); YNNPACK runs floor() ~8x slower.
-            hi = (b * const(1.0 / 16.0) + const(2.0**23 - 15.0 / 32.0)) - const(2.0**23)
+            # hi = floor(b / 16) without floor(): y = b / 16 - 15/32 (exact) is never a tie, and
+            # y + 1.5 * 2^23 lies where the f32 spacing is 1, so the add rounds y to an integer.
+            magic = const(1.5 * 2.0**23)
+            hi = ((b * const(1.0 / 16.0) - const(15.0 / 32.0)) + magic) - magic
             lo = b - const(16.0) * hi
             half = self.group // 2
             return (lo.reshape(out_dim, -1, half), hi.reshape(out_dim, -1, half)), 8.0

@@ -26,7 +26,10 @@ def partition_spec(path: tuple, ndim: int, num_kv_heads: int, tp: int) -> P:
     module, leaf = (names[-2] if len(names) > 1 else ""), names[-1]
     kv_replicated = module in ("k_proj", "v_proj") and num_kv_heads < tp
     # Linear `weight` is [out, in], `kernel` [in, out] (jaxserve.layers.linear.rows_major).
-    out_axis = {"weight": P("tp", None), "kernel": P(None, "tp"), "bias": P("tp")}
+    # QuantizedLinear's qweight / scales / zeros are [out, ...]: split by output rows (row-
+    # parallel layers keep them replicated: their group scales need not divide by tp).
+    out_axis = {"weight": P("tp", None), "kernel": P(None, "tp"), "bias": P("tp"),
+                "qweight": P("tp", None), "scales": P("tp", None), "zeros": P("tp", None)}
     in_axis = {"weight": P(None, "tp"), "kernel": P("tp", None)}
     if module in _COLUMN and not kv_replicated:
         return out_axis[leaf]

@@ -90,6 +90,28 @@ def test_fp8_decode_in_jax_equals_ml_dtypes_for_every_byte():
     assert np.array_equal(np.signbit(got[finite]), np.signbit(ref[finite]))  # -0.0 too
 
 
+@pytest.mark.parametrize("method", ["int4", "fp8", "int8"])
+def test_every_stored_byte_decodes_like_numpy(method):
+    """Rows holding every byte value 0..255: QuantizedLinear's fused decode (nibble split
+    by a rounding add, fp8 by arithmetic) equals the numpy reference for each of them."""
+    every = np.arange(256, dtype=np.uint8)
+    qweight = np.stack([every, every[::-1]])  # [2, 256]
+    if method == "fp8":
+        qweight[qweight == 0x7F] = 0x7E  # the two NaN patterns are never stored
+        qweight[qweight == 0xFF] = 0xFE
+    if method == "int8":
+        qweight = qweight.view(np.int8)
+    in_dim = 512 if method == "int4" else 256
+    lin = QuantizedLinear(in_dim, 2, bias=False, dtype=jnp.float32,
+                          quant=QuantConfig(method, None, source="test"))
+    lin.qweight.set_value(jnp.asarray(qweight))
+    w = dequantize(method, qweight, np.ones((2, 1), np.float32))  # [2, in]
+    eye = np.eye(in_dim, dtype=np.float32)  # one token per input: y = w.T exactly
+    for tokens in (eye[:REDUCE_MAX_TOKENS], eye):  # reduce form, then the dot
+        got = np.asarray(jax.jit(lambda v: lin(v))(jnp.asarray(tokens)))
+        assert np.array_equal(got, w.T[:len(tokens)])
+
+
 def _layer(method, in_dim, out_dim, group, zeros=None, bias=None):
     quant = QuantConfig(method, group, zeros is None, source="test")
     lin = QuantizedLinear(in_dim, out_dim, bias=bias is not None, dtype=jnp.float32, quant=quant)
