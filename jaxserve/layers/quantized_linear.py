@@ -10,11 +10,12 @@ from jaxserve.layers.linear import Linear
 from jaxserve.layers.quant_scheme import QWEIGHT_DTYPES, QuantConfig
 
 # Up to this many tokens per step the matmul is written as multiply + reduce over the input
-# axis: XLA:CPU fuses the int8 -> f32 convert into that reduction (one YNNPACK fusion reading
-# the quantized bytes), while its dot_general first materialises an f32 copy of the whole
-# weight (4x the int8 bytes) every step. Past it (prefill) the copy is amortised over the
-# tokens and the blocked dot is faster. See benchmarks/quant_matvec.py.
-REDUCE_MAX_TOKENS = 64
+# axis: XLA:CPU fuses the int8 -> f32 convert (and the int4 / fp8 decode) into that reduction
+# (one YNNPACK fusion reading the quantized bytes), while its dot_general first materialises
+# an f32 copy of the whole weight every step. Past it (prefill) the copy is amortised over the
+# tokens and the dot wins; the decode arithmetic of int4 / fp8 makes their reduction lose
+# sooner. Measured with benchmarks/quant_matvec.py (results/quant_matvec_cpu.txt).
+REDUCE_MAX_TOKENS = {"int8": 64, "int4": 8, "fp8": 8}
 
 
 class QuantizedLinear(nnx.Module):
@@ -70,7 +71,7 @@ class QuantizedLinear(nnx.Module):
         xf = x.astype(jnp.float32).reshape(t, -1, self.group // parts, parts)  # [T, G, k, p]
         scales = self.scales[...]  # [out, G]
         grouped = scales.shape[1] > 1
-        if t <= REDUCE_MAX_TOKENS:
+        if t <= REDUCE_MAX_TOKENS[self.method]:
             # One reduction over all inputs with the group scales applied inside it: XLA:CPU's
             # fused reduction ran ~10x slower as a reduction per group and one over groups.
             prod = sum(xf[:, None, ..., i] * v[None] for i, v in enumerate(values))

@@ -18,6 +18,8 @@ from jaxserve.layers.quant_scheme import (
 )
 from jaxserve.layers.quantized_linear import REDUCE_MAX_TOKENS, QuantizedLinear, fp8_e4m3_to_f32
 
+DOT_TOKENS = max(REDUCE_MAX_TOKENS.values()) + 3  # past every method's reduce form
+
 
 def _weight(out_dim=48, in_dim=64, seed=0):
     w = np.random.default_rng(seed).standard_normal((out_dim, in_dim)).astype(np.float32)
@@ -107,7 +109,7 @@ def test_every_stored_byte_decodes_like_numpy(method):
     lin.qweight.set_value(jnp.asarray(qweight))
     w = dequantize(method, qweight, np.ones((2, 1), np.float32))  # [2, in]
     eye = np.eye(in_dim, dtype=np.float32)  # one token per input: y = w.T exactly
-    for tokens in (eye[:REDUCE_MAX_TOKENS], eye):  # reduce form, then the dot
+    for tokens in (eye[:REDUCE_MAX_TOKENS[method]], eye):  # reduce form, then the dot
         got = np.asarray(jax.jit(lambda v: lin(v))(jnp.asarray(tokens)))
         assert np.array_equal(got, w.T[:len(tokens)])
 
@@ -127,7 +129,7 @@ def _layer(method, in_dim, out_dim, group, zeros=None, bias=None):
 
 @pytest.mark.parametrize("method, group", [("int8", None), ("int8", 32), ("int4", 32),
                                            ("int4", 96), ("fp8", None)])
-@pytest.mark.parametrize("tokens", [1, 5, REDUCE_MAX_TOKENS + 3])  # reduce form, then the dot
+@pytest.mark.parametrize("tokens", [1, 5, DOT_TOKENS])  # reduce form, then the dot
 def test_quantized_linear_equals_matmul_with_dequantized_weight(method, group, tokens):
     in_dim, out_dim = 96, 40
     bias = np.linspace(-1, 1, out_dim).astype(np.float32)
@@ -149,7 +151,7 @@ def test_asymmetric_zero_points(method):
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
 
 
-@pytest.mark.parametrize("tokens", [1, 2, REDUCE_MAX_TOKENS + 3])
+@pytest.mark.parametrize("tokens", [1, 2, DOT_TOKENS])
 def test_w8a8_equals_numpy_per_token_int8_reference(tokens):
     in_dim, out_dim = 96, 40
     w = _weight(out_dim, in_dim, seed=6)
