@@ -50,6 +50,11 @@ def parse_speculative_config(value: Any) -> SpeculativeConfig | None:
             raise ValueError(f"speculative_config: not valid JSON ({exc.msg})") from None
     if not isinstance(value, dict):
         raise ValueError(f"speculative_config: expected a dict, got {type(value).__name__}")
+    method = value.get("method")
+    if method is not None and method not in SUPPORTED_METHODS:  # before the keys: a draft
+        # model's config has keys of its own, and the method is what the user must hear about
+        raise ValueError(f"speculative_config.method: {method!r} is not supported (supported: "
+                         f"{', '.join(SUPPORTED_METHODS)})")
     unknown = sorted(set(value) - _KNOWN_KEYS)
     if unknown:
         raise ValueError(f"speculative_config: unknown key(s) {unknown}; known: "

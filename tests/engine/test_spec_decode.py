@@ -25,7 +25,8 @@ def test_parse_vllm_dict_and_json():
 
 @pytest.mark.parametrize("value, field", [
     ({"method": "eagle", "num_speculative_tokens": 2}, "method"),
-    ({"method": "draft_model", "model": "x", "num_speculative_tokens": 2}, "unknown key"),
+    ({"method": "draft_model", "model": "x", "num_speculative_tokens": 2}, "draft_model"),
+    ({"method": "ngram", "num_speculative_tokens": 2, "draft_tp": 1}, "unknown key"),
     ({"method": "ngram"}, "num_speculative_tokens"),
     ({"method": "ngram", "num_speculative_tokens": 0}, "num_speculative_tokens"),
     ({"method": "ngram", "num_speculative_tokens": 2, "prompt_lookup_min": 4,
