@@ -60,7 +60,6 @@ def test_cancel_while_engine_admits_keeps_the_loop_alive(demo_tokenizer):
     engine = AsyncEngine(llm)
     try:
         async def main():
-            params = SamplingParams(max_tokens=50, ignore_eos=True)
             task = asyncio.ensure_future(_finish_one(engine, "leaves"))
             while not entered.is_set():
                 await asyncio.sleep(0.001)
@@ -70,7 +69,6 @@ def test_cancel_while_engine_admits_keeps_the_loop_alive(demo_tokenizer):
             except asyncio.CancelledError:
                 pass
             release.set()
-            del params
             return await _finish_one(engine, "after")
 
         assert asyncio.run(main()) == "length"
