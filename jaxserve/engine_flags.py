@@ -37,7 +37,7 @@ def add_engine_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--enable-prompt-logprobs", action=argparse.BooleanOptionalAction, default=True,
                    help="compile the prompt-logprob programs (requests may ask prompt_logprobs)")
     g.add_argument("--tensor-parallel-size", type=int, default=1)
-    g.add_argument("--attention-backend", default="auto", choices=["auto", "blockwise", "reference", "pallas"])
+    g.add_argument("--attention-backend", default="auto", choices=["auto", "cpu", "blockwise", "reference", "pallas"])
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--max-logprobs", type=int, default=20,
                    help="most logprobs / prompt_logprobs one request may ask for")

@@ -43,7 +43,7 @@ class EngineArgs:
     enable_prefix_caching: bool = True
     seed: int = 0
     tensor_parallel_size: int = 1
-    attention_backend: str = "auto"  # auto | blockwise | reference | pallas
+    attention_backend: str = "auto"  # auto | cpu | blockwise | reference | pallas
     enable_prompt_logprobs: bool = True  # off: fewer programs to compile at start-up
     compilation_cache_dir: str | None = DEFAULT_COMPILE_CACHE
     show_progress: bool = True
@@ -169,7 +169,7 @@ def _create_engine(args: EngineArgs) -> LLMEngine:
     if args.enforce_eager:
         logger.warning("enforce_eager has no effect: jaxserve always runs compiled XLA steps")
     mesh = make_mesh(args.tensor_parallel_size)
-    attn = select_backend(args.attention_backend)
+    attn = select_backend(args.attention_backend, args.tensor_parallel_size)
     if attn.backend == "pallas" and args.tensor_parallel_size > 1:
         raise ValueError(
             "tensor_parallel_size: > 1 is not supported with the pallas attention backend yet "

@@ -10,12 +10,14 @@ from typing import Literal
 import jax
 
 import pallas_kernels
+from jaxserve.cpu_kernels import build as cpu_build
+from jaxserve.cpu_kernels import paged_attention as cpu_attention
 from jaxserve.layers.blockwise_attention import blockwise_paged_attention
 
 logger = logging.getLogger(__name__)
 
-Backend = Literal["reference", "blockwise", "pallas"]
-BACKENDS = ("reference", "blockwise", "pallas")
+Backend = Literal["reference", "blockwise", "pallas", "cpu"]
+BACKENDS = ("reference", "blockwise", "pallas", "cpu")
 
 
 @jax.tree_util.register_dataclass
@@ -45,28 +47,50 @@ class AttentionConfig:
     interpret: bool = False  # run Pallas kernels in the CPU interpreter (tests)
 
 
-def select_backend(requested: str = "auto") -> AttentionConfig:
+def select_backend(requested: str = "auto", tensor_parallel_size: int = 1) -> AttentionConfig:
     """Choose the attention backend once, at start-up, and log the choice.
 
-    auto: the Pallas kernels on GPU, the blockwise XLA loops elsewhere. "reference" is the plain
-    jnp reference (gathers K/V at the padded width: simple, slow). "pallas" off a GPU runs the
-    kernels in Pallas's CPU interpreter (correct but slow: for tests).
+    auto: the Pallas kernels on GPU; on CPU the C++ kernel (jaxserve/cpu_kernels, compiled on
+    first use) when tp == 1, else the blockwise XLA loops (logged with the reason). "reference"
+    is the plain jnp reference (gathers K/V at the padded width: simple, slow). "pallas" off a
+    GPU runs the kernels in Pallas's CPU interpreter (correct but slow: for tests).
     """
     platform = jax.default_backend()
     if requested == "auto":
-        backend: Backend = "pallas" if platform == "gpu" else "blockwise"
+        backend: Backend = "pallas" if platform == "gpu" else _cpu_default(tensor_parallel_size)
     elif requested in BACKENDS:
         backend = requested  # type: ignore[assignment]
     else:
         raise ValueError(
             f"attention_backend: {requested!r} is not one of auto, {', '.join(BACKENDS)}"
         )
+    if backend == "cpu":
+        if platform != "cpu" or tensor_parallel_size > 1:
+            raise ValueError("attention_backend: 'cpu' runs on the CPU platform with "
+                             f"tensor_parallel_size 1 (platform {platform}, tp "
+                             f"{tensor_parallel_size})")
+        cpu_attention.ensure_built()
     interpret = backend == "pallas" and platform != "gpu"
     logger.info(
         "attention backend: %s%s (platform %s)",
         backend, " in the CPU interpreter" if interpret else "", platform,
     )
     return AttentionConfig(backend=backend, interpret=interpret)
+
+
+def _cpu_default(tensor_parallel_size: int) -> Backend:
+    """The C++ kernel when it can serve this engine, else blockwise (and say why)."""
+    if tensor_parallel_size > 1:
+        logger.info("attention: the CPU kernel is not sharded; tensor_parallel_size %d uses "
+                    "the blockwise XLA loops", tensor_parallel_size)
+        return "blockwise"
+    try:
+        cpu_attention.ensure_built()
+    except cpu_build.KernelBuildError as e:
+        logger.warning("attention: the CPU kernel could not be built, using the slower "
+                       "blockwise XLA loops: %s", e)
+        return "blockwise"
+    return "cpu"
 
 
 def write_kv(
@@ -113,3 +137,26 @@ def paged_attention(
     return pallas_kernels.ragged_paged_attention_reference(
         q, k_pages, v_pages, md.block_tables, md.seq_lens, md.query_start_loc, **kwargs
     )
+
+
+def write_and_attend(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    kv: tuple[jax.Array, jax.Array],
+    md: AttentionMetadata,
+    cfg: AttentionConfig,
+    scale: float,
+) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+    """Write this step's k, v [T, Hkv, D] into the pages, then attend q [T, Hq, D] over them.
+
+    The CPU kernel does both in one call; the other backends scatter, then attend."""
+    if cfg.backend == "cpu":
+        o, k_pages, v_pages = cpu_attention.write_and_attend(
+            q, k, v, kv[0], kv[1], md.slot_mapping, md.block_tables, md.seq_lens,
+            md.query_start_loc, scale=scale, sliding_window=cfg.sliding_window,
+            logits_soft_cap=cfg.logits_soft_cap,
+        )
+        return o, (k_pages, v_pages)
+    k_pages, v_pages = write_kv(kv[0], kv[1], k, v, md.slot_mapping)
+    return paged_attention(q, k_pages, v_pages, md, cfg, scale), (k_pages, v_pages)

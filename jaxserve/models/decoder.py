@@ -12,8 +12,7 @@ from jaxserve.config import ModelConfig
 from jaxserve.layers.attention import (
     AttentionConfig,
     AttentionMetadata,
-    paged_attention,
-    write_kv,
+    write_and_attend,
 )
 from jaxserve.layers.linear import Embedding, Linear
 from jaxserve.layers.norms import RMSNorm
@@ -83,12 +82,11 @@ class DecoderLayer(nnx.Module):
         inv_freq = inverse_frequencies(self.rope, head_dim)  # numpy, folded in at trace time
         q = apply_rotary(q, md.positions, inv_freq)
         k = apply_rotary(k, md.positions, inv_freq)
-        k_pages, v_pages = write_kv(kv[0], kv[1], k, v, md.slot_mapping)
-        o = paged_attention(q, k_pages, v_pages, md, self.attn, head_dim**-0.5)  # [T, Hq, D]
+        o, kv = write_and_attend(q, k, v, kv, md, self.attn, head_dim**-0.5)  # o [T, Hq, D]
         x = x + self.o_proj(o.reshape(o.shape[0], -1).astype(x.dtype))
         h = self.post_attention_layernorm(x)
         x = x + self.down_proj(_ACTIVATIONS[self.act_name](self.gate_proj(h)) * self.up_proj(h))
-        return x, (k_pages, v_pages)
+        return x, kv
 
 
 class DecoderForCausalLM(nnx.Module):

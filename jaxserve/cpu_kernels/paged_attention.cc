@@ -1,0 +1,442 @@
+// Ragged paged attention for the CPU, called from the jitted step through XLA's FFI.
+//
+// One call per layer does what the XLA path does in a scatter plus a blockwise loop:
+//   1. writes this step's K/V rows into their cache slots (the cache buffers are aliased to the
+//      outputs, so with a donated cache they are written in place);
+//   2. attends every real query token (decode rows and prefill chunks alike) over its
+//      sequence's pages, causal, with an optional sliding window and logits soft cap.
+// Work items are (sequence, tile of up to kTile query tokens, kv head); the G query heads of a
+// kv head share each K/V page read (GQA). Pages are widened to f32 one block at a time and the
+// softmax is online per block. Keys past a sequence's length are never read, so whatever the
+// unused slots hold (NaN included) cannot reach the output; padding tokens get zeros.
+//
+// K pages are stored transposed inside each block so a block's scores are a few wide vector
+// ops with no transpose at read time: key o, dim i of a block sits at ((i / P) * bs + o) * P +
+// i % P, with P = 2 for bf16 (pairs of dims, the operand of AVX-512 BF16's dot product) and P = 1
+// for f32. V pages keep [bs, D]. Only this kernel reads or writes pages laid out this way: the
+// engine picks one attention backend for its whole life.
+//
+// Shapes: q [T, Hq, D]; k_new, v_new [T, Hkv, D]; k_pages, v_pages [Hkv, NB, bs, D];
+// slot_mapping [T]; block_tables [S, W]; seq_lens [S]; query_start_loc [S + 1]; out [T, Hq, D].
+// q, k_new, v_new, out and the pages share one dtype: bf16 or f32.
+
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+#include "parallel.h"
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+constexpr int kTile = 16;  // query tokens per work item
+
+inline float load(const float* p, int64_t i) { return p[i]; }
+inline float load(const uint16_t* p, int64_t i) {
+  uint32_t bits = static_cast<uint32_t>(p[i]) << 16;
+  float f;
+  std::memcpy(&f, &bits, sizeof f);
+  return f;
+}
+inline void store(float* p, int64_t i, float v) { p[i] = v; }
+inline void store(uint16_t* p, int64_t i, float v) {  // round to nearest even, NaN kept
+  uint32_t bits;
+  std::memcpy(&bits, &v, sizeof bits);
+  if ((bits & 0x7fffffffu) > 0x7f800000u) {
+    p[i] = static_cast<uint16_t>((bits >> 16) | 0x40u);
+    return;
+  }
+  bits += 0x7fffu + ((bits >> 16) & 1u);
+  p[i] = static_cast<uint16_t>(bits >> 16);
+}
+
+struct Dims {
+  int64_t tokens, q_heads, kv_heads, head_dim, num_blocks, block_size, seqs, width;
+};
+
+struct Params {
+  float scale;
+  int32_t window;  // 0: none
+  float soft_cap;  // 0: none
+};
+
+struct WorkItem {
+  int32_t seq, first, count, kv_head;  // query tokens [first, first + count) of `seq`
+};
+
+template <typename T>
+constexpr int64_t kPair = sizeof(T) == 2 ? 2 : 1;  // dims packed together in the K layout
+
+template <typename T>
+void write_kv(const Dims& d, const T* k_new, const T* v_new, const int32_t* slots, T* k_pages,
+              T* v_pages) {
+  const int64_t slots_per_head = d.num_blocks * d.block_size, bs = d.block_size, D = d.head_dim;
+  constexpr int64_t P = kPair<T>;
+  for (int64_t t = 0; t < d.tokens; ++t) {
+    const int64_t slot = slots[t];
+    if (slot < 0 || slot >= slots_per_head) continue;  // validated by the caller; never write OOB
+    const int64_t block = slot / bs, o = slot % bs;
+    for (int64_t h = 0; h < d.kv_heads; ++h) {
+      const int64_t page = (h * d.num_blocks + block) * bs * D;
+      const int64_t src = (t * d.kv_heads + h) * D;
+      std::memcpy(v_pages + page + o * D, v_new + src, D * sizeof(T));
+      for (int64_t i = 0; i < D; ++i) k_pages[page + ((i / P) * bs + o) * P + i % P] = k_new[src + i];
+    }
+  }
+}
+
+// exp(x) for x <= 0 (scores minus their running max); no branches, so loops over a block of
+// keys vectorise. 2^n * p(r) with r in [-ln2/2, ln2/2] and a degree-6 Taylor polynomial:
+// relative error < 2e-7, below the f32 rounding of the result; x < -87 gives 0.
+inline float exp_nonpositive(float x) {
+  const float xc = std::max(x, -87.0f);
+  const float n = std::nearbyint(xc * 1.44269504f);
+  const float r = (xc - n * 0.693145752f) - n * 1.42860677e-6f;
+  float p = 1.0f / 720.0f;
+  p = p * r + 1.0f / 120.0f;
+  p = p * r + 1.0f / 24.0f;
+  p = p * r + 1.0f / 6.0f;
+  p = p * r + 0.5f;
+  p = p * r + 1.0f;
+  p = p * r + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof scale);
+  return x < -87.0f ? 0.0f : p * scale;
+}
+
+constexpr int kRows = 8;     // query rows scored together (independent accumulator chains)
+constexpr int kMaxBlock = 256;  // largest block_size the kernel takes (checked by the caller)
+
+// s[r][0:bs] = q_r . K^T for `nr` <= kRows query rows (page dtype) against one block's K.
+inline void block_scores(const uint16_t* q, int64_t nr, const uint16_t* kt, int64_t D, int64_t bs,
+                         float (*s)[kMaxBlock]) {
+#if defined(__AVX512BF16__)
+  if (bs % 16 == 0 && nr == kRows) {
+    for (int64_t c = 0; c < bs; c += 16) {
+      __m512 acc[kRows];
+      for (int r = 0; r < kRows; ++r) acc[r] = _mm512_setzero_ps();
+      for (int64_t p = 0; p < D / 2; ++p) {
+        const __m512bh k = (__m512bh)_mm512_loadu_si512(kt + (p * bs + c) * 2);
+        for (int r = 0; r < kRows; ++r) {
+          int32_t pair;
+          std::memcpy(&pair, q + r * D + 2 * p, sizeof pair);
+          acc[r] = _mm512_dpbf16_ps(acc[r], (__m512bh)_mm512_set1_epi32(pair), k);
+        }
+      }
+      for (int r = 0; r < kRows; ++r) _mm512_storeu_ps(&s[r][c], acc[r]);
+    }
+    return;
+  }
+#endif
+  for (int64_t r = 0; r < nr; ++r) {
+    float* sr = s[r];
+    for (int64_t j = 0; j < bs; ++j) sr[j] = 0.0f;
+    for (int64_t p = 0; p < D / 2; ++p) {
+      const float q0 = load(q, r * D + 2 * p), q1 = load(q, r * D + 2 * p + 1);
+      const uint16_t* row = kt + p * bs * 2;
+#pragma omp simd
+      for (int64_t j = 0; j < bs; ++j) sr[j] += q0 * load(row, 2 * j) + q1 * load(row, 2 * j + 1);
+    }
+  }
+}
+
+inline void block_scores(const float* q, int64_t nr, const float* kt, int64_t D, int64_t bs,
+                         float (*s)[kMaxBlock]) {
+  for (int64_t r = 0; r < nr; ++r) {
+    float* sr = s[r];
+    for (int64_t j = 0; j < bs; ++j) sr[j] = 0.0f;
+    for (int64_t i = 0; i < D; ++i) {
+      const float qi = q[r * D + i];
+      const float* row = kt + i * bs;
+#pragma omp simd
+      for (int64_t j = 0; j < bs; ++j) sr[j] += qi * row[j];
+    }
+  }
+}
+
+// acc[0:D] = acc * corr + sum_j p[j] * v[j] over n keys (v: f32 [n, D]).
+inline void accumulate(float* acc, float corr, const float* p, const float* v, int64_t n,
+                       int64_t D) {
+#if defined(__AVX512F__)
+  if (D % 16 == 0 && D <= 256) {
+    __m512 a[16];
+    const int64_t chunks = D / 16;
+    const __m512 c = _mm512_set1_ps(corr);
+    for (int64_t k = 0; k < chunks; ++k) a[k] = _mm512_mul_ps(_mm512_loadu_ps(acc + 16 * k), c);
+    for (int64_t j = 0; j < n; ++j) {
+      const __m512 pj = _mm512_set1_ps(p[j]);
+      for (int64_t k = 0; k < chunks; ++k)
+        a[k] = _mm512_fmadd_ps(pj, _mm512_loadu_ps(v + j * D + 16 * k), a[k]);
+    }
+    for (int64_t k = 0; k < chunks; ++k) _mm512_storeu_ps(acc + 16 * k, a[k]);
+    return;
+  }
+#endif
+  for (int64_t i = 0; i < D; ++i) acc[i] *= corr;
+  for (int64_t j = 0; j < n; ++j) {
+#pragma omp simd
+    for (int64_t i = 0; i < D; ++i) acc[i] += p[j] * v[j * D + i];
+  }
+}
+
+// Scratch of one thread: query rows (page dtype), accumulators, one block of V in f32.
+template <typename T>
+struct Scratch {
+  std::vector<T> q;
+  std::vector<float> acc, m, l, v;
+  void fit(int64_t rows, int64_t head_dim, int64_t block_size) {
+    q.resize((rows + kRows) * head_dim);  // + a group's worth of zero rows past the end
+    acc.resize(rows * head_dim);
+    m.resize(rows);
+    l.resize(rows);
+    v.resize(block_size * head_dim);
+  }
+};
+
+// Turns one row's raw scores into probabilities for this block (masked keys -> 0) and
+// updates its running max / sum; returns the factor its accumulator must be scaled by, or a
+// negative value when nothing in the block is visible to it.
+inline float softmax_block_generic(float* s, int64_t bs, int64_t n, int64_t start, int64_t qpos,
+                           const Params& p, float& m, float& l) {
+  const float neg_inf = -std::numeric_limits<float>::infinity();
+  float block_max = neg_inf;
+#pragma omp simd reduction(max : block_max)
+  for (int64_t j = 0; j < bs; ++j) {
+    const int64_t key = start + j;
+    float x = s[j] * p.scale;
+    if (p.soft_cap > 0.0f) {  // cap * tanh(x / cap) = cap * (1 - e) / (1 + e), e = exp(-2|x| / cap)
+      const float e = exp_nonpositive(-2.0f * std::fabs(x) / p.soft_cap);
+      x = std::copysign(p.soft_cap * (1.0f - e) / (1.0f + e), x);
+    }
+    const bool ok = j < n && key <= qpos && (p.window <= 0 || qpos - key < p.window);
+    s[j] = ok ? x : neg_inf;  // a NaN score of an unwritten slot is selected away here
+    block_max = std::max(block_max, s[j]);
+  }
+  if (block_max == neg_inf) return -1.0f;
+  const float m_new = std::max(m, block_max);
+  const float corr = m == neg_inf ? 0.0f : exp_nonpositive(m - m_new);
+  float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t j = 0; j < bs; ++j) {
+    s[j] = s[j] == neg_inf ? 0.0f : exp_nonpositive(s[j] - m_new);
+    sum += s[j];
+  }
+  l = l * corr + sum;
+  m = m_new;
+  return corr;
+}
+
+
+#if defined(__AVX512F__)
+// exp_nonpositive on 16 lanes: 2^n * p(r) through scalef.
+inline __m512 exp_nonpositive16(__m512 x) {
+  const __m512 xc = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(xc, _mm512_set1_ps(1.44269504f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145752f), xc);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.42860677e-6f), r);
+  __m512 p = _mm512_set1_ps(1.0f / 720.0f);
+  for (float c : {1.0f / 120.0f, 1.0f / 24.0f, 1.0f / 6.0f, 0.5f, 1.0f, 1.0f})
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c));
+  const __mmask16 tiny = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.0f), _CMP_LT_OQ);
+  return _mm512_maskz_mov_ps(static_cast<__mmask16>(~tiny), _mm512_scalef_ps(p, n));
+}
+
+// softmax_block_generic for block sizes that are a multiple of 16, in AVX-512.
+inline float softmax_block_avx512(float* s, int64_t bs, int64_t n, int64_t start, int64_t qpos,
+                                  const Params& p, float& m, float& l) {
+  const __m512 neg_inf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+  const __m512i lane = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+  const __m512i q_pos = _mm512_set1_epi32(static_cast<int32_t>(qpos));
+  const __m512i limit = _mm512_set1_epi32(static_cast<int32_t>(std::min(qpos, start + n - 1)));
+  __m512 vmax = neg_inf;
+  for (int64_t c = 0; c < bs; c += 16) {
+    const __m512i key = _mm512_add_epi32(_mm512_set1_epi32(static_cast<int32_t>(start + c)), lane);
+    __mmask16 ok = _mm512_cmp_epi32_mask(key, limit, _MM_CMPINT_LE);
+    if (p.window > 0)
+      ok &= _mm512_cmp_epi32_mask(_mm512_sub_epi32(q_pos, key), _mm512_set1_epi32(p.window),
+                                  _MM_CMPINT_LT);
+    __m512 x = _mm512_mul_ps(_mm512_loadu_ps(s + c), _mm512_set1_ps(p.scale));
+    if (p.soft_cap > 0.0f) {
+      const __m512 cap = _mm512_set1_ps(p.soft_cap);
+      const __m512 ax = _mm512_abs_ps(x);
+      const __m512 e = exp_nonpositive16(_mm512_div_ps(_mm512_mul_ps(ax, _mm512_set1_ps(-2.0f)), cap));
+      const __m512 t = _mm512_div_ps(_mm512_mul_ps(cap, _mm512_sub_ps(_mm512_set1_ps(1.0f), e)),
+                                     _mm512_add_ps(_mm512_set1_ps(1.0f), e));
+      const __mmask16 neg = _mm512_cmp_ps_mask(x, _mm512_setzero_ps(), _CMP_LT_OQ);
+      x = _mm512_mask_sub_ps(t, neg, _mm512_setzero_ps(), t);
+    }
+    x = _mm512_mask_blend_ps(ok, neg_inf, x);  // a NaN score of an unwritten slot goes here
+    _mm512_storeu_ps(s + c, x);
+    vmax = _mm512_max_ps(vmax, x);
+  }
+  const float block_max = _mm512_reduce_max_ps(vmax);
+  if (block_max == -std::numeric_limits<float>::infinity()) return -1.0f;
+  const float m_new = std::max(m, block_max);
+  const float corr = m == -std::numeric_limits<float>::infinity() ? 0.0f : exp_nonpositive(m - m_new);
+  __m512 vsum = _mm512_setzero_ps();
+  const __m512 mn = _mm512_set1_ps(m_new);
+  for (int64_t c = 0; c < bs; c += 16) {
+    const __m512 x = _mm512_loadu_ps(s + c);
+    const __mmask16 live = _mm512_cmp_ps_mask(x, neg_inf, _CMP_NEQ_OQ);
+    const __m512 e = _mm512_maskz_mov_ps(live, exp_nonpositive16(_mm512_sub_ps(x, mn)));
+    _mm512_storeu_ps(s + c, e);
+    vsum = _mm512_add_ps(vsum, e);
+  }
+  l = l * corr + _mm512_reduce_add_ps(vsum);
+  m = m_new;
+  return corr;
+}
+#endif
+
+inline float softmax_block(float* s, int64_t bs, int64_t n, int64_t start, int64_t qpos,
+                           const Params& p, float& m, float& l) {
+#if defined(__AVX512F__)
+  if (bs % 16 == 0) return softmax_block_avx512(s, bs, n, start, qpos, p, m, l);
+#endif
+  return softmax_block_generic(s, bs, n, start, qpos, p, m, l);
+}
+
+template <typename T>
+void attend(const Dims& d, const Params& p, const WorkItem& w, const T* q, const T* k_pages,
+            const T* v_pages, const int32_t* block_tables, const int32_t* seq_lens,
+            const int32_t* qsl, T* out, Scratch<T>& sc) {
+  const int64_t D = d.head_dim, bs = d.block_size, G = d.q_heads / d.kv_heads;
+  const int64_t rows = static_cast<int64_t>(w.count) * G;  // row r: token r / G, head r % G
+  sc.fit(rows, D, bs);
+  const int64_t seq_len = seq_lens[w.seq];
+  const int64_t qlen = qsl[w.seq + 1] - qsl[w.seq];
+  const int64_t pos0 = seq_len - qlen + w.first;  // position of the tile's first query token
+  const int64_t tok0 = qsl[w.seq] + w.first;
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t t = tok0 + r / G, h = w.kv_head * G + r % G;
+    std::memcpy(&sc.q[r * D], q + (t * d.q_heads + h) * D, D * sizeof(T));
+    sc.m[r] = -std::numeric_limits<float>::infinity();
+    sc.l[r] = 0.0f;
+  }
+  std::fill(sc.q.begin() + rows * D, sc.q.end(), T(0));
+  std::fill(sc.acc.begin(), sc.acc.begin() + rows * D, 0.0f);
+  const int64_t key_end = std::min<int64_t>(seq_len, pos0 + w.count);  // exclusive
+  int64_t key_begin = 0;
+  if (p.window > 0) key_begin = std::max<int64_t>(0, pos0 - p.window + 1);
+  const int32_t* table = block_tables + static_cast<int64_t>(w.seq) * d.width;
+  const int64_t head_base = static_cast<int64_t>(w.kv_head) * d.num_blocks * bs * D;
+  float s[kRows][kMaxBlock];
+  for (int64_t b = key_begin / bs; b * bs < key_end; ++b) {
+    const int64_t start = b * bs, n = std::min<int64_t>(bs, key_end - start);
+    const int64_t page = head_base + static_cast<int64_t>(table[b]) * bs * D;
+    // Keys past the sequence get scores (of whatever their slots hold) that are masked away,
+    // and their V rows are never read.
+    for (int64_t i = 0; i < n * D; ++i) sc.v[i] = load(v_pages, page + i);
+    // Causal: rows whose token comes before this block's first key see nothing in it.
+    const int64_t first_row = std::max<int64_t>(0, start - pos0) * G;
+    for (int64_t r0 = first_row; r0 < rows; r0 += kRows) {
+      block_scores(&sc.q[r0 * D], kRows, k_pages + page, D, bs, s);
+      for (int64_t r = r0; r < std::min<int64_t>(rows, r0 + kRows); ++r) {
+        const float corr = softmax_block(s[r - r0], bs, n, start, pos0 + r / G, p, sc.m[r], sc.l[r]);
+        if (corr >= 0.0f) accumulate(&sc.acc[r * D], corr, s[r - r0], sc.v.data(), n, D);
+      }
+    }
+  }
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t t = tok0 + r / G, h = w.kv_head * G + r % G;
+    const float inv = sc.l[r] > 0.0f ? 1.0f / sc.l[r] : 0.0f;
+    for (int64_t i = 0; i < D; ++i) store(out, (t * d.q_heads + h) * D + i, sc.acc[r * D + i] * inv);
+  }
+}
+
+template <typename T>
+ffi::Error run(ffi::ThreadPool& pool, const Dims& d, const Params& p, const T* q, const T* k_new, const T* v_new,
+               const int32_t* slots, const int32_t* block_tables, const int32_t* seq_lens,
+               const int32_t* qsl, T* out, T* k_pages, T* v_pages) {
+  write_kv(d, k_new, v_new, slots, k_pages, v_pages);
+  std::memset(out, 0, d.tokens * d.q_heads * d.head_dim * sizeof(T));  // padding tokens: zeros
+  std::vector<WorkItem> items;
+  for (int32_t s = 0; s < d.seqs; ++s) {
+    const int64_t qlen = qsl[s + 1] - qsl[s];
+    if (seq_lens[s] <= 0 || qlen <= 0) continue;
+    if (qlen > seq_lens[s] || qsl[s + 1] > d.tokens)
+      return ffi::Error::InvalidArgument("paged attention: a chunk is longer than its sequence");
+    const int64_t blocks = (seq_lens[s] + d.block_size - 1) / d.block_size;
+    if (blocks > d.width)
+      return ffi::Error::InvalidArgument("paged attention: seq_len exceeds the block table");
+    for (int64_t b = 0; b < blocks; ++b) {
+      const int32_t id = block_tables[s * d.width + b];
+      if (id < 0 || id >= d.num_blocks)
+        return ffi::Error::InvalidArgument("paged attention: block id out of range");
+    }
+    for (int32_t f = 0; f < qlen; f += kTile)
+      for (int32_t h = 0; h < d.kv_heads; ++h)
+        items.push_back({s, f, static_cast<int32_t>(std::min<int64_t>(kTile, qlen - f)), h});
+  }
+  jaxserve::ParallelFor(pool, static_cast<int64_t>(items.size()), [&](int64_t i) {
+    thread_local Scratch<T> sc;
+    attend(d, p, items[i], q, k_pages, v_pages, block_tables, seq_lens, qsl, out, sc);
+  });
+  return ffi::Error::Success();
+}
+
+ffi::Error PagedAttention(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuffer k_new, ffi::AnyBuffer v_new,
+                          ffi::AnyBuffer, ffi::AnyBuffer, ffi::Buffer<ffi::S32> slots,
+                          ffi::Buffer<ffi::S32> block_tables, ffi::Buffer<ffi::S32> seq_lens,
+                          ffi::Buffer<ffi::S32> qsl, ffi::Result<ffi::AnyBuffer> out,
+                          ffi::Result<ffi::AnyBuffer> k_pages, ffi::Result<ffi::AnyBuffer> v_pages,
+                          float scale, int32_t window, float soft_cap) {
+  auto qd = q.dimensions(), pd = k_pages->dimensions(), bd = block_tables.dimensions();
+  if (qd.size() != 3 || pd.size() != 4 || bd.size() != 2)
+    return ffi::Error::InvalidArgument("paged attention: q must be rank 3, pages rank 4");
+  const Dims d{qd[0], qd[1], pd[0], qd[2], pd[1], pd[2], bd[0], bd[1]};
+  if (d.block_size > kMaxBlock)
+    return ffi::Error::InvalidArgument("paged attention: block_size above 256");
+  if (d.head_dim % 2 != 0 || d.head_dim > 1024)
+    return ffi::Error::InvalidArgument("paged attention: head_dim must be even and <= 1024");
+  if (d.q_heads % d.kv_heads != 0 || pd[3] != d.head_dim)
+    return ffi::Error::InvalidArgument("paged attention: head counts or head_dim disagree");
+  const Params p{scale, window, soft_cap};
+  const auto dt = q.element_type();
+  if (k_new.element_type() != dt || v_new.element_type() != dt || k_pages->element_type() != dt)
+    return ffi::Error::InvalidArgument("paged attention: q, new K/V and pages differ in dtype");
+  const int32_t *sm = slots.typed_data(), *bt = block_tables.typed_data(),
+                *sl = seq_lens.typed_data(), *ql = qsl.typed_data();
+  if (dt == ffi::DataType::F32)
+    return run<float>(pool, d, p, q.typed_data<float>(), k_new.typed_data<float>(),
+                      v_new.typed_data<float>(), sm, bt, sl, ql, out->typed_data<float>(),
+                      k_pages->typed_data<float>(), v_pages->typed_data<float>());
+  if (dt == ffi::DataType::BF16)
+    return run<uint16_t>(pool, d, p, static_cast<const uint16_t*>(q.untyped_data()),
+                         static_cast<const uint16_t*>(k_new.untyped_data()),
+                         static_cast<const uint16_t*>(v_new.untyped_data()), sm, bt, sl, ql,
+                         static_cast<uint16_t*>(out->untyped_data()),
+                         static_cast<uint16_t*>(k_pages->untyped_data()),
+                         static_cast<uint16_t*>(v_pages->untyped_data()));
+  return ffi::Error::InvalidArgument("paged attention: dtype must be bfloat16 or float32");
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxserveCpuPagedAttention, PagedAttention,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()  // q
+                                  .Arg<ffi::AnyBuffer>()  // k_new
+                                  .Arg<ffi::AnyBuffer>()  // v_new
+                                  .Arg<ffi::AnyBuffer>()  // k_pages (aliased to result 1)
+                                  .Arg<ffi::AnyBuffer>()  // v_pages (aliased to result 2)
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // slot_mapping
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // block_tables
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // seq_lens
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // query_start_loc
+                                  .Ret<ffi::AnyBuffer>()  // out
+                                  .Ret<ffi::AnyBuffer>()  // k_pages
+                                  .Ret<ffi::AnyBuffer>()  // v_pages
+                                  .Attr<float>("scale")
+                                  .Attr<int32_t>("sliding_window")
+                                  .Attr<float>("soft_cap"));

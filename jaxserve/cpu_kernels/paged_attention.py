@@ -1,0 +1,55 @@
+"""The CPU paged-attention kernel (paged_attention.cc): K/V page write + ragged attention.
+
+Same contract as `pallas_kernels.ragged_paged_attention_reference` for the attention, plus the
+write of this step's K/V into their slots, in one FFI call per layer.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from jaxserve.cpu_kernels import build
+
+SOURCE = Path(__file__).with_name("paged_attention.cc")
+TARGET = "jaxserve_cpu_paged_attention"
+DTYPES = ("bfloat16", "float32")
+
+
+def ensure_built() -> None:
+    """Compile (or load the cached) kernel and register it; raises build.KernelBuildError."""
+    build.register(SOURCE, "JaxserveCpuPagedAttention", TARGET)
+
+
+def write_and_attend(q, k, v, k_pages, v_pages, slot_mapping, block_tables, seq_lens,
+                     query_start_loc, *, scale: float, sliding_window: int | None = None,
+                     logits_soft_cap: float | None = None):
+    """q [T, Hq, D]; k, v [T, Hkv, D]; pages [Hkv, NB, bs, D] -> (out [T, Hq, D], k_pages,
+    v_pages) with this step's K/V written (in place when the cache is donated)."""
+    dt = k_pages.dtype
+    call = jax.ffi.ffi_call(
+        TARGET,
+        (jax.ShapeDtypeStruct(q.shape, dt), jax.ShapeDtypeStruct(k_pages.shape, dt),
+         jax.ShapeDtypeStruct(v_pages.shape, dt)),
+        input_output_aliases={3: 1, 4: 2},
+    )
+    i32 = np.int32
+    out, k_pages, v_pages = call(
+        q.astype(dt), k.astype(dt), v.astype(dt), k_pages, v_pages,
+        slot_mapping.astype(i32), block_tables.astype(i32), seq_lens.astype(i32),
+        query_start_loc.astype(i32),
+        scale=np.float32(scale), sliding_window=i32(sliding_window or 0),
+        soft_cap=np.float32(logits_soft_cap or 0.0),
+    )
+    return out.astype(q.dtype), k_pages, v_pages
+
+
+def k_pages_layout(k_pages: np.ndarray) -> np.ndarray:
+    """K pages [Hkv, NB, bs, D] in the usual layout -> the kernel's (each block transposed to
+    [D / P, bs, P] with P = 2 for bfloat16, 1 for float32; same shape as the input)."""
+    kvh, nb, bs, d = k_pages.shape
+    p = 2 if k_pages.dtype.itemsize == 2 else 1
+    t = k_pages.reshape(kvh, nb, bs, d // p, p).transpose(0, 1, 3, 2, 4)
+    return np.ascontiguousarray(t).reshape(kvh, nb, bs, d)
