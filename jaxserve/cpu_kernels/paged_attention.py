@@ -28,6 +28,7 @@ def write_and_attend(q, k, v, k_pages, v_pages, slot_mapping, block_tables, seq_
                      logits_soft_cap: float | None = None):
     """q [T, Hq, D]; k, v [T, Hkv, D]; pages [Hkv, NB, bs, D] -> (out [T, Hq, D], k_pages,
     v_pages) with this step's K/V written (in place when the cache is donated)."""
+    ensure_built()  # the target must exist before the step is lowered or run
     dt = k_pages.dtype
     call = jax.ffi.ffi_call(
         TARGET,
