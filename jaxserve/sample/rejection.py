@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from jaxserve.sample.categorical import sample_from_logits
 from jaxserve.sample.filters import filter_logits
 from jaxserve.sample.metadata import GREEDY_TEMPERATURE_EPS, SamplingMetadata
 from jaxserve.sample.sampler import _logprob_rows, row_keys
@@ -33,7 +34,7 @@ jax.tree_util.register_dataclass(
 )
 
 # salt folded into a row's key for the acceptance uniform (the row key itself drives the
-# Gumbel draw, exactly as in the plain sampler)
+# categorical draw, exactly as in the plain sampler)
 _ACCEPT_SALT = 0x5bec
 
 
@@ -51,12 +52,12 @@ def _random_verify(processed, md: SamplingMetadata, draft_ids, has_draft, is_gre
     residual = jnp.where(is_draft, -jnp.inf, filtered)  # [R, V]
     residual_empty = jnp.all(residual == -jnp.inf, axis=-1)  # [R]: p(x) == 1
     keys = row_keys(md)  # key[R]
-    gumbel = jax.vmap(lambda k: jax.random.gumbel(k, (vocab_size,), jnp.float32))(keys)
     uniform = jax.vmap(
         lambda k: jax.random.uniform(jax.random.fold_in(k, _ACCEPT_SALT), (), jnp.float32)
     )(keys)  # [R] in [0, 1)
     accepted = (uniform < p_draft) | residual_empty  # [R]
-    token_ids = jnp.argmax(residual + gumbel, axis=-1).astype(jnp.int32)  # [R]
+    # rows whose residual is empty accept their draft: draw from p there only to stay finite
+    token_ids = sample_from_logits(jnp.where(residual_empty[:, None], filtered, residual), keys)
     return token_ids, accepted
 
 

@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from jaxserve.sample.categorical import sample_from_logits
 from jaxserve.sample.filters import filter_logits
 from jaxserve.sample.logprobs import gather_logprobs, safe_log_softmax
 from jaxserve.sample.metadata import GREEDY_TEMPERATURE_EPS, SamplingMetadata
@@ -50,14 +51,11 @@ def row_keys(md: SamplingMetadata) -> jax.Array:
 
 
 def _random_sample(logits: jax.Array, md: SamplingMetadata, is_greedy: jax.Array) -> jax.Array:
-    """Temperature, top-k, top-p, min-p, then a Gumbel-max draw with each row's key."""
-    vocab_size = logits.shape[-1]
+    """Temperature, top-k, top-p, min-p, then one categorical draw with each row's key."""
     temperature = jnp.where(is_greedy, 1.0, md.temperature)  # [B]
     scaled = logits / temperature[:, None]  # [B, V]
     filtered = filter_logits(scaled, md.top_k, md.top_p, md.min_p)  # [B, V]
-    keys = row_keys(md)
-    gumbel = jax.vmap(lambda k: jax.random.gumbel(k, (vocab_size,), jnp.float32))(keys)
-    return jnp.argmax(filtered + gumbel, axis=-1).astype(jnp.int32)  # [B]
+    return sample_from_logits(filtered, row_keys(md))  # [B]
 
 
 def process_logits(logits: jax.Array, md: SamplingMetadata) -> jax.Array:

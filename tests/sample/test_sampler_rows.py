@@ -3,6 +3,7 @@
 from dataclasses import replace
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from _sample_reference import processed_logits
@@ -59,8 +60,11 @@ def test_seeded_key_contract():
         if row.seed >> 32:
             key = jax.random.fold_in(key, row.seed >> 32)
         key = jax.random.fold_in(key, row.output_index)
-        gumbel = np.asarray(jax.random.gumbel(key, (vocab,)))
-        assert token == np.argmax(logits + gumbel)
+        # one uniform of that key inverts the CDF of softmax(logits) (float64 here)
+        u = float(jax.random.uniform(key, (), jnp.float32))
+        p = np.exp(logits.astype(np.float64) - logits.max())
+        cdf = np.cumsum(p / p.sum())
+        assert token == int(np.searchsorted(cdf, u, side="right"))
 
 
 def test_seeded_rows_independent_of_batch_and_row():
