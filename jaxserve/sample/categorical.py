@@ -37,3 +37,13 @@ def sample_from_logits(logits: jax.Array, keys: jax.Array) -> jax.Array:
     # Rounding of the running sums can step past the chunk's last positive entry: stop there.
     last = CHUNK - 1 - jnp.argmax(inside[:, ::-1] > 0, axis=-1)  # [B]
     return (c * CHUNK + jnp.minimum(j, last)).astype(jnp.int32)
+
+
+def first_argmax(x: jax.Array) -> jax.Array:
+    """jnp.argmax(x, axis=-1) for f32 [B, V] (first maximum; a row with NaN gives its first NaN,
+    as argmax does) as a max and a min reduction, which XLA:CPU vectorises: its argmax reduces
+    (value, index) pairs one by one, ~3x slower on a [64, 32000] block."""
+    top = jnp.max(x, axis=-1, keepdims=True)  # [B, 1], NaN if the row has one
+    hit = (x == top) | jnp.isnan(x)  # [B, V]
+    idx = jnp.arange(x.shape[-1], dtype=jnp.int32)
+    return jnp.min(jnp.where(hit, idx, x.shape[-1]), axis=-1).astype(jnp.int32)  # [B]

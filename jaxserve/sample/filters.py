@@ -102,4 +102,9 @@ def filter_logits(
         lambda x: x,
         logits,
     )
-    return jnp.where(min_p_mask(logits, min_p), logits, neg_inf)
+    return lax.cond(
+        jnp.any(min_p > 0.0),
+        lambda x: jnp.where(min_p_mask(x, min_p), x, neg_inf),
+        lambda x: x,
+        logits,
+    )

@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jaxserve.sample.categorical import sample_from_logits
+from jaxserve.sample.categorical import first_argmax, sample_from_logits
 from jaxserve.sample.filters import filter_logits
 from jaxserve.sample.logprobs import gather_logprobs, safe_log_softmax
 from jaxserve.sample.metadata import GREEDY_TEMPERATURE_EPS, SamplingMetadata
@@ -80,7 +80,7 @@ def process_logits(logits: jax.Array, md: SamplingMetadata) -> jax.Array:
 def choose_tokens(processed: jax.Array, md: SamplingMetadata) -> jax.Array:
     """Greedy rows take the exact argmax; random rows go through _random_sample (skipped
     entirely when every row is greedy). processed: f32 [B, V] -> i32 [B]."""
-    greedy_ids = jnp.argmax(processed, axis=-1).astype(jnp.int32)  # [B]
+    greedy_ids = first_argmax(processed)  # [B]
     is_greedy = md.temperature < GREEDY_TEMPERATURE_EPS  # [B]
     return lax.cond(
         jnp.all(is_greedy),

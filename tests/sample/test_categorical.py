@@ -51,3 +51,15 @@ def test_same_key_same_draw_whatever_the_batch():
     alone = [int(sample_from_logits(jnp.asarray(logits[i:i + 1]), keys[i:i + 1])[0])
              for i in range(4)]
     assert together.tolist() == alone
+
+
+def test_first_argmax_is_argmax():
+    from jaxserve.sample.categorical import first_argmax
+
+    x = np.random.default_rng(2).standard_normal((6, 300)).astype(np.float32)
+    x[1, [5, 200]] = 9.0  # a tie: the first wins
+    x[2, 17] = np.nan  # NaN wins, as in argmax
+    x[3, :] = -np.inf  # everything filtered
+    x[4, [3, 9]] = np.nan
+    x[5, -1] = np.inf
+    np.testing.assert_array_equal(np.asarray(jax.jit(first_argmax)(x)), np.argmax(x, axis=-1))
