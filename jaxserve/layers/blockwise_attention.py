@@ -18,6 +18,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from jaxserve.layers.kv_quant import dequantize
+
 
 @dataclass(frozen=True)
 class BlockwiseSizes:
@@ -67,19 +69,27 @@ def _finish(carry):
     return acc / jnp.where(l == 0.0, 1.0, l)[..., None]
 
 
-def _gather_chunk(pages, block_ids):
-    """pages [Hkv, NB, bs, D], block_ids [..., C] -> [Hkv, ..., C * bs, D] in f32."""
+def _gather_chunk(pages, block_ids, scales=None):
+    """pages [Hkv, NB, bs, D], block_ids [..., C] -> [Hkv, ..., C * bs, D] in f32.
+
+    scales [Hkv, NB, bs] (a quantized cache): the gathered chunk is dequantized, only it.
+    """
     g = pages[:, block_ids]  # [Hkv, ..., C, bs, D]
-    return g.reshape(*g.shape[:-3], -1, g.shape[-1]).astype(jnp.float32)
+    g = g.reshape(*g.shape[:-3], -1, g.shape[-1])
+    if scales is None:
+        return g.astype(jnp.float32)
+    s = scales[:, block_ids]  # [Hkv, ..., C, bs]
+    return dequantize(g, s.reshape(*s.shape[:-2], -1))
 
 
 def _soft_cap(scores, cap):
     return scores if cap is None else cap * jnp.tanh(scores / cap)
 
 
-def _decode_rows(q_last, k_pages, v_pages, bt, seq_lens, rows_ok, scale, window, cap, sizes):
+def _decode_rows(q_last, kv, bt, seq_lens, rows_ok, scale, window, cap, sizes):
     """Last query token of every sequence. q_last [S, Hq, D] -> [S, Hq, D] f32."""
     num_seqs, num_q_heads, head_dim = q_last.shape
+    k_pages, v_pages, k_scales, v_scales = kv
     kvh, _, bs, _ = k_pages.shape
     group = num_q_heads // kvh
     chunk = sizes.decode_chunk(num_seqs, bs)
@@ -92,8 +102,8 @@ def _decode_rows(q_last, k_pages, v_pages, bt, seq_lens, rows_ok, scale, window,
 
     def body(j, carry):
         ids = lax.dynamic_slice_in_dim(bt, j * chunk, chunk, axis=1)  # [S, C]
-        k = _gather_chunk(k_pages, ids)  # [Hkv, S, Ck, D]
-        v = _gather_chunk(v_pages, ids)
+        k = _gather_chunk(k_pages, ids, k_scales)  # [Hkv, S, Ck, D]
+        v = _gather_chunk(v_pages, ids, v_scales)
         key_pos = j * chunk * bs + jnp.arange(chunk * bs)  # [Ck]
         ok = _visible(key_pos[None, :], q_pos[:, None], seq_lens[:, None], window)  # [S, Ck]
         ok &= rows_ok[:, None]
@@ -110,10 +120,10 @@ def _decode_rows(q_last, k_pages, v_pages, bt, seq_lens, rows_ok, scale, window,
     return out.reshape(num_seqs, num_q_heads, head_dim)
 
 
-def _prefill_sequence(s, out, q_pad, k_pages, v_pages, bt, seq_lens, qsl, scale, window, cap,
-                      sizes):
+def _prefill_sequence(s, out, q_pad, kv, bt, seq_lens, qsl, scale, window, cap, sizes):
     """All query tokens of sequence s, tile by tile; blends its rows into out [T + tile, Hq, D]."""
     _, num_q_heads, head_dim = q_pad.shape
+    k_pages, v_pages, k_scales, v_scales = kv
     kvh, _, bs, _ = k_pages.shape
     group = num_q_heads // kvh
     tile, chunk = sizes.q_tile, sizes.prefill_kv_blocks
@@ -133,7 +143,8 @@ def _prefill_sequence(s, out, q_pad, k_pages, v_pages, bt, seq_lens, qsl, scale,
 
         def kv_body(j, carry):
             ids = lax.dynamic_slice_in_dim(row_bt, j * chunk, chunk)  # [C]
-            k, v = _gather_chunk(k_pages, ids), _gather_chunk(v_pages, ids)  # [Hkv, Ck, D]
+            k = _gather_chunk(k_pages, ids, k_scales)  # [Hkv, Ck, D]
+            v = _gather_chunk(v_pages, ids, v_scales)
             key_pos = j * chunk * bs + jnp.arange(chunk * bs)
             ok = _visible(key_pos[None, :], q_pos[:, None], seq_len, window)  # [Qt, Ck]
             v = jnp.where((key_pos < seq_len)[None, :, None], v, 0.0)
@@ -157,12 +168,16 @@ def _prefill_sequence(s, out, q_pad, k_pages, v_pages, bt, seq_lens, qsl, scale,
 
 def blockwise_paged_attention(q, k_pages, v_pages, block_tables, seq_lens, query_start_loc, *,
                               scale=None, sliding_window=None, logits_soft_cap=None,
-                              sizes: BlockwiseSizes = BlockwiseSizes()):
+                              sizes: BlockwiseSizes = BlockwiseSizes(), k_scales=None,
+                              v_scales=None):
     """Same contract as `pallas_kernels.ragged_paged_attention_reference`.
 
     q [T, Hq, D]; k_pages, v_pages [Hkv, NB, bs, D]; block_tables [S, W]; seq_lens [S];
     query_start_loc [S + 1]. Returns [T, Hq, D] in q's dtype; padding tokens give zeros.
+    k_scales, v_scales f32 [Hkv, NB, bs]: the pages are quantized (int8 / fp8), each slot
+    dequantized as value * scale when its chunk is gathered (layers/kv_quant.py).
     """
+    kv = (k_pages, v_pages, k_scales, v_scales)
     num_tokens, _, head_dim = q.shape
     scale = head_dim**-0.5 if scale is None else scale
     num_seqs = block_tables.shape[0]
@@ -174,7 +189,7 @@ def blockwise_paged_attention(q, k_pages, v_pages, block_tables, seq_lens, query
     qlen = qsl[1:] - qsl[:-1]  # [S]
     is_decode = (qlen == 1) & (seq_lens > 0)
     last = jnp.clip(qsl[1:] - 1, 0, num_tokens - 1)  # [S]
-    dec = _decode_rows(q[last], k_pages, v_pages, bt, seq_lens, is_decode, scale, sliding_window,
+    dec = _decode_rows(q[last], kv, bt, seq_lens, is_decode, scale, sliding_window,
                        logits_soft_cap, sizes)
     out = jnp.zeros((num_tokens + sizes.q_tile, *q.shape[1:]), jnp.float32)
     out = out.at[jnp.where(is_decode, last, num_tokens + sizes.q_tile)].set(dec, mode="drop")
@@ -183,8 +198,8 @@ def blockwise_paged_attention(q, k_pages, v_pages, block_tables, seq_lens, query
     q_pad = jnp.pad(q, ((0, sizes.q_tile), (0, 0), (0, 0)))
 
     def seq_body(i, out):
-        return _prefill_sequence(order[i], out, q_pad, k_pages, v_pages, bt, seq_lens, qsl,
-                                 scale, sliding_window, logits_soft_cap, sizes)
+        return _prefill_sequence(order[i], out, q_pad, kv, bt, seq_lens, qsl, scale,
+                                 sliding_window, logits_soft_cap, sizes)
 
     out = lax.fori_loop(0, jnp.sum(prefill), seq_body, out)
     return out[:num_tokens].astype(q.dtype)
