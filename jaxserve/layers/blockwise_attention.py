@@ -18,8 +18,6 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jaxserve.layers.kv_quant import dequantize
-
 
 @dataclass(frozen=True)
 class BlockwiseSizes:
@@ -53,15 +51,17 @@ def _visible(key_pos, query_pos, seq_len, sliding_window):
     return ok
 
 
-def _online_update(carry, scores, mask, v):
-    """One online-softmax step. scores [..., Ck] f32, mask like scores, v [..., Ck, D] f32."""
+def _online_update(carry, scores, mask, v, v_scale=None):
+    """One online-softmax step. scores [..., Ck] f32, mask like scores, v [..., Ck, D] f32;
+    v_scale [..., Ck] (quantized V, masked slots already 0): weights p * v_scale meet v."""
     m, l, acc = carry  # [...], [...], [..., D]
     scores = jnp.where(mask, scores, -jnp.inf)
     m_new = jnp.maximum(m, jnp.max(scores, axis=-1))
     m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
     p = jnp.where(mask, jnp.exp(scores - m_safe[..., None]), 0.0)
     corr = jnp.where(jnp.isfinite(m), jnp.exp(m - m_safe), 0.0)
-    return m_new, l * corr + p.sum(-1), acc * corr[..., None] + jnp.einsum("...c,...cd->...d", p, v)
+    pv = p if v_scale is None else p * v_scale
+    return m_new, l * corr + p.sum(-1), acc * corr[..., None] + jnp.einsum("...c,...cd->...d", pv, v)
 
 
 def _finish(carry):
@@ -70,16 +70,18 @@ def _finish(carry):
 
 
 def _gather_chunk(pages, block_ids, scales=None):
-    """pages [Hkv, NB, bs, D], block_ids [..., C] -> [Hkv, ..., C * bs, D] in f32.
+    """pages [Hkv, NB, bs, D], block_ids [..., C] -> ([Hkv, ..., C * bs, D] f32, scales).
 
-    scales [Hkv, NB, bs] (a quantized cache): the gathered chunk is dequantized, only it.
+    scales [Hkv, NB, bs] (a quantized cache) -> the chunk's scales [Hkv, ..., C * bs] f32, else
+    None. The values stay unscaled: a K scale multiplies the chunk's scores, a V scale the
+    softmax weights, [.., Ck] wide instead of [.., Ck, D] (scores = (q . k_q) * k_scale).
     """
     g = pages[:, block_ids]  # [Hkv, ..., C, bs, D]
-    g = g.reshape(*g.shape[:-3], -1, g.shape[-1])
+    g = g.reshape(*g.shape[:-3], -1, g.shape[-1]).astype(jnp.float32)
     if scales is None:
-        return g.astype(jnp.float32)
+        return g, None
     s = scales[:, block_ids]  # [Hkv, ..., C, bs]
-    return dequantize(g, s.reshape(*s.shape[:-2], -1))
+    return g, s.reshape(*s.shape[:-2], -1).astype(jnp.float32)
 
 
 def _soft_cap(scores, cap):
@@ -102,14 +104,19 @@ def _decode_rows(q_last, kv, bt, seq_lens, rows_ok, scale, window, cap, sizes):
 
     def body(j, carry):
         ids = lax.dynamic_slice_in_dim(bt, j * chunk, chunk, axis=1)  # [S, C]
-        k = _gather_chunk(k_pages, ids, k_scales)  # [Hkv, S, Ck, D]
-        v = _gather_chunk(v_pages, ids, v_scales)
+        k, ks = _gather_chunk(k_pages, ids, k_scales)  # [Hkv, S, Ck, D], [Hkv, S, Ck] | None
+        v, vs = _gather_chunk(v_pages, ids, v_scales)
         key_pos = j * chunk * bs + jnp.arange(chunk * bs)  # [Ck]
         ok = _visible(key_pos[None, :], q_pos[:, None], seq_lens[:, None], window)  # [S, Ck]
         ok &= rows_ok[:, None]
         v = jnp.where(ok[None, :, :, None], v, 0.0)
-        s = _soft_cap(jnp.einsum("skgd,kscd->skgc", qg, k), cap)  # [S, Hkv, G, Ck]
-        return _online_update(carry, s, ok[:, None, None, :], v.transpose(1, 0, 2, 3)[:, :, None])
+        s = jnp.einsum("skgd,kscd->skgc", qg, k)  # [S, Hkv, G, Ck]
+        if ks is not None:
+            s = s * ks.transpose(1, 0, 2)[:, :, None]
+        if vs is not None:
+            vs = jnp.where(ok[None], vs, 0.0).transpose(1, 0, 2)[:, :, None]  # [S, Hkv, 1, Ck]
+        return _online_update(carry, _soft_cap(s, cap), ok[:, None, None, :],
+                              v.transpose(1, 0, 2, 3)[:, :, None], vs)
 
     init = (
         jnp.full((num_seqs, kvh, group), -jnp.inf, jnp.float32),
@@ -143,13 +150,19 @@ def _prefill_sequence(s, out, q_pad, kv, bt, seq_lens, qsl, scale, window, cap, 
 
         def kv_body(j, carry):
             ids = lax.dynamic_slice_in_dim(row_bt, j * chunk, chunk)  # [C]
-            k = _gather_chunk(k_pages, ids, k_scales)  # [Hkv, Ck, D]
-            v = _gather_chunk(v_pages, ids, v_scales)
+            k, ks = _gather_chunk(k_pages, ids, k_scales)  # [Hkv, Ck, D], [Hkv, Ck] | None
+            v, vs = _gather_chunk(v_pages, ids, v_scales)
             key_pos = j * chunk * bs + jnp.arange(chunk * bs)
             ok = _visible(key_pos[None, :], q_pos[:, None], seq_len, window)  # [Qt, Ck]
-            v = jnp.where((key_pos < seq_len)[None, :, None], v, 0.0)
-            sc = _soft_cap(jnp.einsum("qkgd,kcd->qkgc", qt, k), cap)  # [Qt, Hkv, G, Ck]
-            return _online_update(carry, sc, ok[:, None, None, :], v[None, :, None])
+            in_seq = key_pos < seq_len  # [Ck]
+            v = jnp.where(in_seq[None, :, None], v, 0.0)
+            sc = jnp.einsum("qkgd,kcd->qkgc", qt, k)  # [Qt, Hkv, G, Ck]
+            if ks is not None:
+                sc = sc * ks[None, :, None]
+            if vs is not None:
+                vs = jnp.where(in_seq[None], vs, 0.0)[None, :, None]  # [1, Hkv, 1, Ck]
+            return _online_update(carry, _soft_cap(sc, cap), ok[:, None, None, :],
+                                  v[None, :, None], vs)
 
         init = (
             jnp.full((tile, kvh, group), -jnp.inf, jnp.float32),
