@@ -4,9 +4,11 @@ Two measurements, in one process, side by side:
 - attention alone: the blockwise decode attention (the CPU serving path) of `--batch` rows over
   `--context` tokens each, one layer's pages of the small model's shape (2 kv heads x 64), bf16
   pages vs int8 / fp8 pages + f32 scales; ms per call and the KV bytes it must read.
-- end to end: the "small" model (decode_probe's, Qwen2.5-0.5B widths, bf16 weights), `--batch`
-  distinct random prompts of `--context` tokens, then the decode steps with every request
-  decoding; ms per step, bytes per KV block, and the floor (weights + KV bytes / read GB/s).
+- end to end: the "small" model (decode_probe's, Qwen2.5-0.5B widths, bf16 weights), one
+  engine per KV dtype, each with `--batch` distinct random prompts of `--context` tokens
+  prefilled, then their decode steps (every request decoding) interleaved round-robin so all
+  see the same machine load; ms per step, bytes per KV block, and the floor (weights + KV
+  bytes / read GB/s).
 
   PYTHONPATH=. python benchmarks/kv_quant_decode.py --batch 16 --context 2048 \
       --out benchmarks/results/kv_quant_decode.json
@@ -34,7 +36,8 @@ def attention_alone(kv_dtype: str, batch: int, context: int, repeats: int) -> di
     import jax.numpy as jnp
 
     from jaxserve.layers.blockwise_attention import blockwise_paged_attention
-    from jaxserve.layers.kv_quant import bytes_per_token, page_dtype, quantize_tokens
+    from jaxserve.layers.kv_quant import (bytes_per_token, pack_rows, page_dtype,
+                                          quantize_tokens, value_dtype)
 
     kvh, d, hq, bs = SMALL["num_key_value_heads"], SMALL["head_dim"], 14, 16
     blocks = context // bs
@@ -42,23 +45,21 @@ def attention_alone(kv_dtype: str, batch: int, context: int, repeats: int) -> di
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.standard_normal((nb * bs, kvh, d), np.float32))
     if kv_dtype == "auto":
-        k = x.astype(jnp.bfloat16).transpose(1, 0, 2).reshape(kvh, nb, bs, d)
-        kv, scales = (k, k), {}
+        k = x.astype(jnp.bfloat16)
     else:
-        vals, s = quantize_tokens(x, page_dtype(kv_dtype, "bfloat16"))
-        k = vals.transpose(1, 0, 2).reshape(kvh, nb, bs, d)
-        kv = (k, k)
-        scales = dict(k_scales=s.T.reshape(kvh, nb, bs), v_scales=s.T.reshape(kvh, nb, bs))
+        k = pack_rows(*quantize_tokens(x, value_dtype(page_dtype(kv_dtype, "bfloat16"))))  # [N, Hkv, D + 4]
+    k = k.transpose(1, 0, 2).reshape(kvh, nb, bs, -1)
+    kv = (k, k)
     tables = jnp.asarray(1 + rng.permutation(batch * blocks).reshape(batch, blocks), jnp.int32)
     q = jnp.asarray(rng.standard_normal((batch, hq, d), np.float32), jnp.bfloat16)
     lens = jnp.full((batch,), context, jnp.int32)
     qsl = jnp.arange(batch + 1, dtype=jnp.int32)
-    fn = jax.jit(lambda q, k, v, t, n, s, **sc: blockwise_paged_attention(q, k, v, t, n, s, **sc))
-    fn(q, *kv, tables, lens, qsl, **scales).block_until_ready()
+    fn = jax.jit(blockwise_paged_attention)
+    fn(q, *kv, tables, lens, qsl).block_until_ready()
     times = []
     for _ in range(repeats):
         t = time.perf_counter()
-        fn(q, *kv, tables, lens, qsl, **scales).block_until_ready()
+        fn(q, *kv, tables, lens, qsl).block_until_ready()
         times.append(time.perf_counter() - t)
     kv_bytes = batch * context * bytes_per_token(kv_dtype, "bfloat16", kvh, d)
     ms = 1e3 * statistics.median(times)
@@ -66,52 +67,68 @@ def attention_alone(kv_dtype: str, batch: int, context: int, repeats: int) -> di
             "ms_per_call": ms, "kv_bytes": kv_bytes, "GBps": kv_bytes / ms / 1e6}
 
 
-def end_to_end(path: str, kv_dtype: str, args) -> dict:
-    """Decode ms per step of `batch` requests at `context` tokens, after their prefills."""
-    import jax
-    from jaxserve import LLM, SamplingParams
-    from jaxserve.runtime.kv_cache import kv_block_bytes
+def _prefill(llm, args) -> float:
+    """Adds `batch` distinct random prompts; steps until every request has its first token."""
+    from jaxserve import SamplingParams
 
-    max_len = args.context + args.decode_tokens + 16
-    t = time.perf_counter()
-    llm = LLM(path, dtype="bfloat16", kv_cache_dtype=kv_dtype, max_num_seqs=args.batch,
-              max_model_len=max_len, max_num_batched_tokens=512, use_tqdm_on_load=False,
-              enable_prompt_logprobs=False)
-    startup = time.perf_counter() - t
     eng = llm.engine
     rng = np.random.default_rng(1)
+    # early requests decode while later ones prefill: enough tokens that all still run after
+    max_tokens = -(-args.batch * args.context // 512) + 2 + 2 * args.decode_tokens
     for i in range(args.batch):
         prompt = rng.integers(FIRST_TOKEN_ID, SMALL["vocab_size"], args.context).tolist()
         eng.add_request(f"r{i}", {"prompt_token_ids": prompt},
-                        SamplingParams(max_tokens=args.decode_tokens, ignore_eos=True,
-                                       temperature=0.0))
+                        SamplingParams(max_tokens=max_tokens, ignore_eos=True, temperature=0.0))
     started: set[str] = set()
     t = time.perf_counter()
-    while len(started) < args.batch:  # prefills (chunked), until every request has a token
+    while len(started) < args.batch:
         for o in eng.step():
             if o.outputs and o.outputs[0].token_ids:
                 started.add(o.request_id)
-    prefill_s = time.perf_counter() - t
-    times, cpu = [], []
-    while eng.has_unfinished_requests():
-        t, c = time.perf_counter(), time.process_time()
-        outs = eng.step()
-        times.append(time.perf_counter() - t)
-        cpu.append(time.process_time() - c)
-        if any(o.finished for o in outs):
-            break  # every request runs the same length: the batch shrinks from here on
-    while eng.has_unfinished_requests():
-        eng.step()
-    block_bytes = kv_block_bytes(llm.engine.runner.model_config, 16, "bfloat16", kv_dtype)
-    row = {"probe": "decode", "kv_cache_dtype": kv_dtype, "batch": args.batch,
-           "context": args.context, "ms_per_step": 1e3 * statistics.median(times),
-           "p90_ms": 1e3 * float(np.percentile(times, 90)), "steps": len(times),
-           "cpu_ms_per_step": 1e3 * statistics.median(cpu), "prefill_s": prefill_s,
-           "bytes_per_block": block_bytes, "startup_s": startup, "jax": jax.__version__,
-           "num_kv_blocks": eng.config.num_kv_blocks}
-    del llm, eng
+    return time.perf_counter() - t
+
+
+def end_to_end(path: str, args) -> list[dict]:
+    """Decode ms per step of `batch` requests at `context` tokens, one engine per KV dtype,
+    all prefilled first, then their decode steps interleaved round-robin (same load for all)."""
+    import jax
+    from jaxserve import LLM
+    from jaxserve.runtime.kv_cache import kv_block_bytes
+
+    max_len = args.context + args.batch * args.context // 512 + 2 * args.decode_tokens + 16
+    engines, rows = {}, {}
+    for kv in args.kv_dtypes:
+        t = time.perf_counter()
+        engines[kv] = LLM(path, dtype="bfloat16", kv_cache_dtype=kv, max_num_seqs=args.batch,
+                          max_model_len=max_len, max_num_batched_tokens=512,
+                          use_tqdm_on_load=False, enable_prompt_logprobs=False)
+        startup = time.perf_counter() - t
+        prefill_s = _prefill(engines[kv], args)
+        cfg = engines[kv].engine.runner.model_config
+        rows[kv] = {"probe": "decode", "kv_cache_dtype": kv, "batch": args.batch,
+                    "context": args.context, "prefill_s": prefill_s, "startup_s": startup,
+                    "bytes_per_block": kv_block_bytes(cfg, 16, "bfloat16", kv),
+                    "num_kv_blocks": engines[kv].engine.config.num_kv_blocks,
+                    "jax": jax.__version__}
+    times = {kv: [] for kv in engines}
+    cpu = {kv: [] for kv in engines}
+    for _ in range(args.decode_tokens):
+        for kv, llm in engines.items():
+            t, c = time.perf_counter(), time.process_time()
+            llm.engine.step()
+            times[kv].append(time.perf_counter() - t)
+            cpu[kv].append(time.process_time() - c)
+    for kv, llm in engines.items():
+        assert llm.engine.get_stats().num_requests_running == args.batch  # all decoded each step
+        llm.engine.abort_request([f"r{i}" for i in range(args.batch)])
+        while llm.engine.has_unfinished_requests():
+            llm.engine.step()
+        rows[kv].update(ms_per_step=1e3 * statistics.median(times[kv]),
+                        p90_ms=1e3 * float(np.percentile(times[kv], 90)),
+                        cpu_ms_per_step=1e3 * statistics.median(cpu[kv]), steps=len(times[kv]))
+    engines.clear()
     gc.collect()
-    return row
+    return list(rows.values())
 
 
 def main(argv=None) -> None:
@@ -133,9 +150,9 @@ def main(argv=None) -> None:
     if not args.skip_end_to_end:
         path = write_small_checkpoint(os.path.join(args.cache_dir, "probe-small-bfloat16"),
                                       "bfloat16")
-        for k in args.kv_dtypes:
-            rows.append(end_to_end(path, k, args))
-            print(json.dumps(rows[-1]), flush=True)
+        for row in end_to_end(path, args):
+            rows.append(row)
+            print(json.dumps(row), flush=True)
     bw1 = measure_bandwidth()
     read = statistics.median([bw0["read_GBps"], bw1["read_GBps"]])
     weights = decode_bytes(SMALL, 2, 0)

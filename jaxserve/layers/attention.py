@@ -12,7 +12,14 @@ import jax.numpy as jnp
 
 import pallas_kernels
 from jaxserve.layers.blockwise_attention import blockwise_paged_attention
-from jaxserve.layers.kv_quant import dequantize, is_quantized, quantize_tokens
+from jaxserve.layers.kv_quant import (
+    dequantize,
+    is_quantized,
+    is_quantized_page,
+    pack_rows,
+    quantize_tokens,
+    value_dtype,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -71,32 +78,26 @@ def select_backend(requested: str = "auto") -> AttentionConfig:
     return AttentionConfig(backend=backend, interpret=interpret)
 
 
-KVLayer = tuple  # (k_pages, v_pages) or, quantized, (k_pages, v_pages, k_scales, v_scales)
-
-
-def write_kv(kv: KVLayer, k: jax.Array, v: jax.Array, slot_mapping: jax.Array) -> KVLayer:
+def write_kv(
+    k_pages: jax.Array, v_pages: jax.Array, k: jax.Array, v: jax.Array, slot_mapping: jax.Array
+) -> tuple[jax.Array, jax.Array]:
     """Scatter this step's k, v [num_tokens, num_kv_heads, head_dim] into their slots.
 
-    kv: k_pages, v_pages [num_kv_heads, num_blocks, block_size, head_dim], and for a quantized
-    cache (int8 / fp8 pages) k_scales, v_scales f32 [num_kv_heads, num_blocks, block_size]:
-    each token is quantized with its own scale per kv head (see layers/kv_quant.py). Written
-    in place when the cache is donated to the jitted step. Returns the same structure.
+    k_pages, v_pages: [num_kv_heads, num_blocks, block_size, head_dim] in the model's dtype,
+    or quantized (int8 / fp8) rows [..., head_dim + 4]: each token quantized with its own
+    scale per kv head, stored at the end of its row (layers/kv_quant.py). Written in place
+    when the cache is donated to the jitted step.
     """
-    k_pages, v_pages = kv[0], kv[1]
-    kvh, nb, bs, d = k_pages.shape
-    quantized = len(kv) == 4
-    out, scales = [], []
+    kvh, nb, bs, row = k_pages.shape
+    out = []
     for pages, x in ((k_pages, k), (v_pages, v)):
-        if quantized:
-            x, s = quantize_tokens(x, pages.dtype)  # [T, Hkv, D], [T, Hkv]
-            scales.append(s.T)  # [Hkv, T]
-        flat = pages.reshape(kvh, nb * bs, d).at[:, slot_mapping].set(
+        if is_quantized_page(pages.dtype):
+            x = pack_rows(*quantize_tokens(x, value_dtype(pages.dtype)))  # [T, Hkv, D + 4]
+        flat = pages.reshape(kvh, nb * bs, row).at[:, slot_mapping].set(
             x.transpose(1, 0, 2).astype(pages.dtype)
         )
-        out.append(flat.reshape(kvh, nb, bs, d))
-    for old, s in zip(kv[2:], scales):
-        out.append(old.reshape(kvh, nb * bs).at[:, slot_mapping].set(s).reshape(kvh, nb, bs))
-    return tuple(out)
+        out.append(flat.reshape(kvh, nb, bs, row))
+    return out[0], out[1]
 
 
 def check_kv_backend(backend: str, kv_cache_dtype: str) -> None:
@@ -112,23 +113,23 @@ def check_kv_backend(backend: str, kv_cache_dtype: str) -> None:
 
 def paged_attention(
     q: jax.Array,
-    kv: KVLayer,
+    k_pages: jax.Array,
+    v_pages: jax.Array,
     md: AttentionMetadata,
     cfg: AttentionConfig,
     scale: float,
 ) -> jax.Array:
     """Causal attention of q [num_tokens, num_heads, head_dim] over the paged context.
 
-    kv as `write_kv` returns it. The blockwise path dequantizes each gathered chunk of a
-    quantized cache; the reference (plain jnp, tests) dequantizes the layer's pages first.
+    Quantized pages (int8 / fp8 rows with their scales, see `write_kv`): the blockwise path
+    dequantizes each gathered chunk; the reference (plain jnp, tests) the layer's pages first.
     """
     kwargs = dict(
         scale=scale, sliding_window=cfg.sliding_window, logits_soft_cap=cfg.logits_soft_cap
     )
-    k_pages, v_pages = kv[0], kv[1]
-    k_scales, v_scales = kv[2:] if len(kv) == 4 else (None, None)
+    quantized = is_quantized_page(k_pages.dtype)
     if cfg.backend == "pallas":
-        if k_scales is not None:
+        if quantized:
             check_kv_backend("pallas", "int8" if k_pages.dtype == jnp.int8 else "fp8")
         return pallas_kernels.ragged_paged_attention(
             q, k_pages, v_pages, md.block_tables, md.seq_lens, md.query_start_loc,
@@ -136,13 +137,12 @@ def paged_attention(
         )
     if cfg.backend == "blockwise":
         return blockwise_paged_attention(
-            q, k_pages, v_pages, md.block_tables, md.seq_lens, md.query_start_loc,
-            k_scales=k_scales, v_scales=v_scales, **kwargs
+            q, k_pages, v_pages, md.block_tables, md.seq_lens, md.query_start_loc, **kwargs
         )
     if md.max_query_len:
         kwargs["max_query_len"] = md.max_query_len
-    if k_scales is not None:
-        k_pages, v_pages = dequantize(k_pages, k_scales), dequantize(v_pages, v_scales)
+    if quantized:
+        k_pages, v_pages = dequantize(k_pages), dequantize(v_pages)
     return pallas_kernels.ragged_paged_attention_reference(
         q, k_pages, v_pages, md.block_tables, md.seq_lens, md.query_start_loc, **kwargs
     )

@@ -18,6 +18,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from jaxserve.layers.kv_quant import is_quantized_page, unpack_rows
+
 
 @dataclass(frozen=True)
 class BlockwiseSizes:
@@ -69,19 +71,20 @@ def _finish(carry):
     return acc / jnp.where(l == 0.0, 1.0, l)[..., None]
 
 
-def _gather_chunk(pages, block_ids, scales=None):
+def _gather_chunk(pages, block_ids):
     """pages [Hkv, NB, bs, D], block_ids [..., C] -> ([Hkv, ..., C * bs, D] f32, scales).
 
-    scales [Hkv, NB, bs] (a quantized cache) -> the chunk's scales [Hkv, ..., C * bs] f32, else
-    None. The values stay unscaled: a K scale multiplies the chunk's scores, a V scale the
-    softmax weights, [.., Ck] wide instead of [.., Ck, D] (scores = (q . k_q) * k_scale).
+    Quantized pages (int8 / fp8 rows [..., D + 4], layers/kv_quant.py) give their values and
+    the chunk's scales [Hkv, ..., C * bs] f32; float pages give None. The values stay
+    unscaled: a K scale multiplies the chunk's scores, a V scale the softmax weights, [.., Ck]
+    wide instead of [.., Ck, D] (scores = (q . k_values) * k_scale).
     """
-    g = pages[:, block_ids]  # [Hkv, ..., C, bs, D]
-    g = g.reshape(*g.shape[:-3], -1, g.shape[-1]).astype(jnp.float32)
-    if scales is None:
-        return g, None
-    s = scales[:, block_ids]  # [Hkv, ..., C, bs]
-    return g, s.reshape(*s.shape[:-2], -1).astype(jnp.float32)
+    g = pages[:, block_ids]  # [Hkv, ..., C, bs, row]
+    g = g.reshape(*g.shape[:-3], -1, g.shape[-1])
+    if not is_quantized_page(pages.dtype):
+        return g.astype(jnp.float32), None
+    values, scales = unpack_rows(g)
+    return values.astype(jnp.float32), scales
 
 
 def _soft_cap(scores, cap):
@@ -91,7 +94,7 @@ def _soft_cap(scores, cap):
 def _decode_rows(q_last, kv, bt, seq_lens, rows_ok, scale, window, cap, sizes):
     """Last query token of every sequence. q_last [S, Hq, D] -> [S, Hq, D] f32."""
     num_seqs, num_q_heads, head_dim = q_last.shape
-    k_pages, v_pages, k_scales, v_scales = kv
+    k_pages, v_pages = kv
     kvh, _, bs, _ = k_pages.shape
     group = num_q_heads // kvh
     chunk = sizes.decode_chunk(num_seqs, bs)
@@ -104,8 +107,8 @@ def _decode_rows(q_last, kv, bt, seq_lens, rows_ok, scale, window, cap, sizes):
 
     def body(j, carry):
         ids = lax.dynamic_slice_in_dim(bt, j * chunk, chunk, axis=1)  # [S, C]
-        k, ks = _gather_chunk(k_pages, ids, k_scales)  # [Hkv, S, Ck, D], [Hkv, S, Ck] | None
-        v, vs = _gather_chunk(v_pages, ids, v_scales)
+        k, ks = _gather_chunk(k_pages, ids)  # [Hkv, S, Ck, D], [Hkv, S, Ck] | None
+        v, vs = _gather_chunk(v_pages, ids)
         key_pos = j * chunk * bs + jnp.arange(chunk * bs)  # [Ck]
         ok = _visible(key_pos[None, :], q_pos[:, None], seq_lens[:, None], window)  # [S, Ck]
         ok &= rows_ok[:, None]
@@ -130,7 +133,7 @@ def _decode_rows(q_last, kv, bt, seq_lens, rows_ok, scale, window, cap, sizes):
 def _prefill_sequence(s, out, q_pad, kv, bt, seq_lens, qsl, scale, window, cap, sizes):
     """All query tokens of sequence s, tile by tile; blends its rows into out [T + tile, Hq, D]."""
     _, num_q_heads, head_dim = q_pad.shape
-    k_pages, v_pages, k_scales, v_scales = kv
+    k_pages, v_pages = kv
     kvh, _, bs, _ = k_pages.shape
     group = num_q_heads // kvh
     tile, chunk = sizes.q_tile, sizes.prefill_kv_blocks
@@ -150,8 +153,8 @@ def _prefill_sequence(s, out, q_pad, kv, bt, seq_lens, qsl, scale, window, cap, 
 
         def kv_body(j, carry):
             ids = lax.dynamic_slice_in_dim(row_bt, j * chunk, chunk)  # [C]
-            k, ks = _gather_chunk(k_pages, ids, k_scales)  # [Hkv, Ck, D], [Hkv, Ck] | None
-            v, vs = _gather_chunk(v_pages, ids, v_scales)
+            k, ks = _gather_chunk(k_pages, ids)  # [Hkv, Ck, D], [Hkv, Ck] | None
+            v, vs = _gather_chunk(v_pages, ids)
             key_pos = j * chunk * bs + jnp.arange(chunk * bs)
             ok = _visible(key_pos[None, :], q_pos[:, None], seq_len, window)  # [Qt, Ck]
             in_seq = key_pos < seq_len  # [Ck]
@@ -181,16 +184,15 @@ def _prefill_sequence(s, out, q_pad, kv, bt, seq_lens, qsl, scale, window, cap, 
 
 def blockwise_paged_attention(q, k_pages, v_pages, block_tables, seq_lens, query_start_loc, *,
                               scale=None, sliding_window=None, logits_soft_cap=None,
-                              sizes: BlockwiseSizes = BlockwiseSizes(), k_scales=None,
-                              v_scales=None):
+                              sizes: BlockwiseSizes = BlockwiseSizes()):
     """Same contract as `pallas_kernels.ragged_paged_attention_reference`.
 
     q [T, Hq, D]; k_pages, v_pages [Hkv, NB, bs, D]; block_tables [S, W]; seq_lens [S];
     query_start_loc [S + 1]. Returns [T, Hq, D] in q's dtype; padding tokens give zeros.
-    k_scales, v_scales f32 [Hkv, NB, bs]: the pages are quantized (int8 / fp8), each slot
-    dequantized as value * scale when its chunk is gathered (layers/kv_quant.py).
+    Quantized pages (int8 / fp8 rows [Hkv, NB, bs, D + 4] holding each slot's scale,
+    layers/kv_quant.py) are dequantized chunk by chunk as they are gathered.
     """
-    kv = (k_pages, v_pages, k_scales, v_scales)
+    kv = (k_pages, v_pages)
     num_tokens, _, head_dim = q.shape
     scale = head_dim**-0.5 if scale is None else scale
     num_seqs = block_tables.shape[0]

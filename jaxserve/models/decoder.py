@@ -21,8 +21,7 @@ from jaxserve.layers.quant_scheme import QuantConfig
 from jaxserve.layers.quantized_linear import make_linear
 from jaxserve.layers.rotary import apply_rotary, inverse_frequencies
 
-# per layer: (k_pages, v_pages), or (k_pages, v_pages, k_scales, v_scales) when quantized
-KVCache = tuple[tuple[jax.Array, ...], ...]
+KVCache = tuple[tuple[jax.Array, jax.Array], ...]  # per layer: (k_pages, v_pages)
 
 _ACTIVATIONS = {
     "silu": jax.nn.silu,
@@ -84,12 +83,12 @@ class DecoderLayer(nnx.Module):
         inv_freq = inverse_frequencies(self.rope, head_dim)  # numpy, folded in at trace time
         q = apply_rotary(q, md.positions, inv_freq)
         k = apply_rotary(k, md.positions, inv_freq)
-        kv = write_kv(kv, k, v, md.slot_mapping)
-        o = paged_attention(q, kv, md, self.attn, head_dim**-0.5)  # [T, Hq, D]
+        k_pages, v_pages = write_kv(kv[0], kv[1], k, v, md.slot_mapping)
+        o = paged_attention(q, k_pages, v_pages, md, self.attn, head_dim**-0.5)  # [T, Hq, D]
         x = x + self.o_proj(o.reshape(o.shape[0], -1).astype(x.dtype))
         h = self.post_attention_layernorm(x)
         x = x + self.down_proj(_ACTIVATIONS[self.act_name](self.gate_proj(h)) * self.up_proj(h))
-        return x, kv
+        return x, (k_pages, v_pages)
 
 
 class DecoderForCausalLM(nnx.Module):

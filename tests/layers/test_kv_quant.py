@@ -45,12 +45,20 @@ def _np_quantize(x: np.ndarray, name: str):
     return np.clip(y, -qmax, qmax).astype(ml_dtypes.float8_e4m3fn), scale
 
 
+def _pack(values: np.ndarray, scales: np.ndarray) -> np.ndarray:
+    """Page rows [..., D + 4]: the values, then the float32 scale's bytes (layers/kv_quant.py);
+    int8 pages for int8, uint8 (the e4m3 bit patterns) for fp8."""
+    page = np.int8 if values.dtype == np.int8 else np.uint8
+    raw = np.ascontiguousarray(scales.astype(np.float32))[..., None].view(page)  # [..., 4]
+    return np.concatenate([values.view(page), raw], axis=-1)
+
+
 def _quantized_case(name: str):
-    """(float case, quantized pages/scales, the case on the dequantized pages). Every slot no
+    """(float case, quantized K and V pages, the case on the dequantized pages). Every slot no
     sequence owns has a NaN scale (and NaN values for fp8; int8 holds garbage there)."""
     case = make_case(**CASE)
     unused = np.isnan(case.k_pages[0, :, :, 0])  # [NB, bs]: poisoned by make_case
-    out = []
+    packed, deq = [], []
     for pages in (case.k_pages, case.v_pages):
         values, scales = _np_quantize(np.nan_to_num(pages), name)
         scales[:, unused] = np.nan
@@ -58,11 +66,10 @@ def _quantized_case(name: str):
             values[:, unused] = np.nan
         else:
             values[:, unused] = np.random.default_rng(0).integers(-127, 128, values[:, unused].shape)
-        out += [values, scales]
-    kq, ks, vq, vs = out
-    deq = lambda v, s: v.astype(np.float32) * s[..., None]
-    dequantized = dataclasses.replace(case, k_pages=deq(kq, ks), v_pages=deq(vq, vs))
-    return case, (kq, vq, ks, vs), dequantized
+        packed.append(_pack(values, scales))
+        deq.append(values.astype(np.float32) * scales[..., None])
+    dequantized = dataclasses.replace(case, k_pages=deq[0], v_pages=deq[1])
+    return case, tuple(packed), dequantized
 
 
 @pytest.mark.parametrize("name", ["int8", "fp8"])
@@ -80,11 +87,11 @@ def test_quantize_tokens_matches_numpy_bit_for_bit(name):
 @pytest.mark.parametrize("name", ["int8", "fp8"])
 @pytest.mark.parametrize("window,cap", [(None, None), (24, 5.0)])
 def test_blockwise_over_quantized_pages(name, window, cap):
-    case, (kq, vq, ks, vs), dequantized = _quantized_case(name)
+    case, (kq, vq), dequantized = _quantized_case(name)
     fn = jax.jit(lambda *a, **kw: blockwise_paged_attention(
         *a, **kw, sliding_window=window, logits_soft_cap=cap, sizes=BlockwiseSizes(2, 3, 16)))
-    got = np.asarray(fn(case.q, kq, vq, case.block_tables, case.seq_lens, case.query_start_loc,
-                        k_scales=ks, v_scales=vs))
+    got = np.asarray(fn(case.q, kq, vq, case.block_tables, case.seq_lens, case.query_start_loc))
+    assert kq.shape[-1] == case.k_pages.shape[-1] + 4  # values + the scale's 4 bytes per row
     assert not np.isnan(got).any()  # NaN scales / fp8 NaN in unused slots never leak
     # exactly float attention over the dequantized pages ...
     np.testing.assert_allclose(got, naive_ragged(dequantized, sliding_window=window,
@@ -106,13 +113,13 @@ def test_write_then_attend_through_the_dispatch(name):
                       if not np.isnan(case.k_pages[0, b, o, 0])], np.int32)
     k_tok = case.k_pages.reshape(kvh, nb * bs, d)[:, slots].transpose(1, 0, 2)  # [T, Hkv, D]
     v_tok = case.v_pages.reshape(kvh, nb * bs, d)[:, slots].transpose(1, 0, 2)
-    pages = jnp.full((kvh, nb, bs, d), jnp.nan if name == "fp8" else 99, DTYPES[name])
-    scales = jnp.full((kvh, nb, bs), jnp.nan, jnp.float32)
-    kv = jax.jit(write_kv)((pages, pages, scales, scales), k_tok, v_tok, jnp.asarray(slots))
-    want_v, want_s = _np_quantize(k_tok, name)
-    flat_v = np.asarray(kv[0]).reshape(kvh, nb * bs, d)[:, slots].transpose(1, 0, 2)
-    np.testing.assert_array_equal(flat_v.view(np.uint8), want_v.view(np.uint8))
-    np.testing.assert_array_equal(np.asarray(kv[2]).reshape(kvh, -1)[:, slots].T, want_s)
+    fill = _pack(np.full((kvh, nb, bs, d), np.nan if name == "fp8" else 99, DTYPES[name]),
+                 np.full((kvh, nb, bs), np.nan, np.float32))  # every slot NaN-poisoned
+    kv = jax.jit(write_kv)(jnp.asarray(fill), jnp.asarray(fill), k_tok, v_tok,
+                           jnp.asarray(slots))
+    rows = np.asarray(kv[0]).reshape(kvh, nb * bs, d + 4)[:, slots].transpose(1, 0, 2)
+    want = _pack(*_np_quantize(k_tok, name))  # [T, Hkv, D + 4]
+    np.testing.assert_array_equal(rows.view(np.uint8), want.view(np.uint8))
     md = AttentionMetadata(positions=jnp.zeros(len(case.q), jnp.int32),
                            slot_mapping=jnp.zeros(len(case.q), jnp.int32),
                            block_tables=jnp.asarray(case.block_tables),
@@ -120,7 +127,7 @@ def test_write_then_attend_through_the_dispatch(name):
                            query_start_loc=jnp.asarray(case.query_start_loc))
     scale = d**-0.5
     outs = {b: np.asarray(jax.jit(lambda q, kv, md, b=b: paged_attention(
-        q, kv, md, AttentionConfig(backend=b), scale))(jnp.asarray(case.q), kv, md))
+        q, *kv, md, AttentionConfig(backend=b), scale))(jnp.asarray(case.q), kv, md))
             for b in ("reference", "blockwise")}
     assert not np.isnan(outs["reference"]).any()
     np.testing.assert_allclose(outs["blockwise"], outs["reference"], rtol=2e-5, atol=2e-5)
@@ -135,4 +142,11 @@ def test_bad_kv_cache_dtype_and_pallas_are_refused():
     with pytest.raises(ValueError, match="kv_cache_dtype: 'int8' is not supported by the pallas"):
         check_kv_backend("pallas", "int8")
     check_kv_backend("pallas", "auto")
+    pages = jnp.zeros((1, 2, 16, 68), jnp.int8)  # quantized rows reaching the kernel dispatch
+    md = AttentionMetadata(*(jnp.zeros(n, jnp.int32) for n in (1, 1)),
+                           jnp.zeros((1, 1), jnp.int32), jnp.ones(1, jnp.int32),
+                           jnp.arange(2, dtype=jnp.int32))
+    with pytest.raises(ValueError, match="kv_cache_dtype: 'int8' is not supported by the pallas"):
+        paged_attention(jnp.zeros((1, 1, 64)), pages, pages, md,
+                        AttentionConfig(backend="pallas"), 0.125)
     check_kv_backend("blockwise", "fp8")
