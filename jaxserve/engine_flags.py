@@ -21,6 +21,9 @@ def add_engine_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         "int4 (W4A16, groups of 128), fp8 (e4m3 weights, per channel), w8a8 "
                         "(int8 weights and per-token int8 activations); a compressed-tensors "
                         "checkpoint loads quantized without it")
+    g.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "int8", "fp8", "fp8_e4m3"],
+                   help="KV cache storage: auto (the model's dtype), int8 or fp8 (e4m3), each "
+                        "with a float32 scale per token and kv head; about half of bf16's bytes")
     g.add_argument("--max-model-len", type=int, default=None)
     g.add_argument("--max-num-seqs", type=int, default=256)
     g.add_argument("--max-num-batched-tokens", type=int, default=None)
@@ -95,6 +98,7 @@ def engine_args_from(args: argparse.Namespace, model: str | None = None) -> Engi
         model=model or args.model,
         dtype=args.dtype,
         quantization=args.quantization,
+        kv_cache_dtype=args.kv_cache_dtype,
         max_model_len=args.max_model_len,
         max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens,

@@ -56,6 +56,7 @@ class EngineArgs:
     trust_remote_code: bool = False  # True is refused: checkpoint code is never run
     enforce_eager: bool = False  # no effect: every step is a compiled XLA program
     quantization: str | None = None  # int8 | int4 | fp8 | w8a8 (PTQ at load) | compressed-tensors
+    kv_cache_dtype: str = "auto"  # auto (the model's dtype) | int8 | fp8 (layers/kv_quant.py)
     # speculative decoding: {"method": "ngram", "num_speculative_tokens": k,
     # "prompt_lookup_max": N, "prompt_lookup_min": M} (a dict, or the same as JSON)
     speculative_config: Any = None
@@ -75,6 +76,9 @@ class EngineArgs:
         if self.quantization not in (None, "int8", "int4", "fp8", "w8a8", "compressed-tensors"):
             raise ValueError(f"quantization: unknown method {self.quantization!r}; supported: "
                              "int8, int4, fp8, w8a8 (at load), compressed-tensors (pre-quantized)")
+        from jaxserve.layers.kv_quant import check_kv_cache_dtype
+
+        check_kv_cache_dtype(self.kv_cache_dtype)
         from jaxserve.engine.spec_config import parse_speculative_config
 
         object.__setattr__(self, "speculative_config",
@@ -131,9 +135,9 @@ def _num_kv_blocks(args: EngineArgs, block_bytes: int, max_useful: int) -> int:
             how += f"; capped at {max_useful} blocks: max_num_seqs x max_model_len"
         how = f"budget {budget / (1 << 30):.2f} GiB ({how})"
     logger.info(
-        "KV cache: %d blocks x %d tokens = %d tokens, %.2f GiB (%s)",
-        blocks, args.block_size, (blocks - 1) * args.block_size,
-        blocks * block_bytes / (1 << 30), how,
+        "KV cache: %d blocks x %d tokens = %d tokens, %.2f GiB, %d bytes per block, "
+        "kv_cache_dtype %s (%s)", blocks, args.block_size, (blocks - 1) * args.block_size,
+        blocks * block_bytes / (1 << 30), block_bytes, args.kv_cache_dtype, how,
     )
     return blocks
 
@@ -155,7 +159,7 @@ def create_engine(args: EngineArgs) -> LLMEngine:
 
 def _create_engine(args: EngineArgs) -> LLMEngine:
     from jaxserve.config import read_generation_eos
-    from jaxserve.layers.attention import select_backend
+    from jaxserve.layers.attention import check_kv_backend, select_backend
     from jaxserve.runtime.compile_cache import use_compilation_cache
     from jaxserve.runtime.kv_cache import kv_block_bytes
     from jaxserve.runtime.mesh import make_mesh
@@ -175,6 +179,7 @@ def _create_engine(args: EngineArgs) -> LLMEngine:
             "tensor_parallel_size: > 1 is not supported with the pallas attention backend yet "
             "(its kernels are not wrapped in shard_map); use --attention-backend blockwise"
         )
+    check_kv_backend(attn.backend, args.kv_cache_dtype)
     loaded = load_model(args.model, args.dtype, attn, mesh, quantization=args.quantization)
     cfg = loaded.config
     on_cpu = jax.default_backend() == "cpu"
@@ -186,7 +191,7 @@ def _create_engine(args: EngineArgs) -> LLMEngine:
         )
     blocks_per_seq = -(-max_model_len // args.block_size)
     num_blocks = _num_kv_blocks(
-        args, kv_block_bytes(cfg, args.block_size, loaded.dtype),
+        args, kv_block_bytes(cfg, args.block_size, loaded.dtype, args.kv_cache_dtype),
         max_useful=1 + blocks_per_seq * args.max_num_seqs,
     )
     if args.max_model_len is None and num_blocks - 1 < blocks_per_seq:
@@ -215,6 +220,7 @@ def _create_engine(args: EngineArgs) -> LLMEngine:
             max_num_seqs=args.max_num_seqs, max_num_batched_tokens=max_batched, seed=args.seed,
             max_logprobs=args.max_logprobs,
             prompt_logprobs=args.enable_prompt_logprobs,
+            kv_cache_dtype=args.kv_cache_dtype,
             num_speculative_tokens=(args.speculative_config.num_speculative_tokens
                                     if args.speculative_config else 0),
         ),

@@ -8,11 +8,20 @@ from dataclasses import dataclass
 from typing import Literal
 
 import jax
+import jax.numpy as jnp
 
 import pallas_kernels
 from jaxserve.cpu_kernels import build as cpu_build
 from jaxserve.cpu_kernels import paged_attention as cpu_attention
 from jaxserve.layers.blockwise_attention import blockwise_paged_attention
+from jaxserve.layers.kv_quant import (
+    dequantize,
+    is_quantized,
+    is_quantized_page,
+    pack_rows,
+    quantize_tokens,
+    value_dtype,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -98,17 +107,32 @@ def write_kv(
 ) -> tuple[jax.Array, jax.Array]:
     """Scatter this step's k, v [num_tokens, num_kv_heads, head_dim] into their slots.
 
-    k_pages, v_pages: [num_kv_heads, num_blocks, block_size, head_dim]; written in place when
-    the cache is donated to the jitted step.
+    k_pages, v_pages: [num_kv_heads, num_blocks, block_size, head_dim] in the model's dtype,
+    or quantized (int8 / fp8) rows [..., head_dim + 4]: each token quantized with its own
+    scale per kv head, stored at the end of its row (layers/kv_quant.py). Written in place
+    when the cache is donated to the jitted step.
     """
-    kvh, nb, bs, d = k_pages.shape
-    k_flat = k_pages.reshape(kvh, nb * bs, d).at[:, slot_mapping].set(
-        k.transpose(1, 0, 2).astype(k_pages.dtype)
-    )
-    v_flat = v_pages.reshape(kvh, nb * bs, d).at[:, slot_mapping].set(
-        v.transpose(1, 0, 2).astype(v_pages.dtype)
-    )
-    return k_flat.reshape(kvh, nb, bs, d), v_flat.reshape(kvh, nb, bs, d)
+    kvh, nb, bs, row = k_pages.shape
+    out = []
+    for pages, x in ((k_pages, k), (v_pages, v)):
+        if is_quantized_page(pages.dtype):
+            x = pack_rows(*quantize_tokens(x, value_dtype(pages.dtype)))  # [T, Hkv, D + 4]
+        flat = pages.reshape(kvh, nb * bs, row).at[:, slot_mapping].set(
+            x.transpose(1, 0, 2).astype(pages.dtype)
+        )
+        out.append(flat.reshape(kvh, nb, bs, row))
+    return out[0], out[1]
+
+
+def check_kv_backend(backend: str, kv_cache_dtype: str) -> None:
+    """A quantized KV cache is read by the blockwise and reference backends; the Pallas kernels
+    read float pages only, so that pairing is refused at start-up (not dequantized per step)."""
+    if backend == "pallas" and is_quantized(kv_cache_dtype):
+        raise ValueError(
+            f"kv_cache_dtype: {kv_cache_dtype!r} is not supported by the pallas attention "
+            "backend yet (its kernels read float pages); use kv_cache_dtype='auto', or "
+            "attention_backend 'blockwise' / 'reference'"
+        )
 
 
 def paged_attention(
@@ -119,11 +143,18 @@ def paged_attention(
     cfg: AttentionConfig,
     scale: float,
 ) -> jax.Array:
-    """Causal attention of q [num_tokens, num_heads, head_dim] over the paged context."""
+    """Causal attention of q [num_tokens, num_heads, head_dim] over the paged context.
+
+    Quantized pages (int8 / fp8 rows with their scales, see `write_kv`): the blockwise path
+    dequantizes each gathered chunk; the reference (plain jnp, tests) the layer's pages first.
+    """
     kwargs = dict(
         scale=scale, sliding_window=cfg.sliding_window, logits_soft_cap=cfg.logits_soft_cap
     )
+    quantized = is_quantized_page(k_pages.dtype)
     if cfg.backend == "pallas":
+        if quantized:
+            check_kv_backend("pallas", "int8" if k_pages.dtype == jnp.int8 else "fp8")
         return pallas_kernels.ragged_paged_attention(
             q, k_pages, v_pages, md.block_tables, md.seq_lens, md.query_start_loc,
             interpret=cfg.interpret, **kwargs,
@@ -134,6 +165,8 @@ def paged_attention(
         )
     if md.max_query_len:
         kwargs["max_query_len"] = md.max_query_len
+    if quantized:
+        k_pages, v_pages = dequantize(k_pages), dequantize(v_pages)
     return pallas_kernels.ragged_paged_attention_reference(
         q, k_pages, v_pages, md.block_tables, md.seq_lens, md.query_start_loc, **kwargs
     )

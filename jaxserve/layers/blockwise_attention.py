@@ -18,6 +18,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from jaxserve.layers.kv_quant import is_quantized_page, unpack_rows
+
 
 @dataclass(frozen=True)
 class BlockwiseSizes:
@@ -51,15 +53,17 @@ def _visible(key_pos, query_pos, seq_len, sliding_window):
     return ok
 
 
-def _online_update(carry, scores, mask, v):
-    """One online-softmax step. scores [..., Ck] f32, mask like scores, v [..., Ck, D] f32."""
+def _online_update(carry, scores, mask, v, v_scale=None):
+    """One online-softmax step. scores [..., Ck] f32, mask like scores, v [..., Ck, D] f32;
+    v_scale [..., Ck] (quantized V, masked slots already 0): weights p * v_scale meet v."""
     m, l, acc = carry  # [...], [...], [..., D]
     scores = jnp.where(mask, scores, -jnp.inf)
     m_new = jnp.maximum(m, jnp.max(scores, axis=-1))
     m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
     p = jnp.where(mask, jnp.exp(scores - m_safe[..., None]), 0.0)
     corr = jnp.where(jnp.isfinite(m), jnp.exp(m - m_safe), 0.0)
-    return m_new, l * corr + p.sum(-1), acc * corr[..., None] + jnp.einsum("...c,...cd->...d", p, v)
+    pv = p if v_scale is None else p * v_scale
+    return m_new, l * corr + p.sum(-1), acc * corr[..., None] + jnp.einsum("...c,...cd->...d", pv, v)
 
 
 def _finish(carry):
@@ -68,18 +72,29 @@ def _finish(carry):
 
 
 def _gather_chunk(pages, block_ids):
-    """pages [Hkv, NB, bs, D], block_ids [..., C] -> [Hkv, ..., C * bs, D] in f32."""
-    g = pages[:, block_ids]  # [Hkv, ..., C, bs, D]
-    return g.reshape(*g.shape[:-3], -1, g.shape[-1]).astype(jnp.float32)
+    """pages [Hkv, NB, bs, D], block_ids [..., C] -> ([Hkv, ..., C * bs, D] f32, scales).
+
+    Quantized pages (int8 / fp8 rows [..., D + 4], layers/kv_quant.py) give their values and
+    the chunk's scales [Hkv, ..., C * bs] f32; float pages give None. The values stay
+    unscaled: a K scale multiplies the chunk's scores, a V scale the softmax weights, [.., Ck]
+    wide instead of [.., Ck, D] (scores = (q . k_values) * k_scale).
+    """
+    g = pages[:, block_ids]  # [Hkv, ..., C, bs, row]
+    g = g.reshape(*g.shape[:-3], -1, g.shape[-1])
+    if not is_quantized_page(pages.dtype):
+        return g.astype(jnp.float32), None
+    values, scales = unpack_rows(g)
+    return values.astype(jnp.float32), scales
 
 
 def _soft_cap(scores, cap):
     return scores if cap is None else cap * jnp.tanh(scores / cap)
 
 
-def _decode_rows(q_last, k_pages, v_pages, bt, seq_lens, rows_ok, scale, window, cap, sizes):
+def _decode_rows(q_last, kv, bt, seq_lens, rows_ok, scale, window, cap, sizes):
     """Last query token of every sequence. q_last [S, Hq, D] -> [S, Hq, D] f32."""
     num_seqs, num_q_heads, head_dim = q_last.shape
+    k_pages, v_pages = kv
     kvh, _, bs, _ = k_pages.shape
     group = num_q_heads // kvh
     chunk = sizes.decode_chunk(num_seqs, bs)
@@ -92,14 +107,19 @@ def _decode_rows(q_last, k_pages, v_pages, bt, seq_lens, rows_ok, scale, window,
 
     def body(j, carry):
         ids = lax.dynamic_slice_in_dim(bt, j * chunk, chunk, axis=1)  # [S, C]
-        k = _gather_chunk(k_pages, ids)  # [Hkv, S, Ck, D]
-        v = _gather_chunk(v_pages, ids)
+        k, ks = _gather_chunk(k_pages, ids)  # [Hkv, S, Ck, D], [Hkv, S, Ck] | None
+        v, vs = _gather_chunk(v_pages, ids)
         key_pos = j * chunk * bs + jnp.arange(chunk * bs)  # [Ck]
         ok = _visible(key_pos[None, :], q_pos[:, None], seq_lens[:, None], window)  # [S, Ck]
         ok &= rows_ok[:, None]
         v = jnp.where(ok[None, :, :, None], v, 0.0)
-        s = _soft_cap(jnp.einsum("skgd,kscd->skgc", qg, k), cap)  # [S, Hkv, G, Ck]
-        return _online_update(carry, s, ok[:, None, None, :], v.transpose(1, 0, 2, 3)[:, :, None])
+        s = jnp.einsum("skgd,kscd->skgc", qg, k)  # [S, Hkv, G, Ck]
+        if ks is not None:
+            s = s * ks.transpose(1, 0, 2)[:, :, None]
+        if vs is not None:
+            vs = jnp.where(ok[None], vs, 0.0).transpose(1, 0, 2)[:, :, None]  # [S, Hkv, 1, Ck]
+        return _online_update(carry, _soft_cap(s, cap), ok[:, None, None, :],
+                              v.transpose(1, 0, 2, 3)[:, :, None], vs)
 
     init = (
         jnp.full((num_seqs, kvh, group), -jnp.inf, jnp.float32),
@@ -110,10 +130,10 @@ def _decode_rows(q_last, k_pages, v_pages, bt, seq_lens, rows_ok, scale, window,
     return out.reshape(num_seqs, num_q_heads, head_dim)
 
 
-def _prefill_sequence(s, out, q_pad, k_pages, v_pages, bt, seq_lens, qsl, scale, window, cap,
-                      sizes):
+def _prefill_sequence(s, out, q_pad, kv, bt, seq_lens, qsl, scale, window, cap, sizes):
     """All query tokens of sequence s, tile by tile; blends its rows into out [T + tile, Hq, D]."""
     _, num_q_heads, head_dim = q_pad.shape
+    k_pages, v_pages = kv
     kvh, _, bs, _ = k_pages.shape
     group = num_q_heads // kvh
     tile, chunk = sizes.q_tile, sizes.prefill_kv_blocks
@@ -133,12 +153,19 @@ def _prefill_sequence(s, out, q_pad, k_pages, v_pages, bt, seq_lens, qsl, scale,
 
         def kv_body(j, carry):
             ids = lax.dynamic_slice_in_dim(row_bt, j * chunk, chunk)  # [C]
-            k, v = _gather_chunk(k_pages, ids), _gather_chunk(v_pages, ids)  # [Hkv, Ck, D]
+            k, ks = _gather_chunk(k_pages, ids)  # [Hkv, Ck, D], [Hkv, Ck] | None
+            v, vs = _gather_chunk(v_pages, ids)
             key_pos = j * chunk * bs + jnp.arange(chunk * bs)
             ok = _visible(key_pos[None, :], q_pos[:, None], seq_len, window)  # [Qt, Ck]
-            v = jnp.where((key_pos < seq_len)[None, :, None], v, 0.0)
-            sc = _soft_cap(jnp.einsum("qkgd,kcd->qkgc", qt, k), cap)  # [Qt, Hkv, G, Ck]
-            return _online_update(carry, sc, ok[:, None, None, :], v[None, :, None])
+            in_seq = key_pos < seq_len  # [Ck]
+            v = jnp.where(in_seq[None, :, None], v, 0.0)
+            sc = jnp.einsum("qkgd,kcd->qkgc", qt, k)  # [Qt, Hkv, G, Ck]
+            if ks is not None:
+                sc = sc * ks[None, :, None]
+            if vs is not None:
+                vs = jnp.where(in_seq[None], vs, 0.0)[None, :, None]  # [1, Hkv, 1, Ck]
+            return _online_update(carry, _soft_cap(sc, cap), ok[:, None, None, :],
+                                  v[None, :, None], vs)
 
         init = (
             jnp.full((tile, kvh, group), -jnp.inf, jnp.float32),
@@ -162,7 +189,10 @@ def blockwise_paged_attention(q, k_pages, v_pages, block_tables, seq_lens, query
 
     q [T, Hq, D]; k_pages, v_pages [Hkv, NB, bs, D]; block_tables [S, W]; seq_lens [S];
     query_start_loc [S + 1]. Returns [T, Hq, D] in q's dtype; padding tokens give zeros.
+    Quantized pages (int8 / fp8 rows [Hkv, NB, bs, D + 4] holding each slot's scale,
+    layers/kv_quant.py) are dequantized chunk by chunk as they are gathered.
     """
+    kv = (k_pages, v_pages)
     num_tokens, _, head_dim = q.shape
     scale = head_dim**-0.5 if scale is None else scale
     num_seqs = block_tables.shape[0]
@@ -174,7 +204,7 @@ def blockwise_paged_attention(q, k_pages, v_pages, block_tables, seq_lens, query
     qlen = qsl[1:] - qsl[:-1]  # [S]
     is_decode = (qlen == 1) & (seq_lens > 0)
     last = jnp.clip(qsl[1:] - 1, 0, num_tokens - 1)  # [S]
-    dec = _decode_rows(q[last], k_pages, v_pages, bt, seq_lens, is_decode, scale, sliding_window,
+    dec = _decode_rows(q[last], kv, bt, seq_lens, is_decode, scale, sliding_window,
                        logits_soft_cap, sizes)
     out = jnp.zeros((num_tokens + sizes.q_tile, *q.shape[1:]), jnp.float32)
     out = out.at[jnp.where(is_decode, last, num_tokens + sizes.q_tile)].set(dec, mode="drop")
@@ -183,8 +213,8 @@ def blockwise_paged_attention(q, k_pages, v_pages, block_tables, seq_lens, query
     q_pad = jnp.pad(q, ((0, sizes.q_tile), (0, 0), (0, 0)))
 
     def seq_body(i, out):
-        return _prefill_sequence(order[i], out, q_pad, k_pages, v_pages, bt, seq_lens, qsl,
-                                 scale, sliding_window, logits_soft_cap, sizes)
+        return _prefill_sequence(order[i], out, q_pad, kv, bt, seq_lens, qsl, scale,
+                                 sliding_window, logits_soft_cap, sizes)
 
     out = lax.fori_loop(0, jnp.sum(prefill), seq_body, out)
     return out[:num_tokens].astype(q.dtype)

@@ -40,6 +40,7 @@ class RunnerConfig:
     seed: int = 0
     prompt_logprobs: bool = True  # compile the prompt-logprob programs
     num_speculative_tokens: int = 0  # > 0: steps score up to k + 1 positions per request
+    kv_cache_dtype: str = "auto"  # auto (the model's dtype) | int8 | fp8 (layers/kv_quant.py)
 
 
 def _forward(graphdef, state, kv_cache, token_ids, md, logits_indices):
@@ -62,9 +63,11 @@ class ModelRunner:
         CompileCounter.install()
         self.cfg = cfg
         self.model_config = loaded.config
+        self.model_dtype = jnp.dtype(loaded.dtype)
         self.graphdef, self.state = nnx.split(loaded.model)
         self.kv_cache = allocate_kv_cache(
-            loaded.config, cfg.num_kv_blocks, cfg.block_size, loaded.dtype, mesh
+            loaded.config, cfg.num_kv_blocks, cfg.block_size, loaded.dtype, mesh,
+            cfg.kv_cache_dtype,
         )
         max_blocks = -(-cfg.max_model_len // cfg.block_size)
         # speculation: a 1-request verify step (k + 1 <= 8 tokens) gets an 8-token bucket
@@ -200,7 +203,7 @@ class ModelRunner:
         shapes = self.buckets.step_shapes()
         jobs = [("step", shape, partial(self._lower_step, shape)) for shape in shapes]
         vocab, d = self.model_config.vocab_size, self.model_config.hidden_size
-        hidden_dtype = self.kv_cache[0][0].dtype
+        hidden_dtype = self.model_dtype  # the step's hidden states (prompt logprobs)
         for s in sorted({self._logit_rows(t, s) for t, s, _, _ in shapes}):
             logits = jax.ShapeDtypeStruct((s, vocab), jnp.float32, sharding=self.replicated)
             plain = build_metadata([], s, 0, False, self.penalty_len)

@@ -23,12 +23,13 @@ class Chunk:
     block_table: list[int]
 
 
-def paged_logits(loaded, prompts, *, block_size=8, chunk=None, shuffle_seed=0):
+def paged_logits(loaded, prompts, *, block_size=8, chunk=None, shuffle_seed=0,
+                 kv_cache_dtype="auto"):
     """float32 logits [len(prompt), vocab] for every prompt, computed in one or more steps.
 
     All prompts run together in each step; `chunk` splits every prompt into chunks of that
     many tokens (later chunks attend to the cached earlier ones). Blocks are handed out in a
-    shuffled order so block tables are not contiguous.
+    shuffled order so block tables are not contiguous. kv_cache_dtype: int8 / fp8 pages.
     """
     cfg = loaded.config
     max_len = max(len(p) for p in prompts)
@@ -36,7 +37,8 @@ def paged_logits(loaded, prompts, *, block_size=8, chunk=None, shuffle_seed=0):
     rng = np.random.default_rng(shuffle_seed)
     ids = rng.permutation(np.arange(1, 1 + blocks_per * len(prompts))).tolist()
     tables = [ids[i * blocks_per : (i + 1) * blocks_per] for i in range(len(prompts))]
-    kv = allocate_kv_cache(cfg, 1 + blocks_per * len(prompts), block_size, loaded.dtype, make_mesh(1))
+    kv = allocate_kv_cache(cfg, 1 + blocks_per * len(prompts), block_size, loaded.dtype, make_mesh(1),
+                           kv_cache_dtype)
     graphdef, state = nnx.split(loaded.model)
     buckets = BucketSpec.build(4096, 64, blocks_per)
 
