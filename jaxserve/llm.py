@@ -173,7 +173,7 @@ def _create_engine(args: EngineArgs) -> LLMEngine:
     if args.enforce_eager:
         logger.warning("enforce_eager has no effect: jaxserve always runs compiled XLA steps")
     mesh = make_mesh(args.tensor_parallel_size)
-    attn = select_backend(args.attention_backend, args.tensor_parallel_size)
+    attn = select_backend(args.attention_backend, args.tensor_parallel_size, args.kv_cache_dtype)
     if attn.backend == "pallas" and args.tensor_parallel_size > 1:
         raise ValueError(
             "tensor_parallel_size: > 1 is not supported with the pallas attention backend yet "

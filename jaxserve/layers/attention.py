@@ -56,17 +56,20 @@ class AttentionConfig:
     interpret: bool = False  # run Pallas kernels in the CPU interpreter (tests)
 
 
-def select_backend(requested: str = "auto", tensor_parallel_size: int = 1) -> AttentionConfig:
+def select_backend(requested: str = "auto", tensor_parallel_size: int = 1,
+                   kv_cache_dtype: str = "auto") -> AttentionConfig:
     """Choose the attention backend once, at start-up, and log the choice.
 
     auto: the Pallas kernels on GPU; on CPU the C++ kernel (jaxserve/cpu_kernels, compiled on
-    first use) when tp == 1, else the blockwise XLA loops (logged with the reason). "reference"
+    first use) when tp == 1 and the KV cache is not quantized, else the blockwise XLA loops
+    (logged with the reason). "reference"
     is the plain jnp reference (gathers K/V at the padded width: simple, slow). "pallas" off a
     GPU runs the kernels in Pallas's CPU interpreter (correct but slow: for tests).
     """
     platform = jax.default_backend()
     if requested == "auto":
-        backend: Backend = "pallas" if platform == "gpu" else _cpu_default(tensor_parallel_size)
+        backend: Backend = ("pallas" if platform == "gpu"
+                             else _cpu_default(tensor_parallel_size, kv_cache_dtype))
     elif requested in BACKENDS:
         backend = requested  # type: ignore[assignment]
     else:
@@ -74,10 +77,11 @@ def select_backend(requested: str = "auto", tensor_parallel_size: int = 1) -> At
             f"attention_backend: {requested!r} is not one of auto, {', '.join(BACKENDS)}"
         )
     if backend == "cpu":
-        if platform != "cpu" or tensor_parallel_size > 1:
+        if platform != "cpu" or tensor_parallel_size > 1 or is_quantized(kv_cache_dtype):
             raise ValueError("attention_backend: 'cpu' runs on the CPU platform with "
-                             f"tensor_parallel_size 1 (platform {platform}, tp "
-                             f"{tensor_parallel_size})")
+                             "tensor_parallel_size 1 and a float KV cache (platform "
+                             f"{platform}, tp {tensor_parallel_size}, kv_cache_dtype "
+                             f"{kv_cache_dtype!r})")
         cpu_attention.ensure_built()
     interpret = backend == "pallas" and platform != "gpu"
     logger.info(
@@ -87,8 +91,12 @@ def select_backend(requested: str = "auto", tensor_parallel_size: int = 1) -> At
     return AttentionConfig(backend=backend, interpret=interpret)
 
 
-def _cpu_default(tensor_parallel_size: int) -> Backend:
+def _cpu_default(tensor_parallel_size: int, kv_cache_dtype: str) -> Backend:
     """The C++ kernel when it can serve this engine, else blockwise (and say why)."""
+    if is_quantized(kv_cache_dtype):
+        logger.info("attention: the CPU kernel reads float pages; kv_cache_dtype %r uses the "
+                    "blockwise XLA loops", kv_cache_dtype)
+        return "blockwise"
     if tensor_parallel_size > 1:
         logger.info("attention: the CPU kernel is not sharded; tensor_parallel_size %d uses "
                     "the blockwise XLA loops", tensor_parallel_size)
