@@ -44,6 +44,7 @@ class EngineArgs:
     seed: int = 0
     tensor_parallel_size: int = 1
     attention_backend: str = "auto"  # auto | cpu | blockwise | reference | pallas
+    cpu_matvec: str = "auto"  # auto | off: decode projections on the C++ CPU kernel
     enable_prompt_logprobs: bool = True  # off: fewer programs to compile at start-up
     compilation_cache_dir: str | None = DEFAULT_COMPILE_CACHE
     show_progress: bool = True
@@ -156,6 +157,7 @@ def create_engine(args: EngineArgs) -> LLMEngine:
 def _create_engine(args: EngineArgs) -> LLMEngine:
     from jaxserve.config import read_generation_eos
     from jaxserve.layers.attention import select_backend
+    from jaxserve.layers.linear import select_cpu_matvec
     from jaxserve.runtime.compile_cache import use_compilation_cache
     from jaxserve.runtime.kv_cache import kv_block_bytes
     from jaxserve.runtime.mesh import make_mesh
@@ -175,7 +177,9 @@ def _create_engine(args: EngineArgs) -> LLMEngine:
             "tensor_parallel_size: > 1 is not supported with the pallas attention backend yet "
             "(its kernels are not wrapped in shard_map); use --attention-backend blockwise"
         )
-    loaded = load_model(args.model, args.dtype, attn, mesh, quantization=args.quantization)
+    matvec = select_cpu_matvec(args.cpu_matvec, args.tensor_parallel_size)
+    loaded = load_model(args.model, args.dtype, attn, mesh, quantization=args.quantization,
+                        cpu_matvec=matvec)
     cfg = loaded.config
     on_cpu = jax.default_backend() == "cpu"
     max_model_len = args.max_model_len or cfg.max_position_embeddings
