@@ -161,6 +161,8 @@ def main(argv=None) -> None:
     p.add_argument("--max-num-seqs", type=int, default=64)
     p.add_argument("--max-model-len", type=int, default=1024)
     p.add_argument("--max-num-batched-tokens", type=int, default=512)
+    p.add_argument("--attention-backend", default="auto")
+    p.add_argument("--cpu-matvec", default="auto", choices=("auto", "off"))
     args = p.parse_args(argv)
 
     import jax
@@ -171,7 +173,8 @@ def main(argv=None) -> None:
     t = time.perf_counter()
     llm = LLM(path, dtype="auto", max_num_seqs=args.max_num_seqs,
               max_model_len=args.max_model_len,
-              max_num_batched_tokens=args.max_num_batched_tokens, use_tqdm_on_load=False)
+              max_num_batched_tokens=args.max_num_batched_tokens, use_tqdm_on_load=False,
+              attention_backend=args.attention_backend, cpu_matvec=args.cpu_matvec)
     startup = time.perf_counter() - t
     rows = []
     bw0 = measure_bandwidth()
@@ -183,6 +186,7 @@ def main(argv=None) -> None:
     itemsize = 2 if args.dtype == "bfloat16" else 4
     floor_ms = 1e3 * decode_bytes(SMALL, itemsize, ctx) / (read * 1e9)
     rows.append({"probe": "decode-b1", "dtype": args.dtype, "ms_per_token": ms,
+                 "attention_backend": args.attention_backend, "cpu_matvec": args.cpu_matvec,
                  "p90_ms": 1e3 * float(np.percentile(steps, 90)),
                  "cpu_ms_per_token": 1e3 * statistics.median(cpu), "floor_ms": floor_ms,
                  "fraction_of_floor": floor_ms / ms, "read_GBps": read,

@@ -41,6 +41,8 @@ def add_engine_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="compile the prompt-logprob programs (requests may ask prompt_logprobs)")
     g.add_argument("--tensor-parallel-size", type=int, default=1)
     g.add_argument("--attention-backend", default="auto", choices=["auto", "cpu", "blockwise", "reference", "pallas"])
+    g.add_argument("--cpu-matvec", default="auto", choices=["auto", "off"],
+                   help="bf16 decode projections on the C++ CPU kernel (auto) or XLA's matmul")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--max-logprobs", type=int, default=20,
                    help="most logprobs / prompt_logprobs one request may ask for")
@@ -110,6 +112,7 @@ def engine_args_from(args: argparse.Namespace, model: str | None = None) -> Engi
         enable_prompt_logprobs=args.enable_prompt_logprobs,
         tensor_parallel_size=args.tensor_parallel_size,
         attention_backend=args.attention_backend,
+        cpu_matvec=args.cpu_matvec,
         seed=args.seed,
         max_logprobs=args.max_logprobs,
         tokenizer=args.tokenizer,

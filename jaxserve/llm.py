@@ -44,6 +44,7 @@ class EngineArgs:
     seed: int = 0
     tensor_parallel_size: int = 1
     attention_backend: str = "auto"  # auto | cpu | blockwise | reference | pallas
+    cpu_matvec: str = "auto"  # auto | off: decode projections on the C++ CPU kernel
     enable_prompt_logprobs: bool = True  # off: fewer programs to compile at start-up
     compilation_cache_dir: str | None = DEFAULT_COMPILE_CACHE
     show_progress: bool = True
@@ -160,6 +161,7 @@ def create_engine(args: EngineArgs) -> LLMEngine:
 def _create_engine(args: EngineArgs) -> LLMEngine:
     from jaxserve.config import read_generation_eos
     from jaxserve.layers.attention import check_kv_backend, select_backend
+    from jaxserve.layers.linear import select_cpu_matvec
     from jaxserve.runtime.compile_cache import use_compilation_cache
     from jaxserve.runtime.kv_cache import kv_block_bytes
     from jaxserve.runtime.mesh import make_mesh
@@ -180,7 +182,9 @@ def _create_engine(args: EngineArgs) -> LLMEngine:
             "(its kernels are not wrapped in shard_map); use --attention-backend blockwise"
         )
     check_kv_backend(attn.backend, args.kv_cache_dtype)
-    loaded = load_model(args.model, args.dtype, attn, mesh, quantization=args.quantization)
+    matvec = select_cpu_matvec(args.cpu_matvec, args.tensor_parallel_size)
+    loaded = load_model(args.model, args.dtype, attn, mesh, quantization=args.quantization,
+                        cpu_matvec=matvec)
     cfg = loaded.config
     on_cpu = jax.default_backend() == "cpu"
     max_model_len = args.max_model_len or cfg.max_position_embeddings

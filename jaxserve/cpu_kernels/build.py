@@ -52,29 +52,33 @@ def _cpu_signature() -> str:
     return os.uname().machine
 
 
-def _build_key(source: bytes, cxx: str) -> str:
+def _build_key(source: bytes, cxx: str, flags: tuple[str, ...]) -> str:
     version = subprocess.run([cxx, "--version"], capture_output=True, text=True).stdout
     h = hashlib.sha256(source)
-    for part in (" ".join(FLAGS), version, jax.ffi.include_dir(), jax.__version__,
+    for part in (" ".join(flags), version, jax.ffi.include_dir(), jax.__version__,
                  _cpu_signature()):
         h.update(part.encode())
     return h.hexdigest()[:20]
 
 
-def load_library(source: Path, cache_dir: Path = DEFAULT_CACHE) -> ctypes.CDLL:
-    """The compiled library of one .cc file (built now unless cached)."""
+def load_library(source: Path, cache_dir: Path = DEFAULT_CACHE,
+                 extra_flags: tuple[str, ...] = ()) -> ctypes.CDLL:
+    """The compiled library of one .cc file (built now unless cached). extra_flags are appended
+    to FLAGS (tests build the portable paths with "-mno-avx512f")."""
+    flags = (*FLAGS, *extra_flags)
+    name = f"{source}{' '.join(extra_flags)}"
     with _lock:
-        if str(source) in _loaded:
-            return _loaded[str(source)]
+        if name in _loaded:
+            return _loaded[name]
         cxx = _compiler()
         # the source and the headers beside it
         text = b"".join(f.read_bytes() for f in [source, *sorted(source.parent.glob("*.h"))])
-        lib_path = cache_dir / f"{source.stem}-{_build_key(text, cxx)}.so"
+        lib_path = cache_dir / f"{source.stem}-{_build_key(text, cxx, flags)}.so"
         if not lib_path.exists():
             cache_dir.mkdir(parents=True, exist_ok=True)
             fd, tmp = tempfile.mkstemp(suffix=".so", dir=cache_dir)
             os.close(fd)
-            cmd = [cxx, *FLAGS, "-I", jax.ffi.include_dir(), str(source), "-o", tmp]
+            cmd = [cxx, *flags, "-I", jax.ffi.include_dir(), str(source), "-o", tmp]
             logger.info("compiling CPU kernel %s", source.name)
             res = subprocess.run(cmd, capture_output=True, text=True)
             if res.returncode != 0:
@@ -85,14 +89,15 @@ def load_library(source: Path, cache_dir: Path = DEFAULT_CACHE) -> ctypes.CDLL:
             lib = ctypes.CDLL(str(lib_path))
         except OSError as e:
             raise KernelBuildError(f"loading {lib_path} failed: {e}") from e
-        _loaded[str(source)] = lib
+        _loaded[name] = lib
         return lib
 
 
-def register(source: Path, symbol: str, target: str, cache_dir: Path = DEFAULT_CACHE) -> None:
+def register(source: Path, symbol: str, target: str, cache_dir: Path = DEFAULT_CACHE,
+             extra_flags: tuple[str, ...] = ()) -> None:
     """Build/load `source` and register its handler `symbol` as the CPU FFI target `target`."""
     if target in _registered:
         return
-    lib = load_library(source, cache_dir)
+    lib = load_library(source, cache_dir, extra_flags)
     jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, symbol)), platform="cpu")
     _registered.add(target)

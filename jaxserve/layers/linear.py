@@ -2,9 +2,21 @@
 
 from __future__ import annotations
 
+import logging
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
+
+from jaxserve.cpu_kernels import build as cpu_build
+from jaxserve.cpu_kernels import matvec as cpu_matvec
+
+logger = logging.getLogger(__name__)
+
+# Up to this many token rows a bf16 projection on the CPU runs the C++ decode kernel
+# (cpu_kernels/matvec.cc), which streams the weight once; past it XLA's matmul, whose per-call
+# packing of the weight is amortised over the rows (benchmarks/decode_probe.py --cpu-matvec).
+MATVEC_MAX_ROWS = 4
 
 
 def rows_major(dtype) -> bool:
@@ -18,11 +30,45 @@ def rows_major(dtype) -> bool:
     return jnp.dtype(dtype) != jnp.float32
 
 
-class Linear(nnx.Module):
-    """y = x @ W (+ bias); W is `weight` [out, in] or `kernel` [in, out] (see rows_major)."""
+def select_cpu_matvec(requested: str = "auto", tensor_parallel_size: int = 1) -> bool:
+    """Whether bf16 decode projections use the CPU kernel; decided once at start-up, logged.
 
-    def __init__(self, in_dim: int, out_dim: int, *, bias: bool, dtype, rngs: nnx.Rngs):
+    auto: on the CPU platform with tensor_parallel_size 1 (the kernel is not sharded), when it
+    builds; a failed build is logged with its reason and XLA's matmul is used. off: never."""
+    if requested not in ("auto", "off"):
+        raise ValueError(f"cpu_matvec: {requested!r} is not one of auto, off")
+    if requested == "off" or jax.default_backend() != "cpu":
+        return False
+    if tensor_parallel_size > 1:
+        logger.info("linear: the CPU decode kernel is not sharded; tensor_parallel_size %d uses "
+                    "XLA's matmul", tensor_parallel_size)
+        return False
+    try:
+        cpu_matvec.ensure_built()
+    except cpu_build.KernelBuildError as e:
+        logger.warning("linear: the CPU decode kernel could not be built, using XLA's slower "
+                       "matmul for decode steps: %s", e)
+        return False
+    logger.info("linear: bf16 projections of up to %d rows run the CPU decode kernel",
+                MATVEC_MAX_ROWS)
+    return True
+
+
+def _matvec_ok(use: bool, x: jax.Array, w: jax.Array) -> bool:
+    """Static choice at trace time: the kernel takes few bf16 rows against a bf16 [out, in] W."""
+    return (use and x.ndim == 2 and x.shape[0] <= MATVEC_MAX_ROWS
+            and x.dtype == jnp.bfloat16 and w.dtype == jnp.bfloat16)
+
+
+class Linear(nnx.Module):
+    """y = x @ W (+ bias); W is `weight` [out, in] or `kernel` [in, out] (see rows_major).
+
+    matvec: decode-sized bf16 inputs run the CPU kernel (see select_cpu_matvec)."""
+
+    def __init__(self, in_dim: int, out_dim: int, *, bias: bool, dtype, rngs: nnx.Rngs,
+                 matvec: bool = False):
         init = jax.random.normal(rngs.params(), (out_dim, in_dim), dtype=dtype) * (in_dim**-0.5)
+        self.matvec = matvec
         self.rows_major = rows_major(dtype)
         if self.rows_major:
             self.weight = nnx.Param(init)  # [out, in]
@@ -31,7 +77,9 @@ class Linear(nnx.Module):
         self.bias = nnx.Param(jnp.zeros((out_dim,), dtype=dtype)) if bias else None  # [out]
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        if self.rows_major:
+        if self.rows_major and _matvec_ok(self.matvec, x, self.weight[...]):
+            y = cpu_matvec.matvec(x, self.weight[...])  # [T, out]
+        elif self.rows_major:
             y = jnp.einsum("ti,oi->to", x, self.weight[...])  # [T, out]
         else:
             y = jnp.einsum("ti,io->to", x, self.kernel[...])
@@ -43,11 +91,14 @@ class Linear(nnx.Module):
 class Embedding(nnx.Module):
     """Token embedding table [vocab, hidden]; doubles as a tied lm_head."""
 
-    def __init__(self, vocab: int, dim: int, *, dtype, rngs: nnx.Rngs):
+    def __init__(self, vocab: int, dim: int, *, dtype, rngs: nnx.Rngs, matvec: bool = False):
         self.embedding = nnx.Param(jax.random.normal(rngs.params(), (vocab, dim), dtype=dtype))
+        self.matvec = matvec
 
     def __call__(self, token_ids: jax.Array) -> jax.Array:
         return jnp.take(self.embedding[...], token_ids, axis=0)  # [T, hidden]
 
     def attend(self, x: jax.Array) -> jax.Array:
+        if _matvec_ok(self.matvec, x, self.embedding[...]):
+            return cpu_matvec.matvec(x, self.embedding[...])  # [T, vocab]
         return jnp.einsum("td,vd->tv", x, self.embedding[...])  # [T, vocab]

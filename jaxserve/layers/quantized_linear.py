@@ -138,8 +138,9 @@ def fp8_e4m3_to_f32(q: jax.Array, const=jnp.float32) -> jax.Array:
 
 
 def make_linear(in_dim: int, out_dim: int, *, bias: bool, dtype, rngs: nnx.Rngs,
-                quant: QuantConfig | None = None) -> nnx.Module:
-    """A float Linear, or a QuantizedLinear when the model is quantized."""
+                quant: QuantConfig | None = None, matvec: bool = False) -> nnx.Module:
+    """A float Linear (matvec: see linear.select_cpu_matvec), or a QuantizedLinear when the
+    model is quantized."""
     if quant is None:
-        return Linear(in_dim, out_dim, bias=bias, dtype=dtype, rngs=rngs)
+        return Linear(in_dim, out_dim, bias=bias, dtype=dtype, rngs=rngs, matvec=matvec)
     return QuantizedLinear(in_dim, out_dim, bias=bias, dtype=dtype, quant=quant)

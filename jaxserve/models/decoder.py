@@ -45,9 +45,10 @@ class DecoderLayer(nnx.Module):
     """Pre-norm attention + gated MLP block."""
 
     def __init__(self, cfg: ModelConfig, spec: FamilySpec, attn: AttentionConfig, dtype, rngs,
-                 quant: QuantConfig | None = None):
+                 quant: QuantConfig | None = None, matvec: bool = False):
         d, eps, off = cfg.hidden_size, cfg.rms_norm_eps, spec.norm_offset
-        lin = lambda i, o, b: make_linear(i, o, bias=b, dtype=dtype, rngs=rngs, quant=quant)
+        lin = lambda i, o, b: make_linear(i, o, bias=b, dtype=dtype, rngs=rngs, quant=quant,
+                                          matvec=matvec)
         qkv_bias = spec.qkv_bias or cfg.attention_bias
         self.input_layernorm = RMSNorm(d, eps=eps, offset=off, dtype=dtype)
         self.post_attention_layernorm = RMSNorm(d, eps=eps, offset=off, dtype=dtype)
@@ -95,13 +96,15 @@ class DecoderForCausalLM(nnx.Module):
     spec = FamilySpec()
 
     def __init__(self, cfg: ModelConfig, attn: AttentionConfig, *, dtype, rngs: nnx.Rngs,
-                 quant: QuantConfig | None = None):
+                 quant: QuantConfig | None = None, matvec: bool = False):
         """quant: the decoder layers' projections are QuantizedLinear (embeddings, lm_head and
-        norms stay in `dtype`)."""
+        norms stay in `dtype`). matvec: decode steps' bf16 projections run the CPU kernel."""
         spec = self.spec
-        self.embed_tokens = Embedding(cfg.vocab_size, cfg.hidden_size, dtype=dtype, rngs=rngs)
+        self.embed_tokens = Embedding(cfg.vocab_size, cfg.hidden_size, dtype=dtype, rngs=rngs,
+                                      matvec=matvec)
         self.layers = nnx.List(
-            [DecoderLayer(cfg, spec, attn, dtype, rngs, quant) for _ in range(cfg.num_layers)]
+            [DecoderLayer(cfg, spec, attn, dtype, rngs, quant, matvec)
+             for _ in range(cfg.num_layers)]
         )
         self.norm = RMSNorm(
             cfg.hidden_size, eps=cfg.rms_norm_eps, offset=spec.norm_offset, dtype=dtype
@@ -110,7 +113,8 @@ class DecoderForCausalLM(nnx.Module):
         self.lm_head = (
             None
             if self.tied
-            else Linear(cfg.hidden_size, cfg.vocab_size, bias=False, dtype=dtype, rngs=rngs)
+            else Linear(cfg.hidden_size, cfg.vocab_size, bias=False, dtype=dtype, rngs=rngs,
+                        matvec=matvec)
         )
         self.embed_scale = cfg.hidden_size**0.5 if spec.scale_embeddings else None
 

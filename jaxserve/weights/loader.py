@@ -96,11 +96,12 @@ def is_converted(path: str) -> bool:
 
 
 def abstract_model(config: ModelConfig, attn: AttentionConfig, dtype: str,
-                   quant: QuantConfig | None = None):
+                   quant: QuantConfig | None = None, matvec: bool = False):
     """(graphdef, abstract state) of the model: shapes and dtypes only, nothing allocated."""
     cls = model_class_for(config)
     model = nnx.eval_shape(
-        lambda: cls(config, attn, dtype=jnp.dtype(dtype), rngs=nnx.Rngs(0), quant=quant))
+        lambda: cls(config, attn, dtype=jnp.dtype(dtype), rngs=nnx.Rngs(0), quant=quant,
+                    matvec=matvec))
     return nnx.split(model)
 
 
@@ -110,9 +111,11 @@ def load_model(
     attn: AttentionConfig | None = None,
     mesh: Mesh | None = None,
     quantization: str | None = None,
+    cpu_matvec: bool = False,
 ) -> LoadedModel:
     """quantization: int8 | int4 | fp8 quantizes the decoder projections while loading;
-    a compressed-tensors checkpoint is loaded quantized as it is (None or its method name)."""
+    a compressed-tensors checkpoint is loaded quantized as it is (None or its method name).
+    cpu_matvec: decode steps' bf16 projections run the CPU kernel (layers/linear.py)."""
     start = time.perf_counter()
     path = resolve_model_path(model)
     config = read_model_config(path)
@@ -124,7 +127,7 @@ def load_model(
     dtype_name = resolve_dtype_name(dtype, config)
     mesh = mesh or make_mesh(1)
     attn = dataclasses.replace(attn or AttentionConfig(), sliding_window=config.sliding_window)
-    graphdef, state = abstract_model(config, attn, dtype_name, quant)
+    graphdef, state = abstract_model(config, attn, dtype_name, quant, cpu_matvec)
     if converted:
         state = _restore_converted(path, state, config, mesh, dtype_name)
     else:

@@ -34,6 +34,15 @@ def _new_token_slots(case):
     return np.asarray(slots, np.int32)
 
 
+PORTABLE = "jaxserve_cpu_paged_attention_portable"
+
+
+def _portable_target() -> str:
+    """The same kernel built without AVX-512: the paths a CPU without it runs."""
+    build.register(cpa.SOURCE, cpa.SYMBOL, PORTABLE, extra_flags=("-mno-avx512f",))
+    return PORTABLE
+
+
 def _run(case, slots, **kw):
     """Hand the kernel pages whose new-token slots are NaN plus the new K/V rows."""
     kvh, nb, bs, d = case.k_pages.shape
@@ -66,11 +75,22 @@ CASES = [  # (seq_lens, q_lens, extra padding tokens)
                                                       (8, 64, (6, 3))])
 @pytest.mark.parametrize("seq_lens,q_lens,pad", CASES)
 def test_kernel_matches_oracles(seq_lens, q_lens, pad, block_size, head_dim, heads, dtype, tol):
+    _check_case(seq_lens, q_lens, pad, block_size, head_dim, heads, dtype, tol)
+
+
+@pytest.mark.parametrize("dtype,tol", [(np.float32, 2e-5), (BF16, 2e-2)])
+def test_portable_paths_match_oracles(dtype, tol):
+    """Built without AVX-512 (as on a CPU without it): same results."""
+    _check_case([37, 20, 200, 1], [1, 5, 40, 1], 3, 16, 64, (8, 2), dtype, tol,
+                target=_portable_target())
+
+
+def _check_case(seq_lens, q_lens, pad, block_size, head_dim, heads, dtype, tol, **target):
     case = make_case(seq_lens, q_lens, num_q_heads=heads[0], num_kv_heads=heads[1],
                      head_dim=head_dim, block_size=block_size,
                      num_tokens=sum(q_lens) + pad, dtype=dtype)
     slots = _new_token_slots(case)
-    out, k_pages, v_pages = _run(case, slots, scale=head_dim**-0.5)
+    out, k_pages, v_pages = _run(case, slots, scale=head_dim**-0.5, **target)
     n = sum(q_lens)
     assert not np.isnan(out).any()
     assert np.all(out[n:] == 0)  # padding tokens
@@ -88,10 +108,12 @@ def test_kernel_matches_oracles(seq_lens, q_lens, pad, block_size, head_dim, hea
 
 
 @pytest.mark.parametrize("window,cap", [(7, None), (None, 20.0), (33, 5.0)])
-def test_sliding_window_and_soft_cap(window, cap):
+@pytest.mark.parametrize("portable", [False, True])
+def test_sliding_window_and_soft_cap(window, cap, portable):
     case = make_case([90, 41], [30, 1], num_q_heads=4, num_kv_heads=2, dtype=BF16)
+    target = dict(target=_portable_target()) if portable else {}
     out, _, _ = _run(case, _new_token_slots(case), scale=0.125, sliding_window=window,
-                     logits_soft_cap=cap)
+                     logits_soft_cap=cap, **target)
     want = naive_ragged(case, scale=0.125, sliding_window=window, logits_soft_cap=cap)
     np.testing.assert_allclose(out[:31], want[:31], rtol=2e-2, atol=2e-2)
 
