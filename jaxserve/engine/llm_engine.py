@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import threading
 import time
 from collections.abc import Iterable
 from typing import Any
@@ -40,17 +41,19 @@ class LLMEngine:
         self._num_steps = 0
         self._last_step_num_tokens = 0
         self._grammars: GrammarBackend | None = None
+        self._grammars_lock = threading.Lock()  # the async engine compiles on other threads
 
     # ---------------------------------------------------------------- structured outputs
     @property
     def grammars(self) -> GrammarBackend:
         """The grammar backend (llguidance over this engine's tokenizer), made on first use."""
-        if self._grammars is None:
-            if self.tokenizer is None:
-                raise InvalidRequestError("structured_outputs", "needs a tokenizer")
-            eos = self.config.eos_token_ids
-            self._grammars = GrammarBackend(self.tokenizer, self.config.vocab_size, eos)
-        return self._grammars
+        with self._grammars_lock:
+            if self._grammars is None:
+                if self.tokenizer is None:
+                    raise InvalidRequestError("structured_outputs", "needs a tokenizer")
+                eos = self.config.eos_token_ids
+                self._grammars = GrammarBackend(self.tokenizer, self.config.vocab_size, eos)
+            return self._grammars
 
     def compile_grammar(self, params: SamplingParams):
         """The compiled grammar of params.structured_outputs (cached; bounded in time). Callers
