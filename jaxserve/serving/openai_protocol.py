@@ -275,7 +275,7 @@ class ChatCompletionRequest(_SamplingRequest):
     chat_template_kwargs: dict[str, Any] | None = None
     tools: list[Tool] | None = None
     tool_choice: Literal["none", "auto", "required"] | dict[str, Any] | None = None
-    parallel_tool_calls: bool | None = None  # a no-op, as in vLLM
+    parallel_tool_calls: bool | None = None  # False: tool_choice "required" makes one call
 
     @property
     def effective_tool_choice(self) -> Any:
@@ -290,7 +290,7 @@ class ChatCompletionRequest(_SamplingRequest):
             return None
         if not self.tools:
             raise InvalidRequestError("tool_choice", f"{choice!r} needs tools")
-        return constraint_for(self.tools, choice)
+        return constraint_for(self.tools, choice, self.parallel_tool_calls)
 
     def to_sampling_params(self, defaults: dict[str, Any] | None = None) -> SamplingParams:
         kwargs = self._common_kwargs(defaults)

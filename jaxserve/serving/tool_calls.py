@@ -55,8 +55,10 @@ def named_choice(tool_choice: Any) -> str | None:
     return None
 
 
-def constraint_for(tools: list[Any], tool_choice: Any) -> StructuredOutputsParams | None:
-    """The decoding constraint of tool_choice "required" or a named function, else None."""
+def constraint_for(tools: list[Any], tool_choice: Any,
+                   parallel: bool | None = None) -> StructuredOutputsParams | None:
+    """The decoding constraint of tool_choice "required" or a named function, else None;
+    parallel=False (parallel_tool_calls) allows one call only."""
     specs = function_specs(tools)
     name = named_choice(tool_choice)
     if name is not None:
@@ -70,7 +72,10 @@ def constraint_for(tools: list[Any], tool_choice: Any) -> StructuredOutputsParam
               "required": ["name", "parameters"], "additionalProperties": False}
              for n, schema in specs.items()]
     item = calls[0] if len(calls) == 1 else {"anyOf": calls}
-    return StructuredOutputsParams(json={"type": "array", "items": item, "minItems": 1})
+    array = {"type": "array", "items": item, "minItems": 1}
+    if parallel is False:
+        array["maxItems"] = 1
+    return StructuredOutputsParams(json=array)
 
 
 def _complete_json_values(text: str, start: int) -> tuple[list[Any], int]:
