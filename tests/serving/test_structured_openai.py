@@ -203,3 +203,35 @@ def test_bad_constraints_are_400_naming_the_field(server, body, field):
     assert r.status_code == 400, r.text
     err = r.json()["error"]
     assert field in (err.get("param") or "") + err["message"], err
+
+
+def test_grpc_structured_outputs(server):
+    import grpc
+
+    from jaxserve.serving.proto import jaxserve_pb2 as pb
+    from jaxserve.serving.proto import jaxserve_pb2_grpc as pb_grpc
+
+    auth = (("authorization", f"Bearer {API_KEY}"),)
+    with grpc.insecure_channel(server.grpc_target) as channel:
+        stub = pb_grpc.JaxServeStub(channel)
+        cases = [
+            (pb.StructuredOutputs(json=json.dumps(PERSON)),
+             lambda t: jsonschema.validate(json.loads(t), PERSON)),
+            (pb.StructuredOutputs(regex="[a-c]{2}-[0-9]{2}"),
+             lambda t: re.fullmatch("[a-c]{2}-[0-9]{2}", t) or pytest.fail(t)),
+            (pb.StructuredOutputs(choice=pb.Choices(choices=["up", "down"])),
+             lambda t: t in ("up", "down") or pytest.fail(t)),
+        ]
+        for so, check in cases:
+            params = pb.SamplingParams(temperature=1.0, seed=4, max_tokens=60, n=2,
+                                       structured_outputs=so)
+            reply = stub.Generate(pb.GenerateRequest(text="Hi", sampling_params=params),
+                                  metadata=auth, timeout=60)
+            for out in reply.outputs:
+                check(out.text)
+        bad = pb.SamplingParams(structured_outputs=pb.StructuredOutputs(regex="(x"))
+        with pytest.raises(grpc.RpcError) as err:
+            stub.Generate(pb.GenerateRequest(text="Hi", sampling_params=bad), metadata=auth,
+                          timeout=60)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "structured_outputs.regex" in err.value.details()
