@@ -205,10 +205,18 @@ class ChatMessage(_Body):
     tool_calls); a tool result names its call with tool_call_id."""
 
     role: str = Field(min_length=1)
+    tool_calls: list[dict[str, Any]] | None = None  # before content: its validator reads it
     content: str | list[dict[str, Any]] | None
     name: str | None = None
-    tool_calls: list[dict[str, Any]] | None = None
     tool_call_id: str | None = None
+
+    @field_validator("content", mode="after")
+    @classmethod
+    def _content_or_tool_calls(cls, value: Any, info) -> Any:
+        if value is None and not info.data.get("tool_calls"):
+            raise ValueError("content is required (null only in an assistant message with "
+                             "tool_calls)")
+        return value
 
     def template_dict(self) -> dict[str, Any]:
         """The message as chat templates read it."""
