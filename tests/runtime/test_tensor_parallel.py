@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -24,6 +25,10 @@ for tp in (1, 2):
         "tokens": [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)],
         "kv_spec": str(runner.kv_cache[0][0].sharding.spec),
         "q_proj_spec": str(runner.state["layers"][0]["q_proj"]["kernel"][...].sharding.spec),
+        "regex": [o.outputs[0].text for o in llm.generate(
+            ["Hello"] * 2, SamplingParams(temperature=0.0, max_tokens=20,
+                                          structured_outputs={"regex": "[a-d]{3}-[0-9]{2}"}),
+            use_tqdm=False)],
         "free": llm.stats().kv_blocks_free == llm.stats().kv_blocks_total,
     }
 print(json.dumps(out))
@@ -38,6 +43,8 @@ def test_tp2_matches_tp1(demo_model_path, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     assert out["1"]["tokens"] == out["2"]["tokens"]
+    assert out["1"]["regex"] == out["2"]["regex"]  # structured outputs' mask program under tp
+    assert all(re.fullmatch("[a-d]{3}-[0-9]{2}", t) for t in out["2"]["regex"]), out
     assert out["2"]["kv_spec"] == "P('tp', None, None, None)"  # KV split by kv head
     assert out["2"]["q_proj_spec"] == "P(None, 'tp')"  # column-parallel
     assert out["1"]["free"] and out["2"]["free"]
