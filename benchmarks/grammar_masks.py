@@ -161,6 +161,7 @@ def main(argv=None) -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--cache-dir", default="/tmp/jaxserve-grammar-bench")
     ap.add_argument("--libs", nargs="+", default=["llguidance", "xgrammar"])
+    ap.add_argument("--out", default=None, help="also write the rows as JSON here")
     args = ap.parse_args(argv)
     tok = build_tokenizer(args.cache_dir, args.vocab)
     vocab = len(tok)
@@ -174,6 +175,10 @@ def main(argv=None) -> None:
                    load=os.getloadavg()[0])
         print(json.dumps(row), flush=True)
         rows.append(row)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"command": "python " + " ".join(sys.argv), "rows": rows,
+                       "loadavg_end": os.getloadavg()}, f, indent=1)
     print(f"\n{'library':12} {'compile ms':>10} " + " ".join(
         f"{'b%d fill ms' % b:>12}" for b in args.batch), file=sys.stderr)
     for r in rows:

@@ -97,28 +97,32 @@ class XgrBackend:
                                                  [row for _, row, _ in items])
 
 
-def _instrument(runner, serial: bool) -> list[float]:
-    """Record the host seconds of each step's mask fill; serial: wait for the device step to
-    finish before filling (no overlap)."""
-    import jax
+class Instrument:
+    """Records the host seconds of each step's mask fill; serial=True waits for the device
+    step to finish before filling (no overlap of mask and device work)."""
 
-    times: list[float] = []
-    fill, run_model = runner._grammar_bitmask, runner._run_model
+    def __init__(self, runner):
+        self.runner = runner
+        self.fill, self.run_model = runner._grammar_bitmask, runner._run_model
+        self.times: list[float] = []
+        runner._grammar_bitmask = self._timed_fill
+        self.set_serial(False)
 
-    def timed_fill(*a, **kw):
+    def _timed_fill(self, *a, **kw):
         t0 = time.perf_counter()
-        out = fill(*a, **kw)
+        out = self.fill(*a, **kw)
         if out is not None:
-            times.append(time.perf_counter() - t0)
+            self.times.append(time.perf_counter() - t0)
         return out
 
-    def blocking_run(inp):
-        logits, hidden = run_model(inp)
+    def _blocking_run(self, inp):
+        import jax
+
+        logits, hidden = self.run_model(inp)
         return jax.block_until_ready(logits), hidden
 
-    runner._grammar_bitmask = timed_fill
-    runner._run_model = blocking_run if serial else run_model
-    return times
+    def set_serial(self, serial: bool) -> None:
+        self.runner._run_model = self._blocking_run if serial else self.run_model
 
 
 def run_one(llm, batch: int, max_tokens: int, constrained: bool, tok) -> dict:
@@ -146,6 +150,7 @@ def main(argv=None) -> None:
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--cache-dir", default="/tmp/jaxserve-grammar-bench")
+    ap.add_argument("--out", default=None, help="also write the rows as JSON here")
     args = ap.parse_args(argv)
     from jaxserve.llm import LLM
 
@@ -160,20 +165,36 @@ def main(argv=None) -> None:
                ("xgrammar", xgr_backend, False), ("llguidance-serial", llg_backend, True)]
     rows = []
     compiles_before = runner.num_compilations
+    inst = Instrument(runner)
     for batch in args.batches:
-        for name, backend, serial in configs:
-            engine._grammars = backend if backend is not None else llg_backend
-            fills = _instrument(runner, serial)
-            run_one(llm, batch, 8, backend is not None, tok)  # warm caches
-            fills.clear()
-            res = [run_one(llm, batch, args.max_tokens, backend is not None, tok)
-                   for _ in range(args.repeats)]
+        # configurations interleaved in every repeat: load changes hit them all alike
+        tok_s = {name: [] for name, _, _ in configs}
+        fills = {name: [] for name, _, _ in configs}
+        for rep in range(args.repeats + 1):  # repeat 0 warms caches, not counted
+            for name, backend, serial in configs:
+                engine._grammars = backend if backend is not None else llg_backend
+                inst.set_serial(serial)
+                inst.times = []
+                res = run_one(llm, batch, args.max_tokens if rep else 8, backend is not None,
+                              tok)
+                if rep:
+                    tok_s[name].append(res["tok_s"])
+                    fills[name] += inst.times
+        for name, _, _ in configs:
             row = {"config": name, "batch": batch, "max_tokens": args.max_tokens,
-                   "tok_s_median": statistics.median(r["tok_s"] for r in res),
-                   "mask_ms_per_step_median": 1e3 * statistics.median(fills) if fills else 0.0,
+                   "repeats": args.repeats, "tok_s_median": statistics.median(tok_s[name]),
+                   "tok_s_all": tok_s[name],
+                   "mask_ms_per_step_median": (1e3 * statistics.median(fills[name])
+                                               if fills[name] else 0.0),
                    "vocab": engine.config.vocab_size, "load": os.getloadavg()[0]}
             rows.append(row)
             print(json.dumps(row), flush=True)
+    inst.set_serial(False)
+    assert runner.num_compilations == compiles_before, "compiled while serving"
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"command": "python " + " ".join(sys.argv), "rows": rows,
+                       "loadavg_end": os.getloadavg()}, f, indent=1)
     assert runner.num_compilations == compiles_before, "compiled while serving"
     print(f"\n{'batch':>5} {'config':18} {'tok/s':>8} {'vs unconstr.':>12} {'mask ms/step':>12}")
     for r in rows:

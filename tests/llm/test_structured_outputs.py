@@ -110,9 +110,11 @@ def test_speculative_decoding_masks_verified_positions(make_llm):
     # greedy too: drafts are proposed from the prompt's n-grams and must pass the mask
     prompt = "ab-12 ab-12 ab-12 ab-12 ab-12 ab"
     so = StructuredOutputsParams(regex=REGEX)
+    drafts = llm.stats().spec_decoding.num_draft_tokens
     out = llm.generate([prompt], SamplingParams(temperature=0.0, max_tokens=40,
                                                 structured_outputs=so), use_tqdm=False)
     assert re.fullmatch(REGEX, out[0].outputs[0].text)
+    assert llm.stats().spec_decoding.num_draft_tokens > drafts  # drafts were verified
     assert llm.engine.runner.num_compilations == before
 
 
