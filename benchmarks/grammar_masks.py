@@ -1,8 +1,9 @@
 """Per-step token-mask cost of grammar libraries (llguidance, xgrammar) at batch 1 and 32.
 
-A JSON-schema grammar is walked along a valid document's tokens; every step fills the packed
-int32 bitmask [batch, ceil(vocab/32)] of `batch` matchers then advances each by one token, as
-the engine does per decode step. Also the compile time (cold and cached). Tokenizer: a
+A JSON-schema grammar is walked along a valid document's tokens, matcher j of the batch from
+its own offset (so the batch holds different grammar states); every step fills the packed int32
+bitmask [batch, ceil(vocab/32)] of the `batch` matchers then advances each by one token, as the
+engine does per decode step. Also the compile time (cold and cached). Tokenizer: a
 byte-level BPE trained here on Python's standard library sources (32k vocab by default), so no
 download is needed.
 
@@ -93,9 +94,9 @@ class Llg:
         self.np.fill_next_token_bitmask_par(
             self.executor, [(m, i) for i, m in enumerate(matchers)], bitmask)
 
-    def accept(self, matchers, token: int):
-        for m in matchers:
-            assert m.consume_token(token), m.get_error()
+    def accept(self, matchers, tokens: list[int]):
+        for m, t in zip(matchers, tokens):
+            assert m.consume_token(t), m.get_error()
 
 
 class Xgr:
@@ -122,9 +123,9 @@ class Xgr:
         else:
             self.batch.batch_fill_next_token_bitmask(matchers, bitmask)
 
-    def accept(self, matchers, token: int):
-        for m in matchers:
-            assert m.accept_token(token)
+    def accept(self, matchers, tokens: list[int]):
+        for m, t in zip(matchers, tokens):
+            assert m.accept_token(t)
 
 
 def measure(lib, tokens: list[int], vocab: int, batches: list[int]) -> dict:
@@ -138,14 +139,19 @@ def measure(lib, tokens: list[int], vocab: int, batches: list[int]) -> dict:
     words = (vocab + 31) // 32
     for batch in batches:
         fills, accepts = [], []
+        # matcher j walks the document from its own offset (different grammar states)
+        offsets = [j % (len(tokens) // 2) for j in range(batch)]
         for _ in range(3):
             matchers = lib.matchers(compiled, batch)
+            for j, off in enumerate(offsets):
+                for t in tokens[:off]:
+                    lib.accept([matchers[j]], [t])
             bitmask = np.zeros((batch, words), np.int32)  # [B, V/32]
-            for tok in tokens:
+            for step in range(len(tokens) - max(offsets)):
                 t0 = time.perf_counter()
                 lib.fill(matchers, bitmask)
                 t1 = time.perf_counter()
-                lib.accept(matchers, tok)
+                lib.accept(matchers, [tokens[off + step] for off in offsets])
                 fills.append(t1 - t0)
                 accepts.append(time.perf_counter() - t1)
         out[f"b{batch}_fill_ms_median"] = 1e3 * statistics.median(fills)
