@@ -137,3 +137,17 @@ def test_grammar_constraint(make_llm):
     grammar = 'start: "(" num ("+" num)? ")"\nnum: /[1-9][0-9]?/'
     for text in _texts(llm, StructuredOutputsParams(grammar=grammar), range(4)):
         assert re.fullmatch(r"\([1-9][0-9]?(\+[1-9][0-9]?)?\)", text), text
+
+
+def test_llm_chat_passes_tools_to_the_template(make_llm):
+    llm = make_llm()
+    template = ("{% for t in tools %}[{{ t.function.name }}]{% endfor %}"
+                "{% for m in messages %}{{ m['content'] }}{% endfor %}")
+    tools = [{"type": "function", "function": {"name": "get_time", "parameters": {}}}]
+    so = StructuredOutputsParams(json={"type": "object", "properties": {
+        "zone": {"enum": ["utc", "cet"]}}, "required": ["zone"], "additionalProperties": False})
+    out = llm.chat([{"role": "user", "content": "time?"}],
+                   SamplingParams(temperature=1.0, seed=0, max_tokens=30, structured_outputs=so),
+                   use_tqdm=False, chat_template=template, tools=tools)
+    assert out[0].prompt == "[get_time]time?"
+    assert json.loads(out[0].outputs[0].text)["zone"] in ("utc", "cet")
