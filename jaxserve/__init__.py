@@ -1,6 +1,13 @@
 """jaxserve: LLM inference and serving on JAX/XLA (paged KV cache, continuous batching)."""
 
-from jaxserve.engine import CompletionOutput, EngineStats, Logprob, RequestOutput, SamplingParams
+from jaxserve.engine import (
+    CompletionOutput,
+    EngineStats,
+    Logprob,
+    RequestOutput,
+    SamplingParams,
+    StructuredOutputsParams,
+)
 from jaxserve.llm import LLM, EngineArgs, create_engine
 
 __all__ = [
@@ -11,6 +18,7 @@ __all__ = [
     "Logprob",
     "RequestOutput",
     "SamplingParams",
+    "StructuredOutputsParams",
     "create_engine",
 ]
 __version__ = "0.1.0"

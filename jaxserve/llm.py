@@ -319,14 +319,18 @@ class LLM:
 
     def chat(self, messages, sampling_params=None, use_tqdm: bool = True,
              add_generation_prompt: bool = True, chat_template: str | None = None,
-             chat_template_kwargs: dict[str, Any] | None = None) -> list[RequestOutput]:
+             chat_template_kwargs: dict[str, Any] | None = None,
+             tools: list[dict[str, Any]] | None = None) -> list[RequestOutput]:
         """One conversation (a list of {"role", "content"}) or a list of conversations.
 
-        `chat_template` (vLLM's name): the caller's own template, instead of the model's.
+        `chat_template` (vLLM's name): the caller's own template, instead of the model's;
+        `tools` (OpenAI's function tools) are passed to the template.
         """
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
         tok = self.engine.tokenizer
         kwargs = dict(chat_template_kwargs or {})
+        if tools is not None:
+            kwargs["tools"] = tools
         if chat_template is not None:
             kwargs["chat_template"] = read_chat_template(chat_template)
         prompts = [_chat_prompt(tok, conv, add_generation_prompt, **kwargs)

@@ -83,6 +83,10 @@ _CHAT_SCRIPT = textwrap.dedent("""
                    SamplingParams(temperature=0.0, max_tokens=2, ignore_eos=True),
                    use_tqdm=False)
     assert len(out[0].outputs[0].token_ids) == 2, out
+    yes_no = SamplingParams(temperature=0.0, max_tokens=8,
+                            structured_outputs={"choice": ["yes", "no"]})  # llguidance
+    text = llm.generate(["Say hello."], yes_no, use_tqdm=False)[0].outputs[0].text
+    assert text in ("yes", "no"), text
     print("CHAT_OK", repr(out[0].prompt))
 """)
 

@@ -11,6 +11,7 @@ from .sampling_params import SamplingParams
 from .scheduler import Scheduler
 from .scheduler_output import ModelRunner, ScheduledChunk, SchedulerOutput
 from .stats import EngineStats
+from .structured_outputs import StructuredOutputsParams
 
 __all__ = [
     "NULL_BLOCK_ID",
@@ -31,5 +32,6 @@ __all__ = [
     "ScheduledChunk",
     "Scheduler",
     "SchedulerOutput",
+    "StructuredOutputsParams",
     "hash_block_tokens",
 ]

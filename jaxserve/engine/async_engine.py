@@ -206,6 +206,10 @@ class AsyncEngine:
         """
         self._check_open()
         prompt = await self._tokenize_prompt(prompt)
+        if getattr(params, "structured_outputs", None) is not None:
+            # compiled (or found in the cache) off the event loop and the engine thread, with
+            # a time bound; the engine thread's add_request then finds it in the cache
+            await asyncio.to_thread(self.engine.compile_grammar, params)
         stream = self._submit(prompt, params, request_id)
         finished = False
         try:

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import itertools
 import logging
+import threading
 import time
 from collections.abc import Iterable
 from typing import Any
 
 from .config import EngineConfig
 from .errors import EngineStepError, InvalidRequestError
+from .grammar import GrammarBackend
 from .input_processor import PromptType, parse_prompt, validate_request
 from .output_processor import OutputProcessor, make_request_output
 from .outputs import RequestOutput
@@ -38,6 +40,25 @@ class LLMEngine:
         self._pending_outputs: list[RequestOutput] = []  # abort notices for the next step()
         self._num_steps = 0
         self._last_step_num_tokens = 0
+        self._grammars: GrammarBackend | None = None
+        self._grammars_lock = threading.Lock()  # the async engine compiles on other threads
+
+    # ---------------------------------------------------------------- structured outputs
+    @property
+    def grammars(self) -> GrammarBackend:
+        """The grammar backend (llguidance over this engine's tokenizer), made on first use."""
+        with self._grammars_lock:
+            if self._grammars is None:
+                if self.tokenizer is None:
+                    raise InvalidRequestError("structured_outputs", "needs a tokenizer")
+                eos = self.config.eos_token_ids
+                self._grammars = GrammarBackend(self.tokenizer, self.config.vocab_size, eos)
+            return self._grammars
+
+    def compile_grammar(self, params: SamplingParams):
+        """The compiled grammar of params.structured_outputs (cached; bounded in time). Callers
+        off the engine thread (the async engine) call this first so add_request hits the cache."""
+        return self.grammars.compile(params.structured_outputs)
 
     # ---------------------------------------------------------------- requests
     def add_request(
@@ -58,6 +79,7 @@ class LLMEngine:
         params.verify()  # catches fields changed after construction
         text, token_ids = parse_prompt(prompt, self.tokenizer, self.config.max_model_len)
         max_tokens = validate_request(token_ids, params, self.config, self.tokenizer is not None)
+        grammar = self.compile_grammar(params) if params.structured_outputs is not None else None
         req = RequestState(request_id, text, token_ids, params,
                            arrival_time if arrival_time is not None else time.time())
         seq_ids = [request_id] if params.n == 1 else [f"{request_id}#{i}" for i in range(params.n)]
@@ -66,6 +88,8 @@ class LLMEngine:
         for i, seq_id in enumerate(seq_ids):
             seed = params.seed if params.seed is None or params.n == 1 else params.seed + i
             seq = Sequence(seq_id, req, i, params, seed, max_tokens, next(self._arrival))
+            if grammar is not None:
+                seq.grammar = grammar.new_matcher()
             self.output_processor.init_sequence(seq)
             req.seqs.append(seq)
             self.seqs[seq_id] = seq
@@ -161,12 +185,15 @@ class LLMEngine:
         a verified speculative decode: the ones after a stop are dropped)."""
         tokens = runner_output.spec_tokens.get(seq.seq_id)
         if not tokens:
-            return self.output_processor.process_token(seq, runner_output)
+            status = self.output_processor.process_token(seq, runner_output)
+            return status if status is not None else _advance_grammar(seq)
         del seq.output_token_ids[len(seq.output_token_ids) - len(tokens):]
         status = None
         for i, token in enumerate(tokens):
             seq.output_token_ids.append(token)
             status = self.output_processor.process_token(seq, runner_output, spec_index=i)
+            if status is None:
+                status = _advance_grammar(seq)
             if status is not None:
                 break
         return status
@@ -205,6 +232,29 @@ class LLMEngine:
 
     def get_tokenizer(self) -> Any | None:
         return self.tokenizer
+
+
+def _advance_grammar(seq: Sequence) -> SequenceStatus | None:
+    """Feed the newest token to the sequence's grammar; a completed grammar finishes it."""
+    matcher = seq.grammar
+    if matcher is None:
+        return None
+    if not matcher.accept(seq.output_token_ids[-1]):
+        logger.warning("sequence %s: its grammar refused token %d (%s); finishing it", seq.seq_id,
+                       seq.output_token_ids[-1], matcher.error)
+        return _finish_text(seq)
+    return _finish_text(seq) if matcher.is_stopped else None
+
+
+def _finish_text(seq: Sequence) -> SequenceStatus:
+    """The sequence ends here: show the text held back for stop strings or partial chars."""
+    detok = seq.detokenizer
+    if detok is not None:
+        stop_str = detok.flush()
+        if stop_str is not None:
+            seq.stop_reason = stop_str
+        seq.text = detok.visible_text(finished=True)
+    return SequenceStatus.FINISHED_STOPPED
 
 
 def _check_runner_output(scheduler_output: SchedulerOutput, runner_output: ModelRunnerOutput) -> None:

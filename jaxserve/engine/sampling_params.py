@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 from .errors import InvalidRequestError, require_utf8
+from .structured_outputs import StructuredOutputsParams
 
 _GREEDY_EPS = 1e-5
 MAX_LOGPROBS = 20  # vLLM's default max_logprobs
@@ -42,6 +44,8 @@ class SamplingParams:
     logit_bias: dict[int, float] | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    # Output constraint (JSON schema, regex, choice, grammar, JSON object); a dict is converted.
+    structured_outputs: StructuredOutputsParams | dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         self._normalize()
@@ -49,6 +53,8 @@ class SamplingParams:
 
     # ---------------------------------------------------------------- normalisation
     def _normalize(self) -> None:
+        if isinstance(self.structured_outputs, dict):
+            self.structured_outputs = StructuredOutputsParams.from_dict(self.structured_outputs)
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         elif self.stop is not None:
@@ -95,6 +101,11 @@ class SamplingParams:
             if value is not None:
                 _check_int(name, value, lo=0)  # the upper bound is the engine's max_logprobs
         self._verify_stop()
+        if self.structured_outputs is not None:
+            if not isinstance(self.structured_outputs, StructuredOutputsParams):
+                raise InvalidRequestError("structured_outputs",
+                                          "must be StructuredOutputsParams or a dict")
+            self.structured_outputs.verify()
         if self.logit_bias is not None:
             if len(self.logit_bias) > MAX_LOGIT_BIAS:
                 raise InvalidRequestError(

@@ -180,6 +180,7 @@ class Scheduler:
             output_token_ids=list(seq.output_token_ids),
             seed=seq.seed,
             banned_token_ids=self._banned_token_ids(seq) if sample else (),
+            grammar=seq.grammar if sample else None,
         )
 
     def _banned_token_ids(self, seq: Sequence) -> tuple[int, ...]:

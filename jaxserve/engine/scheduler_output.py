@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 from .sampling_params import SamplingParams
 from ..runtime.runner_output import ModelRunnerOutput
@@ -26,6 +26,9 @@ class ScheduledChunk:
     # Speculative decoding: draft tokens, also the tail of token_ids ([last token] + drafts);
     # the runner scores every position and returns the accepted prefix plus one more token.
     spec_token_ids: list[int] = field(default_factory=list)
+    # Structured outputs: the sequence's grammar matcher (engine.grammar.GrammarMatcher) when
+    # the chunk samples under a constraint; the runner masks the row's logits with it.
+    grammar: Any = None
 
     @property
     def num_tokens(self) -> int:
@@ -67,6 +70,9 @@ class ModelRunner(Protocol):
     - A chunk with `spec_token_ids` (d drafts) gets `spec_tokens[request_id]`: the accepted
       drafts then one token sampled by rejection sampling (1 .. d + 1 tokens; `sampled` holds
       the first), and `spec_logprobs[request_id]` one row per returned token when asked.
+    - A chunk with a `grammar` samples only tokens its grammar allows: the runner fills the
+      packed bitmask of its row(s) with `grammar.backend.fill_bitmasks` (rows for its drafts
+      too) and masks the logits before sampling; the engine advances the matcher afterwards.
     """
 
     def execute(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput: ...

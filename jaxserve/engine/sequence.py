@@ -10,6 +10,7 @@ from .sampling_params import SamplingParams
 
 if TYPE_CHECKING:
     from .detokenizer import IncrementalDetokenizer
+    from .grammar import GrammarMatcher
     from .outputs import Logprob
 
 
@@ -64,6 +65,9 @@ class Sequence:
         self.stop_reason: int | str | None = None
         self.text = ""  # cumulative visible text (held-back stop-prefix excluded)
         self.detokenizer: IncrementalDetokenizer | None = None
+        # structured outputs: this sequence's grammar matcher (it has consumed every output
+        # token, so it survives preemption by recompute unchanged)
+        self.grammar: GrammarMatcher | None = None
         self.logprobs: list[dict[int, Logprob]] | None = (
             [] if params.logprobs is not None else None
         )

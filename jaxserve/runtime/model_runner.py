@@ -22,6 +22,7 @@ from jaxserve.runtime.runner_output import LogprobsRow, ModelRunnerOutput
 from jaxserve.runtime.sampling_rows import build_metadata, rows_for
 from jaxserve.runtime import spec_decode
 from jaxserve.sample.rejection import verify_step
+from jaxserve.sample.processors import apply_token_bitmask
 from jaxserve.sample.sampler import process_logits, prompt_logprobs, sample_step
 
 logger = logging.getLogger(__name__)
@@ -90,6 +91,8 @@ class ModelRunner:
         self._sample = jax.jit(verify_step if self.spec_k else sample_step,
                                static_argnames=("num_logprobs",))
         self._process = jax.jit(process_logits, out_shardings=self.replicated)
+        self._mask = jax.jit(apply_token_bitmask, out_shardings=self.replicated)
+        self.mask_words = (loaded.config.vocab_size + 31) // 32  # packed bitmask row width
         self._prompt_lp = jax.jit(
             partial(_prompt_logprobs, self.graphdef), static_argnames=("num_logprobs",)
         )
@@ -145,15 +148,34 @@ class ModelRunner:
         if layout is not None:
             rows = spec_decode.expand_rows(chunks, rows)
         md = build_metadata(rows, num_rows, self._step_seed(), processed, self.penalty_len)
+        # computed on the host while the device step (dispatched asynchronously) runs
+        bitmask = self._grammar_bitmask(chunks, num_rows, layout)
         chosen = logits
         if processed:  # bias / penalties: their own small program before the sampler
             chosen = self.executables.get("process", num_rows)(logits, md)
             md = replace(md, penalties=None, bias=None)
+        if bitmask is not None:  # structured outputs: one more small program
+            chosen = self.executables.get("mask", num_rows)(chosen, bitmask)
         extra = (layout.draft_ids,) if layout is not None else ()
         result = self.executables.get("sample", num_rows)(logits, chosen, md, *extra)
         if not any(r.num_logprobs is not None for r in rows) and layout is None:
             result = replace(result, logprob_token_ids=None, logprobs=None, ranks=None)
         return jax.device_get(result)  # the one device -> host transfer of the step
+
+    def _grammar_bitmask(self, chunks, num_rows: int, layout=None) -> np.ndarray | None:
+        """Packed allowed-token bitmask int32 [num_rows, ceil(vocab / 32)] of the rows that
+        sample under a grammar (all ones elsewhere), or None when no chunk has one. With a
+        speculative layout, a chunk's rows after the first get the masks after its drafts."""
+        items = []
+        for i, c in enumerate(chunks):
+            if c.sample and c.grammar is not None:
+                row = layout.row_start[i] if layout is not None else i
+                items.append((c.grammar, row, list(c.spec_token_ids) if layout else []))
+        if not items:
+            return None
+        bitmask = np.full((num_rows, self.mask_words), -1, np.int32)  # [R, W]
+        items[0][0].backend.fill_bitmasks(items, bitmask)
+        return bitmask
 
     def _run_model(self, inp: StepInputs):
         key = self.buckets.step_key(inp.shape_key)
@@ -213,6 +235,8 @@ class ModelRunner:
                 num_logprobs=self.cfg.max_logprobs)))
             full = build_metadata([], s, 0, True, self.penalty_len)
             jobs.append(("process", s, partial(self._process.lower, logits, full)))
+            bitmask = jax.ShapeDtypeStruct((s, self.mask_words), jnp.int32)
+            jobs.append(("mask", s, partial(self._mask.lower, logits, bitmask)))
         for t in sorted({t for t, _, _, _ in shapes} if self.cfg.prompt_logprobs else ()):
             hidden = jax.ShapeDtypeStruct((t, d), hidden_dtype, sharding=self.replicated)
             targets = jax.ShapeDtypeStruct((t,), jnp.int32)

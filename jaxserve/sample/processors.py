@@ -49,3 +49,17 @@ def apply_penalties(
     logits = jnp.where(seen, repeated, logits)
     logits = logits - frequency_penalty[:, None] * counts
     return logits - presence_penalty[:, None] * (counts > 0).astype(jnp.float32)
+
+
+def apply_token_bitmask(logits: jax.Array, bitmask: jax.Array) -> jax.Array:
+    """Structured outputs: tokens whose bit is clear become -inf.
+
+    logits: [B, V]; bitmask: i32[B, ceil(V / 32)], bit t % 32 of word t // 32 set = token t
+    allowed (llguidance's / xgrammar's packed layout); rows of all ones leave logits as they are.
+    """
+    num_rows, vocab_size = logits.shape  # [B, V]
+    shifts = jnp.arange(32, dtype=jnp.uint32)  # [32]
+    words = bitmask.astype(jnp.uint32)  # [B, W]
+    bits = (words[:, :, None] >> shifts[None, None, :]) & jnp.uint32(1)  # [B, W, 32]
+    allowed = bits.reshape(num_rows, -1)[:, :vocab_size] == 1  # [B, V]
+    return jnp.where(allowed, logits.astype(jnp.float32), -jnp.inf)

@@ -22,6 +22,24 @@ class ServeConfig:
     max_grpc_message_bytes: int = 16 * 1024 * 1024
     max_request_bytes: int = 16 * 1024 * 1024  # HTTP request bodies; larger ones get 413
     log_requests: bool = False  # log every request's arrival (--enable-log-requests)
+    # tool_choice "auto": parse tool calls out of the output (--enable-auto-tool-choice with
+    # --tool-call-parser; "hermes": <tool_call>{...}</tool_call> blocks)
+    enable_auto_tool_choice: bool = False
+    tool_call_parser: str | None = None
+
+    def __post_init__(self) -> None:
+        from jaxserve.serving.tool_calls import TOOL_CALL_PARSERS
+
+        if self.tool_call_parser is not None and self.tool_call_parser not in TOOL_CALL_PARSERS:
+            raise ValueError(f"tool_call_parser: one of {TOOL_CALL_PARSERS}, got "
+                             f"{self.tool_call_parser!r}")
+        if self.enable_auto_tool_choice and self.tool_call_parser is None:
+            raise ValueError("enable_auto_tool_choice: needs --tool-call-parser")
+
+    @property
+    def auto_tool_parser(self) -> str | None:
+        """The parser of tool_choice "auto", or None when auto tool choice is off."""
+        return self.tool_call_parser if self.enable_auto_tool_choice else None
 
     @property
     def model_names(self) -> tuple[str, ...]:

@@ -6,6 +6,7 @@ from typing import Any
 
 from jaxserve.engine.errors import InvalidRequestError
 from jaxserve.engine.sampling_params import SamplingParams
+from jaxserve.engine.structured_outputs import StructuredOutputsParams
 from jaxserve.serving.deltas import CompletionDelta
 from jaxserve.serving.proto import jaxserve_pb2 as pb
 
@@ -34,7 +35,20 @@ def sampling_params_from_proto(msg: pb.SamplingParams,
         kwargs["stop_token_ids"] = list(msg.stop_token_ids)
     if msg.logit_bias:
         kwargs["logit_bias"] = dict(msg.logit_bias)
+    if msg.HasField("structured_outputs"):
+        kwargs["structured_outputs"] = structured_outputs_from_proto(msg.structured_outputs)
     return SamplingParams(**kwargs)
+
+
+def structured_outputs_from_proto(msg: pb.StructuredOutputs) -> StructuredOutputsParams:
+    """The constraint of a StructuredOutputs message (InvalidRequestError naming the field)."""
+    which = msg.WhichOneof("kind")
+    if which is None:
+        raise InvalidRequestError("structured_outputs", "set one of json, regex, choice, "
+                                  "grammar, json_object")
+    if which == "choice":
+        return StructuredOutputsParams(choice=list(msg.choice.choices))
+    return StructuredOutputsParams(**{which: getattr(msg, which)})
 
 
 def prompt_from_request(request: pb.GenerateRequest) -> str | dict[str, list[int]]:

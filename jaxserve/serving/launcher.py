@@ -46,6 +46,12 @@ def add_serve_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--max-request-bytes", type=int, default=16 * 1024 * 1024,
                         help="largest HTTP request body / gRPC message accepted (413 / "
                              "RESOURCE_EXHAUSTED past it)")
+    parser.add_argument("--enable-auto-tool-choice", action="store_true",
+                        help='tool_choice "auto": parse tool calls out of the output (needs '
+                             "--tool-call-parser)")
+    parser.add_argument("--tool-call-parser", default=None, choices=["hermes"],
+                        help="how tool calls are written in the output (hermes: "
+                             "<tool_call>{...}</tool_call> blocks)")
     add_engine_args(parser)  # --dtype, --max-model-len, ... --seed: shared with `generate`
     return parser
 
@@ -68,6 +74,8 @@ def serve_config_from_args(args: argparse.Namespace) -> ServeConfig:
         model=args.model,
         served_model_name=tuple(args.served_model_name) if args.served_model_name else None,
         log_requests=args.enable_log_requests,
+        enable_auto_tool_choice=args.enable_auto_tool_choice,
+        tool_call_parser=args.tool_call_parser,
         **extra,
         host=args.host,
         port=args.port,

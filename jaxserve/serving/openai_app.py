@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hmac
 import time
+from functools import partial
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -96,7 +97,8 @@ def build_app(state: ServerState, config: ServeConfig,
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, raw: Request):
-        return await run(ChatHandler, body, raw)
+        return await run(partial(ChatHandler, auto_tool_parser=config.auto_tool_parser),
+                         body, raw)
 
     async def run_tokenizer(fn, body: Any) -> Any:
         """Tokenizer work runs on the engine's tokenizer thread, never on this event loop."""

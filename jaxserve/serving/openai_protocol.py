@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from jaxserve.engine.errors import InvalidRequestError, require_utf8
 from jaxserve.engine.sampling_params import SamplingParams
+from jaxserve.engine.structured_outputs import StructuredOutputsParams
+from jaxserve.serving.tool_calls import constraint_for
 
 
 def _check_texts(value: Any, where: str) -> None:
@@ -48,8 +51,29 @@ def _require_neutral(body: BaseModel, neutral: dict[str, Any]) -> None:
             raise InvalidRequestError(name, f"is not supported by this server (only {value!r})")
 
 
+class JsonSchemaFormat(_Body):
+    """response_format.json_schema: OpenAI's {name, description, schema, strict}."""
+
+    name: str = "response"
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(default=None, alias="schema")
+    strict: bool | None = None
+
+
 class ResponseFormat(_Body):
-    type: str
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    def constraint(self) -> StructuredOutputsParams | None:
+        if self.type == "json_object":
+            return StructuredOutputsParams(json_object=True)
+        if self.type == "json_schema":
+            if self.json_schema is None:
+                raise InvalidRequestError("response_format.json_schema",
+                                          'is required with type "json_schema"')
+            schema = self.json_schema.schema_
+            return StructuredOutputsParams(json=schema if schema is not None else {})
+        return None
 
 
 class _SamplingRequest(_Body):
@@ -77,6 +101,7 @@ class _SamplingRequest(_Body):
     include_stop_str_in_output: bool = False
     prompt_logprobs: int | None = None
     request_id: str | None = None
+    structured_outputs: dict[str, Any] | None = None  # vLLM's StructuredOutputsParams fields
     # Accepted, and no-ops, as in vLLM ("user" is ignored by vLLM too).
     user: str | None = None
     # vLLM fields accepted only at their neutral value (refused otherwise: not implemented).
@@ -91,9 +116,6 @@ class _SamplingRequest(_Body):
         _require_neutral(self, dict(use_beam_search=False, length_penalty=1.0,
                                     spaces_between_special_tokens=True,
                                     truncate_prompt_tokens=None, priority=0))
-        if self.response_format is not None and self.response_format.type != "text":
-            raise InvalidRequestError("response_format", "structured output is not supported "
-                                      "by this server (only {'type': 'text'})")
         if self.stream_options is not None and not self.stream:
             raise InvalidRequestError("stream_options", "is only allowed with stream: true")
 
@@ -118,7 +140,20 @@ class _SamplingRequest(_Body):
                 kwargs["logit_bias"] = {int(k): v for k, v in self.logit_bias.items()}
             except ValueError as exc:
                 raise InvalidRequestError("logit_bias", "keys must be token ids") from exc
+        constraint = self._constraint()
+        if constraint is not None:
+            kwargs["structured_outputs"] = constraint
         return kwargs
+
+    def _constraint(self) -> StructuredOutputsParams | None:
+        """response_format (OpenAI's) or structured_outputs (vLLM's), at most one of them."""
+        fmt = self.response_format.constraint() if self.response_format is not None else None
+        if self.structured_outputs is None:
+            return fmt
+        if fmt is not None:
+            raise InvalidRequestError("structured_outputs", "give response_format or "
+                                      "structured_outputs, not both")
+        return StructuredOutputsParams.from_dict(self.structured_outputs)
 
     @property
     def include_usage(self) -> bool:
@@ -166,14 +201,40 @@ class CompletionRequest(_SamplingRequest):
 
 
 class ChatMessage(_Body):
-    """One message: a role and its content (required, as in OpenAI's schema for these roles)."""
+    """One message: a role and its content (required, but for an assistant message carrying
+    tool_calls); a tool result names its call with tool_call_id."""
 
     role: str = Field(min_length=1)
-    content: str | list[dict[str, Any]]
+    tool_calls: list[dict[str, Any]] | None = None  # before content: its validator reads it
+    content: str | list[dict[str, Any]] | None
     name: str | None = None
+    tool_call_id: str | None = None
+
+    @field_validator("content", mode="after")
+    @classmethod
+    def _content_or_tool_calls(cls, value: Any, info) -> Any:
+        if value is None and not info.data.get("tool_calls"):
+            raise ValueError("content is required (null only in an assistant message with "
+                             "tool_calls)")
+        return value
+
+    def template_dict(self) -> dict[str, Any]:
+        """The message as chat templates read it."""
+        out: dict[str, Any] = {"role": self.role, "content": self.text()}
+        if self.tool_calls:
+            out["tool_calls"] = [_parsed_arguments(c) for c in self.tool_calls]
+        for key in ("name", "tool_call_id"):
+            if getattr(self, key) is not None:
+                out[key] = getattr(self, key)
+        return out
 
     def text(self) -> str:
         """The message's text; content parts other than text are refused."""
+        if self.content is None:
+            if not self.tool_calls:
+                raise InvalidRequestError("messages", "content is required (it may be null "
+                                          "only in an assistant message with tool_calls)")
+            return ""
         if isinstance(self.content, str):
             return self.content
         parts = []
@@ -183,6 +244,30 @@ class ChatMessage(_Body):
                                           "is not supported (text parts only)")
             parts.append(part["text"])
         return "".join(parts)
+
+
+class ToolFunction(_Body):
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[a-zA-Z0-9_.-]+$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class Tool(_Body):
+    type: Literal["function"]
+    function: ToolFunction
+
+
+def _parsed_arguments(call: dict[str, Any]) -> dict[str, Any]:
+    """An assistant tool call as templates expect it: arguments as an object when JSON."""
+    fn = call.get("function")
+    if not isinstance(fn, dict) or not isinstance(fn.get("arguments"), str):
+        return call
+    try:
+        args = json.loads(fn["arguments"])
+    except ValueError:
+        return call
+    return {**call, "function": {**fn, "arguments": args}}
 
 
 class ChatCompletionRequest(_SamplingRequest):
@@ -196,16 +281,34 @@ class ChatCompletionRequest(_SamplingRequest):
     add_generation_prompt: bool = True
     continue_final_message: bool = False
     chat_template_kwargs: dict[str, Any] | None = None
-    tools: list[dict[str, Any]] | None = None
-    tool_choice: Literal["none", "auto"] | dict[str, Any] | str | None = None
-    parallel_tool_calls: bool | None = None  # a no-op, as in vLLM
+    tools: list[Tool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None  # False: tool_choice "required" makes one call
+
+    @property
+    def effective_tool_choice(self) -> Any:
+        """vLLM's default: "auto" when tools are given, else "none"."""
+        if self.tool_choice is not None:
+            return self.tool_choice
+        return "auto" if self.tools else "none"
+
+    def tool_constraint(self) -> StructuredOutputsParams | None:
+        choice = self.effective_tool_choice
+        if choice == "none":
+            return None
+        if not self.tools:
+            raise InvalidRequestError("tool_choice", f"{choice!r} needs tools")
+        return constraint_for(self.tools, choice, self.parallel_tool_calls)
 
     def to_sampling_params(self, defaults: dict[str, Any] | None = None) -> SamplingParams:
-        if self.tools:
-            raise InvalidRequestError("tools", "tool calling is not supported")
-        if self.tool_choice not in (None, "none", "auto"):
-            raise InvalidRequestError("tool_choice", "tool calling is not supported")
         kwargs = self._common_kwargs(defaults)
+        tool_constraint = self.tool_constraint()
+        if tool_constraint is not None:
+            if "structured_outputs" in kwargs:
+                raise InvalidRequestError("tool_choice", "a required or named tool_choice "
+                                          "cannot be combined with response_format or "
+                                          "structured_outputs")
+            kwargs["structured_outputs"] = tool_constraint
         max_tokens = self.max_completion_tokens if self.max_completion_tokens is not None \
             else self.max_tokens
         if max_tokens is not None or "max_tokens" not in kwargs:

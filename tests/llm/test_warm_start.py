@@ -15,7 +15,7 @@ def test_one_executable_per_program(make_llm):
     rows = {s for _, s, _, _ in shapes}
     tokens = {t for t, _, _, _ in shapes}
     assert runner.executables.counts() == {
-        "step": len(shapes), "sample": len(rows), "process": len(rows),
+        "step": len(shapes), "sample": len(rows), "process": len(rows), "mask": len(rows),
         "prompt_logprobs": len(tokens),
     }
     assert runner.warmup_report.executables == sum(runner.executables.counts().values())

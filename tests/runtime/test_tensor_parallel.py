@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -26,6 +27,10 @@ for tp, kv in ((1, "auto"), (2, "auto"), (1, "int8"), (2, "int8")):
         "tokens": [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)],
         "kv_spec": str(runner.kv_cache[0][0].sharding.spec),
         "q_proj_spec": str(runner.state["layers"][0]["q_proj"]["kernel"][...].sharding.spec),
+        "regex": [o.outputs[0].text for o in llm.generate(
+            ["Hello"] * 2, SamplingParams(temperature=0.0, max_tokens=20,
+                                          structured_outputs={"regex": "[a-d]{3}-[0-9]{2}"}),
+            use_tqdm=False)],
         "free": llm.stats().kv_blocks_free == llm.stats().kv_blocks_total,
     }
 print(json.dumps(out))
@@ -41,6 +46,8 @@ def test_tp2_matches_tp1(demo_model_path, tmp_path):
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     assert out["1auto"]["tokens"] == out["2auto"]["tokens"]
     assert out["1int8"]["tokens"] == out["2int8"]["tokens"]  # int8 KV rows split the same way
+    assert out["1auto"]["regex"] == out["2auto"]["regex"]  # structured outputs under tp
+    assert all(re.fullmatch("[a-d]{3}-[0-9]{2}", t) for t in out["2auto"]["regex"]), out
     for run in ("2auto", "2int8"):
         assert out[run]["kv_spec"] == "P('tp', None, None, None)"  # KV split by kv head
     assert out["2auto"]["q_proj_spec"] == "P(None, 'tp')"  # column-parallel

@@ -182,10 +182,10 @@ def test_http_strict_types(fake_server, path, body, field):
 
 # ------------------------------------------------------------------ item 14: unknown fields
 @pytest.mark.parametrize("path, extra, field", [
-    ("/v1/chat/completions", {"response_format": {"type": "json_object"}}, "response_format"),
+    ("/v1/chat/completions", {"response_format": {"type": "xml"}}, "response_format.type"),
     ("/v1/chat/completions", {"guided_json": {"type": "object"}}, "guided_json"),
     ("/v1/completions", {"guided_regex": "a+"}, "guided_regex"),
-    ("/v1/completions", {"response_format": {"type": "json_schema"}}, "response_format"),
+    ("/v1/completions", {"response_format": {"type": "json_schema"}}, "response_format.json_schema"),
     ("/v1/completions", {"use_beam_search": True}, "use_beam_search"),
     ("/v1/completions", {"truncate_prompt_tokens": 5}, "truncate_prompt_tokens"),
     ("/v1/completions", {"add_special_tokens": False}, "add_special_tokens"),
