@@ -15,7 +15,7 @@ Measured on held-out text, all runs f32 activations, the blockwise (CPU serving)
   prompts through `LLM.generate`; the share of positions equal to the float model's, and the
   mean length of the common prefix.
 
-  PYTHONPATH=. python benchmarks/quant_quality.py --out benchmarks/results/quant_quality.json
+  PYTHONPATH=. python benchmarks/quant_quality.py --out benchmarks/results/cpu_quant_quality.json
 """
 
 from __future__ import annotations
