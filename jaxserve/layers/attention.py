@@ -100,15 +100,29 @@ def write_kv(
     return out[0], out[1]
 
 
+KV_QUANT_BACKENDS = ("blockwise", "reference")  # the backends that read int8 / fp8 pages
+
+
 def check_kv_backend(backend: str, kv_cache_dtype: str) -> None:
-    """A quantized KV cache is read by the blockwise and reference backends; the Pallas kernels
-    read float pages only, so that pairing is refused at start-up (not dequantized per step)."""
-    if backend == "pallas" and is_quantized(kv_cache_dtype):
+    """A quantized KV cache is read by the blockwise and reference backends; the kernels (Pallas,
+    and any other) read float pages only, so such a pairing is refused at start-up rather than
+    dequantizing the whole cache every step."""
+    if is_quantized(kv_cache_dtype) and backend not in KV_QUANT_BACKENDS:
         raise ValueError(
-            f"kv_cache_dtype: {kv_cache_dtype!r} is not supported by the pallas attention "
-            "backend yet (its kernels read float pages); use kv_cache_dtype='auto', or "
-            "attention_backend 'blockwise' / 'reference'"
+            f"kv_cache_dtype: {kv_cache_dtype!r} is not supported by the {backend} attention "
+            f"backend yet (its kernels read float pages); use kv_cache_dtype='auto', or "
+            f"attention_backend {' / '.join(KV_QUANT_BACKENDS)}"
         )
+
+
+def backend_request(requested: str, kv_cache_dtype: str) -> str:
+    """The backend to ask `select_backend` for: "auto" with a quantized KV cache means the
+    blockwise XLA loops (the auto kernels read float pages), logged; otherwise `requested`."""
+    if requested != "auto" or not is_quantized(kv_cache_dtype):
+        return requested
+    logger.info("attention: kv_cache_dtype %s is read by the blockwise XLA loops, not the "
+                "attention kernels (float pages only)", kv_cache_dtype)
+    return "blockwise"
 
 
 def paged_attention(
