@@ -31,7 +31,7 @@ import numpy as np
 
 RUNS = [("float", None, "auto"), ("int8 weights", "int8", "auto"),
         ("int4 weights", "int4", "auto"), ("fp8 weights", "fp8", "auto"),
-        ("int8 KV", None, "int8"), ("fp8 KV", None, "fp8")]
+        ("int8 KV", None, "int8"), ("fp8 KV", None, "fp8"), ("int8 w+KV", "int8", "int8")]
 TINY = dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=2,
             num_key_value_heads=1, head_dim=64, vocab_size=259, max_position_embeddings=1024)
 BYTE0 = 3  # ids 0..2: <unk> <s> </s>; byte b is id b + 3
