@@ -11,7 +11,7 @@ Two measurements, in one process, side by side:
   bytes / read GB/s).
 
   PYTHONPATH=. python benchmarks/kv_quant_decode.py --batch 16 --context 2048 \
-      --out benchmarks/results/kv_quant_decode.json
+      --out benchmarks/results/cpu_kv_quant_decode.json
 """
 
 from __future__ import annotations

@@ -2,10 +2,12 @@
 vs the unquantized model, for int8 / int4 / fp8 weights and an int8 / fp8 KV cache.
 
 The model must predict something (a random-weight model's near-uniform logits hide every
-error), so it is trained: `--model DIR` takes an HF checkpoint (e.g. the trained fixture of
-benchmarks/trained_models.py), otherwise a small byte-level Llama is trained here on CPU with
-torch for `--train-seconds` on Python's own standard library sources (files sorted by name:
-every other file trains, the rest is held out), and cached under --cache-dir.
+error), so it is trained: `--model DIR` takes an HF checkpoint (e.g. the "target" of
+benchmarks/trained_models.py, ~/.cache/jaxserve/trained/target, with its own tokenizer),
+otherwise a small byte-level Llama is trained here on CPU with torch for `--train-seconds` on
+Python's own standard library sources (top-level files sorted by name: every other file trains,
+the rest is held out), and cached under --cache-dir. The held-out text is the other files,
+last name first (past what trained_models.py's capped corpus reads).
 
 Measured on held-out text, all runs f32 activations, the blockwise (CPU serving) attention:
 - teacher-forced: every position of `--eval-seqs` sequences of `--eval-len` bytes goes through
@@ -15,7 +17,7 @@ Measured on held-out text, all runs f32 activations, the blockwise (CPU serving)
   prompts through `LLM.generate`; the share of positions equal to the float model's, and the
   mean length of the common prefix.
 
-  PYTHONPATH=. python benchmarks/quant_quality.py --out benchmarks/results/quant_quality.json
+  PYTHONPATH=. python benchmarks/quant_quality.py --out benchmarks/results/cpu_quant_quality.json
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ import numpy as np
 
 RUNS = [("float", None, "auto"), ("int8 weights", "int8", "auto"),
         ("int4 weights", "int4", "auto"), ("fp8 weights", "fp8", "auto"),
-        ("int8 KV", None, "int8"), ("fp8 KV", None, "fp8")]
+        ("int8 KV", None, "int8"), ("fp8 KV", None, "fp8"), ("int8 w+KV", "int8", "int8")]
 TINY = dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=2,
             num_key_value_heads=1, head_dim=64, vocab_size=259, max_position_embeddings=1024)
 BYTE0 = 3  # ids 0..2: <unk> <s> </s>; byte b is id b + 3
@@ -41,7 +43,7 @@ def corpus(split: str, limit_bytes: int) -> bytes:
     """Python's standard library sources, every other file (sorted): split train / eval."""
     root = sysconfig.get_paths()["stdlib"]
     files = sorted(os.path.join(root, f) for f in os.listdir(root) if f.endswith(".py"))
-    files = files[0::2] if split == "train" else files[1::2]
+    files = files[0::2] if split == "train" else files[1::2][::-1]  # eval: from the end
     out = bytearray()
     for f in files:
         with open(f, "rb") as fh:
@@ -98,10 +100,20 @@ def train_tiny(out: str, seconds: float, seed: int = 0) -> dict:
     return log
 
 
-def eval_sequences(num: int, length: int, vocab: int) -> list[list[int]]:
-    data = np.frombuffer(corpus("eval", 1 << 20), np.uint8).astype(np.int64) + BYTE0
-    if vocab != TINY["vocab_size"]:  # another fixture's tokenizer: its ids, taken as they are
-        data = data % vocab
+def eval_tokens(path: str) -> np.ndarray:
+    """The held-out text as token ids: bytes for the model trained here, else the model's own
+    tokenizer (e.g. benchmarks/trained_models.py's BPE)."""
+    text = corpus("eval", 1 << 20)
+    if os.path.isfile(os.path.join(path, "trained.json")):  # ours: byte-level ids
+        return np.frombuffer(text, np.uint8).astype(np.int64) + BYTE0
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(path)
+    return np.asarray(tok(text.decode("utf-8", "replace"), add_special_tokens=False)["input_ids"])
+
+
+def eval_sequences(data: np.ndarray, num: int, length: int) -> list[list[int]]:
+    """`num` windows of `length` tokens spread evenly over the held-out token stream."""
     starts = np.linspace(0, len(data) - length - 1, num).astype(int)
     return [data[s:s + length].tolist() for s in starts]
 
@@ -171,10 +183,9 @@ def main(argv=None) -> None:
         with open(marker) as f:
             train_log = json.load(f)
         print("trained model:", json.dumps(train_log), flush=True)
-    with open(os.path.join(path, "config.json")) as f:
-        vocab = json.load(f)["vocab_size"]
-    seqs = eval_sequences(args.eval_seqs, args.eval_len, vocab)
-    prompts = [s[:48] for s in eval_sequences(args.greedy_prompts, 96, vocab)]
+    data = eval_tokens(path)
+    seqs = eval_sequences(data, args.eval_seqs, args.eval_len)
+    prompts = [s[:48] for s in eval_sequences(data, args.greedy_prompts, 96)]
     results, ref = [], None
     for name, quant, kv in RUNS:
         t = time.perf_counter()

@@ -160,7 +160,7 @@ def create_engine(args: EngineArgs) -> LLMEngine:
 
 def _create_engine(args: EngineArgs) -> LLMEngine:
     from jaxserve.config import read_generation_eos
-    from jaxserve.layers.attention import check_kv_backend, select_backend
+    from jaxserve.layers.attention import backend_request, check_kv_backend, select_backend
     from jaxserve.layers.linear import select_cpu_matvec
     from jaxserve.runtime.compile_cache import use_compilation_cache
     from jaxserve.runtime.kv_cache import kv_block_bytes
@@ -175,7 +175,8 @@ def _create_engine(args: EngineArgs) -> LLMEngine:
     if args.enforce_eager:
         logger.warning("enforce_eager has no effect: jaxserve always runs compiled XLA steps")
     mesh = make_mesh(args.tensor_parallel_size)
-    attn = select_backend(args.attention_backend, args.tensor_parallel_size, args.kv_cache_dtype)
+    attn = select_backend(backend_request(args.attention_backend, args.kv_cache_dtype),
+                          args.tensor_parallel_size)
     if attn.backend == "pallas" and args.tensor_parallel_size > 1:
         raise ValueError(
             "tensor_parallel_size: > 1 is not supported with the pallas attention backend yet "

@@ -82,11 +82,11 @@ def test_vllm_engine_flags():
     args = _engine_args("--dtype", "half", "--gpu-memory-utilization", "0.5",
                         "--max-logprobs", "7", "--tokenizer", "tok", "--chat-template", "t.jinja",
                         "--generation-config", "vllm", "--enforce-eager",
-                        "--max-n-sequences", "3")
+                        "--max-n-sequences", "3", "--kv-cache-dtype", "fp8")
     assert (args.dtype, args.kv_cache_memory_fraction, args.max_logprobs) == ("half", 0.5, 7)
     assert (args.tokenizer, args.chat_template, args.generation_config) == (
         "tok", "t.jinja", "vllm")
-    assert args.enforce_eager and args.request_limits.max_n == 3
+    assert args.enforce_eager and args.request_limits.max_n == 3 and args.kv_cache_dtype == "fp8"
     with pytest.raises(ValueError, match="trust_remote_code"):
         _engine_args("--trust-remote-code")
     with pytest.raises(ValueError, match="max_model_len: must be >= 1"):

@@ -56,20 +56,18 @@ class AttentionConfig:
     interpret: bool = False  # run Pallas kernels in the CPU interpreter (tests)
 
 
-def select_backend(requested: str = "auto", tensor_parallel_size: int = 1,
-                   kv_cache_dtype: str = "auto") -> AttentionConfig:
+def select_backend(requested: str = "auto", tensor_parallel_size: int = 1) -> AttentionConfig:
     """Choose the attention backend once, at start-up, and log the choice.
 
     auto: the Pallas kernels on GPU; on CPU the C++ kernel (jaxserve/cpu_kernels, compiled on
-    first use) when tp == 1 and the KV cache is not quantized, else the blockwise XLA loops
-    (logged with the reason). "reference"
+    first use) when tp == 1, else the blockwise XLA loops (logged with the reason); a quantized
+    KV cache asks for blockwise before this (backend_request). "reference"
     is the plain jnp reference (gathers K/V at the padded width: simple, slow). "pallas" off a
     GPU runs the kernels in Pallas's CPU interpreter (correct but slow: for tests).
     """
     platform = jax.default_backend()
     if requested == "auto":
-        backend: Backend = ("pallas" if platform == "gpu"
-                             else _cpu_default(tensor_parallel_size, kv_cache_dtype))
+        backend: Backend = "pallas" if platform == "gpu" else _cpu_default(tensor_parallel_size)
     elif requested in BACKENDS:
         backend = requested  # type: ignore[assignment]
     else:
@@ -77,11 +75,10 @@ def select_backend(requested: str = "auto", tensor_parallel_size: int = 1,
             f"attention_backend: {requested!r} is not one of auto, {', '.join(BACKENDS)}"
         )
     if backend == "cpu":
-        if platform != "cpu" or tensor_parallel_size > 1 or is_quantized(kv_cache_dtype):
+        if platform != "cpu" or tensor_parallel_size > 1:
             raise ValueError("attention_backend: 'cpu' runs on the CPU platform with "
-                             "tensor_parallel_size 1 and a float KV cache (platform "
-                             f"{platform}, tp {tensor_parallel_size}, kv_cache_dtype "
-                             f"{kv_cache_dtype!r})")
+                             f"tensor_parallel_size 1 (platform {platform}, tp "
+                             f"{tensor_parallel_size})")
         cpu_attention.ensure_built()
     interpret = backend == "pallas" and platform != "gpu"
     logger.info(
@@ -91,12 +88,8 @@ def select_backend(requested: str = "auto", tensor_parallel_size: int = 1,
     return AttentionConfig(backend=backend, interpret=interpret)
 
 
-def _cpu_default(tensor_parallel_size: int, kv_cache_dtype: str) -> Backend:
+def _cpu_default(tensor_parallel_size: int) -> Backend:
     """The C++ kernel when it can serve this engine, else blockwise (and say why)."""
-    if is_quantized(kv_cache_dtype):
-        logger.info("attention: the CPU kernel reads float pages; kv_cache_dtype %r uses the "
-                    "blockwise XLA loops", kv_cache_dtype)
-        return "blockwise"
     if tensor_parallel_size > 1:
         logger.info("attention: the CPU kernel is not sharded; tensor_parallel_size %d uses "
                     "the blockwise XLA loops", tensor_parallel_size)
@@ -132,15 +125,29 @@ def write_kv(
     return out[0], out[1]
 
 
+KV_QUANT_BACKENDS = ("blockwise", "reference")  # the backends that read int8 / fp8 pages
+
+
 def check_kv_backend(backend: str, kv_cache_dtype: str) -> None:
-    """A quantized KV cache is read by the blockwise and reference backends; the Pallas kernels
-    read float pages only, so that pairing is refused at start-up (not dequantized per step)."""
-    if backend == "pallas" and is_quantized(kv_cache_dtype):
+    """A quantized KV cache is read by the blockwise and reference backends; the kernels (Pallas,
+    and any other) read float pages only, so such a pairing is refused at start-up rather than
+    dequantizing the whole cache every step."""
+    if is_quantized(kv_cache_dtype) and backend not in KV_QUANT_BACKENDS:
         raise ValueError(
-            f"kv_cache_dtype: {kv_cache_dtype!r} is not supported by the pallas attention "
-            "backend yet (its kernels read float pages); use kv_cache_dtype='auto', or "
-            "attention_backend 'blockwise' / 'reference'"
+            f"kv_cache_dtype: {kv_cache_dtype!r} is not supported by the {backend} attention "
+            f"backend yet (its kernels read float pages); use kv_cache_dtype='auto', or "
+            f"attention_backend {' / '.join(KV_QUANT_BACKENDS)}"
         )
+
+
+def backend_request(requested: str, kv_cache_dtype: str) -> str:
+    """The backend to ask `select_backend` for: "auto" with a quantized KV cache means the
+    blockwise XLA loops (the auto kernels read float pages), logged; otherwise `requested`."""
+    if requested != "auto" or not is_quantized(kv_cache_dtype):
+        return requested
+    logger.info("attention: kv_cache_dtype %s is read by the blockwise XLA loops, not the "
+                "attention kernels (float pages only)", kv_cache_dtype)
+    return "blockwise"
 
 
 def paged_attention(

@@ -48,6 +48,7 @@ def check_kv_cache_dtype(name: str) -> str:
 
 
 def is_quantized(name: str) -> bool:
+    """Whether a kv_cache_dtype name stores quantized pages (int8 / fp8)."""
     return check_kv_cache_dtype(name) != "auto"
 
 

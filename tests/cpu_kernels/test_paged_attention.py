@@ -125,13 +125,10 @@ def test_auto_backend_on_cpu_is_the_kernel(caplog):
     assert attention.select_backend("auto", tensor_parallel_size=2).backend == "blockwise"
     with pytest.raises(ValueError, match="attention_backend"):
         attention.select_backend("cpu", tensor_parallel_size=2)
-    # the kernel reads float pages: a quantized KV cache takes the blockwise loops, said so
-    caplog.clear()
-    with caplog.at_level(logging.INFO, logger="jaxserve.layers.attention"):
-        assert attention.select_backend("auto", kv_cache_dtype="int8").backend == "blockwise"
-    assert "kv_cache_dtype 'int8' uses the blockwise" in caplog.text
-    with pytest.raises(ValueError, match="float KV cache"):
-        attention.select_backend("cpu", kv_cache_dtype="fp8")
+    # the kernel reads float pages: a quantized KV cache takes the blockwise loops
+    assert attention.backend_request("auto", "int8") == "blockwise"
+    with pytest.raises(ValueError, match="kv_cache_dtype"):
+        attention.check_kv_backend("cpu", "fp8")
 
 
 def test_failed_build_falls_back_to_blockwise_and_says_why(monkeypatch, caplog):

@@ -14,6 +14,7 @@ import pytest
 from jaxserve.layers.attention import (
     AttentionConfig,
     AttentionMetadata,
+    backend_request,
     check_kv_backend,
     paged_attention,
     write_kv,
@@ -141,7 +142,12 @@ def test_bad_kv_cache_dtype_and_pallas_are_refused():
         check_kv_cache_dtype("int4")
     with pytest.raises(ValueError, match="kv_cache_dtype: 'int8' is not supported by the pallas"):
         check_kv_backend("pallas", "int8")
+    with pytest.raises(ValueError, match="kv_cache_dtype: 'fp8' is not supported by the cpu"):
+        check_kv_backend("cpu", "fp8")  # any kernel backend other than blockwise / reference
     check_kv_backend("pallas", "auto")
+    assert backend_request("auto", "int8") == "blockwise"  # auto picks a backend that reads it
+    assert backend_request("auto", "auto") == "auto"
+    assert backend_request("reference", "fp8") == "reference"
     pages = jnp.zeros((1, 2, 16, 68), jnp.int8)  # quantized rows reaching the kernel dispatch
     md = AttentionMetadata(*(jnp.zeros(n, jnp.int32) for n in (1, 1)),
                            jnp.zeros((1, 1), jnp.int32), jnp.ones(1, jnp.int32),

@@ -57,6 +57,19 @@ def test_greedy_with_int8_kv_close_to_float_and_prefix_hits_equal(make_llm):
     assert int8_llm.stats().prefix_cache_hits > 0
 
 
+def test_int8_kv_under_preemption_keeps_outputs(make_llm):
+    """Preempted requests recompute their int8 pages: the same tokens as without preemption
+    (a token's quantized bytes depend only on its own K/V, not on the batch around it)."""
+    prompts = token_prompts(make_prompts(make_llm(ARCH).engine.runner.model_config.vocab_size,
+                                         seed=4))
+    plain = make_llm(ARCH, kv_cache_dtype="int8")
+    tight = make_llm(ARCH, kv_cache_dtype="int8", num_kv_blocks=24)  # ~40 blocks needed at once
+    want = [o.outputs[0].token_ids for o in plain.generate(prompts, greedy(12), use_tqdm=False)]
+    got = [o.outputs[0].token_ids for o in tight.generate(prompts, greedy(12), use_tqdm=False)]
+    assert tight.stats().num_preemptions > 0
+    assert got == want
+
+
 def test_kv_budget_counts_quantized_bytes_and_scales(tiny_checkpoints):
     cfg = ModelConfig.from_dir(tiny_checkpoints(ARCH))
     kvh, d, layers, bs = cfg.num_kv_heads, cfg.head_dim, cfg.num_layers, 16
