@@ -40,6 +40,11 @@ def add_engine_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--enable-prompt-logprobs", action=argparse.BooleanOptionalAction, default=True,
                    help="compile the prompt-logprob programs (requests may ask prompt_logprobs)")
     g.add_argument("--tensor-parallel-size", type=int, default=1)
+    g.add_argument("--num-processes", type=int, default=1,
+                   help="processes of one engine (jax.distributed); process 0 serves")
+    g.add_argument("--process-id", type=int, default=0)
+    g.add_argument("--coordinator-address", default=None,
+                   help="host:port of process 0's jax.distributed coordinator")
     g.add_argument("--attention-backend", default="auto", choices=["auto", "cpu", "blockwise", "reference", "pallas"])
     g.add_argument("--cpu-matvec", default="auto", choices=["auto", "off"],
                    help="bf16 decode projections on the C++ CPU kernel (auto) or XLA's matmul")
@@ -111,6 +116,9 @@ def engine_args_from(args: argparse.Namespace, model: str | None = None) -> Engi
         enable_prefix_caching=args.enable_prefix_caching,
         enable_prompt_logprobs=args.enable_prompt_logprobs,
         tensor_parallel_size=args.tensor_parallel_size,
+        num_processes=args.num_processes,
+        process_id=args.process_id,
+        coordinator_address=args.coordinator_address,
         attention_backend=args.attention_backend,
         cpu_matvec=args.cpu_matvec,
         seed=args.seed,

@@ -44,6 +44,10 @@ class EngineArgs:
     seed: int = 0
     tensor_parallel_size: int = 1
     attention_backend: str = "auto"  # auto | cpu | blockwise | reference | pallas
+    # several processes (jax.distributed's names): process 0 serves, the others follow
+    num_processes: int = 1
+    process_id: int = 0
+    coordinator_address: str | None = None  # host:port of process 0's coordinator
     cpu_matvec: str = "auto"  # auto | off: decode projections on the C++ CPU kernel
     enable_prompt_logprobs: bool = True  # off: fewer programs to compile at start-up
     compilation_cache_dir: str | None = DEFAULT_COMPILE_CACHE
@@ -143,8 +147,11 @@ def _num_kv_blocks(args: EngineArgs, block_bytes: int, max_useful: int) -> int:
     return blocks
 
 
-def create_engine(args: EngineArgs) -> LLMEngine:
+def create_engine(args: EngineArgs) -> LLMEngine | None:
     """Load the model and tokenizer, size the KV cache, compile every bucket.
+
+    With num_processes > 1, a follower (process_id > 0) then replays process 0's steps until
+    process 0 stops, and returns None.
 
     Python's cyclic garbage collector is paused meanwhile: start-up (tracing above all) makes
     many short-lived objects, and its collections cost ~15% of a warm start's CPU time.
@@ -171,6 +178,11 @@ def _create_engine(args: EngineArgs) -> LLMEngine:
 
     import jax
 
+    from jaxserve.runtime import distributed
+
+    dist = distributed.DistributedConfig(args.num_processes, args.process_id,
+                                         args.coordinator_address)
+    distributed.initialize(dist)  # before any backend is touched
     use_compilation_cache(args.compilation_cache_dir)
     if args.enforce_eager:
         logger.warning("enforce_eager has no effect: jaxserve always runs compiled XLA steps")
@@ -232,6 +244,15 @@ def _create_engine(args: EngineArgs) -> LLMEngine:
         mesh,
     )
     runner.warmup(progress=args.show_progress)
+    if dist.is_follower:
+        logger.info("process %d follows process 0's steps", dist.process_id)
+        distributed.follow(runner)
+        return None
+    if dist.enabled:
+        import atexit
+
+        runner = distributed.LeaderRunner(runner)
+        atexit.register(runner.stop_followers)  # before jax.distributed's own shutdown
     tokenizer = load_tokenizer(args, loaded.path)
     logger.info(
         "engine ready: %d KV blocks of %d tokens, max_model_len %d, max_num_seqs %d, "
@@ -283,7 +304,7 @@ class LLM:
         if "gpu_memory_utilization" in kwargs:  # vLLM's name for the memory share we may use
             kwargs["kv_cache_memory_fraction"] = kwargs.pop("gpu_memory_utilization")
         self.engine_args = EngineArgs(model=model, **kwargs)
-        self.engine = create_engine(self.engine_args)
+        self.engine = create_engine(self.engine_args)  # None: a follower process, done
         self._counter = 0
 
     def get_default_sampling_params(self) -> SamplingParams:
@@ -297,6 +318,9 @@ class LLM:
         return self.engine.get_stats()
 
     def generate(self, prompts, sampling_params=None, use_tqdm: bool = True) -> list[RequestOutput]:
+        if self.engine is None:
+            raise RuntimeError(f"process {self.engine_args.process_id} followed process 0 "
+                               "until it stopped: generate on process 0")
         prompts = _as_prompt_list(prompts)
         if sampling_params is None:
             sampling_params = self.get_default_sampling_params()

@@ -28,3 +28,8 @@ class EngineStepError(RuntimeError):
     def __init__(self, message: str, failed_request_ids: list[str]):
         super().__init__(message)
         self.failed_request_ids = failed_request_ids
+
+
+class FatalRunnerError(RuntimeError):
+    """The runner cannot run any further step (a process of a multi-process job is gone): the
+    engine fails the requests in flight and stops instead of serving on."""

@@ -10,7 +10,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from .config import EngineConfig
-from .errors import EngineStepError, InvalidRequestError
+from .errors import EngineStepError, FatalRunnerError, InvalidRequestError
 from .grammar import GrammarBackend
 from .input_processor import PromptType, parse_prompt, validate_request
 from .output_processor import OutputProcessor, make_request_output
@@ -152,6 +152,9 @@ class LLMEngine:
         try:
             runner_output = self.runner.execute(scheduler_output)
             _check_runner_output(scheduler_output, runner_output)
+        except FatalRunnerError:
+            self._fail_in_flight()
+            raise
         except Exception as exc:
             failed = self._fail_in_flight()
             raise EngineStepError(

@@ -147,6 +147,9 @@ def serve(args: argparse.Namespace) -> int:
     """Run `jaxserve serve` with parsed flags; returns the process exit code."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(asctime)s %(name)s: %(message)s")
     config = serve_config_from_args(args)
+    if getattr(args, "process_id", 0) > 0:  # a follower: no servers, replay process 0's steps
+        _build_engine(args)
+        return 0
     return asyncio.run(run_until_signalled(config, lambda: _build_engine(args)))
 
 
