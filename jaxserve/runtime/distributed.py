@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import logging
 import pickle
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+
+import numpy as np
 
 import jax
 
@@ -94,7 +96,9 @@ class LeaderRunner:
         import time
 
         t = time.perf_counter()
-        self._client.key_value_set_bytes(f"{_PREFIX}{self._step}", pickle.dumps(scheduler_output))
+        published = replace(scheduler_output, chunks=[self._portable(c) for c in
+                                                       scheduler_output.chunks])
+        self._client.key_value_set_bytes(f"{_PREFIX}{self._step}", pickle.dumps(published))
         self.publish_seconds += time.perf_counter() - t
         try:
             out = self.runner.execute(scheduler_output)
@@ -106,12 +110,36 @@ class LeaderRunner:
         self._step += 1
         return out
 
+    def _portable(self, chunk):
+        """The chunk as a follower can replay it: a grammar matcher (which lives here, with the
+        engine) is replaced by the mask rows it gives this step."""
+        if chunk.grammar is None or not chunk.sample:
+            return chunk
+        drafts = list(chunk.spec_token_ids) if self.runner.spec_k else []
+        rows = np.full((1 + len(drafts), self.runner.mask_words), -1, np.int32)
+        chunk.grammar.backend.fill_bitmasks([(chunk.grammar, 0, drafts)], rows)
+        return replace(chunk, grammar=FilledMask(rows))
+
     def stop_followers(self) -> None:
         """Tell the followers to leave their loop (engine shutdown)."""
         try:
             self._client.key_value_set_bytes(f"{_PREFIX}{self._step}", _STOP)
         except Exception as e:  # noqa: BLE001 - after a failed step the followers are gone
             logger.warning("could not tell the followers to stop: %s", e)
+
+
+class FilledMask:
+    """A grammar chunk's allowed-token mask rows, computed on process 0 for one step; quacks
+    like a matcher for ModelRunner (`.backend.fill_bitmasks`)."""
+
+    def __init__(self, rows: np.ndarray):
+        self.rows = rows  # int32 [1 + drafts, mask words]
+        self.backend = self
+
+    @staticmethod
+    def fill_bitmasks(items, bitmask: np.ndarray) -> None:
+        for mask, row, _ in items:
+            bitmask[row:row + len(mask.rows)] = mask.rows
 
 
 def follow(runner, poll_ms: int = 1000) -> int:

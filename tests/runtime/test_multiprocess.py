@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import pathlib
+import re
 import socket
 import subprocess
 import sys
@@ -55,6 +56,10 @@ SCRIPT = textwrap.dedent("""
     prompts = [{"prompt_token_ids": p} for p in json.loads(sys.argv[5])]
     outs = llm.generate(prompts, params, use_tqdm=False)
     print("TOKENS " + json.dumps([o.outputs[0].token_ids for o in outs]), flush=True)
+    regex = SamplingParams(temperature=0.0, max_tokens=20,
+                           structured_outputs={"regex": "[a-d]{3}-[0-9]{2}"})
+    outs = llm.generate(["Hello", "Hi"], regex, use_tqdm=False)
+    print("REGEX " + json.dumps([o.outputs[0].text for o in outs]), flush=True)
 """)
 
 
@@ -78,6 +83,10 @@ def test_python_api_two_processes_tp2_equal_tp1(tiny_checkpoints):
     assert "FOLLOWER-DONE" in outs[1][0]
     line = next(x for x in outs[0][0].splitlines() if x.startswith("TOKENS "))
     assert json.loads(line[len("TOKENS "):]) == _tp1_tokens(path)
+    # structured outputs: the matchers stay in process 0, the follower gets their masks
+    line = next(x for x in outs[0][0].splitlines() if x.startswith("REGEX "))
+    texts = json.loads(line[len("REGEX "):])
+    assert all(re.fullmatch("[a-d]{3}-[0-9]{2}", t) for t in texts), texts
 
 
 def _serve(path: str, pid: int, addr: str, port: int) -> subprocess.Popen:
