@@ -155,7 +155,7 @@ def create_engine(args: EngineArgs) -> LLMEngine:
 
 def _create_engine(args: EngineArgs) -> LLMEngine:
     from jaxserve.config import read_generation_eos
-    from jaxserve.layers.attention import select_backend
+    from jaxserve.layers.attention import check_pallas_supported, select_backend
     from jaxserve.runtime.compile_cache import use_compilation_cache
     from jaxserve.runtime.kv_cache import kv_block_bytes
     from jaxserve.runtime.mesh import make_mesh
@@ -171,12 +171,12 @@ def _create_engine(args: EngineArgs) -> LLMEngine:
     mesh = make_mesh(args.tensor_parallel_size)
     attn = select_backend(args.attention_backend, args.tensor_parallel_size)
     if attn.backend == "pallas" and args.tensor_parallel_size > 1:
-        raise ValueError(
-            "tensor_parallel_size: > 1 is not supported with the pallas attention backend yet "
-            "(its kernels are not wrapped in shard_map); use --attention-backend blockwise"
-        )
+        attn = dataclasses.replace(attn, mesh=mesh)  # the kernels run under shard_map
     loaded = load_model(args.model, args.dtype, attn, mesh, quantization=args.quantization)
     cfg = loaded.config
+    check_pallas_supported(
+        attn, num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim,
+        block_size=args.block_size, dtype=loaded.dtype, tp=args.tensor_parallel_size)
     on_cpu = jax.default_backend() == "cpu"
     max_model_len = args.max_model_len or cfg.max_position_embeddings
     if max_model_len > cfg.max_position_embeddings:
