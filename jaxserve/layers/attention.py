@@ -11,6 +11,7 @@ import jax
 from jax.sharding import Mesh, PartitionSpec as P
 
 import pallas_kernels
+from pallas_kernels import interpret_compat
 from jaxserve.cpu_kernels import build as cpu_build
 from jaxserve.cpu_kernels import paged_attention as cpu_attention
 from jaxserve.layers.blockwise_attention import blockwise_paged_attention
@@ -209,6 +210,8 @@ def _pallas_attention(q, k_pages, v_pages, md: AttentionMetadata, cfg: Attention
     tp = cfg.mesh.shape["tp"] if cfg.mesh is not None else 1
     if tp == 1:
         return attend(q, k_pages, v_pages, md)
+    if cfg.interpret:
+        interpret_compat.allow_multi_device()
     num_heads, num_kv_heads = q.shape[1], k_pages.shape[0]
     kv_split = num_kv_heads % tp == 0
     heads = P(None, "tp", None)  # q, out [T, Hq, D]: column-parallel q_proj
