@@ -110,3 +110,22 @@ def h100_compile(fn, *args, num_gpus: int = 1, in_specs=None):
            for a, s in zip(args, in_specs)]
   with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
     return jax.jit(fn).trace(*specs).lower().compile()
+
+
+def h100_ptxas_info(fn, *args, num_gpus: int = 1, in_specs=None) -> str:
+  """h100_compile, returning what ptxas reported for the Mosaic GPU kernels (registers, spills,
+  target), from Mosaic GPU's dump (MOSAIC_GPU_DUMP_PTXAS, read at each compile)."""
+  import glob
+  import tempfile
+  saved = {k: os.environ.get(k) for k in ("MOSAIC_GPU_DUMP_TO", "MOSAIC_GPU_DUMP_PTXAS")}
+  with tempfile.TemporaryDirectory() as dump:
+    os.environ.update(MOSAIC_GPU_DUMP_TO=dump, MOSAIC_GPU_DUMP_PTXAS="1")
+    try:
+      h100_compile(fn, *args, num_gpus=num_gpus, in_specs=in_specs)
+    finally:
+      for k, v in saved.items():
+        if v is None:
+          os.environ.pop(k, None)
+        else:
+          os.environ[k] = v
+    return "\n".join(pathlib.Path(f).read_text() for f in sorted(glob.glob(dump + "/*.ptxas")))
