@@ -111,6 +111,12 @@ class _Static:
   dtype: jnp.dtype
   head_dim: int
 
+  @property
+  def chunk(self) -> int:
+    """Output columns per accumulator: head_dim 256 keeps two [64, 128] f32 accumulators, so
+    one P @ V result is 64, not 128, registers a thread (else ptxas spills)."""
+    return min(self.head_dim, 128)
+
 
 def _key_range(st: _Static, meta_gmem, sl_gmem, w):
   """Keys the item may see, [kv_lo, kv_hi), and its flash steps [step_lo, step_hi)."""
@@ -200,19 +206,25 @@ def _body(st: _Static, meta_gmem, sl_gmem, bt_gmem, q_gmem, k_gmem, v_gmem, o_gm
     plgpu.barrier_wait(v_bar.at[slot])
     _zero_v_outside(st, v_smem.at[slot], i, kv_lo, kv_hi)
 
-    def pv_scope(acc_ref):
-      plgpu.wgmma(acc_ref, p_smem, v_smem.at[slot])
-      return acc_ref[...]
-    pv = pl.run_scoped(pv_scope, plgpu.ACC((ROWS, st.head_dim), jnp.float32))
-    return acc * lax.broadcast_in_dim(alpha, acc.shape, [0]) + pv, m_new, l_new
+    new_acc = []
+    for j, acc_j in enumerate(acc):  # one column chunk at a time: its P @ V result dies at once
+      def pv_scope(acc_ref, j=j):
+        plgpu.wgmma(acc_ref, p_smem, v_smem.at[slot, :, pl.ds(j * st.chunk, st.chunk)])
+        return acc_ref[...]
+      pv = pl.run_scoped(pv_scope, plgpu.ACC((ROWS, st.chunk), jnp.float32))
+      new_acc.append(acc_j * lax.broadcast_in_dim(alpha, acc_j.shape, [0]) + pv)
+    return tuple(new_acc), m_new, l_new
 
   wg, red = plgpu.Layout.WGMMA, plgpu.Layout.WGMMA.reduce(1)
-  init = (plgpu.layout_cast(jnp.full((ROWS, st.head_dim), 0.0, jnp.float32), wg),
+  zeros = plgpu.layout_cast(jnp.full((ROWS, st.chunk), 0.0, jnp.float32), wg)
+  init = ((zeros,) * (st.head_dim // st.chunk),
           plgpu.layout_cast(jnp.full((ROWS,), -1e30, jnp.float32), red),  # finite: no inf - inf
           plgpu.layout_cast(jnp.full((ROWS,), 0.0, jnp.float32), red))
   acc, _, l_i = lax.fori_loop(step_lo, step_hi, step_fn, init)
   l_i = jnp.where(l_i > 0.0, l_i, 1.0)  # rows without keys: acc is 0 -> output 0
-  q_smem[...] = (acc / lax.broadcast_in_dim(l_i, acc.shape, [0])).astype(st.dtype)
+  for j, acc_j in enumerate(acc):
+    out = acc_j / lax.broadcast_in_dim(l_i, acc_j.shape, [0])
+    q_smem[:, pl.ds(j * st.chunk, st.chunk)] = out.astype(st.dtype)
   plgpu.commit_smem()
   plgpu.copy_smem_to_gmem(q_smem, o_gmem.at[w, h])
   plgpu.wait_smem_to_gmem(0)
