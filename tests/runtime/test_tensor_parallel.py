@@ -16,8 +16,9 @@ os.environ["JAX_PLATFORMS"] = "cpu"
 from jaxserve import LLM, SamplingParams
 path, cache = sys.argv[1], sys.argv[2]
 extra = json.loads(sys.argv[3]) if len(sys.argv) > 3 else {}
-params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
-prompts = [{"prompt_token_ids": list(range(5, 60))}, {"prompt_token_ids": [9, 10, 11]}]
+params = SamplingParams(temperature=0.0, max_tokens=extra.pop("max_tokens", 8), ignore_eos=True)
+prompts = [{"prompt_token_ids": list(range(5, extra.pop("prompt_end", 60)))},
+           {"prompt_token_ids": [9, 10, 11]}]
 def q_proj_spec(q_proj):
     try:  # [in, out] kernel; bf16 checkpoints keep torch's [out, in] weight
         return str(q_proj["kernel"][...].sharding.spec)
@@ -25,9 +26,9 @@ def q_proj_spec(q_proj):
         return "weight " + str(q_proj["weight"][...].sharding.spec)
 out = {}
 for tp in (1, 2):
-    llm = LLM(path, max_model_len=128, max_num_seqs=4, max_num_batched_tokens=32,
-              tensor_parallel_size=tp, compilation_cache_dir=cache, use_tqdm_on_load=False,
-              **extra)
+    kwargs = dict(max_model_len=128, max_num_seqs=4, max_num_batched_tokens=32)
+    llm = LLM(path, tensor_parallel_size=tp, compilation_cache_dir=cache, use_tqdm_on_load=False,
+              **{**kwargs, **extra})
     runner = llm.engine.runner
     out[tp] = {
         "tokens": [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)],
@@ -52,7 +53,10 @@ def test_tp2_matches_tp1(demo_model_path, tmp_path):
     assert out["1"]["free"] and out["2"]["free"]
 
 
-PALLAS = dict(attention_backend="pallas", dtype="bfloat16", block_size=16)
+# small: every kernel call is interpreted (a prefill chunk of 16 crossing a block, 4 decodes)
+PALLAS = dict(attention_backend="pallas", dtype="bfloat16", block_size=16, max_tokens=4,
+              prompt_end=30, max_num_batched_tokens=16, max_model_len=64, num_kv_blocks=12,
+              max_num_seqs=2)
 
 
 def _run(path, tmp_path, extra):
@@ -66,9 +70,10 @@ def _run(path, tmp_path, extra):
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def test_tp2_with_kernels_matches_tp1(demo_model_path, tmp_path):
+def test_tp2_with_kernels_matches_tp1(tiny_checkpoints, tmp_path):
     """2 kv heads over tp=2: each device's kernel call sees its own kv head's pages."""
-    out = _run(demo_model_path, tmp_path, PALLAS)
+    path = tiny_checkpoints("Qwen2ForCausalLM", hidden_size=256)  # head_dim 64
+    out = _run(path, tmp_path, PALLAS)
     assert out["1"]["tokens"] == out["2"]["tokens"]
     assert out["2"]["kv_spec"] == "P('tp', None, None, None)"
     assert out["1"]["free"] and out["2"]["free"]
