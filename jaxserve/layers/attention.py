@@ -222,8 +222,6 @@ def _pallas_attention(q, k_pages, v_pages, md: AttentionMetadata, cfg: Attention
             kv_head = first_q_head // (num_heads // num_kv_heads)
             k_pages = jax.lax.dynamic_slice_in_dim(k_pages, kv_head, 1, axis=0)
             v_pages = jax.lax.dynamic_slice_in_dim(v_pages, kv_head, 1, axis=0)
-        if cfg.interpret:
-            return _one_device_at_a_time(attend, tp, q, k_pages, v_pages, md)
         return attend(q, k_pages, v_pages, md)
 
     pages = P("tp", None, None, None) if kv_split else P()
@@ -231,19 +229,3 @@ def _pallas_attention(q, k_pages, v_pages, md: AttentionMetadata, cfg: Attention
     return jax.shard_map(local, mesh=cfg.mesh, in_specs=(heads, pages, pages, md_spec),
                          out_specs=heads, check_vma=False)(q, k_pages, v_pages, md)
 
-
-def _one_device_at_a_time(attend, tp: int, q, *args):
-    """Inside shard_map: device i runs `attend` in round i, rounds separated by a psum.
-
-    Only for the Mosaic GPU interpreter: its simulated GPU memory is one per process, and a
-    kernel's end-of-run check ("no barrier left allocated") sees the other device's live
-    barriers when two devices interpret at once. On a GPU the devices run concurrently.
-    """
-    me = jax.lax.axis_index("tp")
-    out = jax.numpy.zeros_like(q)
-    for i in range(tp):
-        out = jax.lax.cond(me == i, lambda q=q: attend(q, *args), lambda: out)
-        _, token = jax.lax.optimization_barrier((out, jax.numpy.int32(0)))
-        token = jax.lax.psum(token, "tp")  # every device waits for device i's kernel
-        q, _ = jax.lax.optimization_barrier((q, token))
-    return out
