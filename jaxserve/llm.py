@@ -167,7 +167,12 @@ def create_engine(args: EngineArgs) -> LLMEngine | None:
 
 def _create_engine(args: EngineArgs) -> LLMEngine:
     from jaxserve.config import read_generation_eos
-    from jaxserve.layers.attention import backend_request, check_kv_backend, select_backend
+    from jaxserve.layers.attention import (
+        backend_request,
+        check_kv_backend,
+        check_pallas_supported,
+        select_backend,
+    )
     from jaxserve.layers.linear import select_cpu_matvec
     from jaxserve.runtime.compile_cache import use_compilation_cache
     from jaxserve.runtime.kv_cache import kv_block_bytes
@@ -190,15 +195,15 @@ def _create_engine(args: EngineArgs) -> LLMEngine:
     attn = select_backend(backend_request(args.attention_backend, args.kv_cache_dtype),
                           args.tensor_parallel_size)
     if attn.backend == "pallas" and args.tensor_parallel_size > 1:
-        raise ValueError(
-            "tensor_parallel_size: > 1 is not supported with the pallas attention backend yet "
-            "(its kernels are not wrapped in shard_map); use --attention-backend blockwise"
-        )
+        attn = dataclasses.replace(attn, mesh=mesh)  # the kernels run under shard_map
     check_kv_backend(attn.backend, args.kv_cache_dtype)
     matvec = select_cpu_matvec(args.cpu_matvec, args.tensor_parallel_size)
     loaded = load_model(args.model, args.dtype, attn, mesh, quantization=args.quantization,
                         cpu_matvec=matvec)
     cfg = loaded.config
+    check_pallas_supported(
+        attn, num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim,
+        block_size=args.block_size, dtype=loaded.dtype, tp=args.tensor_parallel_size)
     on_cpu = jax.default_backend() == "cpu"
     max_model_len = args.max_model_len or cfg.max_position_embeddings
     if max_model_len > cfg.max_position_embeddings:

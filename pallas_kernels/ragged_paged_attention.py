@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import dataclasses
-
 import jax.numpy as jnp
 
-from pallas_kernels import _common, _flash
+from pallas_kernels import _common, _mgpu
 
 # ----------------------------------------------------------------------------------------------
 # Reference (plain jnp). This is also the CPU production attention path, so it is written to be
@@ -140,30 +138,8 @@ def ragged_paged_attention_reference(q, k_pages, v_pages, block_tables, seq_lens
 
 
 # ----------------------------------------------------------------------------------------------
-# Kernel (flash attention over the block table). Pallas generic GPU API (Triton-lowered): a
-# stepping stone towards Mosaic GPU, see pallas_kernels/_flash.py for why.
+# Kernel: Mosaic GPU (Hopper), see pallas_kernels/_mgpu.py.
 # ----------------------------------------------------------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True)
-class RaggedBlockSizes:
-  """Tiling of the ragged kernel.
-
-  q_rows: rows of a query tile = query tokens x the GQA group of one KV head (a power of two,
-  >= 16 and >= the group size); a tile holds q_rows // group tokens of one sequence.
-  num_kv_splits: flash-decoding partitions over each sequence's KV pages, merged by LSE.
-  The KV tile is one page.
-  """
-  q_rows: int = 64
-  num_kv_splits: int = 1
-  num_warps: int = 4
-  num_stages: int = 2
-
-  def __post_init__(self):
-    if self.q_rows < 16 or self.q_rows & (self.q_rows - 1):
-      raise ValueError(f"q_rows must be a power of two >= 16, got {self.q_rows}")
-    if self.num_kv_splits < 1:
-      raise ValueError(f"num_kv_splits must be >= 1, got {self.num_kv_splits}")
 
 
 def _work_items(query_start_loc, seq_lens, tokens_per_item, num_items):
@@ -188,25 +164,47 @@ def _work_items(query_start_loc, seq_lens, tokens_per_item, num_items):
   return meta, query_start_loc[seq] + first_tok, item_start
 
 
+def to_tiles(x, group):
+  """[W, tq, Hq, D] -> [W, Hkv, ROWS, D]: rows token * gp + head in group (padding rows 0)."""
+  num_items, tq, num_q_heads, head_dim = x.shape
+  gp = _mgpu.padded_group(group)
+  x = x.reshape(num_items, tq, num_q_heads // group, group, head_dim)
+  x = jnp.pad(x, ((0, 0), (0, 0), (0, 0), (0, gp - group), (0, 0)))
+  x = x.transpose(0, 2, 1, 3, 4)  # [W, Hkv, tq, gp, D]
+  return x.reshape(num_items, num_q_heads // group, tq * gp, head_dim)
+
+
+def from_tiles(x, group, tq):
+  """Inverse of `to_tiles`: [W, Hkv, ROWS, D] -> [W, tq, Hq, D]."""
+  num_items, num_kv_heads, _, head_dim = x.shape
+  gp = _mgpu.padded_group(group)
+  x = x.reshape(num_items, num_kv_heads, tq, gp, head_dim)[:, :, :, :group]
+  return x.transpose(0, 2, 1, 3, 4).reshape(num_items, tq, num_kv_heads * group, head_dim)
+
+
+def check_kernel_args(q, k_pages, v_pages, block_tables, seq_lens):
+  """Shape checks, plus what the kernel supports (the reference accepts more)."""
+  _common.check_paged_shapes(q, k_pages, v_pages, block_tables, seq_lens)
+  if q.dtype != k_pages.dtype:
+    raise ValueError(f"q dtype {q.dtype} != KV cache dtype {k_pages.dtype}")
+  _mgpu.check_supported(q.shape[2], k_pages.shape[2], q.dtype, q.shape[1] // k_pages.shape[0])
+
+
 def ragged_paged_attention(q, k_pages, v_pages, block_tables, seq_lens, query_start_loc, *,
                            scale=None, sliding_window=None, logits_soft_cap=None,
-                           interpret=False, block_sizes: RaggedBlockSizes | None = None):
-  """Causal attention of ragged query chunks over a paged KV cache with the Pallas kernel.
+                           interpret=None, tiling: _mgpu.Tiling | None = None):
+  """Causal attention of ragged query chunks over a paged KV cache: the Mosaic GPU kernel.
 
   Same contract as `ragged_paged_attention_reference` (decodes are chunks of length 1, so one
-  call serves a mixed batch). `interpret=True` runs Pallas's CPU interpreter.
+  call serves a mixed batch). bf16/f16; head_dim 64/128/256; block size 16..128.
+  `interpret`: a `plgpu.InterpretGPUParams` runs the Mosaic GPU interpreter (CPU).
   """
-  _common.check_paged_shapes(q, k_pages, v_pages, block_tables, seq_lens)
+  check_kernel_args(q, k_pages, v_pages, block_tables, seq_lens)
   _common.check_query_start_loc(query_start_loc, block_tables.shape[0])
-  _flash.check_kernel_shapes(q, k_pages)
-  block_sizes = block_sizes or RaggedBlockSizes()
   num_tokens, num_q_heads, head_dim = q.shape
-  num_kv_heads = k_pages.shape[0]
   num_seqs = block_tables.shape[0]
-  group = num_q_heads // num_kv_heads
-  if group > block_sizes.q_rows:
-    raise ValueError(f"GQA group {group} > q_rows {block_sizes.q_rows}")
-  tq = block_sizes.q_rows // group  # tokens per work item
+  group = num_q_heads // k_pages.shape[0]
+  tq = _mgpu.ROWS // _mgpu.padded_group(group)  # tokens per work item
   num_items = -(-num_tokens // tq) + num_seqs  # static bound on sum_s cdiv(q_len_s, tq)
   seq_lens = seq_lens.astype(jnp.int32)
   query_start_loc = query_start_loc.astype(jnp.int32)
@@ -215,20 +213,14 @@ def ragged_paged_attention(q, k_pages, v_pages, block_tables, seq_lens, query_st
   tok = first_token[:, None] + jnp.arange(tq, dtype=jnp.int32)  # [W, tq]
   tok_ok = jnp.arange(tq)[None, :] < meta[:, 1:2]  # [W, tq]
   q_items = jnp.where(tok_ok[:, :, None, None], q[jnp.clip(tok, 0, num_tokens - 1)], 0)
-  q_items = q_items.reshape(num_items, tq, num_kv_heads, group, head_dim)
-  q_items = q_items.transpose(0, 2, 1, 3, 4).reshape(num_items, num_kv_heads, tq * group, head_dim)
-  q_items = jnp.pad(q_items, ((0, 0), (0, 0), (0, block_sizes.q_rows - tq * group), (0, 0)))
-
-  out = _flash.flash_call(
-      q_items, meta, k_pages, v_pages, block_tables.astype(jnp.int32), seq_lens, group=group,
-      scale=_common.default_scale(head_dim, scale), num_splits=block_sizes.num_kv_splits,
-      sliding_window=sliding_window, logits_soft_cap=logits_soft_cap,
-      num_warps=block_sizes.num_warps, num_stages=block_sizes.num_stages,
-      interpret=interpret)  # [W, Hkv, M, D] f32
-  out = out[:, :, :tq * group].reshape(num_items, num_kv_heads, tq, group, head_dim)
-  out = out.transpose(0, 2, 1, 3, 4).reshape(num_items * tq, num_q_heads, head_dim)
+  out = _mgpu.flash_call(
+      to_tiles(q_items, group), meta, k_pages, v_pages, block_tables.astype(jnp.int32),
+      seq_lens, group=group, scale=_common.default_scale(head_dim, scale),
+      sliding_window=sliding_window, logits_soft_cap=logits_soft_cap, tiling=tiling,
+      interpret=interpret)  # [W, Hkv, ROWS, D]
+  out = from_tiles(out, group, tq).reshape(num_items * tq, num_q_heads, head_dim)
 
   seq_id, offset, valid = _token_to_seq(query_start_loc, num_tokens)
   row = (item_start[seq_id] + offset // tq) * tq + offset % tq  # [T]
-  out = jnp.where(valid[:, None, None], out[jnp.clip(row, 0, num_items * tq - 1)], 0.0)
+  out = jnp.where(valid[:, None, None], out[jnp.clip(row, 0, num_items * tq - 1)], 0)
   return out.astype(q.dtype)

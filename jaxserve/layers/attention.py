@@ -9,8 +9,10 @@ from typing import Literal
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import Mesh, PartitionSpec as P
 
 import pallas_kernels
+from pallas_kernels import interpret_compat
 from jaxserve.cpu_kernels import build as cpu_build
 from jaxserve.cpu_kernels import paged_attention as cpu_attention
 from jaxserve.layers.blockwise_attention import blockwise_paged_attention
@@ -53,21 +55,24 @@ class AttentionConfig:
     backend: Backend = "reference"
     sliding_window: int | None = None
     logits_soft_cap: float | None = None
-    interpret: bool = False  # run Pallas kernels in the CPU interpreter (tests)
+    interpret: bool = False  # run the Mosaic GPU kernels in jax's CPU interpreter (tests)
+    mesh: Mesh | None = None  # pallas with tp > 1: the kernel runs under shard_map over "tp"
 
 
 def select_backend(requested: str = "auto", tensor_parallel_size: int = 1) -> AttentionConfig:
     """Choose the attention backend once, at start-up, and log the choice.
 
-    auto: the Pallas kernels on GPU; on CPU the C++ kernel (jaxserve/cpu_kernels, compiled on
-    first use) when tp == 1, else the blockwise XLA loops (logged with the reason); a quantized
-    KV cache asks for blockwise before this (backend_request). "reference"
+    auto: the Mosaic GPU kernels on a Hopper GPU (blockwise on other GPUs, logged); on CPU the
+    C++ kernel (jaxserve/cpu_kernels, compiled on first use) when tp == 1, else the blockwise XLA
+    loops (logged with the reason); a quantized KV cache asks for blockwise before this
+    (backend_request). "reference"
     is the plain jnp reference (gathers K/V at the padded width: simple, slow). "pallas" off a
-    GPU runs the kernels in Pallas's CPU interpreter (correct but slow: for tests).
+    GPU runs the kernels in the Mosaic GPU interpreter (correct but slow: for tests).
     """
     platform = jax.default_backend()
     if requested == "auto":
-        backend: Backend = "pallas" if platform == "gpu" else _cpu_default(tensor_parallel_size)
+        backend: Backend = (_gpu_default() if platform == "gpu"
+                            else _cpu_default(tensor_parallel_size))
     elif requested in BACKENDS:
         backend = requested  # type: ignore[assignment]
     else:
@@ -80,12 +85,43 @@ def select_backend(requested: str = "auto", tensor_parallel_size: int = 1) -> At
                              f"tensor_parallel_size 1 (platform {platform}, tp "
                              f"{tensor_parallel_size})")
         cpu_attention.ensure_built()
+    if backend == "pallas" and platform == "gpu" and not _is_hopper():
+        raise ValueError("attention_backend: 'pallas' needs a Hopper GPU (sm_90a, Mosaic GPU); "
+                         f"this is {jax.devices()[0].device_kind}: use blockwise")
     interpret = backend == "pallas" and platform != "gpu"
     logger.info(
         "attention backend: %s%s (platform %s)",
         backend, " in the CPU interpreter" if interpret else "", platform,
     )
     return AttentionConfig(backend=backend, interpret=interpret)
+
+
+def _is_hopper() -> bool:
+    return str(getattr(jax.devices()[0], "compute_capability", "")).startswith("9.")
+
+
+def _gpu_default() -> Backend:
+    if _is_hopper():
+        return "pallas"
+    logger.warning("attention: the Mosaic GPU kernels need a Hopper GPU (sm_90a); %s uses the "
+                   "slower blockwise XLA loops", jax.devices()[0].device_kind)
+    return "blockwise"
+
+
+def check_pallas_supported(cfg: AttentionConfig, *, num_heads: int, num_kv_heads: int,
+                           head_dim: int, block_size: int, dtype: str, tp: int) -> None:
+    """At start-up: raise ValueError naming the field when the pallas kernels cannot serve this
+    model (so it never fails at its first compile)."""
+    if cfg.backend != "pallas":
+        return
+    try:
+        pallas_kernels.check_supported(head_dim, block_size, dtype, num_heads // num_kv_heads)
+    except pallas_kernels.UnsupportedConfig as e:
+        raise ValueError(f"attention_backend pallas: {e}; use --attention-backend blockwise")
+    if tp > 1 and num_kv_heads % tp and (num_heads % tp or (num_heads // num_kv_heads) %
+                                         (num_heads // tp)):
+        raise ValueError(f"tensor_parallel_size: {tp} does not split {num_heads} query heads "
+                         f"over {num_kv_heads} replicated kv heads evenly (pallas backend)")
 
 
 def _cpu_default(tensor_parallel_size: int) -> Backend:
@@ -170,10 +206,7 @@ def paged_attention(
     if cfg.backend == "pallas":
         if quantized:
             check_kv_backend("pallas", "int8" if k_pages.dtype == jnp.int8 else "fp8")
-        return pallas_kernels.ragged_paged_attention(
-            q, k_pages, v_pages, md.block_tables, md.seq_lens, md.query_start_loc,
-            interpret=cfg.interpret, **kwargs,
-        )
+        return _pallas_attention(q, k_pages, v_pages, md, cfg, kwargs)
     if cfg.backend == "blockwise":
         return blockwise_paged_attention(
             q, k_pages, v_pages, md.block_tables, md.seq_lens, md.query_start_loc, **kwargs
@@ -208,3 +241,40 @@ def write_and_attend(
         return o, (k_pages, v_pages)
     k_pages, v_pages = write_kv(kv[0], kv[1], k, v, md.slot_mapping)
     return paged_attention(q, k_pages, v_pages, md, cfg, scale), (k_pages, v_pages)
+
+
+def _pallas_attention(q, k_pages, v_pages, md: AttentionMetadata, cfg: AttentionConfig, kwargs):
+    """The Mosaic GPU ragged kernel; with tp > 1 under shard_map over "tp": each device attends
+    its query heads over its kv heads (KV split by head), or, when kv heads < tp (KV replicated),
+    over the one kv head its query heads belong to."""
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    interpret = plgpu.InterpretGPUParams() if cfg.interpret else None
+
+    def attend(q, k_pages, v_pages, md):
+        return pallas_kernels.ragged_paged_attention(
+            q, k_pages, v_pages, md.block_tables, md.seq_lens, md.query_start_loc,
+            interpret=interpret, **kwargs)
+
+    tp = cfg.mesh.shape["tp"] if cfg.mesh is not None else 1
+    if tp == 1:
+        return attend(q, k_pages, v_pages, md)
+    if cfg.interpret:
+        interpret_compat.allow_multi_device()
+    num_heads, num_kv_heads = q.shape[1], k_pages.shape[0]
+    kv_split = num_kv_heads % tp == 0
+    heads = P(None, "tp", None)  # q, out [T, Hq, D]: column-parallel q_proj
+
+    def local(q, k_pages, v_pages, md):
+        if not kv_split:  # replicated pages: keep the kv head of this device's query heads
+            first_q_head = jax.lax.axis_index("tp") * (num_heads // tp)
+            kv_head = first_q_head // (num_heads // num_kv_heads)
+            k_pages = jax.lax.dynamic_slice_in_dim(k_pages, kv_head, 1, axis=0)
+            v_pages = jax.lax.dynamic_slice_in_dim(v_pages, kv_head, 1, axis=0)
+        return attend(q, k_pages, v_pages, md)
+
+    pages = P("tp", None, None, None) if kv_split else P()
+    md_spec = jax.tree.map(lambda _: P(), md)
+    return jax.shard_map(local, mesh=cfg.mesh, in_specs=(heads, pages, pages, md_spec),
+                         out_specs=heads, check_vma=False)(q, k_pages, v_pages, md)
+
