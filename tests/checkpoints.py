@@ -85,6 +85,8 @@ def write_truncated_draft(src: str, out: str, num_layers: int = 1) -> str:
     model = transformers.AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
     model.model.layers = model.model.layers[:num_layers]
     model.config.num_hidden_layers = num_layers
+    if getattr(model.config, "layer_types", None):
+        model.config.layer_types = model.config.layer_types[:num_layers]
     model.save_pretrained(out, safe_serialization=True)
     for name in os.listdir(src):
         if name.startswith("tokenizer") or name == "special_tokens_map.json":

@@ -33,10 +33,11 @@ def check_draft_compatible(target_cfg, draft_cfg, max_model_len: int, target_voc
             f"from the target's {target_cfg.vocab_size}; a draft model must share the "
             "target's tokenizer and vocabulary")
     if target_vocab is not None and draft_vocab is not None and target_vocab != draft_vocab:
-        diff = len(set(target_vocab.items()) ^ set(draft_vocab.items()))
+        diff = sum(target_vocab.get(t) != draft_vocab.get(t)
+                   for t in set(target_vocab) | set(draft_vocab))
         raise ValueError(
             f"speculative_config.model: the draft's tokenizer differs from the target's "
-            f"({diff} differing token -> id entries); a draft model must share the target's "
+            f"({diff} tokens with another id or missing); a draft model must share the target's "
             "tokenizer")
     if draft_cfg.max_position_embeddings < max_model_len:
         raise ValueError(

@@ -149,7 +149,10 @@ class ModelRunner:
         key = self.buckets.step_key(inp.shape_key)
         token_ids, md, _ = _step_arrays(inp, decode_only=key[3])
         s = len(inp.seq_lens)
+        # the draft draws with temperature / top-k / top-p / min-p only: its q need not see
+        # penalties or bias (any q keeps the output exact; closer to p accepts more)
         smd = build_metadata(rows_for(chunks)[0], s, self._step_seed(), False, self.penalty_len)
+        smd = replace(smd, penalties=None, bias=None)
         drafts, q_rows = self.draft.run(
             self.executables.get("draft", key), token_ids, md, layout, chunks, smd)
         chunks, token_ids = draft_model.fill_drafts(chunks, inp.token_ids,
