@@ -48,6 +48,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--code-prompt-len", type=int, default=96)
     p.add_argument("--output-len", type=int, default=128)
     p.add_argument("--repeats", type=int, default=3, help="timed repeats (median)")
+    p.add_argument("--max-num-batched-tokens", type=int, default=512)
     p.add_argument("--dtype", default="auto")
     p.add_argument("--compilation-cache-dir", default=None)
     p.add_argument("--output-json", default=None)
@@ -179,7 +180,8 @@ def main(argv=None) -> list[dict]:
     else:
         path = resolve_model(args.model)
     common = dict(dtype=args.dtype, max_model_len=1024, max_num_seqs=args.batch,
-                  max_num_batched_tokens=512, show_progress=False, seed=0,
+                  max_num_batched_tokens=args.max_num_batched_tokens, show_progress=False,
+                  seed=0,
                   compilation_cache_dir=args.compilation_cache_dir)
     plain = LLM(path, **common)
     engines = {m: LLM(path, speculative_config=cfg, **common)
