@@ -8,6 +8,9 @@ tokenizer). For benchmarks only; tests use random-weight models.
 
     PYTHONPATH=. python benchmarks/trained_models.py            # build (or reuse) both
     PYTHONPATH=. python benchmarks/trained_models.py --force    # rebuild
+    PYTHONPATH=. python benchmarks/trained_models.py --force --target-steps 500 --draft-steps 600
+                                                # better models, on a quiet machine
+The steps used are recorded in each model's jaxserve_trained.json.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ import json
 import os
 import sysconfig
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 
@@ -167,11 +170,12 @@ def trained_dir(name: str, cache: str = TRAINED_CACHE) -> str:
     return os.path.join(cache, name)
 
 
-def ensure_trained(cache: str = TRAINED_CACHE, force: bool = False) -> dict[str, str]:
+def ensure_trained(cache: str = TRAINED_CACHE, force: bool = False,
+                   shapes: tuple[TrainedShape, ...] = (TARGET, DRAFT)) -> dict[str, str]:
     """Build the tokenizer and both models unless cached; returns {"target": dir, "draft": dir}."""
     import torch
 
-    dirs = {s.name: trained_dir(s.name, cache) for s in (TARGET, DRAFT)}
+    dirs = {s.name: trained_dir(s.name, cache) for s in shapes}
     done = all(os.path.exists(os.path.join(d, "jaxserve_trained.json")) for d in dirs.values())
     if done and not force:
         return dirs
@@ -185,7 +189,7 @@ def ensure_trained(cache: str = TRAINED_CACHE, force: bool = False) -> dict[str,
     stream = encode_corpus(tok, texts)
     print(f"corpus: {len(texts)} files, {sum(map(len, texts))} chars, {len(stream)} tokens, "
           f"vocab {len(tok)}", flush=True)
-    for shape in (TARGET, DRAFT):
+    for shape in shapes:
         os.makedirs(dirs[shape.name], exist_ok=True)
         print(json.dumps(train(shape, tok, stream, dirs[shape.name])), flush=True)
     return dirs
@@ -195,8 +199,12 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--cache", default=TRAINED_CACHE)
     ap.add_argument("--force", action="store_true", help="retrain even if cached")
+    ap.add_argument("--target-steps", type=int, default=TARGET.steps,
+                    help="training steps of the target (the cached default: %(default)s)")
+    ap.add_argument("--draft-steps", type=int, default=DRAFT.steps)
     args = ap.parse_args(argv)
-    print(json.dumps(ensure_trained(args.cache, args.force)))
+    shapes = (replace(TARGET, steps=args.target_steps), replace(DRAFT, steps=args.draft_steps))
+    print(json.dumps(ensure_trained(args.cache, args.force, shapes)))
 
 
 if __name__ == "__main__":
