@@ -48,8 +48,8 @@ class TrainedShape:
     seed: int = 0
 
 
-# about 0.15 s and 0.03 s per step on a quiet 2-core machine (under a minute in all); 10-20x
-# that when the machine is loaded (a few minutes)
+# one thread, on this shared 2-core machine under load ~16: ~1.1 s per target step and ~0.15 s
+# per draft step (about 2 minutes in all); a quiet machine is several times faster
 TARGET = TrainedShape("target", 256, 688, 4, 4, 2, steps=80)
 DRAFT = TrainedShape("draft", 128, 352, 1, 2, 1, steps=200, lr=5e-3, seed=1)
 

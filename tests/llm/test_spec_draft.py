@@ -140,7 +140,8 @@ def test_draft_with_another_tokenizer_is_refused():
     same = {"a": 0, "b": 1, "c": 2, "d": 3}
     check_draft_compatible(cfg, cfg, 64, same, dict(same))
     check_draft_compatible(cfg, cfg, 64, same, None)  # a draft without tokenizer: size only
-    with pytest.raises(ValueError, match="the draft.s tokenizer differs .*2 tokens with another id"):
+    with pytest.raises(ValueError,
+                       match="the draft.s tokenizer differs .*2 tokens with another id"):
         check_draft_compatible(cfg, cfg, 64, same, {"a": 0, "b": 1, "c": 3, "d": 2})
     with pytest.raises(ValueError, match="max_position_embeddings 64 is below max_model_len"):
         check_draft_compatible(cfg, cfg, 128)
