@@ -1,12 +1,17 @@
-"""Speculative decoding benchmark: n-gram speculation vs the same engine without it, same run.
+"""Speculative decoding benchmark: n-gram and draft-model speculation vs the same engine without
+it, in the same run.
 
-Copy-heavy workload: each prompt is a random head then a random phrase repeated; greedy,
-ignore_eos, fixed output length. Measures 1-request decode speed (each prompt alone) and a
-batch of 8, as output tokens/s medians over repeats, the speed-up ratio, and the acceptance
-rate / mean acceptance length from LLM.stats(). Also checks that the greedy outputs are equal.
+Workloads (greedy, ignore_eos, fixed output length):
+  copy   each prompt a head then a phrase repeated (copy-heavy: n-gram's case). With
+         --model trained, real held-out Python source (a snippet repeated); otherwise random ids.
+  code   (--model trained only) held-out Python source the fixture was not trained on.
+Measures 1-request decode speed (each prompt alone) and a batch of --batch, as output tokens/s
+medians over repeats, the speed-up over the plain engine, the acceptance rate and mean
+acceptance length from LLM.stats(), and whether the greedy outputs are equal.
 
-  python benchmarks/spec_decode.py --model random-20m --k 4 --output-len 128 --repeats 3 \\
-      --output-json benchmarks/results/cpu_spec_decode_ngram.json
+  python benchmarks/spec_decode.py --model trained --methods ngram,draft_model \\
+      --workloads copy,code --output-json benchmarks/results/cpu_spec_decode_trained.json
+  python benchmarks/spec_decode.py --model random-20m --methods ngram --workloads copy
 """
 
 from __future__ import annotations
@@ -26,7 +31,12 @@ from benchmarks.throughput import FIRST_TOKEN_ID, resolve_model  # noqa: E402
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="random-20m", help="demo | random-20m | a checkpoint dir")
+    p.add_argument("--model", default="random-20m",
+                   help="trained (benchmarks/trained_models.py) | demo | random-20m | a dir")
+    p.add_argument("--draft-model", default=None,
+                   help="draft checkpoint dir (default with --model trained: its draft)")
+    p.add_argument("--methods", default="ngram", help="comma list: ngram, draft_model")
+    p.add_argument("--workloads", default="copy", help="comma list: copy, code")
     p.add_argument("--k", type=int, default=4, help="num_speculative_tokens")
     p.add_argument("--prompt-lookup-max", type=int, default=4)
     p.add_argument("--prompt-lookup-min", type=int, default=1)
@@ -35,21 +45,51 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--head-len", type=int, default=16)
     p.add_argument("--phrase-len", type=int, default=24)
     p.add_argument("--repeats-in-prompt", type=int, default=5)
+    p.add_argument("--code-prompt-len", type=int, default=96)
     p.add_argument("--output-len", type=int, default=128)
     p.add_argument("--repeats", type=int, default=3, help="timed repeats (median)")
+    p.add_argument("--max-num-batched-tokens", type=int, default=512)
     p.add_argument("--dtype", default="auto")
     p.add_argument("--compilation-cache-dir", default=None)
     p.add_argument("--output-json", default=None)
     return p.parse_args(argv)
 
 
-def copy_heavy_prompts(n: int, vocab: int, args, seed: int = 0) -> list[dict]:
+def random_copy_prompts(n: int, vocab: int, args, seed: int = 0) -> list[dict]:
     rng = np.random.default_rng(seed)
     out = []
     for _ in range(n):
         head = rng.integers(FIRST_TOKEN_ID, vocab, args.head_len).tolist()
         phrase = rng.integers(FIRST_TOKEN_ID, vocab, args.phrase_len).tolist()
         out.append({"prompt_token_ids": head + phrase * args.repeats_in_prompt})
+    return out
+
+
+def held_out_stream(tokenizer) -> np.ndarray:
+    """Token ids of stdlib files the fixture was not trained on (those past its corpus)."""
+    from benchmarks.trained_models import corpus_files, load_corpus
+
+    seen = len(load_corpus())
+    ids: list[int] = []
+    for path in corpus_files()[seen:seen + 40]:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            ids += tokenizer(f.read(), add_special_tokens=False)["input_ids"]
+    return np.asarray(ids, np.int64)
+
+
+def code_prompts(stream: np.ndarray, n: int, args, seed: int, copy: bool) -> list[dict]:
+    """Windows of held-out source; copy: a head, then a snippet repeated (copy-heavy)."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for start in rng.integers(0, len(stream) - 4 * args.code_prompt_len, n):
+        if copy:
+            head = stream[start: start + args.head_len].tolist()
+            s = start + args.head_len
+            phrase = stream[s: s + args.phrase_len].tolist()
+            ids = head + phrase * args.repeats_in_prompt
+        else:
+            ids = stream[start: start + args.code_prompt_len].tolist()
+        out.append({"prompt_token_ids": [int(t) for t in ids]})
     return out
 
 
@@ -60,18 +100,68 @@ def timed(llm, prompts, params) -> tuple[float, list]:
 
 
 def measure(llm, prompts, batch_prompts, params, repeats: int) -> dict:
-    """Output tok/s medians: each prompt alone (b1) and the batch together (b8)."""
-    from jaxserve.engine import SamplingParams  # noqa: F401
-
-    b1, b8, outputs = [], [], None
+    """Output tok/s medians: each prompt alone (b1) and the batch together, plus the
+    speculation counters over these runs."""
+    before = llm.stats().spec_decoding
+    before = before.copy() if before is not None else None
+    b1, bn, outputs = [], [], None
     for _ in range(repeats):
         for p in prompts:
             t, outs = timed(llm, [p], params)
             b1.append(sum(len(c.token_ids) for o in outs for c in o.outputs) / t)
         t, outputs = timed(llm, batch_prompts, params)
-        b8.append(sum(len(c.token_ids) for o in outputs for c in o.outputs) / t)
-    return {"b1_tok_s": statistics.median(b1), "batch_tok_s": statistics.median(b8),
-            "outputs": [o.outputs[0].token_ids for o in outputs]}
+        bn.append(sum(len(c.token_ids) for o in outputs for c in o.outputs) / t)
+    res = {"b1_tok_s": statistics.median(b1), "batch_tok_s": statistics.median(bn),
+           "outputs": [o.outputs[0].token_ids for o in outputs]}
+    after = llm.stats().spec_decoding
+    if before is not None:
+        drafts = after.num_drafts - before.num_drafts
+        drafted = after.num_draft_tokens - before.num_draft_tokens
+        accepted = after.num_accepted_tokens - before.num_accepted_tokens
+        per_pos = [a - b for a, b in zip(after.num_accepted_tokens_per_pos,
+                                         before.num_accepted_tokens_per_pos)]
+        res.update(
+            acceptance_rate=round(accepted / drafted, 4) if drafted else 0.0,
+            mean_acceptance_length=round(1 + accepted / drafts, 3) if drafts else 0.0,
+            accepted_per_pos=[round(a / drafts, 3) for a in per_pos] if drafts else [])
+    return res
+
+
+def _spec_configs(args, draft_path):
+    out = {}
+    for method in args.methods.split(","):
+        if method == "ngram":
+            out[method] = {"method": "ngram", "num_speculative_tokens": args.k,
+                           "prompt_lookup_max": args.prompt_lookup_max,
+                           "prompt_lookup_min": args.prompt_lookup_min}
+        elif method == "draft_model":
+            if draft_path is None:
+                raise SystemExit("--draft-model: required for draft_model (or --model trained)")
+            out[method] = {"method": "draft_model", "model": draft_path,
+                           "num_speculative_tokens": args.k}
+        else:
+            raise SystemExit(f"--methods: unknown method {method!r}")
+    return out
+
+
+def _workloads(args, path, vocab, tokenizer):
+    trained = args.model == "trained"
+    stream = held_out_stream(tokenizer) if trained else None
+    out = {}
+    for name in args.workloads.split(","):
+        if name == "copy" and not trained:
+            out[f"copy-random-{args.head_len}+{args.phrase_len}x{args.repeats_in_prompt}"] = (
+                random_copy_prompts(args.num_prompts, vocab, args),
+                random_copy_prompts(args.batch, vocab, args, seed=1))
+        elif name in ("copy", "code") and trained:
+            copy = name == "copy"
+            label = (f"copy-code-{args.head_len}+{args.phrase_len}x{args.repeats_in_prompt}"
+                     if copy else f"code-{args.code_prompt_len}")
+            out[label] = (code_prompts(stream, args.num_prompts, args, 0, copy),
+                          code_prompts(stream, args.batch, args, 1, copy))
+        else:
+            raise SystemExit(f"--workloads: {name!r} (code needs --model trained)")
+    return out
 
 
 def main(argv=None) -> list[dict]:
@@ -81,58 +171,64 @@ def main(argv=None) -> list[dict]:
     from jaxserve.llm import LLM
 
     args = parse_args(argv)
-    path = resolve_model(args.model)
+    draft_path = args.draft_model
+    if args.model == "trained":
+        from benchmarks.trained_models import ensure_trained
+
+        dirs = ensure_trained()
+        path, draft_path = dirs["target"], draft_path or dirs["draft"]
+    else:
+        path = resolve_model(args.model)
     common = dict(dtype=args.dtype, max_model_len=1024, max_num_seqs=args.batch,
-                  max_num_batched_tokens=512, show_progress=False, seed=0,
+                  max_num_batched_tokens=args.max_num_batched_tokens, show_progress=False,
+                  seed=0,
                   compilation_cache_dir=args.compilation_cache_dir)
-    spec_cfg = {"method": "ngram", "num_speculative_tokens": args.k,
-                "prompt_lookup_max": args.prompt_lookup_max,
-                "prompt_lookup_min": args.prompt_lookup_min}
     plain = LLM(path, **common)
-    spec = LLM(path, speculative_config=spec_cfg, **common)
+    engines = {m: LLM(path, speculative_config=cfg, **common)
+               for m, cfg in _spec_configs(args, draft_path).items()}
     vocab = plain.engine.config.vocab_size
-    prompts = copy_heavy_prompts(args.num_prompts, vocab, args)
-    batch_prompts = copy_heavy_prompts(args.batch, vocab, args, seed=1)
+    workloads = _workloads(args, path, vocab, plain.engine.tokenizer)
     params = SamplingParams(temperature=0.0, max_tokens=args.output_len, ignore_eos=True)
-    for llm in (plain, spec):  # one untimed pass each
-        llm.generate(prompts[:1], params, use_tqdm=False)
-    before = spec.stats().spec_decoding.copy()
-    res_plain = measure(plain, prompts, batch_prompts, params, args.repeats)
-    res_spec = measure(spec, prompts, batch_prompts, params, args.repeats)
-    after = spec.stats().spec_decoding
-    drafts = after.num_drafts - before.num_drafts
-    drafted = after.num_draft_tokens - before.num_draft_tokens
-    accepted = after.num_accepted_tokens - before.num_accepted_tokens
-    per_pos = [a - b for a, b in zip(after.num_accepted_tokens_per_pos,
-                                     before.num_accepted_tokens_per_pos)]
-    row = {
-        "workload": f"copy-heavy-{args.head_len}+{args.phrase_len}x{args.repeats_in_prompt}"
-                    f"-{args.output_len}-greedy",
-        "model": args.model, "device": jax.devices()[0].device_kind, "jax": jax.__version__,
-        "speculative_config": spec_cfg,
-        "b1_tok_s_plain": round(res_plain["b1_tok_s"], 2),
-        "b1_tok_s_spec": round(res_spec["b1_tok_s"], 2),
-        "b1_speedup": round(res_spec["b1_tok_s"] / res_plain["b1_tok_s"], 3),
-        f"b{args.batch}_tok_s_plain": round(res_plain["batch_tok_s"], 2),
-        f"b{args.batch}_tok_s_spec": round(res_spec["batch_tok_s"], 2),
-        f"b{args.batch}_speedup": round(res_spec["batch_tok_s"] / res_plain["batch_tok_s"], 3),
-        "acceptance_rate": round(accepted / drafted, 4) if drafted else 0.0,
-        "mean_acceptance_length": round(1 + accepted / drafts, 3) if drafts else 0.0,
-        "accepted_per_pos": [round(a / drafts, 3) for a in per_pos] if drafts else [],
-        "greedy_outputs_equal": res_plain["outputs"] == res_spec["outputs"],
-        "repeats": args.repeats,
-        "command": "python benchmarks/spec_decode.py " + " ".join(sys.argv[1:] if argv is None
-                                                                  else argv),
-    }
-    print(json.dumps(row))
-    print(f"\n1 request: {row['b1_tok_s_plain']:.1f} -> {row['b1_tok_s_spec']:.1f} tok/s "
-          f"({row['b1_speedup']:.2f}x); batch {args.batch}: {row[f'b{args.batch}_speedup']:.2f}x; "
-          f"acceptance {row['acceptance_rate']:.1%}, mean acceptance length "
-          f"{row['mean_acceptance_length']:.2f}; greedy equal: {row['greedy_outputs_equal']}")
+    for llm in (plain, *engines.values()):  # one untimed pass each
+        llm.generate(next(iter(workloads.values()))[0][:1], params, use_tqdm=False)
+    load = os.getloadavg()
+    rows, b = [], args.batch
+    for wname, (prompts, batch_prompts) in workloads.items():
+        base = measure(plain, prompts, batch_prompts, params, args.repeats)
+        for method, llm in engines.items():
+            res = measure(llm, prompts, batch_prompts, params, args.repeats)
+            row = {
+                "workload": f"{wname}-{args.output_len}-greedy", "model": args.model,
+                "device": jax.devices()[0].device_kind, "jax": jax.__version__,
+                "speculative_config": llm.engine.config.speculative.__dict__,
+                "b1_tok_s_plain": round(base["b1_tok_s"], 2),
+                "b1_tok_s_spec": round(res["b1_tok_s"], 2),
+                "b1_speedup": round(res["b1_tok_s"] / base["b1_tok_s"], 3),
+                f"b{b}_tok_s_plain": round(base["batch_tok_s"], 2),
+                f"b{b}_tok_s_spec": round(res["batch_tok_s"], 2),
+                f"b{b}_speedup": round(res["batch_tok_s"] / base["batch_tok_s"], 3),
+                "acceptance_rate": res["acceptance_rate"],
+                "mean_acceptance_length": res["mean_acceptance_length"],
+                "accepted_per_pos": res["accepted_per_pos"],
+                "greedy_outputs_equal": base["outputs"] == res["outputs"],
+                "repeats": args.repeats,
+                "loadavg_at_start": [round(x, 2) for x in load],
+                "command": "python benchmarks/spec_decode.py " + " ".join(
+                    sys.argv[1:] if argv is None else argv),
+            }
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    print(f"\n{'workload':<34} {'method':<12} {'b1 plain':>9} {'b1 spec':>8} {'x':>6} "
+          f"{'b' + str(b) + ' x':>6} {'accept':>7} {'len':>5} equal")
+    for r in rows:
+        print(f"{r['workload']:<34} {r['speculative_config']['method']:<12} "
+              f"{r['b1_tok_s_plain']:>9.1f} {r['b1_tok_s_spec']:>8.1f} {r['b1_speedup']:>6.2f} "
+              f"{r[f'b{b}_speedup']:>6.2f} {r['acceptance_rate']:>7.1%} "
+              f"{r['mean_acceptance_length']:>5.2f} {r['greedy_outputs_equal']}")
     if args.output_json:
         with open(args.output_json, "w") as f:
-            json.dump([row], f, indent=2)
-    return [row]
+            json.dump(rows, f, indent=2)
+    return rows
 
 
 if __name__ == "__main__":

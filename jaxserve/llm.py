@@ -175,6 +175,7 @@ def _create_engine(args: EngineArgs) -> LLMEngine:
     )
     from jaxserve.layers.linear import select_cpu_matvec
     from jaxserve.runtime.compile_cache import use_compilation_cache
+    from jaxserve.runtime.draft_model import DraftModel
     from jaxserve.runtime.kv_cache import kv_block_bytes
     from jaxserve.runtime.mesh import make_mesh
     from jaxserve.runtime.model_runner import ModelRunner, RunnerConfig
@@ -212,9 +213,12 @@ def _create_engine(args: EngineArgs) -> LLMEngine:
             f"{cfg.max_position_embeddings}"
         )
     blocks_per_seq = -(-max_model_len // args.block_size)
+    draft_loaded = _load_draft(args, loaded, attn, mesh, max_model_len)
+    block_bytes = kv_block_bytes(cfg, args.block_size, loaded.dtype, args.kv_cache_dtype)
+    if draft_loaded is not None:  # (the draft's own cache stays in its model dtype)  # the draft's cache has as many blocks: budget both
+        block_bytes += kv_block_bytes(draft_loaded.config, args.block_size, draft_loaded.dtype)
     num_blocks = _num_kv_blocks(
-        args, kv_block_bytes(cfg, args.block_size, loaded.dtype, args.kv_cache_dtype),
-        max_useful=1 + blocks_per_seq * args.max_num_seqs,
+        args, block_bytes, max_useful=1 + blocks_per_seq * args.max_num_seqs,
     )
     if args.max_model_len is None and num_blocks - 1 < blocks_per_seq:
         max_model_len = (num_blocks - 1) * args.block_size  # capped by the cache
@@ -247,6 +251,9 @@ def _create_engine(args: EngineArgs) -> LLMEngine:
                                     if args.speculative_config else 0),
         ),
         mesh,
+        draft=(None if draft_loaded is None else DraftModel(
+            draft_loaded, num_blocks, args.block_size,
+            args.speculative_config.num_speculative_tokens, mesh)),
     )
     runner.warmup(progress=args.show_progress)
     if dist.is_follower:
@@ -265,6 +272,36 @@ def _create_engine(args: EngineArgs) -> LLMEngine:
         args.max_num_seqs, max_batched,
     )
     return LLMEngine(runner, tokenizer, engine_cfg)
+
+
+def _load_draft(args: EngineArgs, loaded, attn, mesh, max_model_len: int):
+    """The draft model of draft_model speculation (None otherwise), checked against the
+    target: same vocabulary size and, where both ship one, the same tokenizer."""
+    spec = args.speculative_config
+    if spec is None or spec.method != "draft_model":
+        return None
+    from transformers import AutoTokenizer
+
+    from jaxserve.runtime.draft_model import check_draft_compatible
+    from jaxserve.weights.loader import load_model, read_model_config, resolve_model_path
+
+    draft_path = resolve_model_path(spec.model)
+    draft_cfg = read_model_config(draft_path)  # refuse a mismatch before loading weights
+
+    def vocab(path):
+        try:
+            return AutoTokenizer.from_pretrained(path, trust_remote_code=False).get_vocab()
+        except (OSError, ValueError):
+            logger.info("no tokenizer in %s: the draft is checked by vocab_size only", path)
+            return None
+
+    target_tok = args.tokenizer and resolve_model_path(args.tokenizer) or loaded.path
+    check_draft_compatible(loaded.config, draft_cfg, max_model_len, vocab(target_tok),
+                           vocab(draft_path))
+    draft = load_model(draft_path, args.dtype, attn, mesh)
+    logger.info("draft model %s: %d layers, hidden %d, %d speculative tokens", draft_path,
+                draft.config.num_layers, draft.config.hidden_size, spec.num_speculative_tokens)
+    return draft
 
 
 def _generation_defaults(args: EngineArgs, model_path: str) -> dict:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from jaxserve.demo import build_tokenizer
@@ -70,4 +72,23 @@ def write_tiny_checkpoint(arch: str, out: str, dtype: str = "float32", **overrid
     model = model.to(getattr(torch, dtype))
     model.config.dtype = dtype
     model.save_pretrained(out, safe_serialization=True)
+    return out
+
+
+def write_truncated_draft(src: str, out: str, num_layers: int = 1) -> str:
+    """A draft model from a checkpoint's first `num_layers` layers (same embeddings, final norm,
+    lm_head and tokenizer): related to its target, so some drafts are accepted, some not."""
+    import shutil
+
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
+    model.model.layers = model.model.layers[:num_layers]
+    model.config.num_hidden_layers = num_layers
+    if getattr(model.config, "layer_types", None):
+        model.config.layer_types = model.config.layer_types[:num_layers]
+    model.save_pretrained(out, safe_serialization=True)
+    for name in os.listdir(src):
+        if name.startswith("tokenizer") or name == "special_tokens_map.json":
+            shutil.copy(os.path.join(src, name), out)
     return out

@@ -1,4 +1,5 @@
-"""Draft-token proposers of speculative decoding (host side): n-gram prompt lookup."""
+"""Draft-token proposers of speculative decoding (host side): n-gram prompt lookup, and the
+slot reservation of a draft model (whose tokens the runner drafts on device)."""
 
 from __future__ import annotations
 
@@ -36,3 +37,25 @@ class NgramProposer:
                 start = int(full[-1] if full.size else hits[0]) + n
                 return tokens[start: start + k].tolist()
         return []
+
+
+# A draft model's tokens are unknown until the runner runs the draft: the scheduler reserves
+# their slots with this id, and the runner replaces it before the target's step.
+DRAFT_PLACEHOLDER = -1
+
+
+class DraftModelProposer:
+    """Reserves k lookahead slots per decode; the runner's draft model fills them in."""
+
+    def __init__(self, cfg: SpeculativeConfig):
+        self.k = cfg.num_speculative_tokens
+
+    def propose(self, token_ids: list[int], k: int) -> list[int]:
+        return [DRAFT_PLACEHOLDER] * max(0, min(k, self.k))
+
+
+def make_proposer(cfg: SpeculativeConfig):
+    """The host-side proposer of `cfg.method`."""
+    if cfg.method == "draft_model":
+        return DraftModelProposer(cfg)
+    return NgramProposer(cfg)

@@ -8,7 +8,7 @@ from collections import deque
 from .config import EngineConfig
 from .block_pool import KVBlock
 from .kv_cache_manager import KVCacheManager
-from .proposers import NgramProposer
+from .proposers import make_proposer
 from .scheduler_output import ScheduledChunk, SchedulerOutput
 from .sequence import Sequence, SequenceStatus
 from .stats import SpecDecodingStats
@@ -39,7 +39,7 @@ class Scheduler:
         self.num_preemptions = 0
         self._in_flight: dict[str, Sequence] = {}
         spec = config.speculative
-        self.proposer = NgramProposer(spec) if spec is not None else None
+        self.proposer = make_proposer(spec) if spec is not None else None
         self.spec_stats = SpecDecodingStats.empty(spec.num_speculative_tokens if spec else 0)
 
     # ---------------------------------------------------------------- queues

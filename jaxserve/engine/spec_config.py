@@ -6,26 +6,37 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-SUPPORTED_METHODS = ("ngram",)
-_KNOWN_KEYS = {"method", "num_speculative_tokens", "prompt_lookup_max", "prompt_lookup_min"}
+SUPPORTED_METHODS = ("ngram", "draft_model")
+_KNOWN_KEYS = {"method", "num_speculative_tokens", "prompt_lookup_max", "prompt_lookup_min",
+               "model"}
 
 
 @dataclass(frozen=True)
 class SpeculativeConfig:
-    """n-gram (prompt lookup) speculation: propose the k tokens that followed the latest earlier
-    occurrence of the sequence's last n tokens, n from prompt_lookup_max down to prompt_lookup_min."""
+    """Speculation settings.
+
+    ngram (prompt lookup): propose the k tokens that followed the latest earlier occurrence of
+    the sequence's last n tokens, n from prompt_lookup_max down to prompt_lookup_min.
+    draft_model: a smaller model `model` (a checkpoint directory or hub id) with the target's
+    vocabulary drafts k tokens autoregressively; its own paged KV cache shares the target's
+    block tables."""
 
     method: str = "ngram"
     num_speculative_tokens: int = 3
     prompt_lookup_max: int = 5
     prompt_lookup_min: int = 5
+    model: str | None = None  # draft_model only
 
     def __post_init__(self) -> None:
         if self.method not in SUPPORTED_METHODS:
-            hint = (" (a draft model is not implemented yet)"
-                    if self.method in ("draft_model", "eagle", "eagle3", "medusa", "mtp") else "")
-            raise ValueError(f"speculative_config.method: {self.method!r} is not supported"
-                             f"{hint}; supported: {', '.join(SUPPORTED_METHODS)}")
+            raise ValueError(f"speculative_config.method: {self.method!r} is not supported; "
+                             f"supported: {', '.join(SUPPORTED_METHODS)}")
+        if self.method == "draft_model" and not (isinstance(self.model, str) and self.model):
+            raise ValueError("speculative_config.model: required for method 'draft_model' "
+                             "(the draft checkpoint's directory)")
+        if self.method != "draft_model" and self.model is not None:
+            raise ValueError(f"speculative_config.model: only for method 'draft_model', not "
+                             f"{self.method!r}")
         for name in ("num_speculative_tokens", "prompt_lookup_max", "prompt_lookup_min"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -65,6 +76,8 @@ def parse_speculative_config(value: Any) -> SpeculativeConfig | None:
     if value.get("num_speculative_tokens") is None:
         raise ValueError("speculative_config.num_speculative_tokens: required")
     cfg = {k: v for k, v in value.items() if v is not None}
+    if method == "draft_model":
+        return SpeculativeConfig(**cfg)
     # vLLM: one of the two lookup bounds given -> the other equals it; neither -> 5 and 5
     if "prompt_lookup_max" in cfg and "prompt_lookup_min" not in cfg:
         cfg["prompt_lookup_min"] = cfg["prompt_lookup_max"]

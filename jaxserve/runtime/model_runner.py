@@ -20,7 +20,7 @@ from jaxserve.runtime.inputs import StepInputs, prepare_inputs
 from jaxserve.runtime.kv_cache import allocate_kv_cache
 from jaxserve.runtime.runner_output import LogprobsRow, ModelRunnerOutput
 from jaxserve.runtime.sampling_rows import build_metadata, rows_for
-from jaxserve.runtime import spec_decode
+from jaxserve.runtime import draft_model, spec_decode
 from jaxserve.sample.rejection import verify_step
 from jaxserve.sample.processors import apply_token_bitmask
 from jaxserve.sample.sampler import process_logits, prompt_logprobs, sample_step
@@ -60,8 +60,13 @@ def _prompt_logprobs(graphdef, state, hidden, targets, *, num_logprobs):
 class ModelRunner:
     """Owns the parameters, the KV cache and the compiled steps; stateless about requests."""
 
-    def __init__(self, loaded, cfg: RunnerConfig, mesh):
+    def __init__(self, loaded, cfg: RunnerConfig, mesh, draft=None):
+        """draft: a DraftModel (draft-model speculation; needs num_speculative_tokens == its k)."""
         CompileCounter.install()
+        if draft is not None and draft.k != cfg.num_speculative_tokens:
+            raise ValueError(f"draft model drafts {draft.k} tokens, the runner verifies "
+                             f"{cfg.num_speculative_tokens}")
+        self.draft = draft
         self.cfg = cfg
         self.model_config = loaded.config
         self.model_dtype = jnp.dtype(loaded.dtype)
@@ -117,6 +122,9 @@ class ModelRunner:
             layout = spec_decode.build_layout(
                 chunks, inp.query_start_loc, spec_decode.logit_rows(t, s, self.spec_k))
             inp = replace(inp, logits_indices=layout.logits_indices)
+        q_rows = None
+        if self.draft is not None:
+            chunks, inp, layout, q_rows = self._run_draft(chunks, inp, layout)
         logits, hidden = self._run_model(inp)
         self._steps += 1
         if any(c.sampling_params.prompt_logprobs is not None for c in chunks):
@@ -125,7 +133,7 @@ class ModelRunner:
         if not sampled_rows:
             return out
         if layout is not None:
-            host = self._sample_rows(chunks, logits, len(layout.logits_indices), layout)
+            host = self._sample_rows(chunks, logits, len(layout.logits_indices), layout, q_rows)
             spec_decode.collect(host, chunks, layout, out)
             return out
         host = self._sample_rows(chunks, logits, len(inp.seq_lens))
@@ -141,7 +149,25 @@ class ModelRunner:
                 )
         return out
 
-    def _sample_rows(self, chunks, logits, num_rows: int, layout=None):
+    def _run_draft(self, chunks, inp: StepInputs, layout):
+        """The draft model over this step's inputs, then its k drafts: the chunks, inputs and
+        layout with the drafts in place of the placeholders, and q rows [R, V] on device."""
+        key = self.buckets.step_key(inp.shape_key)
+        token_ids, md, _ = _step_arrays(inp, decode_only=key[3])
+        s = len(inp.seq_lens)
+        # the draft draws with temperature / top-k / top-p / min-p only: its q need not see
+        # penalties or bias (any q keeps the output exact; closer to p accepts more)
+        smd = build_metadata(rows_for(chunks)[0], s, self._step_seed(), False, self.penalty_len)
+        smd = replace(smd, penalties=None, bias=None)
+        drafts, q_rows = self.draft.run(
+            self.executables.get("draft", key), token_ids, md, layout, chunks, smd)
+        chunks, token_ids = draft_model.fill_drafts(chunks, inp.token_ids,
+                                                    inp.query_start_loc, drafts)
+        layout = spec_decode.build_layout(chunks, inp.query_start_loc,
+                                          len(layout.logits_indices))
+        return chunks, replace(inp, token_ids=token_ids), layout, q_rows
+
+    def _sample_rows(self, chunks, logits, num_rows: int, layout=None, q_rows=None):
         """Host copy of the sampler's output for one step (logprob rows only when asked);
         with a speculative layout, one row per scored position, verified against the drafts."""
         rows, processed = rows_for(chunks)
@@ -157,6 +183,8 @@ class ModelRunner:
         if bitmask is not None:  # structured outputs: one more small program
             chosen = self.executables.get("mask", num_rows)(chosen, bitmask)
         extra = (layout.draft_ids,) if layout is not None else ()
+        if q_rows is not None:
+            extra += (q_rows,)
         result = self.executables.get("sample", num_rows)(logits, chosen, md, *extra)
         if not any(r.num_logprobs is not None for r in rows) and layout is None:
             result = replace(result, logprob_token_ids=None, logprobs=None, ranks=None)
@@ -230,6 +258,8 @@ class ModelRunner:
             logits = jax.ShapeDtypeStruct((s, vocab), jnp.float32, sharding=self.replicated)
             plain = build_metadata([], s, 0, False, self.penalty_len)
             extra = (jax.ShapeDtypeStruct((s,), jnp.int32),) if self.spec_k else ()
+            if self.draft is not None:
+                extra += (logits,)  # q rows: [R, V] f32, replicated like the logits
             jobs.append(("sample", s, partial(
                 self._sample.lower, logits, logits, plain, *extra,
                 num_logprobs=self.cfg.max_logprobs)))
@@ -237,6 +267,11 @@ class ModelRunner:
             jobs.append(("process", s, partial(self._process.lower, logits, full)))
             bitmask = jax.ShapeDtypeStruct((s, self.mask_words), jnp.int32)
             jobs.append(("mask", s, partial(self._mask.lower, logits, bitmask)))
+        if self.draft is not None:
+            for shape in shapes:
+                smd = build_metadata([], shape[1], 0, False, self.penalty_len)
+                jobs.append(("draft", shape, partial(
+                    self.draft.lower, shape, self._logit_rows(shape[0], shape[1]), smd)))
         for t in sorted({t for t, _, _, _ in shapes} if self.cfg.prompt_logprobs else ()):
             hidden = jax.ShapeDtypeStruct((t, d), hidden_dtype, sharding=self.replicated)
             targets = jax.ShapeDtypeStruct((t,), jnp.int32)

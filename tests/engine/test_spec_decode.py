@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from jaxserve.engine import EngineConfig, LLMEngine, SamplingParams
-from jaxserve.engine.proposers import NgramProposer
+from jaxserve.engine.proposers import DRAFT_PLACEHOLDER, NgramProposer, make_proposer
 from jaxserve.engine.spec_config import SpeculativeConfig, parse_speculative_config
 from jaxserve.runtime.runner_output import ModelRunnerOutput
 
@@ -25,7 +25,8 @@ def test_parse_vllm_dict_and_json():
 
 @pytest.mark.parametrize("value, field", [
     ({"method": "eagle", "num_speculative_tokens": 2}, "method"),
-    ({"method": "draft_model", "model": "x", "num_speculative_tokens": 2}, "draft_model"),
+    ({"method": "draft_model", "num_speculative_tokens": 2}, "model"),
+    ({"method": "ngram", "model": "x", "num_speculative_tokens": 2}, "model"),
     ({"method": "ngram", "num_speculative_tokens": 2, "draft_tp": 1}, "unknown key"),
     ({"method": "ngram"}, "num_speculative_tokens"),
     ({"method": "ngram", "num_speculative_tokens": 0}, "num_speculative_tokens"),
@@ -40,9 +41,18 @@ def test_bad_config_names_the_field(value, field):
         parse_speculative_config(value)
 
 
-def test_draft_model_method_is_a_clear_error():
-    with pytest.raises(ValueError, match="draft model is not implemented"):
+def test_draft_model_config():
+    with pytest.raises(ValueError, match="speculative_config.model: required"):
         SpeculativeConfig(method="draft_model")
+    cfg = parse_speculative_config('{"method": "draft_model", "model": "/d", '
+                                   '"num_speculative_tokens": 4}')
+    assert (cfg.method, cfg.model, cfg.num_speculative_tokens) == ("draft_model", "/d", 4)
+
+
+def test_draft_model_proposer_reserves_placeholders():
+    prop = make_proposer(SpeculativeConfig("draft_model", 3, model="/d"))
+    assert prop.propose([1, 2, 3], 5) == [DRAFT_PLACEHOLDER] * 3  # the runner drafts them
+    assert prop.propose([1], 2) == [DRAFT_PLACEHOLDER] * 2
 
 
 def test_ngram_proposer():

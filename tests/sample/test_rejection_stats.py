@@ -1,5 +1,5 @@
 """Rejection sampling keeps the target's distribution exactly: with drafts drawn from a q that
-differs from p on purpose, the emitted tokens (first token, and a two-token joint with the
+differs from p on purpose (one-hot q of a deterministic proposer, and a draft model's own q), the emitted tokens (first token, and a two-token joint with the
 next step after a rejection) match the float64 reference within a TV bound (tv_tolerance: a
 correct sampler fails with probability < 1e-6; the keys are fixed, so a run is deterministic)."""
 
@@ -33,11 +33,18 @@ ROWS = {
 }
 
 
-def _verify(logits, rows, drafts, step_seed):
-    """logits [R, V], one SamplingRow per row, drafts [R] (-1 = none) -> host VerifyOutput."""
+# a draft model's q: zero on the target's likeliest token (only the residual can emit it),
+# mass on tokens that top-k / top-p filter out of p
+Q_DRAFT = np.array([0.0, 0.05, 0.25, 0.05, 0.05, 0.1, 0.1, 0.2, 0.1, 0.1])
+
+
+def _verify(logits, rows, drafts, step_seed, q=None):
+    """logits [R, V], one SamplingRow per row, drafts [R] (-1 = none), q [R, V] or None (a
+    deterministic proposer) -> host VerifyOutput."""
     md = build_sampling_metadata(rows, len(rows), step_seed)
     logits = np.asarray(logits, np.float32)
-    return jax.device_get(verify_jit(logits, logits, md, np.asarray(drafts, np.int32),
+    extra = () if q is None else (np.asarray(q, np.float32),)
+    return jax.device_get(verify_jit(logits, logits, md, np.asarray(drafts, np.int32), *extra,
                                      num_logprobs=2))
 
 
@@ -125,3 +132,65 @@ def test_rows_without_drafts_sample_like_the_plain_sampler():
     plain = np.asarray(sample_jit(np.asarray(logits), md, num_logprobs=0).token_ids)
     out = _verify(logits, rows, np.full(64, -1), 0)
     assert out.token_ids.tolist() == plain.tolist() and not out.accepted.any()
+
+
+@pytest.mark.parametrize("name", sorted(ROWS))
+def test_first_token_with_a_draft_models_q(name):
+    """Drafts drawn from the draft model's own q (verified against that q): accept x with
+    probability min(1, p(x)/q(x)), else draw from norm(max(0, p - q))."""
+    row = ROWS[name]
+    p = reference_probs(LOGITS, row)
+    rng = np.random.default_rng(3)
+    drafts = rng.choice(V, size=N, p=Q_DRAFT)
+    out = _verify(np.broadcast_to(LOGITS, (N, V)), [row] * N, drafts, 21,
+                  q=np.broadcast_to(Q_DRAFT, (N, V)))
+    emitted = np.where(out.accepted, drafts, out.token_ids)
+    tol = tv_tolerance(N, int((p > 0).sum()))
+    assert total_variation(Q_DRAFT, p) > 2 * tol  # accepting every draft would fail
+    counts = np.bincount(emitted, minlength=V)
+    assert counts[p == 0].sum() == 0
+    tv = total_variation(counts / N, p)
+    assert tv < tol, f"TV {tv:.4f} >= {tol:.4f}: {counts / N} vs {p}"
+    # acceptance rate sum_x min(p(x), q(x)); a recovered token is never where q >= p
+    assert abs(out.accepted.mean() - float(np.minimum(p, Q_DRAFT).sum())) < tol
+    recovered = out.token_ids[~out.accepted]
+    assert np.all(p[recovered] > Q_DRAFT[recovered])
+
+
+def test_two_token_joint_with_a_draft_models_q():
+    """Two drafts from a draft whose second-position q depends on the first draft, as a draft
+    model's does; joint of the emitted (t0, t1) against the target's."""
+    row = ROWS["t0.8_topk4"]
+    cond = _conditional_logits()  # [V, V]
+    rng = np.random.default_rng(4)
+    q_cond = rng.dirichlet(np.full(V, 0.7), size=V)  # [V (first token), V]
+    x0 = rng.choice(V, size=N, p=Q_DRAFT)
+    x1 = np.array([rng.choice(V, p=q_cond[a]) for a in x0])
+    logits = np.stack([np.broadcast_to(LOGITS, (N, V)), cond[x0], cond[x0]],
+                      axis=1).reshape(3 * N, V)
+    q = np.stack([np.broadcast_to(Q_DRAFT, (N, V)), q_cond[x0], np.zeros((N, V))],
+                 axis=1).reshape(3 * N, V)
+    drafts = np.stack([x0, x1, np.full(N, -1)], axis=1).reshape(-1)
+    rows = [replace(row, output_index=j) for _ in range(N) for j in range(3)]
+    host = _verify(logits, rows, drafts, 31, q=q)
+    chunks = [SimpleNamespace(request_id=str(i), sample=True, spec_token_ids=[x0[i], x1[i]],
+                              sampling_params=SimpleNamespace(logprobs=None))
+              for i in range(N)]
+    out = ModelRunnerOutput()
+    collect(host, chunks, SpecLayout(np.zeros(0), drafts, list(range(0, 3 * N, 3)), 3 * N),
+            out)
+    firsts = np.array([out.spec_tokens[str(i)][0] for i in range(N)])
+    seconds = np.array([(out.spec_tokens[str(i)] + [-1])[1] for i in range(N)])
+    todo = np.flatnonzero(seconds < 0)
+    nxt = _verify(cond[firsts[todo]], [row] * len(todo), np.full(len(todo), -1), 32)
+    seconds[todo] = nxt.token_ids
+    p0 = reference_probs(LOGITS, row)
+    joint = np.stack([p0[a] * reference_probs(cond[a], row) for a in range(V)])  # [V, V]
+    counts = np.zeros((V, V))
+    np.add.at(counts, (firsts, seconds), 1)
+    tol = tv_tolerance(N, int((joint > 0).sum()))
+    assert counts[joint == 0].sum() == 0
+    tv = total_variation(counts / N, joint)
+    assert tv < tol, f"TV {tv:.4f} >= {tol:.4f}"
+    assert total_variation(Q_DRAFT[:, None] * q_cond, joint) > 2 * tol
+    assert 0 < len(todo) < N

@@ -1,0 +1,170 @@
+"""Draft-model proposer on device: the draft's own paged KV cache under the target's block
+tables, a pass over the target's step inputs, then k one-token draft steps drawing from q."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from jaxserve.layers.attention import AttentionMetadata
+from jaxserve.runtime.kv_cache import allocate_kv_cache
+from jaxserve.sample.categorical import sample_from_logits
+from jaxserve.sample.filters import filter_logits
+from jaxserve.sample.metadata import GREEDY_TEMPERATURE_EPS, SamplingMetadata
+from jaxserve.sample.sampler import row_keys
+
+# folded into a request's key for its j-th draft draw (distinct from the verifier's salts)
+_DRAFT_SALT = 0xD4AF0000
+
+
+def check_draft_compatible(target_cfg, draft_cfg, max_model_len: int, target_vocab=None,
+                           draft_vocab=None) -> None:
+    """Refuse a draft whose vocabulary (size, or token -> id map when both have a tokenizer)
+    differs from the target's, or that cannot reach max_model_len."""
+    if draft_cfg.vocab_size != target_cfg.vocab_size:
+        raise ValueError(
+            f"speculative_config.model: the draft's vocab_size {draft_cfg.vocab_size} differs "
+            f"from the target's {target_cfg.vocab_size}; a draft model must share the "
+            "target's tokenizer and vocabulary")
+    if target_vocab is not None and draft_vocab is not None and target_vocab != draft_vocab:
+        diff = sum(target_vocab.get(t) != draft_vocab.get(t)
+                   for t in set(target_vocab) | set(draft_vocab))
+        raise ValueError(
+            f"speculative_config.model: the draft's tokenizer differs from the target's "
+            f"({diff} tokens with another id or missing); a draft model must share the target's "
+            "tokenizer")
+    if draft_cfg.max_position_embeddings < max_model_len:
+        raise ValueError(
+            f"speculative_config.model: the draft's max_position_embeddings "
+            f"{draft_cfg.max_position_embeddings} is below max_model_len {max_model_len}")
+
+
+def _draw(logits, smd: SamplingMetadata, keys):
+    """logits f32 [S, V] -> (token i32 [S], q f32 [S, V]): greedy rows take the argmax (q one-hot
+    on it), the others draw from softmax(filter(logits / T)) (q that distribution)."""
+    vocab = logits.shape[1]
+    is_greedy = smd.temperature < GREEDY_TEMPERATURE_EPS  # [S]
+    greedy_ids = jnp.argmax(logits, axis=-1).astype(jnp.int32)  # [S]
+    one_hot = jax.nn.one_hot(greedy_ids, vocab, dtype=jnp.float32)  # [S, V]
+
+    def random():
+        temperature = jnp.where(is_greedy, 1.0, smd.temperature)  # [S]
+        filtered = filter_logits(logits / temperature[:, None], smd.top_k, smd.top_p, smd.min_p)
+        sampled = sample_from_logits(filtered, keys)  # [S]
+        return (jnp.where(is_greedy, greedy_ids, sampled),
+                jnp.where(is_greedy[:, None], one_hot, jax.nn.softmax(filtered, axis=-1)))
+
+    return jax.lax.cond(jnp.all(is_greedy), lambda: (greedy_ids, one_hot), random)
+
+
+def _propose(graphdef, state, kv_cache, token_ids, md, last_idx, num_drafts, row_start, smd,
+             *, k: int, num_rows: int, block_size: int):
+    """One draft proposal pass.
+
+    token_ids i32 [T] (the target's step tokens; draft slots hold placeholders), md the target's
+    AttentionMetadata; last_idx i32 [S]: each request's last real token on the token axis;
+    num_drafts i32 [S]: lookahead slots the scheduler reserved (0 for prefill / padding);
+    row_start i32 [S]: the request's first logit row of the verification step; smd: sampling
+    metadata of [S] rows. Returns drafts i32 [S, k], q f32 [num_rows, V] (row row_start + j
+    holds the distribution of draft j), and the draft's KV cache.
+    """
+    model = nnx.merge(graphdef, state)
+    hidden, kv_cache = model(jnp.maximum(token_ids, 0), md, kv_cache)  # writes the chunk's KV
+    logits = model.compute_logits(hidden[last_idx]).astype(jnp.float32)  # [S, V]
+    num_seqs, vocab = logits.shape
+    base = md.positions[last_idx]  # [S]: position of the last real token
+    keys = row_keys(smd)  # key[S]
+    q_rows = jnp.zeros((num_rows, vocab), jnp.float32)  # [R, V]
+    drafts = []
+    rows = jnp.arange(num_seqs + 1, dtype=jnp.int32)  # query_start_loc of one token per row
+    for j in range(k):
+        keys_j = jax.vmap(lambda key: jax.random.fold_in(key, _DRAFT_SALT + j))(keys)
+        token, q = _draw(logits, smd, keys_j)  # [S], [S, V]
+        live = j < num_drafts  # [S]: draft j exists (its slot is reserved)
+        q_rows = q_rows.at[jnp.where(live, row_start + j, num_rows)].set(q, mode="drop")
+        drafts.append(token)
+        # the draft's own step on draft j at position base + j + 1: its KV is needed when the
+        # target accepts it; rows without that slot run on the null block (slot 0)
+        pos = jnp.where(live, base + j + 1, 0)  # [S]
+        tables = jnp.where(live[:, None], md.block_tables, 0)  # [S, W]
+        block = jnp.take_along_axis(tables, (pos // block_size)[:, None], axis=1)[:, 0]
+        step_md = AttentionMetadata(
+            positions=pos, slot_mapping=block * block_size + pos % block_size,
+            block_tables=tables, seq_lens=pos + 1, query_start_loc=rows, max_query_len=1)
+        hidden, kv_cache = model(jnp.where(live, token, 0), step_md, kv_cache)
+        if j + 1 < k:
+            logits = model.compute_logits(hidden).astype(jnp.float32)  # [S, V]
+    return jnp.stack(drafts, axis=1), q_rows, kv_cache
+
+
+class DraftModel:
+    """The draft model's parameters, its KV cache (same block count and block size as the
+    target's, indexed by the same block tables) and its compiled proposal step per bucket."""
+
+    def __init__(self, loaded, num_kv_blocks: int, block_size: int, k: int, mesh):
+        self.config = loaded.config
+        self.k = k
+        self.block_size = block_size
+        self.graphdef, self.state = nnx.split(loaded.model)
+        self.kv_cache = allocate_kv_cache(loaded.config, num_kv_blocks, block_size,
+                                          loaded.dtype, mesh)
+        kv_shardings = jax.tree.map(lambda a: a.sharding, self.kv_cache)
+        replicated = NamedSharding(mesh, P())
+        self._propose = jax.jit(
+            partial(_propose, self.graphdef, k=k, block_size=block_size),
+            donate_argnums=(1,), static_argnames=("num_rows",),
+            out_shardings=(replicated, replicated, kv_shardings))
+
+    def lower(self, shape, num_rows: int, smd: SamplingMetadata):
+        """Lowered proposal step for step shape (t, s, w, decode_only)."""
+        t, s, w, decode_only = shape
+        i32 = jnp.int32
+        md = AttentionMetadata(
+            positions=jax.ShapeDtypeStruct((t,), i32),
+            slot_mapping=jax.ShapeDtypeStruct((t,), i32),
+            block_tables=jax.ShapeDtypeStruct((s, w), i32),
+            seq_lens=jax.ShapeDtypeStruct((s,), i32),
+            query_start_loc=jax.ShapeDtypeStruct((s + 1,), i32),
+            max_query_len=1 if decode_only else 0,
+        )
+        vec = jax.ShapeDtypeStruct((s,), i32)
+        return self._propose.lower(self.state, self.kv_cache, jax.ShapeDtypeStruct((t,), i32),
+                                   md, vec, vec, vec, smd, num_rows=num_rows)
+
+    def run(self, executable, token_ids, md, layout, chunks, smd):
+        """Draft tokens (host, [S, k]) and q rows (device, [R, V]) for one step."""
+        s = md.seq_lens.shape[0]
+        last_idx = np.zeros(s, np.int32)
+        num_drafts = np.zeros(s, np.int32)
+        row_start = np.zeros(s, np.int32)
+        for i, c in enumerate(chunks):
+            d = len(c.spec_token_ids)
+            last_idx[i] = layout.logits_indices[layout.row_start[i]]
+            num_drafts[i] = d
+            row_start[i] = layout.row_start[i]
+        drafts, q_rows, self.kv_cache = executable(
+            self.state, self.kv_cache, token_ids, md, last_idx, num_drafts, row_start, smd)
+        return np.asarray(jax.device_get(drafts)), q_rows
+
+
+def fill_drafts(chunks, token_ids: np.ndarray, query_start_loc: np.ndarray, drafts: np.ndarray):
+    """(chunks, token_ids [T]) with the draft tokens in place of their placeholders (new
+    objects; the arguments are left as they are)."""
+    token_ids = token_ids.copy()  # [T]
+    out = []
+    for i, c in enumerate(chunks):
+        d = len(c.spec_token_ids)
+        if not d:
+            out.append(c)
+            continue
+        real = [int(t) for t in drafts[i, :d]]
+        end = int(query_start_loc[i + 1])
+        token_ids[end - d: end] = real
+        out.append(replace(c, token_ids=list(c.token_ids[:-d]) + real, spec_token_ids=real))
+    return out, token_ids
