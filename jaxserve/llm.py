@@ -258,12 +258,12 @@ def _create_engine(args: EngineArgs) -> LLMEngine:
     runner.warmup(progress=args.show_progress)
     if dist.is_follower:
         logger.info("process %d follows process 0's steps", dist.process_id)
-        distributed.follow(runner)
+        distributed.follow(runner, distributed.start_watchdog(dist))
         return None
     if dist.enabled:
         import atexit
 
-        runner = distributed.LeaderRunner(runner)
+        runner = distributed.LeaderRunner(runner, distributed.start_watchdog(dist))
         atexit.register(runner.stop_followers)  # before jax.distributed's own shutdown
     tokenizer = load_tokenizer(args, loaded.path)
     logger.info(

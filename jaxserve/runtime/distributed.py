@@ -7,8 +7,10 @@ own key-value store (served by the coordinator in process 0), and the followers 
 through their own ModelRunner. One small RPC per step and no collective program of its own:
 nothing is compiled while serving, whatever the size of the step.
 
-A follower that cannot reach the coordinator, or a process that stops heart-beating, ends the
-others through jax.distributed's heartbeat (heartbeat_timeout_seconds): they exit non-zero.
+Liveness: every process runs a PeerWatchdog (peer_watchdog.py) over the same key-value store.
+A peer silent for peer_timeout_s is fatal: process 0's servers hear it first (health turns
+NOT_SERVING), then the process exits with status 1. jax.distributed's own heartbeat is longer,
+so it only acts if ours could not.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import numpy as np
 import jax
 
 from jaxserve.engine.errors import FatalRunnerError
+from jaxserve.runtime.peer_watchdog import PeerWatchdog
 
 logger = logging.getLogger(__name__)
 
@@ -36,8 +39,9 @@ class DistributedConfig:
     num_processes: int = 1
     process_id: int = 0
     coordinator_address: str | None = None
-    heartbeat_timeout_seconds: int = 10
-    initialization_timeout: int = 60
+    peer_timeout_s: float = 10.0  # our watchdog: a peer silent this long is fatal
+    heartbeat_timeout_seconds: int = 30  # jax's own (it aborts): later than ours
+    initialization_timeout: int = 120
 
     def __post_init__(self):
         if self.num_processes < 1:
@@ -71,6 +75,14 @@ def initialize(cfg: DistributedConfig) -> None:
     )
 
 
+def start_watchdog(cfg: DistributedConfig) -> PeerWatchdog:
+    """Process 0 watches every follower, a follower watches process 0."""
+    peers = list(range(1, cfg.num_processes)) if cfg.process_id == 0 else [0]
+    watchdog = PeerWatchdog(_client(), cfg.process_id, peers, timeout_s=cfg.peer_timeout_s)
+    watchdog.start()
+    return watchdog
+
+
 def _client():
     from jax._src import distributed as jax_distributed
 
@@ -83,8 +95,9 @@ def _client():
 class LeaderRunner:
     """Process 0's runner: publishes each step for the followers, then runs it here."""
 
-    def __init__(self, runner):
+    def __init__(self, runner, watchdog: PeerWatchdog):
         self.runner = runner
+        self.watchdog = watchdog
         self._step = 0
         self._client = _client()
         self.publish_seconds = 0.0  # total time spent publishing (per-step overhead)
@@ -110,6 +123,10 @@ class LeaderRunner:
         self._step += 1
         return out
 
+    def add_failure_listener(self, listener) -> None:
+        """listener(exc) hears a lost process (on the watchdog thread) before the exit."""
+        self.watchdog.listeners.append(listener)
+
     def _portable(self, chunk):
         """The chunk as a follower can replay it: a grammar matcher (which lives here, with the
         engine) is replaced by the mask rows it gives this step."""
@@ -122,6 +139,7 @@ class LeaderRunner:
 
     def stop_followers(self) -> None:
         """Tell the followers to leave their loop (engine shutdown)."""
+        self.watchdog.stop()
         try:
             self._client.key_value_set_bytes(f"{_PREFIX}{self._step}", _STOP)
         except Exception as e:  # noqa: BLE001 - after a failed step the followers are gone
@@ -142,9 +160,10 @@ class FilledMask:
             bitmask[row:row + len(mask.rows)] = mask.rows
 
 
-def follow(runner, poll_ms: int = 1000) -> int:
+def follow(runner, watchdog: PeerWatchdog, poll_ms: int = 1000) -> int:
     """A follower's loop: replay every step process 0 publishes until it says stop; returns the
-    number of steps run. Waits as long as process 0 is alive (an idle server sends nothing)."""
+    number of steps run. Waits as long as process 0 is alive (an idle server sends nothing; the
+    watchdog ends this process if process 0 goes silent)."""
     client = _client()
     step = 0
     while True:
@@ -155,6 +174,7 @@ def follow(runner, poll_ms: int = 1000) -> int:
                 continue
             raise RuntimeError(f"follower lost process 0 at step {step}: {e}") from e
         if data == _STOP:
+            watchdog.stop()
             logger.info("follower: process 0 stopped after %d steps", step)
             return step
         runner.execute(pickle.loads(data))  # our own process 0's dataclasses, never a file

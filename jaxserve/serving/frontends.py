@@ -81,6 +81,10 @@ class Frontends:
             loop.call_soon_threadsafe(self._engine_failed, exc)
 
         self.engine = AsyncEngine(llm_engine, engine_cfg, observer=self.metrics, on_dead=on_dead)
+        # multi-process: a lost process is fatal too (the runtime exits soon after telling us)
+        add_listener = getattr(getattr(llm_engine, "runner", None), "add_failure_listener", None)
+        if add_listener is not None:
+            add_listener(on_dead)
         self.state.set_ready(self.engine)
         if self.config.log_stats_interval_s > 0:
             self._log_task = asyncio.create_task(self._log_stats())
