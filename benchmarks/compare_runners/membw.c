@@ -31,8 +31,20 @@ int main(int argc, char **argv) {
   double sink = 0.0;
   for (int r = 0; r < reps; r++) {
     double s = 0.0, t0 = now();
-#pragma omp parallel for reduction(+ : s) schedule(static)
-    for (size_t i = 0; i < n; i++) s += a[i];
+    /* 8 independent partial sums per thread: the loop vectorises (one zmm / two ymm adds per
+     * 64 bytes) without -ffast-math; a single `s += a[i]` chain cannot be reordered without
+     * it and measured ~16.7 instead of ~26.5 GB/s (2 threads, AVX-512 EPYC). */
+#pragma omp parallel reduction(+ : s)
+    {
+      int t = omp_get_thread_num(), nt = omp_get_num_threads();
+      size_t lo = (n / 8) * t / nt * 8, hi = t == nt - 1 ? n : (n / 8) * (t + 1) / nt * 8;
+      double acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+      size_t i = lo;
+      for (; i + 8 <= hi; i += 8)
+        for (int j = 0; j < 8; j++) acc[j] += a[i + j];
+      for (; i < hi; i++) acc[0] += a[i];
+      for (int j = 0; j < 8; j++) s += acc[j];
+    }
     rd[r] = n * sizeof(double) / (now() - t0) / 1e9;
     sink += s;
     t0 = now();
