@@ -2,8 +2,8 @@
 //
 // y[T, N] = x[T, K] . W[N, K]^T for a few rows T (decode: one per request), bf16 in and out,
 // f32 accumulation. Decode is bound by reading W: each weight byte is read once per call for
-// all T rows, straight from its [N, K] layout (no packed copy per call, which is what the
-// matmul library XLA:CPU uses does), a few output rows at a time with the next rows prefetched.
+// all T rows, straight from its [N, K] layout (XLA:CPU's matmul library packs a copy of the
+// weight on every call), a few output rows at a time with the next rows prefetched.
 // Output rows are split into chunks over XLA's own thread pool.
 //
 // Shapes: x [T, K] bf16; w [N, K] bf16; y [T, N] bf16. 1 <= T <= kMaxRows.
