@@ -47,6 +47,20 @@ class AttentionMetadata:
     query_start_loc: jax.Array  # int32 [num_seqs + 1]
     max_query_len: int = dataclasses.field(default=0, metadata=dict(static=True))  # bucketed bound
 
+    @classmethod
+    def abstract(cls, t: int, s: int, w: int, decode_only: bool) -> AttentionMetadata:
+        """Shape-only metadata of a step bucket (t tokens, s sequences, w blocks each), for
+        lowering the step programs ahead of time."""
+        i32 = jnp.int32
+        return cls(
+            positions=jax.ShapeDtypeStruct((t,), i32),
+            slot_mapping=jax.ShapeDtypeStruct((t,), i32),
+            block_tables=jax.ShapeDtypeStruct((s, w), i32),
+            seq_lens=jax.ShapeDtypeStruct((s,), i32),
+            query_start_loc=jax.ShapeDtypeStruct((s + 1,), i32),
+            max_query_len=1 if decode_only else 0,
+        )
+
 
 @dataclass(frozen=True)
 class AttentionConfig:

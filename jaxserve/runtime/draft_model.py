@@ -123,18 +123,10 @@ class DraftModel:
 
     def lower(self, shape, num_rows: int, smd: SamplingMetadata):
         """Lowered proposal step for step shape (t, s, w, decode_only)."""
-        t, s, w, decode_only = shape
-        i32 = jnp.int32
-        md = AttentionMetadata(
-            positions=jax.ShapeDtypeStruct((t,), i32),
-            slot_mapping=jax.ShapeDtypeStruct((t,), i32),
-            block_tables=jax.ShapeDtypeStruct((s, w), i32),
-            seq_lens=jax.ShapeDtypeStruct((s,), i32),
-            query_start_loc=jax.ShapeDtypeStruct((s + 1,), i32),
-            max_query_len=1 if decode_only else 0,
-        )
-        vec = jax.ShapeDtypeStruct((s,), i32)
-        return self._propose.lower(self.state, self.kv_cache, jax.ShapeDtypeStruct((t,), i32),
+        t, s, _, _ = shape
+        md = AttentionMetadata.abstract(*shape)
+        vec = jax.ShapeDtypeStruct((s,), jnp.int32)
+        return self._propose.lower(self.state, self.kv_cache, jax.ShapeDtypeStruct((t,), jnp.int32),
                                    md, vec, vec, vec, smd, num_rows=num_rows)
 
     def run(self, executable, token_ids, md, layout, chunks, smd):

@@ -282,18 +282,10 @@ class ModelRunner:
         return self.warmup_report
 
     def _lower_step(self, shape):
-        t, s, w, decode_only = shape
-        i32 = jnp.int32
-        md = AttentionMetadata(
-            positions=jax.ShapeDtypeStruct((t,), i32),
-            slot_mapping=jax.ShapeDtypeStruct((t,), i32),
-            block_tables=jax.ShapeDtypeStruct((s, w), i32),
-            seq_lens=jax.ShapeDtypeStruct((s,), i32),
-            query_start_loc=jax.ShapeDtypeStruct((s + 1,), i32),
-            max_query_len=1 if decode_only else 0,
-        )
-        tokens = jax.ShapeDtypeStruct((t,), i32)
-        rows = jax.ShapeDtypeStruct((self._logit_rows(t, s),), i32)
+        t, s, _, _ = shape
+        md = AttentionMetadata.abstract(*shape)
+        tokens = jax.ShapeDtypeStruct((t,), jnp.int32)
+        rows = jax.ShapeDtypeStruct((self._logit_rows(t, s),), jnp.int32)
         return self._step.lower(self.state, self.kv_cache, tokens, md, rows)
 
     def _logit_rows(self, t: int, s: int) -> int:

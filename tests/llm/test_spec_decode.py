@@ -28,19 +28,11 @@ def _copy_heavy_prompts(vocab: int, n: int, seed: int = 0) -> list[list[int]]:
 
 
 @pytest.mark.parametrize("arch", ["LlamaForCausalLM", "Qwen2ForCausalLM"])
-def test_greedy_equals_hf(arch, make_llm, hf_refs):
-    ref = hf_refs(arch)
-    llm = make_llm(arch, speculative_config=SPEC)
-    outs = llm.generate(token_prompts(ref.prompts), greedy(12), use_tqdm=False)
-    assert [o.outputs[0].token_ids for o in outs] == ref.greedy
-    assert llm.stats().spec_decoding.num_drafts > 0
 
-
-def test_greedy_equals_plain_engine_under_pressure(make_llm):
-    """Copy-heavy prompts, 6 requests on 4 seats and 32 blocks (two full sequences):
-    preemption, chunked prefill and prefix hits; with penalties and logprobs too (processors
-    see the drafts as history per position)."""
-    plain, spec = make_llm(), make_llm(speculative_config=SPEC, num_kv_blocks=33)
+def check_pressure_workload(plain, spec):
+    """6 copy-heavy requests with penalties, logprobs, n > 1 and a stop token through the
+    plain and the speculating engine: the same tokens, finish reasons and logprobs, and the
+    spec engine preempted and hit its prefix cache. Returns the spec engine's stats."""
     vocab = spec.engine.config.vocab_size
     prompts = token_prompts(_copy_heavy_prompts(vocab, 6))
     params = [greedy(28), greedy(24, logprobs=2), greedy(28, repetition_penalty=1.2),
@@ -60,6 +52,22 @@ def test_greedy_equals_plain_engine_under_pressure(make_llm):
     after = spec.stats()
     assert after.num_preemptions > before.num_preemptions
     assert after.prefix_cache_hits > before.prefix_cache_hits
+    return after
+
+def test_greedy_equals_hf(arch, make_llm, hf_refs):
+    ref = hf_refs(arch)
+    llm = make_llm(arch, speculative_config=SPEC)
+    outs = llm.generate(token_prompts(ref.prompts), greedy(12), use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in outs] == ref.greedy
+    assert llm.stats().spec_decoding.num_drafts > 0
+
+
+def test_greedy_equals_plain_engine_under_pressure(make_llm):
+    """Copy-heavy prompts, 6 requests on 4 seats and 32 blocks (two full sequences):
+    preemption, chunked prefill and prefix hits; with penalties and logprobs too (processors
+    see the drafts as history per position)."""
+    plain, spec = make_llm(), make_llm(speculative_config=SPEC, num_kv_blocks=33)
+    after = check_pressure_workload(plain, spec)
     s = after.spec_decoding
     assert 0 < s.num_accepted_tokens < s.num_draft_tokens  # accepted and rejected drafts
     assert len(s.num_accepted_tokens_per_pos) == 4

@@ -12,7 +12,7 @@ from jaxserve.engine import SamplingParams
 from tests.checkpoints import write_tiny_checkpoint, write_truncated_draft
 from tests.llm.conftest import BASE_ARGS, greedy, token_prompts
 from tests.llm.test_no_recompile import _varied_params, count_backend_compiles
-from tests.llm.test_spec_decode import _copy_heavy_prompts
+from tests.llm.test_spec_decode import _copy_heavy_prompts, check_pressure_workload
 
 
 @pytest.fixture(scope="module")
@@ -47,25 +47,7 @@ def test_greedy_equals_plain_engine_under_pressure(make_llm, draft_spec):
     draft filled when they were first computed); penalties, logprobs, n > 1, a stop token."""
     plain = make_llm()
     spec = make_llm(speculative_config=draft_spec(), num_kv_blocks=33)
-    vocab = spec.engine.config.vocab_size
-    prompts = token_prompts(_copy_heavy_prompts(vocab, 6))
-    params = [greedy(28), greedy(24, logprobs=2), greedy(28, repetition_penalty=1.2),
-              greedy(20, presence_penalty=0.5, frequency_penalty=0.3), greedy(28, n=2),
-              greedy(28, stop_token_ids=[prompts[5]["prompt_token_ids"][40]])]
-    before = spec.stats()
-    want, got = (llm.generate(prompts, params, use_tqdm=False) for llm in (plain, spec))
-    for a, b in zip(want, got):
-        for ca, cb in zip(a.outputs, b.outputs):
-            assert cb.token_ids == ca.token_ids
-            assert (cb.finish_reason, cb.stop_reason) == (ca.finish_reason, ca.stop_reason)
-            if ca.logprobs is not None:
-                for ra, rb in zip(ca.logprobs, cb.logprobs):
-                    assert list(ra) == list(rb)
-                    np.testing.assert_allclose([x.logprob for x in rb.values()],
-                                               [x.logprob for x in ra.values()], atol=1e-4)
-    after = spec.stats()
-    assert after.num_preemptions > before.num_preemptions
-    assert after.prefix_cache_hits > before.prefix_cache_hits
+    after = check_pressure_workload(plain, spec)
     s = after.spec_decoding
     assert 0 < s.num_accepted_tokens < s.num_draft_tokens
     assert len(s.num_accepted_tokens_per_pos) == 3
