@@ -27,8 +27,6 @@ def _copy_heavy_prompts(vocab: int, n: int, seed: int = 0) -> list[list[int]]:
     return out
 
 
-@pytest.mark.parametrize("arch", ["LlamaForCausalLM", "Qwen2ForCausalLM"])
-
 def check_pressure_workload(plain, spec):
     """6 copy-heavy requests with penalties, logprobs, n > 1 and a stop token through the
     plain and the speculating engine: the same tokens, finish reasons and logprobs, and the
@@ -54,6 +52,8 @@ def check_pressure_workload(plain, spec):
     assert after.prefix_cache_hits > before.prefix_cache_hits
     return after
 
+
+@pytest.mark.parametrize("arch", ["LlamaForCausalLM", "Qwen2ForCausalLM"])
 def test_greedy_equals_hf(arch, make_llm, hf_refs):
     ref = hf_refs(arch)
     llm = make_llm(arch, speculative_config=SPEC)
