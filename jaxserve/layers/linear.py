@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxserve.cpu_kernels import amx_matmul
 from jaxserve.cpu_kernels import build as cpu_build
 from jaxserve.cpu_kernels import matvec as cpu_matvec
 
@@ -17,6 +18,11 @@ logger = logging.getLogger(__name__)
 # (cpu_kernels/matvec.cc), which streams the weight once; past it XLA's matmul, whose per-call
 # packing of the weight is amortised over the rows (benchmarks/decode_probe.py --cpu-matvec).
 MATVEC_MAX_ROWS = 4
+# From there up to this many rows (decode batches), on a CPU with AMX, the tile kernel
+# (cpu_kernels/amx_matmul.cc), which also reads the weight in place and splits every projection
+# over all threads (XLA runs most decode-sized fusions on one thread). Prefill chunks stay on
+# XLA's matmul, faster there.
+AMX_MAX_ROWS = 64
 
 
 def rows_major(dtype) -> bool:
@@ -51,13 +57,26 @@ def select_cpu_matvec(requested: str = "auto", tensor_parallel_size: int = 1) ->
         return False
     logger.info("linear: bf16 projections of up to %d rows run the CPU decode kernel",
                 MATVEC_MAX_ROWS)
+    if amx_matmul.available():
+        logger.info("linear: bf16 projections of %d-%d rows run the AMX tile kernel",
+                    MATVEC_MAX_ROWS + 1, AMX_MAX_ROWS)
     return True
 
 
-def _matvec_ok(use: bool, x: jax.Array, w: jax.Array) -> bool:
-    """Static choice at trace time: the kernel takes few bf16 rows against a bf16 [out, in] W."""
-    return (use and x.ndim == 2 and x.shape[0] <= MATVEC_MAX_ROWS
-            and x.dtype == jnp.bfloat16 and w.dtype == jnp.bfloat16)
+def cpu_matmul(use: bool, x: jax.Array, w: jax.Array) -> jax.Array | None:
+    """y = x @ w^T [T, N] on a CPU kernel for a bf16 x [T, K] and w [N, K], or None where XLA's
+    matmul serves the shape (a static choice, made at trace time)."""
+    if not (use and x.ndim == 2 and x.dtype == jnp.bfloat16 and w.dtype == jnp.bfloat16):
+        return None
+    rows = x.shape[0]
+    if rows <= MATVEC_MAX_ROWS:
+        return cpu_matvec.matvec(x, w)
+    if rows <= AMX_MAX_ROWS and amx_matmul.available():
+        if amx_matmul.shape_ok(x, w):
+            return amx_matmul.amx_matmul(x, w)
+        logger.info("linear: [%d, %d] weight does not fit the AMX tiles (K %% %d, N %% %d): "
+                    "XLA's matmul", *w.shape, amx_matmul.K_MULTIPLE, amx_matmul.N_MULTIPLE)
+    return None
 
 
 class Linear(nnx.Module):
@@ -77,10 +96,11 @@ class Linear(nnx.Module):
         self.bias = nnx.Param(jnp.zeros((out_dim,), dtype=dtype)) if bias else None  # [out]
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        if self.rows_major and _matvec_ok(self.matvec, x, self.weight[...]):
-            y = cpu_matvec.matvec(x, self.weight[...])  # [T, out]
-        elif self.rows_major:
-            y = jnp.einsum("ti,oi->to", x, self.weight[...])  # [T, out]
+        if self.rows_major:
+            w = self.weight[...]
+            y = cpu_matmul(self.matvec, x, w)  # [T, out], or None: XLA's matmul
+            if y is None:
+                y = jnp.einsum("ti,oi->to", x, w)
         else:
             y = jnp.einsum("ti,io->to", x, self.kernel[...])
         if self.bias is not None:
@@ -99,6 +119,7 @@ class Embedding(nnx.Module):
         return jnp.take(self.embedding[...], token_ids, axis=0)  # [T, hidden]
 
     def attend(self, x: jax.Array) -> jax.Array:
-        if _matvec_ok(self.matvec, x, self.embedding[...]):
-            return cpu_matvec.matvec(x, self.embedding[...])  # [T, vocab]
+        y = cpu_matmul(self.matvec, x, self.embedding[...])  # [T, vocab]
+        if y is not None:
+            return y
         return jnp.einsum("td,vd->tv", x, self.embedding[...])  # [T, vocab]

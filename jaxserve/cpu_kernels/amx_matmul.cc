@@ -1,0 +1,204 @@
+// bf16 matmul on Intel AMX tiles for decode batches and prefill chunks, called from the jitted
+// step through XLA's FFI.
+//
+// y[T, N] = x[T, K] . W[N, K]^T, bf16 in and out, f32 accumulation.
+//
+// The weight is the tiles' A operand, loaded straight from its [N, K] layout: a tile is 16 weight
+// rows x 32 k. XLA:CPU's matmul library packs a copy of the weight on every call instead. x is
+// the B operand, packed once per call into VNNI pairs laid out tile by tile, so that every x tile
+// is 1 KB of contiguous memory (a strided x tile maps its 16 rows onto a few L1 sets). A result tile is therefore transposed (16 n x 16 t, f32) and is rounded to
+// bf16 on its way out. A pool item owns a block of 256 weight rows and walks it k-block by
+// k-block: the k-block's slice of x (<= 32 KB) stays in L1 while each 16-row panel of the block
+// streams its weights once, accumulating into f32 tiles kept in L2 between k-blocks. (Walking a
+// whole panel over K instead re-reads all of x from L2 per panel: T/16 times the weight bytes.)
+//
+// Shapes: x [T, K] bf16; w [N, K] bf16; y [T, N] bf16. 1 <= T <= 64, K % 32 == 0, N % 16 == 0.
+// Linux needs a one-time permission (arch_prctl ARCH_REQ_XCOMP_PERM) before a thread may use
+// the tile registers; JaxserveAmxReady() asks for it and reports whether AMX can be used.
+
+#include <immintrin.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#include "parallel.h"
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+constexpr int64_t kPanel = 16;       // weight rows per tile
+constexpr int64_t kKStep = 32;       // bf16 k per tile row (64 bytes)
+constexpr int64_t kMaxRows = 64;     // 4 accumulator tiles of 16 tokens
+constexpr int64_t kBlockRows = 256;  // most weight rows per pool item (about 8 items or more)
+constexpr int64_t kBlockK = 256;     // k per block: x slice of 4 tiles x 8 steps = 32 KB
+constexpr long kArchReqXcompPerm = 0x1023;
+constexpr long kXfeatureXtiledata = 18;
+
+// Palette 1: tiles 0-3 accumulate 16 n x 16 t f32; tile 4 holds W (16 n x 32 k bf16);
+// tile 5 holds x (16 k-pairs x 16 t x 2 bf16). Every tile is 16 rows of 64 bytes.
+struct alignas(64) TileConfig {
+  uint8_t palette_id = 1;
+  uint8_t start_row = 0;
+  uint8_t reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
+inline void load_tile_config() {
+  TileConfig cfg;
+  for (int t = 0; t < 6; ++t) {
+    cfg.colsb[t] = 64;
+    cfg.rows[t] = 16;
+  }
+  _tile_loadconfig(&cfg);
+}
+
+inline uint16_t f32_to_bf16(float v) {  // round to nearest even, NaN kept
+  uint32_t bits;
+  std::memcpy(&bits, &v, sizeof bits);
+  if ((bits & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((bits >> 16) | 0x40u);
+  bits += 0x7fffu + ((bits >> 16) & 1u);
+  return static_cast<uint16_t>(bits >> 16);
+}
+
+// Packed x, 32-bit words [K/32 steps][tiles][16 k-pairs][16 tokens]: one contiguous 1 KB tile
+// per (k step, 16 tokens); a word is the bf16 pair x[t, 2kp : 2kp + 2], zero for t >= T.
+void pack_x(const uint32_t* x32, uint32_t* xv, int64_t T, int64_t Kp, int64_t tiles,
+            int64_t s0, int64_t s1) {
+  for (int64_t s = s0; s < s1; ++s)
+    for (int64_t j = 0; j < tiles; ++j) {
+      uint32_t* tile = xv + (s * tiles + j) * 256;
+      for (int64_t tr = 0; tr < 16; ++tr) {
+        const int64_t t = j * 16 + tr;
+        for (int64_t kr = 0; kr < 16; ++kr) tile[kr * 16 + tr] = t < T ? x32[t * Kp + s * 16 + kr] : 0;
+      }
+    }
+}
+
+// Weight rows [n0, n1) (a multiple of 16) against all T tokens.
+template <int Tiles>
+void block(const uint32_t* xv, const uint16_t* w, uint16_t* y, int64_t T, int64_t K, int64_t N,
+           int64_t n0, int64_t n1) {
+  thread_local std::vector<float> acc_store;  // [panel][16 n][64 t] f32 between k-blocks
+  acc_store.resize(kBlockRows * kMaxRows);
+  float* acc = acc_store.data();
+  const int64_t panels = (n1 - n0) / kPanel;
+  constexpr int64_t acc_stride = kMaxRows * 4;  // bytes per n row of a panel's accumulators
+  for (int64_t kb = 0; kb < K; kb += kBlockK) {
+    const int64_t ke = std::min(K, kb + kBlockK);
+    for (int64_t p = 0; p < panels; ++p) {
+      float* pa = acc + p * kPanel * kMaxRows;
+      if (kb == 0) {
+        _tile_zero(0);
+        if (Tiles > 1) _tile_zero(1);
+        if (Tiles > 2) _tile_zero(2);
+        if (Tiles > 3) _tile_zero(3);
+      } else {
+        _tile_loadd(0, pa, acc_stride);
+        if (Tiles > 1) _tile_loadd(1, pa + 16, acc_stride);
+        if (Tiles > 2) _tile_loadd(2, pa + 32, acc_stride);
+        if (Tiles > 3) _tile_loadd(3, pa + 48, acc_stride);
+      }
+      const uint16_t* wn = w + (n0 + p * kPanel) * K;
+      const bool prefetch = p + 1 < panels;
+      for (int64_t k = kb; k < ke; k += kKStep) {
+        if (prefetch)  // the next panel's rows at this k: streams them in behind this one
+          for (int r = 0; r < kPanel; ++r)
+            _mm_prefetch(reinterpret_cast<const char*>(wn + (kPanel + r) * K + k), _MM_HINT_T0);
+        _tile_loadd(4, wn + k, K * 2);
+        const uint32_t* xk = xv + (k / kKStep) * Tiles * 256;
+        _tile_loadd(5, xk, 64);
+        _tile_dpbf16ps(0, 4, 5);
+        if (Tiles > 1) {
+          _tile_loadd(5, xk + 256, 64);
+          _tile_dpbf16ps(1, 4, 5);
+        }
+        if (Tiles > 2) {
+          _tile_loadd(5, xk + 512, 64);
+          _tile_dpbf16ps(2, 4, 5);
+        }
+        if (Tiles > 3) {
+          _tile_loadd(5, xk + 768, 64);
+          _tile_dpbf16ps(3, 4, 5);
+        }
+      }
+      _tile_stored(0, pa, acc_stride);
+      if (Tiles > 1) _tile_stored(1, pa + 16, acc_stride);
+      if (Tiles > 2) _tile_stored(2, pa + 32, acc_stride);
+      if (Tiles > 3) _tile_stored(3, pa + 48, acc_stride);
+    }
+  }
+  for (int64_t p = 0; p < panels; ++p) {
+    const float* pa = acc + p * kPanel * kMaxRows;  // [16 n][64 t]
+    for (int64_t t = 0; t < T; ++t) {
+      uint16_t* yt = y + t * N + n0 + p * kPanel;
+      for (int r = 0; r < kPanel; ++r) yt[r] = f32_to_bf16(pa[r * kMaxRows + t]);
+    }
+  }
+}
+
+void rows(const uint32_t* xv, const uint16_t* w, uint16_t* y, int64_t T, int64_t K, int64_t N,
+          int64_t n0, int64_t n1) {
+  load_tile_config();
+  switch ((T + 15) / 16) {
+    case 1: block<1>(xv, w, y, T, K, N, n0, n1); break;
+    case 2: block<2>(xv, w, y, T, K, N, n0, n1); break;
+    case 3: block<3>(xv, w, y, T, K, N, n0, n1); break;
+    default: block<4>(xv, w, y, T, K, N, n0, n1); break;
+  }
+  _tile_release();
+}
+
+bool request_amx() {
+  static const bool ok = syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) == 0;
+  return ok;
+}
+
+ffi::Error AmxMatmul(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w,
+                     ffi::Result<ffi::AnyBuffer> y) {
+  auto xd = x.dimensions(), wd = w.dimensions();
+  if (xd.size() != 2 || wd.size() != 2 || xd[1] != wd[1])
+    return ffi::Error::InvalidArgument("amx_matmul: x [T, K] and w [N, K] must share K");
+  if (x.element_type() != ffi::DataType::BF16 || w.element_type() != ffi::DataType::BF16 ||
+      y->element_type() != ffi::DataType::BF16)
+    return ffi::Error::InvalidArgument("amx_matmul: x, w and y must be bfloat16");
+  const int64_t T = xd[0], K = xd[1], N = wd[0];
+  if (T < 1 || T > kMaxRows || K % kKStep != 0 || N % kPanel != 0)
+    return ffi::Error::InvalidArgument(
+        "amx_matmul: needs 1 <= T <= 64, K % 32 == 0, N % 16 == 0");
+  if (!request_amx())
+    return ffi::Error::Internal("amx_matmul: the kernel refused AMX tile permission");
+  const int64_t tiles = (T + 15) / 16, Kp = K / 2, steps = K / kKStep;
+  std::vector<uint32_t> xv(steps * tiles * 256);  // packed x, see pack_x
+  const auto* x32 = static_cast<const uint32_t*>(x.untyped_data());
+  constexpr int64_t kPackSteps = 16;
+  jaxserve::ParallelFor(pool, (steps + kPackSteps - 1) / kPackSteps, [&](int64_t c) {
+    pack_x(x32, xv.data(), T, Kp, tiles, c * kPackSteps, std::min(steps, (c + 1) * kPackSteps));
+  });
+  const auto* wp = static_cast<const uint16_t*>(w.untyped_data());
+  auto* yp = static_cast<uint16_t*>(y->untyped_data());
+  // enough items to balance the threads; a block's accumulators fit the per-thread store
+  const int64_t block_rows = std::clamp<int64_t>(N / 8 / kPanel * kPanel, kPanel, kBlockRows);
+  jaxserve::ParallelFor(pool, (N + block_rows - 1) / block_rows, [&](int64_t i) {
+    rows(xv.data(), wp, yp, T, K, N, i * block_rows, std::min(N, (i + 1) * block_rows));
+  });
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+// 1 when this process may use the AMX tile registers (asks Linux for them once), else 0.
+extern "C" int JaxserveAmxReady() { return request_amx() ? 1 : 0; }
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxserveCpuAmxMatmul, AmxMatmul,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()  // x [T, K]
+                                  .Arg<ffi::AnyBuffer>()  // w [N, K]
+                                  .Ret<ffi::AnyBuffer>());  // y [T, N]
