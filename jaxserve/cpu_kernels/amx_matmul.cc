@@ -12,7 +12,7 @@
 // streams its weights once, accumulating into f32 tiles kept in L2 between k-blocks. (Walking a
 // whole panel over K instead re-reads all of x from L2 per panel: T/16 times the weight bytes.)
 //
-// Shapes: x [T, K] bf16; w [N, K] bf16; y [T, N] bf16. 1 <= T <= 64, K % 32 == 0, N % 16 == 0.
+// Shapes: x [T, K] bf16; w [N, K] bf16; y [T, N] bf16. T >= 1, K % 32 == 0, N % 16 == 0.
 // Linux needs a one-time permission (arch_prctl ARCH_REQ_XCOMP_PERM) before a thread may use
 // the tile registers; JaxserveAmxReady() asks for it and reports whether AMX can be used.
 
@@ -34,7 +34,7 @@ namespace {
 
 constexpr int64_t kPanel = 16;       // weight rows per tile
 constexpr int64_t kKStep = 32;       // bf16 k per tile row (64 bytes)
-constexpr int64_t kMaxRows = 64;     // 4 accumulator tiles of 16 tokens
+constexpr int64_t kGroup = 64;       // tokens per accumulator group: 4 tiles of 16
 constexpr int64_t kBlockRows = 256;  // most weight rows per pool item (about 8 items or more)
 constexpr int64_t kBlockK = 256;     // k per block: x slice of 4 tiles x 8 steps = 32 KB
 constexpr long kArchReqXcompPerm = 0x1023;
@@ -67,91 +67,108 @@ inline uint16_t f32_to_bf16(float v) {  // round to nearest even, NaN kept
   return static_cast<uint16_t>(bits >> 16);
 }
 
-// Packed x, 32-bit words [K/32 steps][tiles][16 k-pairs][16 tokens]: one contiguous 1 KB tile
-// per (k step, 16 tokens); a word is the bf16 pair x[t, 2kp : 2kp + 2], zero for t >= T.
-void pack_x(const uint32_t* x32, uint32_t* xv, int64_t T, int64_t Kp, int64_t tiles,
-            int64_t s0, int64_t s1) {
-  for (int64_t s = s0; s < s1; ++s)
-    for (int64_t j = 0; j < tiles; ++j) {
-      uint32_t* tile = xv + (s * tiles + j) * 256;
-      for (int64_t tr = 0; tr < 16; ++tr) {
-        const int64_t t = j * 16 + tr;
-        for (int64_t kr = 0; kr < 16; ++kr) tile[kr * 16 + tr] = t < T ? x32[t * Kp + s * 16 + kr] : 0;
+// Packed x, 32-bit words [groups of 64 tokens][K/32 steps][4 tiles][16 k-pairs][16 tokens]: one
+// contiguous 1 KB tile per (group, k step, 16 tokens); a word is the bf16 pair
+// x[t, 2kp : 2kp + 2], zero for t >= T.
+inline int64_t x_tile(int64_t g, int64_t s, int64_t steps) { return (g * steps + s) * 4 * 256; }
+
+void pack_x(const uint32_t* x32, uint32_t* xv, int64_t T, int64_t Kp, int64_t g) {
+  const int64_t steps = Kp / 16;
+  for (int64_t j = 0; j < 4; ++j)
+    for (int64_t tr = 0; tr < 16; ++tr) {
+      const int64_t t = g * kGroup + j * 16 + tr;
+      const uint32_t* xt = x32 + t * Kp;
+      for (int64_t s = 0; s < steps; ++s) {
+        uint32_t* tile = xv + x_tile(g, s, steps) + j * 256;
+        for (int64_t kr = 0; kr < 16; ++kr) tile[kr * 16 + tr] = t < T ? xt[s * 16 + kr] : 0;
       }
     }
 }
 
-// Weight rows [n0, n1) (a multiple of 16) against all T tokens.
+// One (panel, token group, k-block): accumulators from `acc` (or zero on the first k-block),
+// the k-steps, accumulators back. acc is [16 n][64 t] f32 of this panel and group.
 template <int Tiles>
+void panel_kblock(const uint32_t* xg, const uint16_t* wn, float* acc, int64_t K, int64_t kb,
+                  int64_t ke, const uint16_t* prefetch_rows) {
+  constexpr int64_t stride = kGroup * 4;  // bytes per n row of acc
+  if (kb == 0) {
+    _tile_zero(0);
+    if (Tiles > 1) _tile_zero(1);
+    if (Tiles > 2) _tile_zero(2);
+    if (Tiles > 3) _tile_zero(3);
+  } else {
+    _tile_loadd(0, acc, stride);
+    if (Tiles > 1) _tile_loadd(1, acc + 16, stride);
+    if (Tiles > 2) _tile_loadd(2, acc + 32, stride);
+    if (Tiles > 3) _tile_loadd(3, acc + 48, stride);
+  }
+  for (int64_t k = kb; k < ke; k += kKStep) {
+    if (prefetch_rows != nullptr)  // the next panel at this k: streams in behind this one
+      for (int r = 0; r < kPanel; ++r)
+        _mm_prefetch(reinterpret_cast<const char*>(prefetch_rows + r * K + k), _MM_HINT_T0);
+    _tile_loadd(4, wn + k, K * 2);
+    const uint32_t* xk = xg + (k / kKStep) * 4 * 256;
+    _tile_loadd(5, xk, 64);
+    _tile_dpbf16ps(0, 4, 5);
+    if (Tiles > 1) {
+      _tile_loadd(5, xk + 256, 64);
+      _tile_dpbf16ps(1, 4, 5);
+    }
+    if (Tiles > 2) {
+      _tile_loadd(5, xk + 512, 64);
+      _tile_dpbf16ps(2, 4, 5);
+    }
+    if (Tiles > 3) {
+      _tile_loadd(5, xk + 768, 64);
+      _tile_dpbf16ps(3, 4, 5);
+    }
+  }
+  _tile_stored(0, acc, stride);
+  if (Tiles > 1) _tile_stored(1, acc + 16, stride);
+  if (Tiles > 2) _tile_stored(2, acc + 32, stride);
+  if (Tiles > 3) _tile_stored(3, acc + 48, stride);
+}
+
+// Weight rows [n0, n1) (a multiple of 16) against all T tokens: k-block by k-block, every token
+// group, every 16-row panel. The block's weights come from memory on the first group and from
+// L2 after it; a group's x slice for the k-block (32 KB) stays in L1.
 void block(const uint32_t* xv, const uint16_t* w, uint16_t* y, int64_t T, int64_t K, int64_t N,
            int64_t n0, int64_t n1) {
-  thread_local std::vector<float> acc_store;  // [panel][16 n][64 t] f32 between k-blocks
-  acc_store.resize(kBlockRows * kMaxRows);
+  const int64_t panels = (n1 - n0) / kPanel, groups = (T + kGroup - 1) / kGroup;
+  const int64_t steps = K / kKStep, tile_f32 = kPanel * kGroup;
+  thread_local std::vector<float> acc_store;  // [panel][group][16 n][64 t] between k-blocks
+  acc_store.resize(panels * groups * tile_f32);
   float* acc = acc_store.data();
-  const int64_t panels = (n1 - n0) / kPanel;
-  constexpr int64_t acc_stride = kMaxRows * 4;  // bytes per n row of a panel's accumulators
   for (int64_t kb = 0; kb < K; kb += kBlockK) {
     const int64_t ke = std::min(K, kb + kBlockK);
-    for (int64_t p = 0; p < panels; ++p) {
-      float* pa = acc + p * kPanel * kMaxRows;
-      if (kb == 0) {
-        _tile_zero(0);
-        if (Tiles > 1) _tile_zero(1);
-        if (Tiles > 2) _tile_zero(2);
-        if (Tiles > 3) _tile_zero(3);
-      } else {
-        _tile_loadd(0, pa, acc_stride);
-        if (Tiles > 1) _tile_loadd(1, pa + 16, acc_stride);
-        if (Tiles > 2) _tile_loadd(2, pa + 32, acc_stride);
-        if (Tiles > 3) _tile_loadd(3, pa + 48, acc_stride);
-      }
-      const uint16_t* wn = w + (n0 + p * kPanel) * K;
-      const bool prefetch = p + 1 < panels;
-      for (int64_t k = kb; k < ke; k += kKStep) {
-        if (prefetch)  // the next panel's rows at this k: streams them in behind this one
-          for (int r = 0; r < kPanel; ++r)
-            _mm_prefetch(reinterpret_cast<const char*>(wn + (kPanel + r) * K + k), _MM_HINT_T0);
-        _tile_loadd(4, wn + k, K * 2);
-        const uint32_t* xk = xv + (k / kKStep) * Tiles * 256;
-        _tile_loadd(5, xk, 64);
-        _tile_dpbf16ps(0, 4, 5);
-        if (Tiles > 1) {
-          _tile_loadd(5, xk + 256, 64);
-          _tile_dpbf16ps(1, 4, 5);
-        }
-        if (Tiles > 2) {
-          _tile_loadd(5, xk + 512, 64);
-          _tile_dpbf16ps(2, 4, 5);
-        }
-        if (Tiles > 3) {
-          _tile_loadd(5, xk + 768, 64);
-          _tile_dpbf16ps(3, 4, 5);
+    for (int64_t g = 0; g < groups; ++g) {
+      const uint32_t* xg = xv + x_tile(g, 0, steps);
+      const int tiles = static_cast<int>(std::min<int64_t>(4, (T - g * kGroup + 15) / 16));
+      for (int64_t p = 0; p < panels; ++p) {
+        const uint16_t* wn = w + (n0 + p * kPanel) * K;
+        const uint16_t* pf = g == 0 && p + 1 < panels ? wn + kPanel * K : nullptr;
+        float* pa = acc + (p * groups + g) * tile_f32;
+        switch (tiles) {
+          case 1: panel_kblock<1>(xg, wn, pa, K, kb, ke, pf); break;
+          case 2: panel_kblock<2>(xg, wn, pa, K, kb, ke, pf); break;
+          case 3: panel_kblock<3>(xg, wn, pa, K, kb, ke, pf); break;
+          default: panel_kblock<4>(xg, wn, pa, K, kb, ke, pf); break;
         }
       }
-      _tile_stored(0, pa, acc_stride);
-      if (Tiles > 1) _tile_stored(1, pa + 16, acc_stride);
-      if (Tiles > 2) _tile_stored(2, pa + 32, acc_stride);
-      if (Tiles > 3) _tile_stored(3, pa + 48, acc_stride);
     }
   }
-  for (int64_t p = 0; p < panels; ++p) {
-    const float* pa = acc + p * kPanel * kMaxRows;  // [16 n][64 t]
+  for (int64_t p = 0; p < panels; ++p)
     for (int64_t t = 0; t < T; ++t) {
+      const float* pa = acc + (p * groups + t / kGroup) * tile_f32 + t % kGroup;  // [16 n]
       uint16_t* yt = y + t * N + n0 + p * kPanel;
-      for (int r = 0; r < kPanel; ++r) yt[r] = f32_to_bf16(pa[r * kMaxRows + t]);
+      for (int r = 0; r < kPanel; ++r) yt[r] = f32_to_bf16(pa[r * kGroup]);
     }
-  }
 }
 
 void rows(const uint32_t* xv, const uint16_t* w, uint16_t* y, int64_t T, int64_t K, int64_t N,
           int64_t n0, int64_t n1) {
   load_tile_config();
-  switch ((T + 15) / 16) {
-    case 1: block<1>(xv, w, y, T, K, N, n0, n1); break;
-    case 2: block<2>(xv, w, y, T, K, N, n0, n1); break;
-    case 3: block<3>(xv, w, y, T, K, N, n0, n1); break;
-    default: block<4>(xv, w, y, T, K, N, n0, n1); break;
-  }
+  block(xv, w, y, T, K, N, n0, n1);
   _tile_release();
 }
 
@@ -169,18 +186,14 @@ ffi::Error AmxMatmul(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w,
       y->element_type() != ffi::DataType::BF16)
     return ffi::Error::InvalidArgument("amx_matmul: x, w and y must be bfloat16");
   const int64_t T = xd[0], K = xd[1], N = wd[0];
-  if (T < 1 || T > kMaxRows || K % kKStep != 0 || N % kPanel != 0)
-    return ffi::Error::InvalidArgument(
-        "amx_matmul: needs 1 <= T <= 64, K % 32 == 0, N % 16 == 0");
+  if (T < 1 || K % kKStep != 0 || N % kPanel != 0)
+    return ffi::Error::InvalidArgument("amx_matmul: needs T >= 1, K % 32 == 0, N % 16 == 0");
   if (!request_amx())
     return ffi::Error::Internal("amx_matmul: the kernel refused AMX tile permission");
-  const int64_t tiles = (T + 15) / 16, Kp = K / 2, steps = K / kKStep;
-  std::vector<uint32_t> xv(steps * tiles * 256);  // packed x, see pack_x
+  const int64_t groups = (T + kGroup - 1) / kGroup, Kp = K / 2;
+  std::vector<uint32_t> xv(groups * kGroup * Kp);  // packed x, see pack_x
   const auto* x32 = static_cast<const uint32_t*>(x.untyped_data());
-  constexpr int64_t kPackSteps = 16;
-  jaxserve::ParallelFor(pool, (steps + kPackSteps - 1) / kPackSteps, [&](int64_t c) {
-    pack_x(x32, xv.data(), T, Kp, tiles, c * kPackSteps, std::min(steps, (c + 1) * kPackSteps));
-  });
+  jaxserve::ParallelFor(pool, groups, [&](int64_t g) { pack_x(x32, xv.data(), T, Kp, g); });
   const auto* wp = static_cast<const uint16_t*>(w.untyped_data());
   auto* yp = static_cast<uint16_t*>(y->untyped_data());
   // enough items to balance the threads; a block's accumulators fit the per-thread store
