@@ -74,15 +74,22 @@ inline int64_t x_tile(int64_t g, int64_t s, int64_t steps) { return (g * steps +
 
 void pack_x(const uint32_t* x32, uint32_t* xv, int64_t T, int64_t Kp, int64_t g) {
   const int64_t steps = Kp / 16;
-  for (int64_t j = 0; j < 4; ++j)
-    for (int64_t tr = 0; tr < 16; ++tr) {
-      const int64_t t = g * kGroup + j * 16 + tr;
-      const uint32_t* xt = x32 + t * Kp;
-      for (int64_t s = 0; s < steps; ++s) {
-        uint32_t* tile = xv + x_tile(g, s, steps) + j * 256;
-        for (int64_t kr = 0; kr < 16; ++kr) tile[kr * 16 + tr] = t < T ? xt[s * 16 + kr] : 0;
-      }
+  const int64_t tiles = std::min<int64_t>(4, (T - g * kGroup + 15) / 16);  // the rest is unread
+  const __m512i rows = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5,
+                                                           4, 3, 2, 1, 0),
+                                          _mm512_set1_epi32(static_cast<int>(Kp)));
+  for (int64_t j = 0; j < tiles; ++j) {
+    const int64_t t0 = g * kGroup + j * 16;
+    const int64_t valid = std::min<int64_t>(16, T - t0);
+    const __mmask16 mask = static_cast<__mmask16>((1u << valid) - 1);  // tokens t < T
+    for (int64_t s = 0; s < steps; ++s) {
+      uint32_t* tile = xv + x_tile(g, s, steps) + j * 256;
+      const uint32_t* src = x32 + t0 * Kp + s * 16;
+      for (int64_t kr = 0; kr < 16; ++kr)  // tile row kr: word kr of each token's 16 pairs
+        _mm512_storeu_si512(tile + kr * 16, _mm512_mask_i32gather_epi32(
+                                               _mm512_setzero_si512(), mask, rows, src + kr, 4));
     }
+  }
 }
 
 // One (panel, token group, k-block): accumulators from `acc` (or zero on the first k-block),
@@ -191,15 +198,17 @@ ffi::Error AmxMatmul(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w,
   if (!request_amx())
     return ffi::Error::Internal("amx_matmul: the kernel refused AMX tile permission");
   const int64_t groups = (T + kGroup - 1) / kGroup, Kp = K / 2;
-  std::vector<uint32_t> xv(groups * kGroup * Kp);  // packed x, see pack_x
+  thread_local std::vector<uint32_t> xv_store;  // packed x, see pack_x (every word written)
+  xv_store.resize(groups * kGroup * Kp);
+  uint32_t* xv = xv_store.data();  // the pool's threads see this thread's buffer through it
   const auto* x32 = static_cast<const uint32_t*>(x.untyped_data());
-  jaxserve::ParallelFor(pool, groups, [&](int64_t g) { pack_x(x32, xv.data(), T, Kp, g); });
+  jaxserve::ParallelFor(pool, groups, [&](int64_t g) { pack_x(x32, xv, T, Kp, g); });
   const auto* wp = static_cast<const uint16_t*>(w.untyped_data());
   auto* yp = static_cast<uint16_t*>(y->untyped_data());
   // enough items to balance the threads; a block's accumulators fit the per-thread store
   const int64_t block_rows = std::clamp<int64_t>(N / 8 / kPanel * kPanel, kPanel, kBlockRows);
   jaxserve::ParallelFor(pool, (N + block_rows - 1) / block_rows, [&](int64_t i) {
-    rows(xv.data(), wp, yp, T, K, N, i * block_rows, std::min(N, (i + 1) * block_rows));
+    rows(xv, wp, yp, T, K, N, i * block_rows, std::min(N, (i + 1) * block_rows));
   });
   return ffi::Error::Success();
 }
