@@ -59,14 +59,6 @@ inline void load_tile_config() {
   _tile_loadconfig(&cfg);
 }
 
-inline uint16_t f32_to_bf16(float v) {  // round to nearest even, NaN kept
-  uint32_t bits;
-  std::memcpy(&bits, &v, sizeof bits);
-  if ((bits & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((bits >> 16) | 0x40u);
-  bits += 0x7fffu + ((bits >> 16) & 1u);
-  return static_cast<uint16_t>(bits >> 16);
-}
-
 // Packed x, 32-bit words [groups of 64 tokens][K/32 steps][4 tiles][16 k-pairs][16 tokens]: one
 // contiguous 1 KB tile per (group, k step, 16 tokens); a word is the bf16 pair
 // x[t, 2kp : 2kp + 2], zero for t >= T.
@@ -164,11 +156,16 @@ void block(const uint32_t* xv, const uint16_t* w, uint16_t* y, int64_t T, int64_
       }
     }
   }
+  // y[t, n0 + 16p : + 16] = column t of the panel's accumulators, rounded to bf16 (RNE)
+  const __m512i column = _mm512_mullo_epi32(
+      _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+      _mm512_set1_epi32(static_cast<int>(kGroup)));
   for (int64_t p = 0; p < panels; ++p)
     for (int64_t t = 0; t < T; ++t) {
       const float* pa = acc + (p * groups + t / kGroup) * tile_f32 + t % kGroup;  // [16 n]
-      uint16_t* yt = y + t * N + n0 + p * kPanel;
-      for (int r = 0; r < kPanel; ++r) yt[r] = f32_to_bf16(pa[r * kGroup]);
+      const __m512 v = _mm512_i32gather_ps(column, pa, 4);
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(y + t * N + n0 + p * kPanel),
+                          (__m256i)_mm512_cvtneps_pbh(v));
     }
 }
 
