@@ -8,7 +8,7 @@
 // the B operand, packed once per call into VNNI pairs laid out tile by tile, so that every x tile
 // is 1 KB of contiguous memory (a strided x tile maps its 16 rows onto a few L1 sets). A result tile is therefore transposed (16 n x 16 t, f32) and is rounded to
 // bf16 on its way out. A pool item owns a block of 256 weight rows and walks it k-block by
-// k-block: the k-block's slice of x (<= 32 KB) stays in L1 while each 16-row panel of the block
+// k-block: the k-block's slice of x (<= 16 KB) stays in L1 while each 16-row panel of the block
 // streams its weights once, accumulating into f32 tiles kept in L2 between k-blocks. (Walking a
 // whole panel over K instead re-reads all of x from L2 per panel: T/16 times the weight bytes.)
 //
@@ -36,7 +36,7 @@ constexpr int64_t kPanel = 16;       // weight rows per tile
 constexpr int64_t kKStep = 32;       // bf16 k per tile row (64 bytes)
 constexpr int64_t kGroup = 64;       // tokens per accumulator group: 4 tiles of 16
 constexpr int64_t kBlockRows = 256;  // most weight rows per pool item (about 8 items or more)
-constexpr int64_t kBlockK = 256;     // k per block: x slice of 4 tiles x 8 steps = 32 KB
+constexpr int64_t kBlockK = 128;     // k per block: x slice of 4 tiles x 4 steps = 16 KB
 constexpr long kArchReqXcompPerm = 0x1023;
 constexpr long kXfeatureXtiledata = 18;
 
@@ -57,6 +57,15 @@ inline void load_tile_config() {
     cfg.rows[t] = 16;
   }
   _tile_loadconfig(&cfg);
+}
+
+// n elements of a per-thread scratch vector, 64-byte aligned: a tile row that straddles two
+// cache lines halves the tile loads' speed.
+template <typename T>
+T* aligned(std::vector<T>& v, int64_t n) {
+  v.resize(n + 64 / sizeof(T));
+  const auto p = reinterpret_cast<uintptr_t>(v.data());
+  return reinterpret_cast<T*>((p + 63) & ~uintptr_t{63});
 }
 
 // Packed x, 32-bit words [groups of 64 tokens][K/32 steps][4 tiles][16 k-pairs][16 tokens]: one
@@ -130,14 +139,13 @@ void panel_kblock(const uint32_t* xg, const uint16_t* wn, float* acc, int64_t K,
 
 // Weight rows [n0, n1) (a multiple of 16) against all T tokens: k-block by k-block, every token
 // group, every 16-row panel. The block's weights come from memory on the first group and from
-// L2 after it; a group's x slice for the k-block (32 KB) stays in L1.
+// L2 after it; a group's x slice for the k-block (16 KB) stays in L1.
 void block(const uint32_t* xv, const uint16_t* w, uint16_t* y, int64_t T, int64_t K, int64_t N,
            int64_t n0, int64_t n1) {
   const int64_t panels = (n1 - n0) / kPanel, groups = (T + kGroup - 1) / kGroup;
   const int64_t steps = K / kKStep, tile_f32 = kPanel * kGroup;
   thread_local std::vector<float> acc_store;  // [panel][group][16 n][64 t] between k-blocks
-  acc_store.resize(panels * groups * tile_f32);
-  float* acc = acc_store.data();
+  float* acc = aligned(acc_store, panels * groups * tile_f32);
   for (int64_t kb = 0; kb < K; kb += kBlockK) {
     const int64_t ke = std::min(K, kb + kBlockK);
     for (int64_t g = 0; g < groups; ++g) {
@@ -196,8 +204,8 @@ ffi::Error AmxMatmul(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w,
     return ffi::Error::Internal("amx_matmul: the kernel refused AMX tile permission");
   const int64_t groups = (T + kGroup - 1) / kGroup, Kp = K / 2;
   thread_local std::vector<uint32_t> xv_store;  // packed x, see pack_x (every word written)
-  xv_store.resize(groups * kGroup * Kp);
-  uint32_t* xv = xv_store.data();  // the pool's threads see this thread's buffer through it
+  // the pool's threads see this thread's buffer through the pointer
+  uint32_t* xv = aligned(xv_store, groups * kGroup * Kp);
   const auto* x32 = static_cast<const uint32_t*>(x.untyped_data());
   jaxserve::ParallelFor(pool, groups, [&](int64_t g) { pack_x(x32, xv, T, Kp, g); });
   const auto* wp = static_cast<const uint16_t*>(w.untyped_data());
