@@ -39,8 +39,10 @@ class DistributedConfig:
     num_processes: int = 1
     process_id: int = 0
     coordinator_address: str | None = None
-    peer_timeout_s: float = 10.0  # our watchdog: a peer silent this long is fatal
-    heartbeat_timeout_seconds: int = 30  # jax's own (it aborts): later than ours
+    # our watchdog: a peer silent this long is fatal. Its beat is a Python thread, which a long
+    # GIL-holding trace at start-up can starve for seconds on a loaded machine: 30 s, not less.
+    peer_timeout_s: float = 30.0
+    heartbeat_timeout_seconds: int = 60  # jax's own (it aborts): later than ours
     initialization_timeout: int = 120
 
     def __post_init__(self):

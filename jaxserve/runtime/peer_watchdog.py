@@ -21,7 +21,7 @@ class PeerWatchdog(threading.Thread):
     """
 
     def __init__(self, client, process_id: int, peers: list[int], *, interval_s: float = 1.0,
-                 timeout_s: float = 10.0, grace_s: float = 3.0):
+                 timeout_s: float = 30.0, grace_s: float = 3.0):
         super().__init__(name="jaxserve-peer-watchdog", daemon=True)
         self.client, self.process_id, self.peers = client, process_id, peers
         self.interval_s, self.timeout_s, self.grace_s = interval_s, timeout_s, grace_s
