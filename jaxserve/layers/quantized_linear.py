@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import logging
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxserve.cpu_kernels import matvec_quant as cpu_matvec_quant
 from jaxserve.layers.linear import Linear
 from jaxserve.layers.quant_scheme import QWEIGHT_DTYPES, QuantConfig
+
+logger = logging.getLogger(__name__)
 
 # Up to this many tokens per step the matmul is written as multiply + reduce over the input
 # axis: XLA:CPU fuses the int8 -> f32 convert (and the int4 / fp8 decode) into that reduction
@@ -16,6 +21,10 @@ from jaxserve.layers.quant_scheme import QWEIGHT_DTYPES, QuantConfig
 # tokens and the dot wins; the decode arithmetic of int4 / fp8 makes their reduction lose
 # sooner. Measured with benchmarks/quant_matvec.py (results/quant_matvec_cpu.txt).
 REDUCE_MAX_TOKENS = {"int8": 64, "int4": 8, "fp8": 8}
+# Up to this many token rows of bf16 activations the weight-only product runs the C++ decode
+# kernel (cpu_kernels/matvec_quant.cc) when the cpu_matvec switch is on: it reads each quantized
+# byte once for all rows (benchmarks/quant_decode.py --kernel-probe).
+KERNEL_MAX_ROWS = cpu_matvec_quant.MAX_ROWS
 
 
 class QuantizedLinear(nnx.Module):
@@ -25,7 +34,9 @@ class QuantizedLinear(nnx.Module):
     scales: float32 [out, G] (G = in / group); zeros: float32 [out, G] when asymmetric.
     """
 
-    def __init__(self, in_dim: int, out_dim: int, *, bias: bool, dtype, quant: QuantConfig):
+    def __init__(self, in_dim: int, out_dim: int, *, bias: bool, dtype, quant: QuantConfig,
+                 matvec: bool = False):
+        self.matvec = matvec  # static: decode rows on the CPU kernel (see kernel_plan)
         self.method = quant.method
         self.int8_activations = quant.int8_activations
         self.group = quant.group_for(in_dim)
@@ -66,6 +77,13 @@ class QuantizedLinear(nnx.Module):
         if self.int8_activations:
             return self._w8a8(x)
         t = x.shape[0]
+        if self.matvec and x.dtype == jnp.bfloat16 and x.ndim == 2 and t <= KERNEL_MAX_ROWS:
+            zeros = None if self.zeros is None else self.zeros[...]
+            y = cpu_matvec_quant.matvec_quant(x, self.qweight[...], self.scales[...], zeros,
+                                              self.method)  # [T, out] f32
+            if self.bias is not None:
+                y = y + self.bias[...].astype(jnp.float32)
+            return y.astype(x.dtype)
         values, offset = self.values()
         parts = len(values)  # int4: inputs split into even / odd halves
         xf = x.astype(jnp.float32).reshape(t, -1, self.group // parts, parts)  # [T, G, k, p]
@@ -143,4 +161,30 @@ def make_linear(in_dim: int, out_dim: int, *, bias: bool, dtype, rngs: nnx.Rngs,
     model is quantized."""
     if quant is None:
         return Linear(in_dim, out_dim, bias=bias, dtype=dtype, rngs=rngs, matvec=matvec)
-    return QuantizedLinear(in_dim, out_dim, bias=bias, dtype=dtype, quant=quant)
+    return QuantizedLinear(in_dim, out_dim, bias=bias, dtype=dtype, quant=quant,
+                           matvec=kernel_plan(quant, dtype, matvec))
+
+
+def kernel_plan(quant: QuantConfig, dtype, matvec: bool) -> bool:
+    """Whether the quantized projections' decode rows run the CPU kernel (matvec_quant.cc):
+    the cpu_matvec switch is on and the activations are bf16 weight-only (W*A16)."""
+    return matvec and not quant.int8_activations and jnp.dtype(dtype) == jnp.bfloat16
+
+
+def log_kernel_plan(quant: QuantConfig | None, dtype, matvec: bool) -> None:
+    """Say once at start-up which path the quantized projections' decode steps take."""
+    if quant is None:
+        return
+    if kernel_plan(quant, dtype, matvec):
+        logger.info("quantized linear: %s projections of up to %d bf16 rows run the CPU decode "
+                    "kernel; longer steps use XLA", quant.name, KERNEL_MAX_ROWS)
+    elif not matvec:
+        logger.info("quantized linear: the CPU decode kernel is off (cpu_matvec); %s "
+                    "projections use XLA for every step (slower decode)", quant.name)
+    elif quant.int8_activations:
+        logger.info("quantized linear: w8a8 projections use XLA's int8 x int8 dot, not the "
+                    "CPU decode kernel (it takes bf16 activations)")
+    else:
+        logger.warning("quantized linear: %s activations are not bf16; %s projections use XLA "
+                       "for every step (slower decode than the bf16 CPU kernel)",
+                       jnp.dtype(dtype).name, quant.name)

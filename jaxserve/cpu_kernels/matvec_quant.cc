@@ -1,0 +1,285 @@
+// Weight-only quantized matmul for decode steps on the CPU (W8A16 / W4A16 / fp8), via XLA's FFI.
+//
+//   y[T, N] = sum_g scale[n, g] * sum_{k in g} (v(q[n, k]) - zero[n, g]) * x[T, k]
+//
+// for a few bf16 rows T (decode: one per request). v() is the stored value: int8 as is; int4
+// (uint8 [N, K / 2], element 2j in the low nibble of byte j, 2j+1 in the high one, each stored
+// as value + 8); fp8 (uint8 [N, K], float8_e4m3fn bits). Scales are f32 [N, G] over input groups
+// of K / G elements; zeros f32 [N, G] when asymmetric, else an empty [N, 0]. f32 accumulation,
+// f32 output. Decode is bound by reading the weight, so each quantized byte is read once per
+// call for all T rows (XLA:CPU's dot first converts the whole weight to float every step).
+//
+// AVX-512 path: 32 weights at a time are decoded to bf16 exactly (every int8, int4 and e4m3
+// value is a bf16 value) and meet x in vdpbf16ps: int8 sign-extends and converts; int4 spreads
+// each byte's two nibbles into one dword's two words and looks them up in a 16-entry table
+// (vpermw); fp8 shifts its bits into an f16 worth value * 2^-8 (exact for normals and
+// subnormals) and converts. Each group's sum is scaled into a running total; zero points are
+// subtracted as zero * scale * sum(x over the group). Any other CPU runs a plain loop with the
+// same arithmetic. e4m3 NaN bytes (0x7f / 0xff) read as 480 on both paths, as in XLA's path.
+//
+// Shapes: x [T, K] bf16; q [N, K] s8 | [N, K / 2] u8 | [N, K] u8; scale [N, G] f32;
+// zero [N, G] | [N, 0] f32; y [T, N] f32; 1 <= T <= kMaxRows; attr method 0 int8, 1 int4, 2 fp8.
+
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#include "parallel.h"
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+constexpr int64_t kMaxRows = 8;
+constexpr int64_t kChunk = 32;  // output rows per pool item
+enum Method { kInt8 = 0, kInt4 = 1, kFp8 = 2 };
+
+struct Problem {
+  int64_t T, K, N, G, group;
+  const uint16_t* x;   // [T, K] bf16
+  const uint8_t* q;    // [N, K * bytes_per_elem]
+  const float* scale;  // [N, G]
+  const float* zero;   // [N, G] or null
+  const float* xsum;   // [T, G]: sum of x over each group (only with zeros)
+  float* y;            // [T, N]
+  int64_t row_bytes;
+};
+
+inline float bf16_to_f32(uint16_t b) {
+  uint32_t bits = static_cast<uint32_t>(b) << 16;
+  float f;
+  std::memcpy(&f, &bits, sizeof f);
+  return f;
+}
+
+// The scalar value of element k of weight row `row` (before scale and zero point).
+template <int M>
+inline float value(const uint8_t* row, int64_t k) {
+  if constexpr (M == kInt8) {
+    return static_cast<float>(static_cast<int8_t>(row[k]));
+  } else if constexpr (M == kInt4) {
+    const uint8_t b = row[k / 2];
+    return static_cast<float>(((k & 1) ? b >> 4 : b & 15) - 8);
+  } else {
+    const uint8_t b = row[k];
+    const int e = (b >> 3) & 15, m = b & 7;
+    const float mag = e == 0 ? std::ldexp(static_cast<float>(m), -9)
+                             : std::ldexp(static_cast<float>(8 + m), e - 10);
+    return (b & 0x80) ? -mag : mag;
+  }
+}
+
+// Any CPU: output rows [n0, n1), f32 arithmetic in the same order of groups.
+template <int M>
+void rows_portable(const Problem& p, int64_t n0, int64_t n1) {
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* row = p.q + n * p.row_bytes;
+    for (int64_t t = 0; t < p.T; ++t) {
+      const uint16_t* xt = p.x + t * p.K;
+      float total = 0.0f, corr = 0.0f;
+      for (int64_t g = 0; g < p.G; ++g) {
+        float s = 0.0f;
+        for (int64_t k = g * p.group; k < (g + 1) * p.group; ++k)
+          s += value<M>(row, k) * bf16_to_f32(xt[k]);
+        total += s * p.scale[n * p.G + g];
+        if (p.zero) corr += p.zero[n * p.G + g] * p.scale[n * p.G + g] * p.xsum[t * p.G + g];
+      }
+      p.y[t * p.N + n] = total - corr;
+    }
+  }
+}
+
+#if defined(__AVX512BF16__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__F16C__)
+
+inline __mmask32 lanes(int64_t n) {  // the first n of 32 lanes
+  return n >= 32 ? ~__mmask32{0} : static_cast<__mmask32>((1u << n) - 1);
+}
+
+// 32 weights of a row from element k (the first n valid, n even), as bf16.
+template <int M>
+inline __m512bh decode(const uint8_t* row, int64_t k, int64_t n) {
+  if constexpr (M == kInt8) {
+    const uint8_t* p = row + k;
+    __m128i a, b;
+    if (n >= 32) {
+      a = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+      b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 16));
+    } else {
+      const __mmask32 m = lanes(n);
+      a = _mm_maskz_loadu_epi8(static_cast<__mmask16>(m), p);
+      b = _mm_maskz_loadu_epi8(static_cast<__mmask16>(m >> 16), p + 16);
+    }
+    const __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(a));
+    const __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(b));
+    return _mm512_cvtne2ps_pbh(hi, lo);
+  } else if constexpr (M == kInt4) {
+    const uint8_t* p = row + k / 2;
+    const __m128i bytes = n >= 32 ? _mm_loadu_si128(reinterpret_cast<const __m128i*>(p))
+                                  : _mm_maskz_loadu_epi8(static_cast<__mmask16>(lanes(n / 2)), p);
+    const __m512i u = _mm512_cvtepu8_epi32(bytes);  // dword j = byte j
+    // word 2j = low nibble, word 2j+1 = high nibble: (u | u << 12) & 0x000f000f
+    const __m512i nib = _mm512_ternarylogic_epi32(u, _mm512_slli_epi32(u, 12),
+                                                  _mm512_set1_epi32(0x000f000f), 0xA8);
+    // bf16 bits of nibble - 8 for nibbles 0..15 (-8 .. 7)
+    const __m512i table = _mm512_set_epi16(
+        0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,  //
+        0x40e0, 0x40c0, 0x40a0, 0x4080, 0x4040, 0x4000, 0x3f80, 0x0000,
+        -0x4080, -0x4000, -0x3fc0, -0x3f80, -0x3f60, -0x3f40, -0x3f20, -0x3f00);
+    return (__m512bh)_mm512_permutexvar_epi16(nib, table);
+  } else {
+    const uint8_t* p = row + k;
+    const __m256i bytes = n >= 32 ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))
+                                  : _mm256_maskz_loadu_epi8(lanes(n), p);
+    // sign-extended byte s eeee mmm << 7 -> f16 bits s ?eeee mmm0000000; clear bit 14:
+    // an f16 equal to the e4m3 value * 2^-8, normals and subnormals alike
+    const __m512i h = _mm512_and_si512(_mm512_slli_epi16(_mm512_cvtepi8_epi16(bytes), 7),
+                                       _mm512_set1_epi16(static_cast<int16_t>(0xbf80)));
+    const __m512 lo = _mm512_cvtph_ps(_mm512_castsi512_si256(h));
+    const __m512 hi = _mm512_cvtph_ps(_mm512_extracti64x4_epi64(h, 1));
+    return _mm512_cvtne2ps_pbh(hi, lo);
+  }
+}
+
+// Output rows [n, n + R) for all T rows; R * T accumulators (and totals) in registers.
+template <int M, int T, int R>
+void block(const Problem& p, int64_t n) {
+  __m512 total[R][T];
+  float corr[R][T] = {};
+  for (int r = 0; r < R; ++r)
+    for (int t = 0; t < T; ++t) total[r][t] = _mm512_setzero_ps();
+  const uint8_t* rows[R];
+  for (int r = 0; r < R; ++r) rows[r] = p.q + (n + r) * p.row_bytes;
+  for (int64_t g = 0; g < p.G; ++g) {
+    __m512 acc[R][T];
+    for (int r = 0; r < R; ++r)
+      for (int t = 0; t < T; ++t) acc[r][t] = _mm512_setzero_ps();
+    const int64_t end = (g + 1) * p.group;
+    for (int64_t k = g * p.group; k < end; k += 32) {
+      const int64_t left = end - k;
+      __m512bh xv[T];
+      for (int t = 0; t < T; ++t) {
+        const uint16_t* xp = p.x + t * p.K + k;
+        xv[t] = (__m512bh)(left >= 32 ? _mm512_loadu_si512(xp)
+                                      : _mm512_maskz_loadu_epi16(lanes(left), xp));
+      }
+      for (int r = 0; r < R; ++r) {
+        _mm_prefetch(reinterpret_cast<const char*>(rows[r] + (M == kInt4 ? k / 2 : k) + 768),
+                     _MM_HINT_T0);
+        const __m512bh wv = decode<M>(rows[r], k, left);
+        for (int t = 0; t < T; ++t) acc[r][t] = _mm512_dpbf16_ps(acc[r][t], wv, xv[t]);
+      }
+    }
+    for (int r = 0; r < R; ++r) {
+      const float s = p.scale[(n + r) * p.G + g];
+      const __m512 sv = _mm512_set1_ps(s);
+      for (int t = 0; t < T; ++t) total[r][t] = _mm512_fmadd_ps(acc[r][t], sv, total[r][t]);
+      if (p.zero)
+        for (int t = 0; t < T; ++t) corr[r][t] += p.zero[(n + r) * p.G + g] * s * p.xsum[t * p.G + g];
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int t = 0; t < T; ++t)
+      p.y[t * p.N + n + r] = _mm512_reduce_add_ps(total[r][t]) - corr[r][t];
+}
+
+template <int M, int T>
+void rows_t(const Problem& p, int64_t n0, int64_t n1) {
+  constexpr int R = T == 1 ? 4 : T == 2 ? 2 : 1;
+  int64_t n = n0;
+  for (; n + R <= n1; n += R) block<M, T, R>(p, n);
+  for (; n < n1; ++n) block<M, T, 1>(p, n);
+}
+
+template <int M>
+void rows_fast(const Problem& p, int64_t n0, int64_t n1) {
+  switch (p.T) {
+    case 1: return rows_t<M, 1>(p, n0, n1);
+    case 2: return rows_t<M, 2>(p, n0, n1);
+    case 3: return rows_t<M, 3>(p, n0, n1);
+    case 4: return rows_t<M, 4>(p, n0, n1);
+    case 5: return rows_t<M, 5>(p, n0, n1);
+    case 6: return rows_t<M, 6>(p, n0, n1);
+    case 7: return rows_t<M, 7>(p, n0, n1);
+    default: return rows_t<M, 8>(p, n0, n1);
+  }
+}
+#define JAXSERVE_ROWS rows_fast
+#else
+#define JAXSERVE_ROWS rows_portable
+#endif
+
+void rows(int method, const Problem& p, int64_t n0, int64_t n1) {
+  switch (method) {
+    case kInt8: return JAXSERVE_ROWS<kInt8>(p, n0, n1);
+    case kInt4: return JAXSERVE_ROWS<kInt4>(p, n0, n1);
+    default: return JAXSERVE_ROWS<kFp8>(p, n0, n1);
+  }
+}
+
+ffi::Error MatvecQuant(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer q,
+                       ffi::Buffer<ffi::F32> scale, ffi::Buffer<ffi::F32> zero,
+                       ffi::Result<ffi::Buffer<ffi::F32>> y, int32_t method) {
+  auto xd = x.dimensions(), qd = q.dimensions(), sd = scale.dimensions(), zd = zero.dimensions();
+  if (xd.size() != 2 || qd.size() != 2 || sd.size() != 2 || zd.size() != 2)
+    return ffi::Error::InvalidArgument("quant matvec: x, q, scale and zero must be 2-D");
+  if (x.element_type() != ffi::DataType::BF16)
+    return ffi::Error::InvalidArgument("quant matvec: x must be bfloat16");
+  if (method < kInt8 || method > kFp8)
+    return ffi::Error::InvalidArgument("quant matvec: method must be 0 (int8), 1 (int4), 2 (fp8)");
+  const auto want_q = method == kInt8 ? ffi::DataType::S8 : ffi::DataType::U8;
+  if (q.element_type() != want_q)
+    return ffi::Error::InvalidArgument("quant matvec: q must be int8 (int8) or uint8 (int4, fp8)");
+  Problem p{xd[0], xd[1], qd[0], sd[1], 0, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr,
+            qd[1]};
+  const int64_t per_byte = method == kInt4 ? 2 : 1;
+  if (p.T < 1 || p.T > kMaxRows) return ffi::Error::InvalidArgument("quant matvec: 1 <= T <= 8");
+  if (qd[1] * per_byte != p.K || sd[0] != p.N || p.G < 1 || p.K % p.G)
+    return ffi::Error::InvalidArgument("quant matvec: q [N, K(/2)] and scale [N, G | K] disagree");
+  p.group = p.K / p.G;
+  if (method == kInt4 && p.group % 2)
+    return ffi::Error::InvalidArgument("quant matvec: int4 groups must be even");
+  const bool has_zero = zd[1] != 0;
+  if (has_zero && (zd[0] != p.N || zd[1] != p.G))
+    return ffi::Error::InvalidArgument("quant matvec: zero must be [N, G] or [N, 0]");
+  p.x = static_cast<const uint16_t*>(x.untyped_data());
+  p.q = static_cast<const uint8_t*>(q.untyped_data());
+  p.scale = scale.typed_data();
+  p.y = y->typed_data();
+  std::vector<float> scale256, xsum;
+  if (method == kFp8) {  // the fast path decodes fp8 as value * 2^-8
+    scale256.resize(p.N * p.G);
+    for (int64_t i = 0; i < p.N * p.G; ++i) scale256[i] = p.scale[i] * 256.0f;
+#if defined(__AVX512BF16__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__F16C__)
+    p.scale = scale256.data();
+#endif
+  }
+  if (has_zero) {
+    p.zero = zero.typed_data();
+    xsum.assign(p.T * p.G, 0.0f);
+    for (int64_t t = 0; t < p.T; ++t)
+      for (int64_t k = 0; k < p.K; ++k) xsum[t * p.G + k / p.group] += bf16_to_f32(p.x[t * p.K + k]);
+    p.xsum = xsum.data();
+  }
+  const int64_t chunks = (p.N + kChunk - 1) / kChunk;
+  jaxserve::ParallelFor(pool, chunks, [&](int64_t c) {
+    rows(method, p, c * kChunk, std::min<int64_t>(p.N, (c + 1) * kChunk));
+  });
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxserveCpuMatvecQuant, MatvecQuant,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()          // x [T, K] bf16
+                                  .Arg<ffi::AnyBuffer>()          // q [N, K | K / 2]
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // scale [N, G]
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // zero [N, G] | [N, 0]
+                                  .Ret<ffi::Buffer<ffi::F32>>()   // y [T, N]
+                                  .Attr<int32_t>("method"));
