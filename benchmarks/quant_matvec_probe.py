@@ -20,7 +20,8 @@ from jaxserve.layers.linear import Linear
 from jaxserve.layers.quant_scheme import QuantConfig, quantize
 from jaxserve.layers.quantized_linear import make_linear
 
-SHAPES = {"gate_up": (896, 4864 * 2), "down": (4864, 896), "qkvo": (896, 896 + 128 * 2 + 896)}
+SHAPES = {"gate_up": (896, 4864 * 2), "down": (4864, 896), "qkvo": (896, 896 + 128 * 2 + 896),
+          "overhead": (4864, 16), "l2": (896, 512)}
 
 
 def _layer(method: str | None, in_dim: int, out_dim: int, matvec: bool):

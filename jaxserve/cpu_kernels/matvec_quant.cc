@@ -94,7 +94,8 @@ void rows_portable(const Problem& p, int64_t n0, int64_t n1) {
   }
 }
 
-#if defined(__AVX512BF16__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__F16C__)
+#if defined(__AVX512BF16__) && defined(__AVX512BW__) && defined(__AVX512VL__) && \
+    defined(__F16C__) && defined(__AVX512VNNI__)
 
 inline __mmask32 lanes(int64_t n) {  // the first n of 32 lanes
   return n >= 32 ? ~__mmask32{0} : static_cast<__mmask32>((1u << n) - 1);
@@ -209,6 +210,206 @@ void rows_fast(const Problem& p, int64_t n0, int64_t n1) {
   }
 }
 #define JAXSERVE_ROWS rows_fast
+#define JAXSERVE_ROWS_FAST 1
+#define JAXSERVE_INT_PATH 1
+
+// int8 / int4 with finite x: x as int16 with a power-of-two unit per chunk of up to kXChunk
+// inputs of a group (|x| / unit < 2^15, rounded to nearest), then int16 x int16 -> int32
+// vpdpwssd on the sign-extended int8 / zero-extended int4 weights: two instructions per 32
+// int8 weights instead of the float path's seven.
+constexpr int64_t kXChunk = 256;
+
+struct XInt {
+  std::vector<int16_t> v;   // [T, stride]; chunk c at c * kXChunk; int4: each 64 inputs as
+                            // their 32 even then 32 odd ones (the nibble order of a byte run)
+  std::vector<float> unit;  // [T, chunks]
+  std::vector<float> gsum;  // [T, G]: sum of x over the group as the kernel sees it
+  int64_t per_group = 0, chunks = 0, stride = 0;
+};
+
+// Chunk of `len` (<= kXChunk) bf16 inputs -> int16 in `out` (all kXChunk words written, zeros
+// past len), returns their sum; *unit = the value of one int16 step (0 for an all-zero chunk).
+// False when the chunk holds a NaN or an inf.
+bool chunk_to_int16(const uint16_t* xs, int64_t len, bool int4, int16_t* out, float* unit,
+                    int64_t* sum) {
+  __m512i w[kXChunk / 32];
+  __m512i mx = _mm512_setzero_si512();
+  for (int i = 0; i < kXChunk / 32; ++i) {
+    const int64_t left = len - 32 * i;
+    w[i] = left >= 32 ? _mm512_loadu_si512(xs + 32 * i)
+                      : _mm512_maskz_loadu_epi16(left > 0 ? lanes(left) : 0, xs + 32 * i);
+    // |x| as bf16 bits orders like |x|; >= 0x7f80 is inf or NaN
+    mx = _mm512_max_epu16(mx, _mm512_and_si512(w[i], _mm512_set1_epi16(0x7fff)));
+  }
+  const __m256i m16 = _mm256_max_epu16(_mm512_castsi512_si256(mx), _mm512_extracti64x4_epi64(mx, 1));
+  const __m128i m8 = _mm_max_epu16(_mm256_castsi256_si128(m16), _mm256_extracti128_si256(m16, 1));
+  uint16_t lanes8[8];
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(lanes8), m8);
+  const uint16_t top = *std::max_element(lanes8, lanes8 + 8);
+  if (top >= 0x7f80) return false;
+  *sum = 0;
+  if (top == 0) {
+    std::memset(out, 0, kXChunk * sizeof(int16_t));
+    *unit = 0.0f;
+    return true;
+  }
+  // |x| < 2^e with e = biased exponent - 126; one step is 2^(e - 15)
+  const int e = std::max((top >> 7) - 126, -100);
+  const __m512 up = _mm512_set1_ps(std::ldexp(1.0f, 15 - e));
+  *unit = std::ldexp(1.0f, e - 15);
+  __m512i total = _mm512_setzero_si512();
+  __m512i q[kXChunk / 32];
+  for (int i = 0; i < kXChunk / 32; ++i) {
+    const __m512 lo = _mm512_castsi512_ps(_mm512_slli_epi32(
+        _mm512_cvtepu16_epi32(_mm512_castsi512_si256(w[i])), 16));
+    const __m512 hi = _mm512_castsi512_ps(_mm512_slli_epi32(
+        _mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(w[i], 1)), 16));
+    const __m512i a = _mm512_cvtps_epi32(_mm512_mul_ps(lo, up));  // nearest, |a| <= 2^15
+    const __m512i b = _mm512_cvtps_epi32(_mm512_mul_ps(hi, up));
+    const __m512i a16 = _mm512_min_epi32(a, _mm512_set1_epi32(32767));
+    const __m512i b16 = _mm512_min_epi32(b, _mm512_set1_epi32(32767));
+    total = _mm512_add_epi32(total, _mm512_add_epi32(a16, b16));
+    q[i] = _mm512_inserti64x4(_mm512_castsi256_si512(_mm512_cvtepi32_epi16(a16)),
+                              _mm512_cvtepi32_epi16(b16), 1);
+  }
+  *sum = _mm512_reduce_add_epi32(total);
+  if (int4) {  // each 64 inputs: the 32 even ones, then the 32 odd ones
+    alignas(64) int16_t even_idx[32], odd_idx[32];
+    for (int i = 0; i < 32; ++i) even_idx[i] = static_cast<int16_t>(2 * i), odd_idx[i] = static_cast<int16_t>(2 * i + 1);
+    const __m512i ie = _mm512_load_si512(even_idx), io = _mm512_load_si512(odd_idx);
+    for (int i = 0; i < kXChunk / 32; i += 2) {
+      const __m512i ev = _mm512_permutex2var_epi16(q[i], ie, q[i + 1]);
+      const __m512i od = _mm512_permutex2var_epi16(q[i], io, q[i + 1]);
+      q[i] = ev;
+      q[i + 1] = od;
+    }
+  }
+  for (int i = 0; i < kXChunk / 32; ++i) _mm512_storeu_si512(out + 32 * i, q[i]);
+  return true;
+}
+
+// False when a row has a NaN or an inf (the caller runs the float path, which propagates them).
+bool make_xint(const Problem& p, bool int4, XInt& xi) {
+  xi.per_group = (p.group + kXChunk - 1) / kXChunk;
+  xi.chunks = p.G * xi.per_group;
+  xi.stride = xi.chunks * kXChunk;
+  xi.v.resize(p.T * xi.stride);
+  xi.unit.resize(p.T * xi.chunks);
+  xi.gsum.assign(p.T * p.G, 0.0f);
+  for (int64_t t = 0; t < p.T; ++t) {
+    for (int64_t c = 0; c < xi.chunks; ++c) {
+      const int64_t g = c / xi.per_group, j0 = (c % xi.per_group) * kXChunk;
+      const int64_t len = std::min(kXChunk, p.group - j0);
+      float unit;
+      int64_t sum;
+      if (!chunk_to_int16(p.x + t * p.K + g * p.group + j0, len, int4,
+                          xi.v.data() + t * xi.stride + c * kXChunk, &unit, &sum))
+        return false;
+      xi.unit[t * xi.chunks + c] = unit;
+      xi.gsum[t * p.G + g] += unit * static_cast<float>(sum);
+    }
+  }
+  return true;
+}
+
+// Output rows [n, n + R) for all T rows from the int16 x; int4 keeps its even- and odd-input
+// sums apart (two dependency chains). Each chunk's int32 sums are scaled into f32 totals.
+template <int M, int T, int R>
+void block_int(const Problem& p, const XInt& xi, int64_t n) {
+  constexpr int A = M == kInt4 ? 2 : 1;  // int32 accumulators per (row, token)
+  __m512 total[R][T];
+  float corr[R][T] = {};
+  for (int r = 0; r < R; ++r)
+    for (int t = 0; t < T; ++t) total[r][t] = _mm512_setzero_ps();
+  const uint8_t* rows[R];
+  for (int r = 0; r < R; ++r) rows[r] = p.q + (n + r) * p.row_bytes;
+  const __m512i low4 = _mm512_set1_epi16(0x000f);
+  for (int64_t g = 0, c = 0; g < p.G; ++g)
+  for (int64_t j0 = 0; j0 < p.group; j0 += kXChunk, ++c) {
+    const int64_t k0 = g * p.group + j0, len = std::min(kXChunk, p.group - j0);
+    const int16_t* xc = xi.v.data() + c * kXChunk;
+    __m512i acc[R][T][A];
+    for (int r = 0; r < R; ++r)
+      for (int t = 0; t < T; ++t)
+        for (int a = 0; a < A; ++a) acc[r][t][a] = _mm512_setzero_si512();
+    if constexpr (M == kInt8) {
+      for (int64_t j = 0; j < len; j += 32) {
+        __m512i xv[T];
+        for (int t = 0; t < T; ++t) xv[t] = _mm512_loadu_si512(xc + t * xi.stride + j);
+        for (int r = 0; r < R; ++r) {
+          const uint8_t* wp = rows[r] + k0 + j;
+          _mm_prefetch(reinterpret_cast<const char*>(wp + 1024), _MM_HINT_T0);
+          const __m256i b = len - j >= 32
+                                ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wp))
+                                : _mm256_maskz_loadu_epi8(lanes(len - j), wp);
+          const __m512i w = _mm512_cvtepi8_epi16(b);
+          for (int t = 0; t < T; ++t) acc[r][t][0] = _mm512_dpwssd_epi32(acc[r][t][0], w, xv[t]);
+        }
+      }
+    } else {
+      for (int64_t j = 0; j < len; j += 64) {
+        __m512i xlo[T], xhi[T];
+        for (int t = 0; t < T; ++t) {
+          xlo[t] = _mm512_loadu_si512(xc + t * xi.stride + j);
+          xhi[t] = _mm512_loadu_si512(xc + t * xi.stride + j + 32);
+        }
+        for (int r = 0; r < R; ++r) {
+          const uint8_t* wp = rows[r] + (k0 + j) / 2;
+          _mm_prefetch(reinterpret_cast<const char*>(wp + 1024), _MM_HINT_T0);
+          const __m256i b = len - j >= 64
+                                ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wp))
+                                : _mm256_maskz_loadu_epi8(lanes((len - j) / 2), wp);
+          const __m512i u = _mm512_cvtepu8_epi16(b);
+          const __m512i lo = _mm512_and_si512(u, low4), hi = _mm512_srli_epi16(u, 4);
+          for (int t = 0; t < T; ++t) {
+            acc[r][t][0] = _mm512_dpwssd_epi32(acc[r][t][0], lo, xlo[t]);
+            acc[r][t][A - 1] = _mm512_dpwssd_epi32(acc[r][t][A - 1], hi, xhi[t]);
+          }
+        }
+      }
+    }
+    const bool group_end = j0 + kXChunk >= p.group;
+    for (int r = 0; r < R; ++r) {
+      const float s = p.scale[(n + r) * p.G + g];
+      // stored int4 nibbles are value + 8; both formats subtract the zero point if any
+      const float off = (M == kInt4 ? 8.0f : 0.0f) + (p.zero ? p.zero[(n + r) * p.G + g] : 0.0f);
+      for (int t = 0; t < T; ++t) {
+        __m512i sum = acc[r][t][0];
+        if constexpr (A == 2) sum = _mm512_add_epi32(sum, acc[r][t][1]);
+        const __m512 f = _mm512_set1_ps(xi.unit[t * xi.chunks + c] * s);
+        total[r][t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), f, total[r][t]);
+        if (group_end) corr[r][t] += off * s * xi.gsum[t * p.G + g];
+      }
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int t = 0; t < T; ++t)
+      p.y[t * p.N + n + r] = _mm512_reduce_add_ps(total[r][t]) - corr[r][t];
+}
+
+template <int M, int T>
+void rows_int_t(const Problem& p, const XInt& xi, int64_t n0, int64_t n1) {
+  // R * T * (A + 1) accumulators and T (int4: 2T) x vectors in the 32 registers
+  constexpr int R = M == kInt8 ? (T == 1 ? 8 : T == 2 ? 4 : T <= 4 ? 2 : 1)
+                               : (T == 1 ? 4 : T == 2 ? 2 : 1);
+  int64_t n = n0;
+  for (; n + R <= n1; n += R) block_int<M, T, R>(p, xi, n);
+  for (; n < n1; ++n) block_int<M, T, 1>(p, xi, n);
+}
+
+template <int M>
+void rows_int(const Problem& p, const XInt& xi, int64_t n0, int64_t n1) {
+  switch (p.T) {
+    case 1: return rows_int_t<M, 1>(p, xi, n0, n1);
+    case 2: return rows_int_t<M, 2>(p, xi, n0, n1);
+    case 3: return rows_int_t<M, 3>(p, xi, n0, n1);
+    case 4: return rows_int_t<M, 4>(p, xi, n0, n1);
+    case 5: return rows_int_t<M, 5>(p, xi, n0, n1);
+    case 6: return rows_int_t<M, 6>(p, xi, n0, n1);
+    case 7: return rows_int_t<M, 7>(p, xi, n0, n1);
+    default: return rows_int_t<M, 8>(p, xi, n0, n1);
+  }
+}
 #else
 #define JAXSERVE_ROWS rows_portable
 #endif
@@ -254,7 +455,7 @@ ffi::Error MatvecQuant(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer q,
   if (method == kFp8) {  // the fast path decodes fp8 as value * 2^-8
     scale256.resize(p.N * p.G);
     for (int64_t i = 0; i < p.N * p.G; ++i) scale256[i] = p.scale[i] * 256.0f;
-#if defined(__AVX512BF16__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__F16C__)
+#if defined(JAXSERVE_ROWS_FAST)
     p.scale = scale256.data();
 #endif
   }
@@ -266,6 +467,20 @@ ffi::Error MatvecQuant(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer q,
     p.xsum = xsum.data();
   }
   const int64_t chunks = (p.N + kChunk - 1) / kChunk;
+#if defined(JAXSERVE_INT_PATH)
+  XInt xi;  // this call's x as int16; the pool's workers read it
+  if (method != kFp8 && make_xint(p, method == kInt4, xi)) {
+    jaxserve::ParallelFor(pool, chunks, [&](int64_t c) {
+      const int64_t n0 = c * kChunk, n1 = std::min<int64_t>(p.N, (c + 1) * kChunk);
+      if (method == kInt8) {
+        rows_int<kInt8>(p, xi, n0, n1);
+      } else {
+        rows_int<kInt4>(p, xi, n0, n1);
+      }
+    });
+    return ffi::Error::Success();
+  }
+#endif
   jaxserve::ParallelFor(pool, chunks, [&](int64_t c) {
     rows(method, p, c * kChunk, std::min<int64_t>(p.N, (c + 1) * kChunk));
   });
