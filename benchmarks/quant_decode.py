@@ -30,7 +30,8 @@ def one_run(path: str, method: str | None, args) -> dict:
     from jaxserve.weights.quant_loading import log_weight_bytes
 
     t = time.perf_counter()
-    llm = LLM(path, dtype="bfloat16", quantization=method, max_num_seqs=args.max_num_seqs,
+    llm = LLM(path, dtype="bfloat16", quantization=method, cpu_matvec=args.cpu_matvec,
+              max_num_seqs=args.max_num_seqs,
               max_model_len=args.max_model_len, max_num_batched_tokens=512,
               use_tqdm_on_load=False)
     startup = time.perf_counter() - t
@@ -44,7 +45,7 @@ def one_run(path: str, method: str | None, args) -> dict:
            "p90_ms": 1e3 * float(np.percentile(steps, 90)), "steps": len(steps),
            "cpu_ms_per_token": 1e3 * statistics.median(cpu),
            "weight_bytes": report["weight_bytes"], "layer_ratio": report.get("layer_ratio"),
-           "startup_s": startup, "jax": jax.__version__}
+           "startup_s": startup, "cpu_matvec": args.cpu_matvec, "jax": jax.__version__}
     for num in args.mixed_prompts:
         row[f"mixed_{num}_output_tok_s"] = run_mixed(llm, num, seed=2)["output_tok_s"]
     del llm
@@ -62,19 +63,25 @@ def main(argv=None) -> None:
     p.add_argument("--mixed-prompts", type=int, nargs="*", default=[])
     p.add_argument("--max-num-seqs", type=int, default=64)
     p.add_argument("--max-model-len", type=int, default=1024)
+    p.add_argument("--cpu-matvec", default="auto", choices=["auto", "off"],
+                   help="off: every projection on XLA (the quantized ones without the C++ "
+                        "kernel, matvec_quant.cc)")
     p.add_argument("--out", default=None, help="also write the rows as JSON here")
     args = p.parse_args(argv)
 
     path = write_small_checkpoint(os.path.join(args.cache_dir, "probe-small-bfloat16"),
                                   "bfloat16")
+    load0 = os.getloadavg()
     bw0 = measure_bandwidth()
     rows = []
     for m in args.methods:
         rows.append(one_run(path, None if m == "none" else m, args))
         print(json.dumps(rows[-1]), flush=True)
     bw1 = measure_bandwidth()
+    load1 = os.getloadavg()
     base = next((r for r in rows if r["method"] == "bf16"), None)
-    print(f"\nread bandwidth {bw0['read_GBps']:.0f} / {bw1['read_GBps']:.0f} GB/s (start / end)")
+    print(f"\nread bandwidth {bw0['read_GBps']:.0f} / {bw1['read_GBps']:.0f} GB/s (start / end); "
+          f"load average {load0[0]:.2f} / {load1[0]:.2f}")
     print(f"{'method':<7} {'ms/token':>9} {'cpu ms':>7} {'speed-up':>9} {'weight MB':>10} "
           f"{'x bf16':>7} {'layers x bf16':>14}")
     for r in rows:
@@ -87,7 +94,17 @@ def main(argv=None) -> None:
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"command": "benchmarks/quant_decode.py " + " ".join(argv or sys.argv[1:]),
-                       "bandwidth": [bw0, bw1], "rows": rows}, f, indent=1)
+                       "bandwidth": [bw0, bw1], "loadavg_1_5_15": [load0, load1],
+                       "cpu": _cpu_model(), "rows": rows}, f, indent=1)
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            names = [ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")]
+        return f"{names[0]} x{len(names)}" if names else "unknown"
+    except OSError:
+        return "unknown"
 
 
 if __name__ == "__main__":
