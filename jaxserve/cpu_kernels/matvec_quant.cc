@@ -312,13 +312,12 @@ bool make_xint(const Problem& p, bool int4, XInt& xi) {
   return true;
 }
 
-// Output rows [n, n + R) for all T rows from the int16 x; int4 keeps its even- and odd-input
-// sums apart (two dependency chains). Each chunk's int32 sums are scaled into f32 totals.
+// Output rows [n, n + R) for all T rows from the int16 x. Each chunk's int32 sums become f32,
+// times the chunk's x unit and the row's group scale, into f32 totals; the zero points (int4's
+// stored + 8 and any asymmetric zero) come off once at the end as scale * zero * sum(x).
 template <int M, int T, int R>
 void block_int(const Problem& p, const XInt& xi, int64_t n) {
-  constexpr int A = M == kInt4 ? 2 : 1;  // int32 accumulators per (row, token)
   __m512 total[R][T];
-  float corr[R][T] = {};
   for (int r = 0; r < R; ++r)
     for (int t = 0; t < T; ++t) total[r][t] = _mm512_setzero_ps();
   const uint8_t* rows[R];
@@ -328,22 +327,21 @@ void block_int(const Problem& p, const XInt& xi, int64_t n) {
   for (int64_t j0 = 0; j0 < p.group; j0 += kXChunk, ++c) {
     const int64_t k0 = g * p.group + j0, len = std::min(kXChunk, p.group - j0);
     const int16_t* xc = xi.v.data() + c * kXChunk;
-    __m512i acc[R][T][A];
+    __m512i acc[R][T];
     for (int r = 0; r < R; ++r)
-      for (int t = 0; t < T; ++t)
-        for (int a = 0; a < A; ++a) acc[r][t][a] = _mm512_setzero_si512();
+      for (int t = 0; t < T; ++t) acc[r][t] = _mm512_setzero_si512();
     if constexpr (M == kInt8) {
       for (int64_t j = 0; j < len; j += 32) {
         __m512i xv[T];
         for (int t = 0; t < T; ++t) xv[t] = _mm512_loadu_si512(xc + t * xi.stride + j);
         for (int r = 0; r < R; ++r) {
           const uint8_t* wp = rows[r] + k0 + j;
-          _mm_prefetch(reinterpret_cast<const char*>(wp + 1024), _MM_HINT_T0);
+          _mm_prefetch(reinterpret_cast<const char*>(wp + R * p.row_bytes), _MM_HINT_T0);
           const __m256i b = len - j >= 32
                                 ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wp))
                                 : _mm256_maskz_loadu_epi8(lanes(len - j), wp);
           const __m512i w = _mm512_cvtepi8_epi16(b);
-          for (int t = 0; t < T; ++t) acc[r][t][0] = _mm512_dpwssd_epi32(acc[r][t][0], w, xv[t]);
+          for (int t = 0; t < T; ++t) acc[r][t] = _mm512_dpwssd_epi32(acc[r][t], w, xv[t]);
         }
       }
     } else {
@@ -355,43 +353,43 @@ void block_int(const Problem& p, const XInt& xi, int64_t n) {
         }
         for (int r = 0; r < R; ++r) {
           const uint8_t* wp = rows[r] + (k0 + j) / 2;
-          _mm_prefetch(reinterpret_cast<const char*>(wp + 1024), _MM_HINT_T0);
+          _mm_prefetch(reinterpret_cast<const char*>(wp + R * p.row_bytes), _MM_HINT_T0);
           const __m256i b = len - j >= 64
                                 ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wp))
                                 : _mm256_maskz_loadu_epi8(lanes((len - j) / 2), wp);
           const __m512i u = _mm512_cvtepu8_epi16(b);
           const __m512i lo = _mm512_and_si512(u, low4), hi = _mm512_srli_epi16(u, 4);
           for (int t = 0; t < T; ++t) {
-            acc[r][t][0] = _mm512_dpwssd_epi32(acc[r][t][0], lo, xlo[t]);
-            acc[r][t][A - 1] = _mm512_dpwssd_epi32(acc[r][t][A - 1], hi, xhi[t]);
+            acc[r][t] = _mm512_dpwssd_epi32(acc[r][t], lo, xlo[t]);
+            acc[r][t] = _mm512_dpwssd_epi32(acc[r][t], hi, xhi[t]);
           }
         }
       }
     }
-    const bool group_end = j0 + kXChunk >= p.group;
-    for (int r = 0; r < R; ++r) {
-      const float s = p.scale[(n + r) * p.G + g];
-      // stored int4 nibbles are value + 8; both formats subtract the zero point if any
-      const float off = (M == kInt4 ? 8.0f : 0.0f) + (p.zero ? p.zero[(n + r) * p.G + g] : 0.0f);
-      for (int t = 0; t < T; ++t) {
-        __m512i sum = acc[r][t][0];
-        if constexpr (A == 2) sum = _mm512_add_epi32(sum, acc[r][t][1]);
-        const __m512 f = _mm512_set1_ps(xi.unit[t * xi.chunks + c] * s);
-        total[r][t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), f, total[r][t]);
-        if (group_end) corr[r][t] += off * s * xi.gsum[t * p.G + g];
+    for (int t = 0; t < T; ++t) {
+      const __m512 unit = _mm512_set1_ps(xi.unit[t * xi.chunks + c]);
+      for (int r = 0; r < R; ++r) {
+        const __m512 f = _mm512_mul_ps(_mm512_cvtepi32_ps(acc[r][t]), unit);
+        total[r][t] = _mm512_fmadd_ps(f, _mm512_set1_ps(p.scale[(n + r) * p.G + g]), total[r][t]);
       }
     }
   }
-  for (int r = 0; r < R; ++r)
-    for (int t = 0; t < T; ++t)
-      p.y[t * p.N + n + r] = _mm512_reduce_add_ps(total[r][t]) - corr[r][t];
+  for (int r = 0; r < R; ++r) {
+    for (int t = 0; t < T; ++t) {
+      float corr = 0.0f;  // stored int4 nibbles are value + 8; minus any zero point
+      for (int64_t g = 0; g < p.G; ++g) {
+        const float off = (M == kInt4 ? 8.0f : 0.0f) + (p.zero ? p.zero[(n + r) * p.G + g] : 0.0f);
+        corr += off * p.scale[(n + r) * p.G + g] * xi.gsum[t * p.G + g];
+      }
+      p.y[t * p.N + n + r] = _mm512_reduce_add_ps(total[r][t]) - corr;
+    }
+  }
 }
 
 template <int M, int T>
 void rows_int_t(const Problem& p, const XInt& xi, int64_t n0, int64_t n1) {
-  // R * T * (A + 1) accumulators and T (int4: 2T) x vectors in the 32 registers
-  constexpr int R = M == kInt8 ? (T == 1 ? 8 : T == 2 ? 4 : T <= 4 ? 2 : 1)
-                               : (T == 1 ? 4 : T == 2 ? 2 : 1);
+  // 2 * R * T accumulators and T (int4: 2T) x vectors within the 32 registers
+  constexpr int R = T == 1 ? 8 : T == 2 ? 4 : T <= 4 ? 2 : 1;
   int64_t n = n0;
   for (; n + R <= n1; n += R) block_int<M, T, R>(p, xi, n);
   for (; n < n1; ++n) block_int<M, T, 1>(p, xi, n);
