@@ -24,7 +24,8 @@
 // XLA's path. Output rows are split into chunks over XLA's intra-op thread pool (parallel.h).
 //
 // Shapes: x [T, K] bf16; q [N, K] s8 | [N, K / 2] u8 | [N, K] u8; scale [N, G] f32;
-// zero [N, G] | [N, 0] f32; y [T, N] f32; 1 <= T <= kMaxRows; attr method 0 int8, 1 int4, 2 fp8.
+// zero [N, G] | [N, 0] f32; y [T, N] f32; 1 <= T <= kMaxRows (in passes of kPass rows);
+// attr method 0 int8, 1 int4, 2 fp8.
 
 #include <immintrin.h>
 
@@ -41,7 +42,8 @@ namespace ffi = xla::ffi;
 
 namespace {
 
-constexpr int64_t kMaxRows = 8;
+constexpr int64_t kMaxRows = 64;
+constexpr int64_t kPass = 8;  // token rows per pass over a chunk of output rows (registers)
 constexpr int64_t kChunk = 32;  // output rows per pool item
 enum Method { kInt8 = 0, kInt4 = 1, kFp8 = 2 };
 
@@ -301,6 +303,19 @@ bool chunk_to_int16(const uint16_t* xs, int64_t len, bool int4, int16_t* out, fl
   return true;
 }
 
+// Token rows [t0, ...) of an XInt, as the blocks read them.
+struct XView {
+  const int16_t* v;
+  const float* unit;
+  const float* gsum;
+  int64_t per_group, chunks, stride;
+};
+
+XView view(const XInt& xi, int64_t t0, int64_t G) {
+  return {xi.v.data() + t0 * xi.stride, xi.unit.data() + t0 * xi.chunks, xi.gsum.data() + t0 * G,
+          xi.per_group, xi.chunks, xi.stride};
+}
+
 // False when a row has a NaN or an inf (the caller runs the float path, which propagates them).
 bool make_xint(const Problem& p, bool int4, XInt& xi) {
   xi.per_group = (p.group + kXChunk - 1) / kXChunk;
@@ -329,7 +344,7 @@ bool make_xint(const Problem& p, bool int4, XInt& xi) {
 // times the chunk's x unit and the row's group scale, into f32 totals; the zero points (int4's
 // stored + 8 and any asymmetric zero) come off once at the end as scale * zero * sum(x).
 template <int M, int T, int R>
-void block_int(const Problem& p, const XInt& xi, int64_t n) {
+void block_int(const Problem& p, const XView& xi, int64_t n) {
   __m512 total[R][T];
   for (int r = 0; r < R; ++r)
     for (int t = 0; t < T; ++t) total[r][t] = _mm512_setzero_ps();
@@ -339,7 +354,7 @@ void block_int(const Problem& p, const XInt& xi, int64_t n) {
   for (int64_t g = 0, c = 0; g < p.G; ++g)
   for (int64_t j0 = 0; j0 < p.group; j0 += kXChunk, ++c) {
     const int64_t k0 = g * p.group + j0, len = std::min(kXChunk, p.group - j0);
-    const int16_t* xc = xi.v.data() + c * kXChunk;
+    const int16_t* xc = xi.v + c * kXChunk;
     __m512i acc[R][T];
     for (int r = 0; r < R; ++r)
       for (int t = 0; t < T; ++t) acc[r][t] = _mm512_setzero_si512();
@@ -400,7 +415,7 @@ void block_int(const Problem& p, const XInt& xi, int64_t n) {
 }
 
 template <int M, int T>
-void rows_int_t(const Problem& p, const XInt& xi, int64_t n0, int64_t n1) {
+void rows_int_t(const Problem& p, const XView& xi, int64_t n0, int64_t n1) {
   // 2 * R * T accumulators and T (int4: 2T) x vectors within the 32 registers
   constexpr int R = T == 1 ? 8 : T == 2 ? 4 : T <= 4 ? 2 : 1;
   int64_t n = n0;
@@ -409,7 +424,7 @@ void rows_int_t(const Problem& p, const XInt& xi, int64_t n0, int64_t n1) {
 }
 
 template <int M>
-void rows_int(const Problem& p, const XInt& xi, int64_t n0, int64_t n1) {
+void rows_int(const Problem& p, const XView& xi, int64_t n0, int64_t n1) {
   switch (p.T) {
     case 1: return rows_int_t<M, 1>(p, xi, n0, n1);
     case 2: return rows_int_t<M, 2>(p, xi, n0, n1);
@@ -433,6 +448,16 @@ void rows(int method, const Problem& p, int64_t n0, int64_t n1) {
   }
 }
 
+// Token rows [t0, t0 + n) of a problem.
+Problem rows_of(const Problem& p, int64_t t0, int64_t n) {
+  Problem s = p;
+  s.T = n;
+  s.x = p.x + t0 * p.K;
+  s.y = p.y + t0 * p.N;
+  s.xsum = p.xsum ? p.xsum + t0 * p.G : nullptr;
+  return s;
+}
+
 ffi::Error MatvecQuant(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer q,
                        ffi::Buffer<ffi::F32> scale, ffi::Buffer<ffi::F32> zero,
                        ffi::Result<ffi::Buffer<ffi::F32>> y, int32_t method) {
@@ -449,7 +474,7 @@ ffi::Error MatvecQuant(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer q,
   Problem p{xd[0], xd[1], qd[0], sd[1], 0, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr,
             qd[1]};
   const int64_t per_byte = method == kInt4 ? 2 : 1;
-  if (p.T < 1 || p.T > kMaxRows) return ffi::Error::InvalidArgument("quant matvec: 1 <= T <= 8");
+  if (p.T < 1 || p.T > kMaxRows) return ffi::Error::InvalidArgument("quant matvec: 1 <= T <= 64");
   if (qd[1] * per_byte != p.K || sd[0] != p.N || p.G < 1 || p.K % p.G)
     return ffi::Error::InvalidArgument("quant matvec: q [N, K(/2)] and scale [N, G | K] disagree");
   p.group = p.K / p.G;
@@ -470,23 +495,31 @@ ffi::Error MatvecQuant(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer q,
       for (int64_t k = 0; k < p.K; ++k) xsum[t * p.G + k / p.group] += bf16_to_f32(p.x[t * p.K + k]);
     p.xsum = xsum.data();
   }
+  // Each pool item: a chunk of output rows for all token rows, kPass token rows at a time (the
+  // chunk's weights come from memory once, then from cache).
   const int64_t chunks = (p.N + kChunk - 1) / kChunk;
 #if defined(JAXSERVE_INT_PATH)
   XInt xi;  // this call's x as int16; the pool's workers read it
   if (method != kFp8 && make_xint(p, method == kInt4, xi)) {
     jaxserve::ParallelFor(pool, chunks, [&](int64_t c) {
       const int64_t n0 = c * kChunk, n1 = std::min<int64_t>(p.N, (c + 1) * kChunk);
-      if (method == kInt8) {
-        rows_int<kInt8>(p, xi, n0, n1);
-      } else {
-        rows_int<kInt4>(p, xi, n0, n1);
+      for (int64_t t0 = 0; t0 < p.T; t0 += kPass) {
+        const Problem s = rows_of(p, t0, std::min(kPass, p.T - t0));
+        const XView v = view(xi, t0, p.G);
+        if (method == kInt8) {
+          rows_int<kInt8>(s, v, n0, n1);
+        } else {
+          rows_int<kInt4>(s, v, n0, n1);
+        }
       }
     });
     return ffi::Error::Success();
   }
 #endif
   jaxserve::ParallelFor(pool, chunks, [&](int64_t c) {
-    rows(method, p, c * kChunk, std::min<int64_t>(p.N, (c + 1) * kChunk));
+    const int64_t n0 = c * kChunk, n1 = std::min<int64_t>(p.N, (c + 1) * kChunk);
+    for (int64_t t0 = 0; t0 < p.T; t0 += kPass)
+      rows(method, rows_of(p, t0, std::min(kPass, p.T - t0)), n0, n1);
   });
   return ffi::Error::Success();
 }

@@ -23,8 +23,9 @@ logger = logging.getLogger(__name__)
 REDUCE_MAX_TOKENS = {"int8": 64, "int4": 8, "fp8": 8}
 # Up to this many token rows of bf16 activations the weight-only product runs the C++ decode
 # kernel (cpu_kernels/matvec_quant.cc) when the cpu_matvec switch is on: it reads each quantized
-# byte once for all rows (benchmarks/quant_decode.py --kernel-probe).
-KERNEL_MAX_ROWS = cpu_matvec_quant.MAX_ROWS
+# byte once for all rows, its work growing with the rows; past these XLA's forms above were as
+# fast or faster (benchmarks/quant_matvec_probe.py --rows 8 16 32 64 --xla).
+KERNEL_MAX_ROWS = {"int8": 32, "int4": 64, "fp8": 8}
 
 
 class QuantizedLinear(nnx.Module):
@@ -77,7 +78,8 @@ class QuantizedLinear(nnx.Module):
         if self.int8_activations:
             return self._w8a8(x)
         t = x.shape[0]
-        if self.matvec and x.dtype == jnp.bfloat16 and x.ndim == 2 and t <= KERNEL_MAX_ROWS:
+        if (self.matvec and x.dtype == jnp.bfloat16 and x.ndim == 2
+                and t <= KERNEL_MAX_ROWS[self.method]):
             zeros = None if self.zeros is None else self.zeros[...]
             y = cpu_matvec_quant.matvec_quant(x, self.qweight[...], self.scales[...], zeros,
                                               self.method)  # [T, out] f32
@@ -177,7 +179,7 @@ def log_kernel_plan(quant: QuantConfig | None, dtype, matvec: bool) -> None:
         return
     if kernel_plan(quant, dtype, matvec):
         logger.info("quantized linear: %s projections of up to %d bf16 rows run the CPU decode "
-                    "kernel; longer steps use XLA", quant.name, KERNEL_MAX_ROWS)
+                    "kernel; longer steps use XLA", quant.name, KERNEL_MAX_ROWS[quant.method])
     elif not matvec:
         logger.info("quantized linear: the CPU decode kernel is off (cpu_matvec); %s "
                     "projections use XLA for every step (slower decode)", quant.name)

@@ -53,7 +53,8 @@ def _run(x, q, scales, zeros, method, target):
                                                ("int4", True), ("fp8", False)])
 @pytest.mark.parametrize("rows,n_in,n_out,groups", [(1, 896, 67, 1), (2, 256, 40, 2),
                                                     (3, 100, 9, 1), (4, 96, 33, 3),
-                                                    (8, 4864, 7, 38), (5, 36, 5, 2)])
+                                                    (8, 4864, 7, 38), (5, 36, 5, 2),
+                                                    (19, 160, 70, 5)])
 def test_matches_float64_oracle(rows, n_in, n_out, groups, method, asymmetric, portable):
     rng = np.random.default_rng(rows * 1000 + n_in + groups)
     q, scales, zeros = _weights(rng, method, n_out, n_in, groups, asymmetric)
@@ -97,10 +98,12 @@ def test_nan_and_inf_reach_only_their_outputs(method, portable):
     else:
         q[:, 0] = one
         q[0, 0] = zero
-    x = jnp.asarray(rng.standard_normal((3, 50)), jnp.bfloat16)
+    x = jnp.asarray(rng.standard_normal((11, 50)), jnp.bfloat16)  # two passes of <= 8 rows
     x = x.at[1, 49].set(jnp.nan).at[2, 0].set(jnp.inf)  # column 49 lies in the masked tail
+    x = x.at[9, 3].set(jnp.nan)
     y = _run(x, q, scales, None, method, _target(portable))
-    assert np.isnan(y[1]).all() and np.isfinite(y[0]).all()
+    assert np.isnan(y[1]).all() and np.isnan(y[9]).all()
+    assert np.isfinite(np.delete(y, [1, 2, 9], axis=0)).all()
     assert np.isnan(y[2, 0]) and np.isposinf(y[2, 1:]).all()  # 0 * inf, then 1 * inf
 
 
@@ -121,8 +124,8 @@ def test_refuses_what_it_does_not_take():
         mq.matvec_quant(jnp.zeros((1, 8), jnp.bfloat16), q, s, None, "nf4")
     with pytest.raises(ValueError, match="bf16"):
         mq.matvec_quant(jnp.zeros((1, 8), jnp.float32), q, s, None, "int8")
-    with pytest.raises(ValueError, match="T <= 8"):
-        mq.matvec_quant(jnp.zeros((9, 8), jnp.bfloat16), q, s, None, "int8")
+    with pytest.raises(ValueError, match="T <= 64"):
+        mq.matvec_quant(jnp.zeros((65, 8), jnp.bfloat16), q, s, None, "int8")
 
 
 def _layer(method, group, matvec, dtype=jnp.bfloat16, symmetric=True, w8a8=False):
@@ -152,7 +155,8 @@ def test_quantized_linear_takes_it_for_decode_rows(method, group, symmetric):
     off = _layer(method, group, False, symmetric=symmetric)
     x = jnp.asarray(np.random.default_rng(2).standard_normal((3, 128)), jnp.bfloat16)
     assert _uses_kernel(on, x) and not _uses_kernel(off, x)
-    assert not _uses_kernel(on, jnp.zeros((ql.KERNEL_MAX_ROWS + 1, 128), jnp.bfloat16))
+    assert not _uses_kernel(on, jnp.zeros((ql.KERNEL_MAX_ROWS[method] + 1, 128), jnp.bfloat16))
+    assert _uses_kernel(on, jnp.zeros((ql.KERNEL_MAX_ROWS[method], 128), jnp.bfloat16))
     got = np.asarray(jax.jit(lambda a: on(a))(x), np.float32)
     want = np.asarray(jax.jit(lambda a: off(a))(x), np.float32)  # XLA's path, same weights
     np.testing.assert_allclose(got, want, rtol=2**-7, atol=2**-7 * np.abs(want).max())
