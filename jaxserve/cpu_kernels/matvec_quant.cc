@@ -10,18 +10,20 @@
 // call for all T rows (XLA:CPU's dot first converts the whole weight to float every step).
 //
 // AVX-512 paths. int8 / int4 (the usual case): x is first rounded to int16 with a power-of-
-// two unit per chunk of up to 256 inputs of a group (|x| / unit < 2^15; the rounding error is at
-// most one unit, <= 2^-14 of the chunk's largest |x|: no more than the bf16 rounding x already
-// carries, for every input within 2^5 of that largest one); then vpdpwssd multiplies 32 sign-extended int8
-// weights (or 2 x 32 zero-extended int4 nibbles, x laid out even inputs then odd ones to match)
-// by x into exact int32 sums, two instructions per 32 int8 weights instead of seven for a float
-// decode. Each chunk's sums are scaled (unit * group scale) into f32 totals; zero points (int4's
-// stored + 8, and asymmetric zeros) come off as scale * zero * sum(x). fp8, and any call whose
-// x holds a NaN or an inf (so that they propagate exactly): 32 weights at a time are decoded to
-// bf16 exactly (every int8 / int4 / e4m3 value is one; e4m3 by moving its exponent and mantissa
-// bits, subnormals by a lookup) and meet x in vdpbf16ps with f32 sums. Any other CPU runs a
-// plain loop with f32 arithmetic. e4m3 NaN bytes (0x7f / 0xff) read as 480 on every path, as in
-// XLA's path. Output rows are split into chunks over XLA's intra-op thread pool (parallel.h).
+// two unit per chunk of up to 256 inputs of a group (|x| / unit < 2^15; the rounding error is
+// at most one unit, <= 2^-14 of the chunk's largest |x|: no more than the bf16 rounding x
+// already carries, for every input within 2^5 of that largest one); then vpdpwssd multiplies
+// 32 sign-extended int8 weights (or 2 x 32 zero-extended int4 nibbles, x laid out even inputs
+// then odd ones to match) by x into exact int32 sums: two instructions per 32 int8 weights
+// instead of seven for a float decode. Each chunk's sums are scaled (unit * group scale) into
+// f32 totals; zero points (int4's stored + 8, and asymmetric zeros) come off as
+// scale * zero * sum(x). fp8, and any call whose x holds a NaN or an inf (so that they
+// propagate exactly): 32 weights at a time are decoded to bf16 exactly (every int8 / int4 /
+// e4m3 value is one; e4m3 by moving its exponent and mantissa bits, subnormals by a lookup)
+// and meet x in vdpbf16ps with f32 sums. Any other CPU runs a plain loop with f32 arithmetic.
+// e4m3 NaN bytes (0x7f / 0xff) read as 480 on every path, as in XLA's path. Output rows are
+// split into chunks over XLA's intra-op thread pool (parallel.h); each chunk takes the token
+// rows 8 at a time (the accumulators live in registers), its weights from cache after the first.
 //
 // Shapes: x [T, K] bf16; q [N, K] s8 | [N, K / 2] u8 | [N, K] u8; scale [N, G] f32;
 // zero [N, G] | [N, 0] f32; y [T, N] f32; 1 <= T <= kMaxRows (in passes of kPass rows);
@@ -156,8 +158,8 @@ inline __m512bh decode(const uint8_t* row, int64_t k, int64_t n) {
     const __mmask32 is_sub = _mm512_testn_epi16_mask(w, _mm512_set1_epi16(0x0078));
     const __m512i mag = _mm512_mask_permutexvar_epi16(normal, is_sub, w, sub);
     // | the sign bit
-    return (__m512bh)_mm512_ternarylogic_epi32(mag, w, _mm512_set1_epi16(static_cast<int16_t>(0x8000)),
-                                               0xF8);
+    const __m512i sign = _mm512_set1_epi16(static_cast<int16_t>(0x8000));
+    return (__m512bh)_mm512_ternarylogic_epi32(mag, w, sign, 0xF8);  // mag | (w & sign)
   }
 }
 
@@ -196,7 +198,8 @@ void block(const Problem& p, int64_t n) {
       const __m512 sv = _mm512_set1_ps(s);
       for (int t = 0; t < T; ++t) total[r][t] = _mm512_fmadd_ps(acc[r][t], sv, total[r][t]);
       if (p.zero)
-        for (int t = 0; t < T; ++t) corr[r][t] += p.zero[(n + r) * p.G + g] * s * p.xsum[t * p.G + g];
+        for (int t = 0; t < T; ++t)
+          corr[r][t] += p.zero[(n + r) * p.G + g] * s * p.xsum[t * p.G + g];
     }
   }
   for (int r = 0; r < R; ++r)
@@ -256,7 +259,8 @@ bool chunk_to_int16(const uint16_t* xs, int64_t len, bool int4, int16_t* out, fl
     // |x| as bf16 bits orders like |x|; >= 0x7f80 is inf or NaN
     mx = _mm512_max_epu16(mx, _mm512_and_si512(w[i], _mm512_set1_epi16(0x7fff)));
   }
-  const __m256i m16 = _mm256_max_epu16(_mm512_castsi512_si256(mx), _mm512_extracti64x4_epi64(mx, 1));
+  const __m256i m16 =
+      _mm256_max_epu16(_mm512_castsi512_si256(mx), _mm512_extracti64x4_epi64(mx, 1));
   const __m128i m8 = _mm_max_epu16(_mm256_castsi256_si128(m16), _mm256_extracti128_si256(m16, 1));
   uint16_t lanes8[8];
   _mm_storeu_si128(reinterpret_cast<__m128i*>(lanes8), m8);
@@ -290,7 +294,10 @@ bool chunk_to_int16(const uint16_t* xs, int64_t len, bool int4, int16_t* out, fl
   *sum = _mm512_reduce_add_epi32(total);
   if (int4) {  // each 64 inputs: the 32 even ones, then the 32 odd ones
     alignas(64) int16_t even_idx[32], odd_idx[32];
-    for (int i = 0; i < 32; ++i) even_idx[i] = static_cast<int16_t>(2 * i), odd_idx[i] = static_cast<int16_t>(2 * i + 1);
+    for (int i = 0; i < 32; ++i) {
+      even_idx[i] = static_cast<int16_t>(2 * i);
+      odd_idx[i] = static_cast<int16_t>(2 * i + 1);
+    }
     const __m512i ie = _mm512_load_si512(even_idx), io = _mm512_load_si512(odd_idx);
     for (int i = 0; i < kXChunk / 32; i += 2) {
       const __m512i ev = _mm512_permutex2var_epi16(q[i], ie, q[i + 1]);
@@ -492,7 +499,8 @@ ffi::Error MatvecQuant(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer q,
     p.zero = zero.typed_data();
     xsum.assign(p.T * p.G, 0.0f);
     for (int64_t t = 0; t < p.T; ++t)
-      for (int64_t k = 0; k < p.K; ++k) xsum[t * p.G + k / p.group] += bf16_to_f32(p.x[t * p.K + k]);
+      for (int64_t k = 0; k < p.K; ++k)
+        xsum[t * p.G + k / p.group] += bf16_to_f32(p.x[t * p.K + k]);
     p.xsum = xsum.data();
   }
   // Each pool item: a chunk of output rows for all token rows, kPass token rows at a time (the
