@@ -9,6 +9,12 @@ jitted call per format, the formats alternated call by call, median ms and the s
 bf16: the weight-streaming part of a decode step without the rest of the step.
 
   PYTHONPATH=. python benchmarks/quant_matvec_probe.py --model --rows 1 --repeats 20
+
+--prefill: the kernel against the bf16 dot on the weight dequantized in the step, per row count
+(where QuantizedLinear switches from one to the other).
+
+  PYTHONPATH=. python benchmarks/quant_matvec_probe.py --prefill --rows 1 2 4 8 16 32 \
+      --shapes gate_up down --repeats 10
 """
 
 from __future__ import annotations
@@ -108,6 +114,31 @@ def model_probe(args) -> None:
                               "loadavg": os.getloadavg()[0]}), flush=True)
 
 
+def prefill_probe(args) -> None:
+    """Per quantized format and row count: the kernel against the bf16 dot on the weight
+    dequantized in the step (QuantizedLinear's two bf16 forms), the crossover for
+    KERNEL_MAX_ROWS."""
+    from jaxserve.cpu_kernels.matvec_quant import matvec_quant
+
+    for shape in args.shapes:
+        in_dim, out_dim = SHAPES[shape]
+        for method in [m for m in args.methods if m != "bf16"]:
+            lin, _ = _layer(method, in_dim, out_dim, True)
+            zeros = None if lin.zeros is None else lin.zeros[...]
+            kernel = jax.jit(lambda a, lin=lin, z=zeros, m=method: matvec_quant(
+                a, lin.qweight[...], lin.scales[...], z, m))
+            dot = jax.jit(lambda a, lin=lin: jnp.einsum(
+                "ti,oi->to", a, lin.dequantized(jnp.bfloat16),
+                preferred_element_type=jnp.float32))
+            for t in args.rows:
+                x = jnp.asarray(np.random.default_rng(t).standard_normal((t, in_dim)),
+                                jnp.bfloat16)
+                row = {"shape": shape, "method": method, "rows": t}
+                for name, fn in (("kernel", kernel), ("dequant_dot", dot)):
+                    row[f"{name}_ms"] = round(1e3 * time_call(fn, x, args.repeats), 3)
+                print(json.dumps(row), flush=True)
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--methods", nargs="+", default=["bf16", "int8", "int4", "fp8"])
@@ -117,9 +148,13 @@ def main(argv=None) -> None:
     p.add_argument("--xla", action="store_true", help="also time XLA's path (cpu_matvec off)")
     p.add_argument("--model", action="store_true", help="the whole model's projections")
     p.add_argument("--layers", type=int, default=12)
+    p.add_argument("--prefill", action="store_true",
+                   help="kernel vs the bf16 dot on the dequantized weight, per row count")
     args = p.parse_args(argv)
     if args.model:
         return model_probe(args)
+    if args.prefill:
+        return prefill_probe(args)
     for shape in args.shapes:
         in_dim, out_dim = SHAPES[shape]
         for method in args.methods:

@@ -23,9 +23,9 @@ logger = logging.getLogger(__name__)
 REDUCE_MAX_TOKENS = {"int8": 64, "int4": 8, "fp8": 8}
 # Up to this many token rows of bf16 activations the weight-only product runs the C++ decode
 # kernel (cpu_kernels/matvec_quant.cc) when the cpu_matvec switch is on: it reads each quantized
-# byte once for all rows, its work growing with the rows; past these XLA's forms above were as
-# fast or faster (benchmarks/quant_matvec_probe.py --rows 8 16 32 64 --xla).
-KERNEL_MAX_ROWS = {"int8": 32, "int4": 64, "fp8": 8}
+# byte once for all rows, its work growing with the rows; past these the bf16 dot on the weight
+# dequantized per step was as fast or faster (benchmarks/quant_matvec_probe.py --prefill).
+KERNEL_MAX_ROWS = {"int8": 4, "int4": 4, "fp8": 4}
 
 
 class QuantizedLinear(nnx.Module):
@@ -78,14 +78,19 @@ class QuantizedLinear(nnx.Module):
         if self.int8_activations:
             return self._w8a8(x)
         t = x.shape[0]
-        if (self.matvec and x.dtype == jnp.bfloat16 and x.ndim == 2
-                and t <= KERNEL_MAX_ROWS[self.method]):
+        bf16 = x.dtype == jnp.bfloat16 and x.ndim == 2
+        if self.matvec and bf16 and t <= KERNEL_MAX_ROWS[self.method]:
             zeros = None if self.zeros is None else self.zeros[...]
             y = cpu_matvec_quant.matvec_quant(x, self.qweight[...], self.scales[...], zeros,
                                               self.method)  # [T, out] f32
-            if self.bias is not None:
-                y = y + self.bias[...].astype(jnp.float32)
-            return y.astype(x.dtype)
+            return self._finish(y, x.dtype)
+        if bf16 and (self.matvec or t > REDUCE_MAX_TOKENS[self.method]):
+            # More bf16 rows: one pass writes the dequantized weight in bf16, then XLA's bf16
+            # dot (f32 sums): the pass is amortised over the rows, and at 256 rows this ran 5x
+            # (int8) to 30x (int4) faster than the float32 dot below.
+            w = self.dequantized(jnp.bfloat16)  # [out, in]
+            y = jnp.einsum("ti,oi->to", x, w, preferred_element_type=jnp.float32)  # [T, out]
+            return self._finish(y, x.dtype)
         values, offset = self.values()
         parts = len(values)  # int4: inputs split into even / odd halves
         xf = x.astype(jnp.float32).reshape(t, -1, self.group // parts, parts)  # [T, G, k, p]
@@ -110,6 +115,22 @@ class QuantizedLinear(nnx.Module):
         if self.bias is not None:
             y = y + self.bias[...].astype(jnp.float32)
         return y.astype(x.dtype)
+
+    def dequantized(self, dtype) -> jax.Array:
+        """The weight [out, in] in `dtype`, (value - offset - zero) * scale rounded once."""
+        values, offset = self.values()
+        v = values[0] if len(values) == 1 else jnp.stack(values, axis=-1)  # int4: even, odd
+        v = v.reshape(v.shape[0], -1, self.group) - offset  # [out, G, group]
+        if self.zeros is not None:
+            v = v - self.zeros[...][:, :, None]
+        w = v * self.scales[...][:, :, None]
+        return w.reshape(w.shape[0], -1).astype(dtype)
+
+    def _finish(self, y: jax.Array, dtype) -> jax.Array:
+        """f32 [T, out] + bias, in the activations' dtype."""
+        if self.bias is not None:
+            y = y + self.bias[...].astype(jnp.float32)
+        return y.astype(dtype)
 
     def _w8a8(self, x: jax.Array) -> jax.Array:
         """int8 x int8 -> int32 matmul on per-token int8 activations: the one int8 matmul
@@ -179,7 +200,8 @@ def log_kernel_plan(quant: QuantConfig | None, dtype, matvec: bool) -> None:
         return
     if kernel_plan(quant, dtype, matvec):
         logger.info("quantized linear: %s projections of up to %d bf16 rows run the CPU decode "
-                    "kernel; longer steps use XLA", quant.name, KERNEL_MAX_ROWS[quant.method])
+                    "kernel; more rows use XLA's bf16 dot on the weight dequantized per step",
+                    quant.name, KERNEL_MAX_ROWS[quant.method])
     elif not matvec:
         logger.info("quantized linear: the CPU decode kernel is off (cpu_matvec); %s "
                     "projections use XLA for every step (slower decode)", quant.name)

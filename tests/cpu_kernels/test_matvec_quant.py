@@ -162,6 +162,28 @@ def test_quantized_linear_takes_it_for_decode_rows(method, group, symmetric):
     np.testing.assert_allclose(got, want, rtol=2**-7, atol=2**-7 * np.abs(want).max())
 
 
+@pytest.mark.parametrize("matvec", [True, False])
+@pytest.mark.parametrize("method,group,symmetric", [("int8", None, True), ("int4", 32, False),
+                                                    ("fp8", None, True)])
+def test_many_bf16_rows_take_the_bf16_dot_on_the_dequantized_weight(method, group, symmetric,
+                                                                    matvec):
+    """Past the kernel's rows (or XLA's reduction without it) a bf16 step dequantizes the
+    weight to bf16 and runs XLA's bf16 dot: each weight rounded once to bf16 (2^-9 relative),
+    f32 sums, the output rounded to bf16 (2^-9)."""
+    lin = _layer(method, group, matvec, symmetric=symmetric)
+    rows = 80  # past REDUCE_MAX_TOKENS of every method too
+    x = jnp.asarray(np.random.default_rng(4).standard_normal((rows, 128)), jnp.bfloat16)
+    text = jax.jit(lambda a: lin(a)).lower(x).as_text()
+    assert mq.TARGET not in text and "tensor<48x128xbf16>) -> tensor<80x48xf32>" in text
+    got = np.asarray(jax.jit(lambda a: lin(a))(x), np.float64)
+    zeros = None if symmetric else np.asarray(lin.zeros[...])
+    w = dequantize(method, np.asarray(lin.qweight[...]), np.asarray(lin.scales[...]), zeros)
+    xf = np.asarray(x, np.float64)
+    want = xf @ w.T.astype(np.float64) + np.asarray(lin.bias[...], np.float64)
+    bound = 2**-8 * (np.abs(xf) @ np.abs(w.T) + np.abs(want))
+    np.testing.assert_array_less(np.abs(got - want), bound)
+
+
 def test_plan_keeps_xla_for_w8a8_and_float32_and_logs_why(caplog):
     assert not ql.kernel_plan(QuantConfig("int8", None, int8_activations=True), jnp.bfloat16, True)
     assert not ql.kernel_plan(QuantConfig("int4", 32), jnp.float32, True)
@@ -179,12 +201,14 @@ def test_plan_keeps_xla_for_w8a8_and_float32_and_logs_why(caplog):
     assert "w8a8 projections use XLA" in caplog.text and "kernel is off" in caplog.text
 
 
-@pytest.mark.parametrize("method", ["int8", "int4", "fp8"])
-def test_bf16_quantized_model_with_the_kernel_is_like_hf_bf16(method, tiny_checkpoints, tmp_path):
+@pytest.mark.parametrize("method,chunk", [("int8", 1), ("int4", 1), ("fp8", 1), ("int4", None)])
+def test_bf16_quantized_model_with_the_kernel_is_like_hf_bf16(method, chunk, tiny_checkpoints,
+                                                             tmp_path):
     """A bf16 model quantized at load, run in decode-sized steps (chunk=1: 3 rows a step, every
-    projection in the kernel), against HF float32 on the dequantized weights: the error stays
-    within the bound tests/models/test_bf16_and_shards.py sets for bf16 (2x HF's own bf16 error
-    on the same weights, plus 1e-2 of the logit range)."""
+    projection in the kernel) or whole prompts (29 rows: the bf16 dot on dequantized weights),
+    against HF float32 on the dequantized weights: the error stays within the bound
+    tests/models/test_bf16_and_shards.py sets for bf16 (2x HF's own bf16 error on the same
+    weights, plus 1e-2 of the logit range)."""
     import torch
 
     from jaxserve.weights.loader import load_model
@@ -200,6 +224,6 @@ def test_bf16_quantized_model_with_the_kernel_is_like_hf_bf16(method, tiny_check
     hf_bf16 = hf_logits(deq, prompts, dtype=torch.bfloat16)
     loaded = load_model(path, dtype="bfloat16", quantization=method, cpu_matvec=True)
     assert loaded.model.layers[0].up_proj.matvec and loaded.model.layers[0].q_proj.matvec
-    ours = paged_logits(loaded, prompts, chunk=1)
+    ours = paged_logits(loaded, prompts, chunk=chunk)
     err, hf_err = _rel_err(ours, ref), _rel_err(hf_bf16, ref)
     assert err <= 2 * hf_err + 1e-2, (err, hf_err)
