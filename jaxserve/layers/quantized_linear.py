@@ -49,7 +49,8 @@ class QuantizedLinear(nnx.Module):
                       else nnx.Param(jnp.zeros((out_dim, groups), jnp.float32)))  # [out, G]
         self.bias = nnx.Param(jnp.zeros((out_dim,), dtype=dtype)) if bias else None  # [out]
 
-    def values(self) -> tuple[tuple[jax.Array, ...], float]:
+    def values(self, q: jax.Array | None = None,
+               scales: jax.Array | None = None) -> tuple[tuple[jax.Array, ...], float]:
         """(stored values as float32, offset): one [out, G, group] array, or for int4 the low-
         and high-nibble halves [out, G, group / 2] (the even and odd inputs); the weight is
         (value - offset - zero) * scale.
@@ -59,9 +60,9 @@ class QuantizedLinear(nnx.Module):
         materialise a full-size copy (benchmarks/quant_matvec.py). Constants are made per layer
         (`_per_layer`): a scalar constant shared by several same-shaped layers is broadcast
         once to the weight's shape and materialised for all of them."""
-        q = self.qweight[...]
+        q = self.qweight[...] if q is None else q
         out_dim = q.shape[0]
-        const = _per_layer(self.scales[...])
+        const = _per_layer(self.scales[...] if scales is None else scales)
         if self.method == "int4":  # uint8 [out, in / 2]: byte = lo + 16 * hi, stored q + 8
             b = q.astype(jnp.float32)
             # hi = floor(b / 16) without floor(): y = b / 16 - 15/32 (exact) is never a tie, and
@@ -88,7 +89,7 @@ class QuantizedLinear(nnx.Module):
             # More bf16 rows: one pass writes the dequantized weight in bf16, then XLA's bf16
             # dot (f32 sums): the pass is amortised over the rows, and at 256 rows this ran 5x
             # (int8) to 30x (int4) faster than the float32 dot below.
-            w = self.dequantized(jnp.bfloat16)  # [out, in]
+            w = self.dequantized(jnp.bfloat16, after=x)  # [out, in]
             y = jnp.einsum("ti,oi->to", x, w, preferred_element_type=jnp.float32)  # [T, out]
             return self._finish(y, x.dtype)
         values, offset = self.values()
@@ -116,14 +117,22 @@ class QuantizedLinear(nnx.Module):
             y = y + self.bias[...].astype(jnp.float32)
         return y.astype(x.dtype)
 
-    def dequantized(self, dtype) -> jax.Array:
-        """The weight [out, in] in `dtype`, (value - offset - zero) * scale rounded once."""
-        values, offset = self.values()
+    def dequantized(self, dtype, after: jax.Array | None = None) -> jax.Array:
+        """The weight [out, in] in `dtype`, (value - offset - zero) * scale rounded once.
+
+        after: computed only once this array exists (an optimization barrier): XLA would
+        otherwise hoist every layer's dequantization, which does not depend on the activations,
+        to the start of the step and keep all the bf16 copies at once (4x slower at 16 rows)."""
+        q, scales = self.qweight[...], self.scales[...]
+        zeros = None if self.zeros is None else self.zeros[...]
+        if after is not None:
+            q, scales, zeros, _ = jax.lax.optimization_barrier((q, scales, zeros, after))
+        values, offset = self.values(q, scales)
         v = values[0] if len(values) == 1 else jnp.stack(values, axis=-1)  # int4: even, odd
         v = v.reshape(v.shape[0], -1, self.group) - offset  # [out, G, group]
-        if self.zeros is not None:
-            v = v - self.zeros[...][:, :, None]
-        w = v * self.scales[...][:, :, None]
+        if zeros is not None:
+            v = v - zeros[:, :, None]
+        w = v * scales[:, :, None]
         return w.reshape(w.shape[0], -1).astype(dtype)
 
     def _finish(self, y: jax.Array, dtype) -> jax.Array:
