@@ -120,6 +120,8 @@ class QuantizedLinear(nnx.Module):
     def dequantized(self, dtype, after: jax.Array | None = None) -> jax.Array:
         """The weight [out, in] in `dtype`, (value - offset - zero) * scale rounded once.
 
+        With the CPU kernels on (matvec) a bf16 copy is written by matvec_quant.cc's dequant
+        (XLA's fusion of the int4 decode ran several times slower in a whole model step).
         after: computed only once this array exists (an optimization barrier): XLA would
         otherwise hoist every layer's dequantization, which does not depend on the activations,
         to the start of the step and keep all the bf16 copies at once (4x slower at 16 rows)."""
@@ -127,6 +129,8 @@ class QuantizedLinear(nnx.Module):
         zeros = None if self.zeros is None else self.zeros[...]
         if after is not None:
             q, scales, zeros, _ = jax.lax.optimization_barrier((q, scales, zeros, after))
+        if self.matvec and jnp.dtype(dtype) == jnp.bfloat16:  # the CPU kernels are built
+            return cpu_matvec_quant.dequant_bf16(q, scales, zeros, self.method)
         values, offset = self.values(q, scales)
         v = values[0] if len(values) == 1 else jnp.stack(values, axis=-1)  # int4: even, odd
         v = v.reshape(v.shape[0], -1, self.group) - offset  # [out, G, group]

@@ -117,6 +117,24 @@ def test_fp8_decodes_every_finite_byte():
     np.testing.assert_array_equal(got, q[0].view(ml_dtypes.float8_e4m3fn).astype(np.float32))
 
 
+@pytest.mark.parametrize("portable", [False, True])
+@pytest.mark.parametrize("method,asymmetric", [("int8", False), ("int4", True), ("fp8", False)])
+def test_dequant_bf16_equals_numpy_rounded_once(method, asymmetric, portable):
+    """The many-row steps' bf16 weight: numpy's float32 dequantize() rounded to bf16, bit for
+    bit (same f32 arithmetic, one round-to-nearest-even)."""
+    rng = np.random.default_rng(8)
+    q, scales, zeros = _weights(rng, method, 37, 100, 5, asymmetric)  # groups of 20: tails
+    target = mq.DEQUANT_TARGET
+    if portable:
+        target = PORTABLE + "_dequant"
+        build.register(mq.SOURCE, mq.DEQUANT_SYMBOL, target, extra_flags=("-mno-avx512f",))
+    z = None if zeros is None else jnp.asarray(zeros)
+    w = jax.jit(lambda a, b, c: mq.dequant_bf16(a, b, c, method, target=target))(
+        jnp.asarray(q), jnp.asarray(scales), z)
+    want = dequantize(method, q, scales, zeros).astype(np.float32).astype(ml_dtypes.bfloat16)
+    np.testing.assert_array_equal(np.asarray(w).view(np.uint16), want.view(np.uint16))
+
+
 def test_refuses_what_it_does_not_take():
     q = jnp.zeros((4, 8), jnp.int8)
     s = jnp.ones((4, 1), jnp.float32)
