@@ -38,16 +38,17 @@
 #include <vector>
 
 #include "parallel.h"
+#include "quant_decode.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
+using namespace jaxserve::quant;  // NOLINT: the decode helpers
 
 namespace {
 
 constexpr int64_t kMaxRows = 64;
 constexpr int64_t kPass = 8;  // token rows per pass over a chunk of output rows (registers)
 constexpr int64_t kChunk = 32;  // output rows per pool item
-enum Method { kInt8 = 0, kInt4 = 1, kFp8 = 2 };
 
 struct Problem {
   int64_t T, K, N, G, group;
@@ -59,30 +60,6 @@ struct Problem {
   float* y;            // [T, N]
   int64_t row_bytes;
 };
-
-inline float bf16_to_f32(uint16_t b) {
-  uint32_t bits = static_cast<uint32_t>(b) << 16;
-  float f;
-  std::memcpy(&f, &bits, sizeof f);
-  return f;
-}
-
-// The scalar value of element k of weight row `row` (before scale and zero point).
-template <int M>
-inline float value(const uint8_t* row, int64_t k) {
-  if constexpr (M == kInt8) {
-    return static_cast<float>(static_cast<int8_t>(row[k]));
-  } else if constexpr (M == kInt4) {
-    const uint8_t b = row[k / 2];
-    return static_cast<float>(((k & 1) ? b >> 4 : b & 15) - 8);
-  } else {
-    const uint8_t b = row[k];
-    const int e = (b >> 3) & 15, m = b & 7;
-    const float mag = e == 0 ? std::ldexp(static_cast<float>(m), -9)
-                             : std::ldexp(static_cast<float>(8 + m), e - 10);
-    return (b & 0x80) ? -mag : mag;
-  }
-}
 
 // Any CPU: output rows [n0, n1), f32 arithmetic in the same order of groups.
 template <int M>
@@ -104,64 +81,7 @@ void rows_portable(const Problem& p, int64_t n0, int64_t n1) {
   }
 }
 
-#if defined(__AVX512BF16__) && defined(__AVX512BW__) && defined(__AVX512VL__) && \
-    defined(__F16C__) && defined(__AVX512VNNI__)
-
-inline __mmask32 lanes(int64_t n) {  // the first n of 32 lanes
-  return n >= 32 ? ~__mmask32{0} : static_cast<__mmask32>((1u << n) - 1);
-}
-
-// 32 weights of a row from element k (the first n valid, n even), as bf16.
-template <int M>
-inline __m512bh decode(const uint8_t* row, int64_t k, int64_t n) {
-  if constexpr (M == kInt8) {
-    const uint8_t* p = row + k;
-    __m128i a, b;
-    if (n >= 32) {
-      a = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
-      b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 16));
-    } else {
-      const __mmask32 m = lanes(n);
-      a = _mm_maskz_loadu_epi8(static_cast<__mmask16>(m), p);
-      b = _mm_maskz_loadu_epi8(static_cast<__mmask16>(m >> 16), p + 16);
-    }
-    const __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(a));
-    const __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(b));
-    return _mm512_cvtne2ps_pbh(hi, lo);
-  } else if constexpr (M == kInt4) {
-    const uint8_t* p = row + k / 2;
-    const __m128i bytes = n >= 32 ? _mm_loadu_si128(reinterpret_cast<const __m128i*>(p))
-                                  : _mm_maskz_loadu_epi8(static_cast<__mmask16>(lanes(n / 2)), p);
-    const __m512i u = _mm512_cvtepu8_epi32(bytes);  // dword j = byte j
-    // word 2j = low nibble, word 2j+1 = high nibble: (u | u << 12) & 0x000f000f
-    const __m512i nib = _mm512_ternarylogic_epi32(u, _mm512_slli_epi32(u, 12),
-                                                  _mm512_set1_epi32(0x000f000f), 0xA8);
-    // bf16 bits of nibble - 8 for nibbles 0..15 (-8 .. 7)
-    const __m512i table = _mm512_set_epi16(
-        0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,  //
-        0x40e0, 0x40c0, 0x40a0, 0x4080, 0x4040, 0x4000, 0x3f80, 0x0000,
-        -0x4080, -0x4000, -0x3fc0, -0x3f80, -0x3f60, -0x3f40, -0x3f20, -0x3f00);
-    return (__m512bh)_mm512_permutexvar_epi16(nib, table);
-  } else {
-    const uint8_t* p = row + k;
-    const __m256i bytes = n >= 32 ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))
-                                  : _mm256_maskz_loadu_epi8(lanes(n), p);
-    const __m512i w = _mm512_cvtepi8_epi16(bytes);  // s eeee mmm, sign-extended
-    // normal (e >= 1): bf16 bits (e + 120) << 7 | m << 4 = ((w << 4) & 0x07f0) + 0x3c00
-    const __m512i normal = _mm512_add_epi16(
-        _mm512_and_si512(_mm512_slli_epi16(w, 4), _mm512_set1_epi16(0x07f0)),
-        _mm512_set1_epi16(0x3c00));
-    // subnormal (e == 0): m * 2^-9, looked up by m (the low 5 bits of w are m when e == 0)
-    const __m512i sub = _mm512_set_epi16(
-        0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,  //
-        0x3c60, 0x3c40, 0x3c20, 0x3c00, 0x3bc0, 0x3b80, 0x3b00, 0x0000);
-    const __mmask32 is_sub = _mm512_testn_epi16_mask(w, _mm512_set1_epi16(0x0078));
-    const __m512i mag = _mm512_mask_permutexvar_epi16(normal, is_sub, w, sub);
-    // | the sign bit
-    const __m512i sign = _mm512_set1_epi16(static_cast<int16_t>(0x8000));
-    return (__m512bh)_mm512_ternarylogic_epi32(mag, w, sign, 0xF8);  // mag | (w & sign)
-  }
-}
+#if defined(JAXSERVE_QUANT_AVX512)
 
 // Output rows [n, n + R) for all T rows; R * T accumulators (and totals) in registers.
 template <int M, int T, int R>
@@ -455,45 +375,6 @@ void rows(int method, const Problem& p, int64_t n0, int64_t n1) {
   }
 }
 
-// Rows [n0, n1) of the weight, dequantized: w[n, k] = bf16((v - zero) * scale), one rounding.
-template <int M>
-void dequant_rows(const Problem& p, uint16_t* w, int64_t n0, int64_t n1) {
-  for (int64_t n = n0; n < n1; ++n) {
-    const uint8_t* row = p.q + n * p.row_bytes;
-    uint16_t* out = w + n * p.K;
-    for (int64_t g = 0; g < p.G; ++g) {
-      const float s = p.scale[n * p.G + g], z = p.zero ? p.zero[n * p.G + g] : 0.0f;
-      const int64_t end = (g + 1) * p.group;
-#if defined(JAXSERVE_INT_PATH)
-      const __m512 sv = _mm512_set1_ps(s), zv = _mm512_set1_ps(z);
-      for (int64_t k = g * p.group; k < end; k += 32) {
-        const int64_t left = end - k;
-        const __m512i v = (__m512i)decode<M>(row, k, left);  // exact values as bf16
-        const __m512 lo = _mm512_castsi512_ps(
-            _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_castsi512_si256(v)), 16));
-        const __m512 hi = _mm512_castsi512_ps(
-            _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(v, 1)), 16));
-        const __m512bh b = _mm512_cvtne2ps_pbh(_mm512_mul_ps(_mm512_sub_ps(hi, zv), sv),
-                                               _mm512_mul_ps(_mm512_sub_ps(lo, zv), sv));
-        _mm512_mask_storeu_epi16(out + k, lanes(left), (__m512i)b);
-      }
-#else
-      for (int64_t k = g * p.group; k < end; ++k) {
-        const float f = (value<M>(row, k) - z) * s;
-        uint32_t bits;
-        std::memcpy(&bits, &f, sizeof bits);
-        if ((bits & 0x7fffffffu) > 0x7f800000u) {
-          bits |= 0x400000u;  // NaN stays NaN
-        } else {
-          bits += 0x7fffu + ((bits >> 16) & 1u);  // round to nearest even
-        }
-        out[k] = static_cast<uint16_t>(bits >> 16);
-      }
-#endif
-    }
-  }
-}
-
 // Token rows [t0, t0 + n) of a problem.
 Problem rows_of(const Problem& p, int64_t t0, int64_t n) {
   Problem s = p;
@@ -571,50 +452,7 @@ ffi::Error MatvecQuant(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer q,
   return ffi::Error::Success();
 }
 
-// w [N, K] bf16 from (q, scale, zero), for the many-row steps' bf16 dot.
-ffi::Error DequantBf16(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::Buffer<ffi::F32> scale,
-                       ffi::Buffer<ffi::F32> zero, ffi::Result<ffi::AnyBuffer> w,
-                       int32_t method) {
-  auto qd = q.dimensions(), sd = scale.dimensions(), zd = zero.dimensions(), wd = w->dimensions();
-  if (qd.size() != 2 || sd.size() != 2 || zd.size() != 2 || wd.size() != 2)
-    return ffi::Error::InvalidArgument("quant dequant: q, scale, zero and w must be 2-D");
-  if (method < kInt8 || method > kFp8 || w->element_type() != ffi::DataType::BF16 ||
-      q.element_type() != (method == kInt8 ? ffi::DataType::S8 : ffi::DataType::U8))
-    return ffi::Error::InvalidArgument("quant dequant: method / q / w types disagree");
-  Problem p{1, wd[1], qd[0], sd[1], 0, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr,
-            qd[1]};
-  if (wd[0] != p.N || sd[0] != p.N || p.G < 1 || p.K % p.G ||
-      qd[1] * (method == kInt4 ? 2 : 1) != p.K || (zd[1] != 0 && zd[1] != p.G))
-    return ffi::Error::InvalidArgument("quant dequant: shapes of q, scale, zero, w disagree");
-  p.group = p.K / p.G;
-  if (method == kInt4 && p.group % 2)
-    return ffi::Error::InvalidArgument("quant dequant: int4 groups must be even");
-  p.q = static_cast<const uint8_t*>(q.untyped_data());
-  p.scale = scale.typed_data();
-  p.zero = zd[1] != 0 ? zero.typed_data() : nullptr;
-  auto* out = static_cast<uint16_t*>(w->untyped_data());
-  const int64_t chunks = (p.N + kChunk - 1) / kChunk;
-  jaxserve::ParallelFor(pool, chunks, [&](int64_t c) {
-    const int64_t n0 = c * kChunk, n1 = std::min<int64_t>(p.N, (c + 1) * kChunk);
-    switch (method) {
-      case kInt8: return dequant_rows<kInt8>(p, out, n0, n1);
-      case kInt4: return dequant_rows<kInt4>(p, out, n0, n1);
-      default: return dequant_rows<kFp8>(p, out, n0, n1);
-    }
-  });
-  return ffi::Error::Success();
-}
-
 }  // namespace
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxserveCpuDequantBf16, DequantBf16,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::AnyBuffer>()          // q [N, K | K / 2]
-                                  .Arg<ffi::Buffer<ffi::F32>>()   // scale [N, G]
-                                  .Arg<ffi::Buffer<ffi::F32>>()   // zero [N, G] | [N, 0]
-                                  .Ret<ffi::AnyBuffer>()          // w [N, K] bf16
-                                  .Attr<int32_t>("method"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxserveCpuMatvecQuant, MatvecQuant,
                               ffi::Ffi::Bind()

@@ -1,4 +1,4 @@
-"""The CPU quantized decode matmul (matvec_quant.cc): int8 / int4 / fp8 weights, few bf16 rows."""
+"""Quantized-weight CPU kernels: the few-row matmul and the bf16 dequantization (C++, XLA FFI)."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from jaxserve.cpu_kernels import build
 SOURCE = Path(__file__).with_name("matvec_quant.cc")
 TARGET = "jaxserve_cpu_matvec_quant"
 SYMBOL = "JaxserveCpuMatvecQuant"
+DEQUANT_SOURCE = Path(__file__).with_name("dequant_bf16.cc")
 DEQUANT_TARGET = "jaxserve_cpu_dequant_bf16"
 DEQUANT_SYMBOL = "JaxserveCpuDequantBf16"
 MAX_ROWS = 64  # the kernel's limit on T (it runs 8 rows at a time over cached weight rows)
@@ -22,7 +23,7 @@ METHOD_IDS = {"int8": 0, "int4": 1, "fp8": 2}
 def ensure_built() -> None:
     """Compile (or load the cached) kernel and register it; raises build.KernelBuildError."""
     build.register(SOURCE, SYMBOL, TARGET)
-    build.register(SOURCE, DEQUANT_SYMBOL, DEQUANT_TARGET)
+    build.register(DEQUANT_SOURCE, DEQUANT_SYMBOL, DEQUANT_TARGET)
 
 
 def matvec_quant(x: jax.Array, qweight: jax.Array, scales: jax.Array,

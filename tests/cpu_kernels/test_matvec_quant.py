@@ -127,7 +127,8 @@ def test_dequant_bf16_equals_numpy_rounded_once(method, asymmetric, portable):
     target = mq.DEQUANT_TARGET
     if portable:
         target = PORTABLE + "_dequant"
-        build.register(mq.SOURCE, mq.DEQUANT_SYMBOL, target, extra_flags=("-mno-avx512f",))
+        build.register(mq.DEQUANT_SOURCE, mq.DEQUANT_SYMBOL, target,
+                       extra_flags=("-mno-avx512f",))
     z = None if zeros is None else jnp.asarray(zeros)
     w = jax.jit(lambda a, b, c: mq.dequant_bf16(a, b, c, method, target=target))(
         jnp.asarray(q), jnp.asarray(scales), z)
