@@ -148,9 +148,16 @@ def main(argv=None) -> None:
     p.add_argument("--xla", action="store_true", help="also time XLA's path (cpu_matvec off)")
     p.add_argument("--model", action="store_true", help="the whole model's projections")
     p.add_argument("--layers", type=int, default=12)
+    p.add_argument("--kernel-max-rows", type=int, default=None,
+                   help="override QuantizedLinear.KERNEL_MAX_ROWS (every format) for an A/B")
     p.add_argument("--prefill", action="store_true",
                    help="kernel vs the bf16 dot on the dequantized weight, per row count")
     args = p.parse_args(argv)
+    if args.kernel_max_rows is not None:
+        from jaxserve.layers import quantized_linear
+
+        quantized_linear.KERNEL_MAX_ROWS.update(dict.fromkeys(("int8", "int4", "fp8"),
+                                                              args.kernel_max_rows))
     if args.model:
         return model_probe(args)
     if args.prefill:

@@ -24,8 +24,9 @@ REDUCE_MAX_TOKENS = {"int8": 64, "int4": 8, "fp8": 8}
 # Up to this many token rows of bf16 activations the weight-only product runs the C++ decode
 # kernel (cpu_kernels/matvec_quant.cc) when the cpu_matvec switch is on: it reads each quantized
 # byte once for all rows, its work growing with the rows; past these the bf16 dot on the weight
-# dequantized per step was as fast or faster (benchmarks/quant_matvec_probe.py --prefill).
-KERNEL_MAX_ROWS = {"int8": 4, "int4": 4, "fp8": 4}
+# dequantized in the step was faster over all the small model's projections
+# (benchmarks/quant_matvec_probe.py --model --rows 8 16 32, with and without --kernel-max-rows).
+KERNEL_MAX_ROWS = {"int8": 16, "int4": 8, "fp8": 4}
 
 
 class QuantizedLinear(nnx.Module):
