@@ -6,6 +6,8 @@ Quantized runs quantize it at load (`LLM(quantization=...)`). One JSON line per 
 last with each run's speed-up over bf16 and its weight bytes over bf16's.
 
   PYTHONPATH=. python benchmarks/quant_decode.py --methods none int8 int4 fp8 --mixed-prompts 64
+
+On a shared machine, --interleave --kv-cache-mb 512 alternates the methods' decode runs.
 """
 
 from __future__ import annotations
@@ -23,33 +25,64 @@ import numpy as np
 from benchmarks.decode_probe import measure_bandwidth, run_decode, run_mixed, write_small_checkpoint
 
 
-def one_run(path: str, method: str | None, args) -> dict:
-    import jax
+def start(path: str, method: str | None, args):
+    """(LLM, start-up seconds, weight report) of one method."""
     from jaxserve import LLM
     from jaxserve.layers.quant_scheme import QuantConfig
     from jaxserve.weights.quant_loading import log_weight_bytes
 
+    kv = dict(kv_cache_memory_bytes=args.kv_cache_mb << 20) if args.kv_cache_mb else {}
     t = time.perf_counter()
-    llm = LLM(path, dtype="bfloat16", quantization=method, max_num_seqs=args.max_num_seqs,
+    llm = LLM(path, dtype="bfloat16", quantization=method, cpu_matvec=args.cpu_matvec,
+              max_num_seqs=args.max_num_seqs,
               max_model_len=args.max_model_len, max_num_batched_tokens=512,
-              use_tqdm_on_load=False)
+              use_tqdm_on_load=False, **kv)
     startup = time.perf_counter() - t
     quant = QuantConfig.online(method) if method else None
-    report = log_weight_bytes(llm.engine.runner.state, quant, "bfloat16")
+    return llm, startup, log_weight_bytes(llm.engine.runner.state, quant, "bfloat16")
+
+
+def summary(method: str | None, steps, cpu, startup: float, report: dict, args) -> dict:
+    import jax
+
+    return {"method": method or "bf16", "ms_per_token": 1e3 * statistics.median(steps),
+            "p90_ms": 1e3 * float(np.percentile(steps, 90)), "steps": len(steps),
+            "cpu_ms_per_token": 1e3 * statistics.median(cpu),
+            "weight_bytes": report["weight_bytes"], "layer_ratio": report.get("layer_ratio"),
+            "startup_s": startup, "cpu_matvec": args.cpu_matvec, "jax": jax.__version__}
+
+
+def one_run(path: str, method: str | None, args) -> dict:
+    llm, startup, report = start(path, method, args)
     steps, cpu = [], []
     for rep in range(args.repeats):
         wall_s, cpu_s = run_decode(llm, args.prompt_len, args.decode_tokens, seed=1 + rep)
         steps, cpu = steps + wall_s, cpu + cpu_s
-    row = {"method": method or "bf16", "ms_per_token": 1e3 * statistics.median(steps),
-           "p90_ms": 1e3 * float(np.percentile(steps, 90)), "steps": len(steps),
-           "cpu_ms_per_token": 1e3 * statistics.median(cpu),
-           "weight_bytes": report["weight_bytes"], "layer_ratio": report.get("layer_ratio"),
-           "startup_s": startup, "jax": jax.__version__}
+    row = summary(method, steps, cpu, startup, report, args)
     for num in args.mixed_prompts:
         row[f"mixed_{num}_output_tok_s"] = run_mixed(llm, num, seed=2)["output_tok_s"]
     del llm
     gc.collect()
     return row
+
+
+def interleaved(path: str, methods: list[str | None], args) -> list[dict]:
+    """Every method's engine started first, then their decode runs in turn, repeat after
+    repeat: a shared machine's load swings reach every method alike."""
+    engines = [start(path, m, args) for m in methods]
+    steps = [([], []) for _ in methods]
+    for rep in range(args.repeats):
+        for (llm, _, _), (wall, cpu) in zip(engines, steps):
+            wall_s, cpu_s = run_decode(llm, args.prompt_len, args.decode_tokens, seed=1 + rep)
+            wall += wall_s
+            cpu += cpu_s
+    rows = []
+    for m, (llm, startup, report), (wall, cpu) in zip(methods, engines, steps):
+        rows.append(summary(m, wall, cpu, startup, report, args))
+        for num in args.mixed_prompts:
+            rows[-1][f"mixed_{num}_output_tok_s"] = run_mixed(llm, num, seed=2)["output_tok_s"]
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
 
 
 def main(argv=None) -> None:
@@ -62,19 +95,35 @@ def main(argv=None) -> None:
     p.add_argument("--mixed-prompts", type=int, nargs="*", default=[])
     p.add_argument("--max-num-seqs", type=int, default=64)
     p.add_argument("--max-model-len", type=int, default=1024)
+    p.add_argument("--cpu-matvec", default="auto", choices=["auto", "off"],
+                   help="off: every projection on XLA (the quantized ones without the C++ "
+                        "kernel, matvec_quant.cc)")
+    p.add_argument("--interleave", action="store_true",
+                   help="start every method's engine, then alternate their decode runs")
+    p.add_argument("--kv-cache-mb", type=int, default=None,
+                   help="KV cache per engine (default: the engine's; give one with --interleave)")
     p.add_argument("--out", default=None, help="also write the rows as JSON here")
     args = p.parse_args(argv)
 
     path = write_small_checkpoint(os.path.join(args.cache_dir, "probe-small-bfloat16"),
                                   "bfloat16")
+    load0 = os.getloadavg()
     bw0 = measure_bandwidth()
-    rows = []
-    for m in args.methods:
-        rows.append(one_run(path, None if m == "none" else m, args))
-        print(json.dumps(rows[-1]), flush=True)
+    methods = [None if m == "none" else m for m in args.methods]
+    if args.interleave:
+        if not args.kv_cache_mb:
+            p.error("--interleave runs several engines at once: give --kv-cache-mb")
+        rows = interleaved(path, methods, args)
+    else:
+        rows = []
+        for m in methods:
+            rows.append(one_run(path, m, args))
+            print(json.dumps(rows[-1]), flush=True)
     bw1 = measure_bandwidth()
+    load1 = os.getloadavg()
     base = next((r for r in rows if r["method"] == "bf16"), None)
-    print(f"\nread bandwidth {bw0['read_GBps']:.0f} / {bw1['read_GBps']:.0f} GB/s (start / end)")
+    print(f"\nread bandwidth {bw0['read_GBps']:.0f} / {bw1['read_GBps']:.0f} GB/s (start / end); "
+          f"load average {load0[0]:.2f} / {load1[0]:.2f}")
     print(f"{'method':<7} {'ms/token':>9} {'cpu ms':>7} {'speed-up':>9} {'weight MB':>10} "
           f"{'x bf16':>7} {'layers x bf16':>14}")
     for r in rows:
@@ -87,7 +136,17 @@ def main(argv=None) -> None:
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"command": "benchmarks/quant_decode.py " + " ".join(argv or sys.argv[1:]),
-                       "bandwidth": [bw0, bw1], "rows": rows}, f, indent=1)
+                       "bandwidth": [bw0, bw1], "loadavg_1_5_15": [load0, load1],
+                       "cpu": _cpu_model(), "rows": rows}, f, indent=1)
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            names = [ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")]
+        return f"{names[0]} x{len(names)}" if names else "unknown"
+    except OSError:
+        return "unknown"
 
 
 if __name__ == "__main__":

@@ -47,7 +47,8 @@ def add_engine_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="host:port of process 0's jax.distributed coordinator")
     g.add_argument("--attention-backend", default="auto", choices=["auto", "cpu", "blockwise", "reference", "pallas"])
     g.add_argument("--cpu-matvec", default="auto", choices=["auto", "off"],
-                   help="bf16 decode projections on the C++ CPU kernel (auto) or XLA's matmul")
+                   help="decode projections (bf16, int8 / int4 / fp8 weights) on the C++ CPU "
+                        "kernels (auto) or XLA's matmul")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--max-logprobs", type=int, default=20,
                    help="most logprobs / prompt_logprobs one request may ask for")

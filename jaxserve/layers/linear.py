@@ -11,6 +11,7 @@ from flax import nnx
 from jaxserve.cpu_kernels import amx_matmul
 from jaxserve.cpu_kernels import build as cpu_build
 from jaxserve.cpu_kernels import matvec as cpu_matvec
+from jaxserve.cpu_kernels import matvec_quant as cpu_matvec_quant
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +52,7 @@ def select_cpu_matvec(requested: str = "auto", tensor_parallel_size: int = 1) ->
         return False
     try:
         cpu_matvec.ensure_built()
+        cpu_matvec_quant.ensure_built()  # the quantized projections' kernel, same switch
     except cpu_build.KernelBuildError as e:
         logger.warning("linear: the CPU decode kernel could not be built, using XLA's slower "
                        "matmul for decode steps: %s", e)

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import logging
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxserve.cpu_kernels import matvec_quant as cpu_matvec_quant
 from jaxserve.layers.linear import Linear
 from jaxserve.layers.quant_scheme import QWEIGHT_DTYPES, QuantConfig
+
+logger = logging.getLogger(__name__)
 
 # Up to this many tokens per step the matmul is written as multiply + reduce over the input
 # axis: XLA:CPU fuses the int8 -> f32 convert (and the int4 / fp8 decode) into that reduction
@@ -16,6 +21,12 @@ from jaxserve.layers.quant_scheme import QWEIGHT_DTYPES, QuantConfig
 # tokens and the dot wins; the decode arithmetic of int4 / fp8 makes their reduction lose
 # sooner. Measured with benchmarks/quant_matvec.py (results/quant_matvec_cpu.txt).
 REDUCE_MAX_TOKENS = {"int8": 64, "int4": 8, "fp8": 8}
+# Up to this many token rows of bf16 activations the weight-only product runs the C++ decode
+# kernel (cpu_kernels/matvec_quant.cc) when the cpu_matvec switch is on: it reads each quantized
+# byte once for all rows, its work growing with the rows; past these the bf16 dot on the weight
+# dequantized in the step was faster over all the small model's projections
+# (benchmarks/quant_matvec_probe.py --model --rows 8 16 32, with and without --kernel-max-rows).
+KERNEL_MAX_ROWS = {"int8": 16, "int4": 8, "fp8": 4}
 
 
 class QuantizedLinear(nnx.Module):
@@ -25,7 +36,9 @@ class QuantizedLinear(nnx.Module):
     scales: float32 [out, G] (G = in / group); zeros: float32 [out, G] when asymmetric.
     """
 
-    def __init__(self, in_dim: int, out_dim: int, *, bias: bool, dtype, quant: QuantConfig):
+    def __init__(self, in_dim: int, out_dim: int, *, bias: bool, dtype, quant: QuantConfig,
+                 matvec: bool = False):
+        self.matvec = matvec  # static: decode rows on the CPU kernel (see kernel_plan)
         self.method = quant.method
         self.int8_activations = quant.int8_activations
         self.group = quant.group_for(in_dim)
@@ -37,7 +50,8 @@ class QuantizedLinear(nnx.Module):
                       else nnx.Param(jnp.zeros((out_dim, groups), jnp.float32)))  # [out, G]
         self.bias = nnx.Param(jnp.zeros((out_dim,), dtype=dtype)) if bias else None  # [out]
 
-    def values(self) -> tuple[tuple[jax.Array, ...], float]:
+    def values(self, q: jax.Array | None = None,
+               scales: jax.Array | None = None) -> tuple[tuple[jax.Array, ...], float]:
         """(stored values as float32, offset): one [out, G, group] array, or for int4 the low-
         and high-nibble halves [out, G, group / 2] (the even and odd inputs); the weight is
         (value - offset - zero) * scale.
@@ -47,9 +61,9 @@ class QuantizedLinear(nnx.Module):
         materialise a full-size copy (benchmarks/quant_matvec.py). Constants are made per layer
         (`_per_layer`): a scalar constant shared by several same-shaped layers is broadcast
         once to the weight's shape and materialised for all of them."""
-        q = self.qweight[...]
+        q = self.qweight[...] if q is None else q
         out_dim = q.shape[0]
-        const = _per_layer(self.scales[...])
+        const = _per_layer(self.scales[...] if scales is None else scales)
         if self.method == "int4":  # uint8 [out, in / 2]: byte = lo + 16 * hi, stored q + 8
             b = q.astype(jnp.float32)
             # hi = floor(b / 16) without floor(): y = b / 16 - 15/32 (exact) is never a tie, and
@@ -66,6 +80,19 @@ class QuantizedLinear(nnx.Module):
         if self.int8_activations:
             return self._w8a8(x)
         t = x.shape[0]
+        bf16 = x.dtype == jnp.bfloat16 and x.ndim == 2
+        if self.matvec and bf16 and t <= KERNEL_MAX_ROWS[self.method]:
+            zeros = None if self.zeros is None else self.zeros[...]
+            y = cpu_matvec_quant.matvec_quant(x, self.qweight[...], self.scales[...], zeros,
+                                              self.method)  # [T, out] f32
+            return self._finish(y, x.dtype)
+        if bf16 and (self.matvec or t > REDUCE_MAX_TOKENS[self.method]):
+            # More bf16 rows: one pass writes the dequantized weight in bf16, then XLA's bf16
+            # dot (f32 sums): the pass is amortised over the rows, and at 256 rows this ran 5x
+            # (int8) to 30x (int4) faster than the float32 dot below.
+            w = self.dequantized(jnp.bfloat16, after=x)  # [out, in]
+            y = jnp.einsum("ti,oi->to", x, w, preferred_element_type=jnp.float32)  # [T, out]
+            return self._finish(y, x.dtype)
         values, offset = self.values()
         parts = len(values)  # int4: inputs split into even / odd halves
         xf = x.astype(jnp.float32).reshape(t, -1, self.group // parts, parts)  # [T, G, k, p]
@@ -90,6 +117,34 @@ class QuantizedLinear(nnx.Module):
         if self.bias is not None:
             y = y + self.bias[...].astype(jnp.float32)
         return y.astype(x.dtype)
+
+    def dequantized(self, dtype, after: jax.Array | None = None) -> jax.Array:
+        """The weight [out, in] in `dtype`, (value - offset - zero) * scale rounded once.
+
+        With the CPU kernels on (matvec) a bf16 copy is written by matvec_quant.cc's dequant
+        (XLA's fusion of the int4 decode ran several times slower in a whole model step).
+        after: computed only once this array exists (an optimization barrier): XLA would
+        otherwise hoist every layer's dequantization, which does not depend on the activations,
+        to the start of the step and keep all the bf16 copies at once (4x slower at 16 rows)."""
+        q, scales = self.qweight[...], self.scales[...]
+        zeros = None if self.zeros is None else self.zeros[...]
+        if after is not None:
+            q, scales, zeros, _ = jax.lax.optimization_barrier((q, scales, zeros, after))
+        if self.matvec and jnp.dtype(dtype) == jnp.bfloat16:  # the CPU kernels are built
+            return cpu_matvec_quant.dequant_bf16(q, scales, zeros, self.method)
+        values, offset = self.values(q, scales)
+        v = values[0] if len(values) == 1 else jnp.stack(values, axis=-1)  # int4: even, odd
+        v = v.reshape(v.shape[0], -1, self.group) - offset  # [out, G, group]
+        if zeros is not None:
+            v = v - zeros[:, :, None]
+        w = v * scales[:, :, None]
+        return w.reshape(w.shape[0], -1).astype(dtype)
+
+    def _finish(self, y: jax.Array, dtype) -> jax.Array:
+        """f32 [T, out] + bias, in the activations' dtype."""
+        if self.bias is not None:
+            y = y + self.bias[...].astype(jnp.float32)
+        return y.astype(dtype)
 
     def _w8a8(self, x: jax.Array) -> jax.Array:
         """int8 x int8 -> int32 matmul on per-token int8 activations: the one int8 matmul
@@ -143,4 +198,31 @@ def make_linear(in_dim: int, out_dim: int, *, bias: bool, dtype, rngs: nnx.Rngs,
     model is quantized."""
     if quant is None:
         return Linear(in_dim, out_dim, bias=bias, dtype=dtype, rngs=rngs, matvec=matvec)
-    return QuantizedLinear(in_dim, out_dim, bias=bias, dtype=dtype, quant=quant)
+    return QuantizedLinear(in_dim, out_dim, bias=bias, dtype=dtype, quant=quant,
+                           matvec=kernel_plan(quant, dtype, matvec))
+
+
+def kernel_plan(quant: QuantConfig, dtype, matvec: bool) -> bool:
+    """Whether the quantized projections' decode rows run the CPU kernel (matvec_quant.cc):
+    the cpu_matvec switch is on and the activations are bf16 weight-only (W*A16)."""
+    return matvec and not quant.int8_activations and jnp.dtype(dtype) == jnp.bfloat16
+
+
+def log_kernel_plan(quant: QuantConfig | None, dtype, matvec: bool) -> None:
+    """Say once at start-up which path the quantized projections' decode steps take."""
+    if quant is None:
+        return
+    if kernel_plan(quant, dtype, matvec):
+        logger.info("quantized linear: %s projections of up to %d bf16 rows run the CPU decode "
+                    "kernel; more rows use XLA's bf16 dot on the weight dequantized per step",
+                    quant.name, KERNEL_MAX_ROWS[quant.method])
+    elif not matvec:
+        logger.info("quantized linear: the CPU decode kernel is off (cpu_matvec); %s "
+                    "projections use XLA for every step (slower decode)", quant.name)
+    elif quant.int8_activations:
+        logger.info("quantized linear: w8a8 projections use XLA's int8 x int8 dot, not the "
+                    "CPU decode kernel (it takes bf16 activations)")
+    else:
+        logger.warning("quantized linear: %s activations are not bf16; %s projections use XLA "
+                       "for every step (slower decode than the bf16 CPU kernel)",
+                       jnp.dtype(dtype).name, quant.name)

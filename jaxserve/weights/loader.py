@@ -19,6 +19,7 @@ from jaxserve.config import ConfigError, ModelConfig, resolve_dtype_name
 from jaxserve.layers.attention import AttentionConfig
 from jaxserve.layers.linear import rows_major
 from jaxserve.layers.quant_scheme import QuantConfig
+from jaxserve.layers.quantized_linear import log_kernel_plan
 from jaxserve.models.registry import MODEL_REGISTRY, UnsupportedArchitectureError, model_class_for
 from jaxserve.runtime.mesh import make_mesh, named_sharding
 from jaxserve.weights.hf_names import hf_tensor_for
@@ -127,6 +128,7 @@ def load_model(
     dtype_name = resolve_dtype_name(dtype, config)
     mesh = mesh or make_mesh(1)
     attn = dataclasses.replace(attn or AttentionConfig(), sliding_window=config.sliding_window)
+    log_kernel_plan(quant, dtype_name, cpu_matvec)
     graphdef, state = abstract_model(config, attn, dtype_name, quant, cpu_matvec)
     if converted:
         state = _restore_converted(path, state, config, mesh, dtype_name)
