@@ -9,7 +9,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxserve.cpu_kernels import matvec_quant as cpu_matvec_quant
-from jaxserve.layers.linear import Linear
+from jaxserve.layers.linear import Linear, cpu_matmul
 from jaxserve.layers.quant_scheme import QWEIGHT_DTYPES, QuantConfig
 
 logger = logging.getLogger(__name__)
@@ -91,7 +91,9 @@ class QuantizedLinear(nnx.Module):
             # dot (f32 sums): the pass is amortised over the rows, and at 256 rows this ran 5x
             # (int8) to 30x (int4) faster than the float32 dot below.
             w = self.dequantized(jnp.bfloat16, after=x)  # [out, in]
-            y = jnp.einsum("ti,oi->to", x, w, preferred_element_type=jnp.float32)  # [T, out]
+            y = cpu_matmul(self.matvec, x, w)  # [T, out] on the AMX kernel, or None: XLA's
+            if y is None:
+                y = jnp.einsum("ti,oi->to", x, w, preferred_element_type=jnp.float32)
             return self._finish(y, x.dtype)
         values, offset = self.values()
         parts = len(values)  # int4: inputs split into even / odd halves
@@ -214,7 +216,8 @@ def log_kernel_plan(quant: QuantConfig | None, dtype, matvec: bool) -> None:
         return
     if kernel_plan(quant, dtype, matvec):
         logger.info("quantized linear: %s projections of up to %d bf16 rows run the CPU decode "
-                    "kernel; more rows use XLA's bf16 dot on the weight dequantized per step",
+                    "kernel; more rows dequantize the weight to bf16 per step for the bf16 "
+                    "matmul (the AMX kernel up to 64 rows where the CPU has it, else XLA's)",
                     quant.name, KERNEL_MAX_ROWS[quant.method])
     elif not matvec:
         logger.info("quantized linear: the CPU decode kernel is off (cpu_matvec); %s "
