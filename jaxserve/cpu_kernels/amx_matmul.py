@@ -43,7 +43,7 @@ def available() -> bool:
     """Whether this process can run the kernel: the CPU has AMX, it builds and Linux grants the
     tiles. Decided once per process; a CPU with AMX that cannot use it is logged as a warning."""
     if not cpu_has_amx():
-        logger.info("linear: no AMX on this CPU; XLA's matmul runs the 5-64 row projections")
+        logger.info("linear: no AMX tiles on this CPU")
         return False
     try:
         ensure_built()

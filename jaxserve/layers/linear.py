@@ -10,6 +10,7 @@ from flax import nnx
 
 from jaxserve.cpu_kernels import amx_matmul
 from jaxserve.cpu_kernels import build as cpu_build
+from jaxserve.cpu_kernels import dpbf16_matmul
 from jaxserve.cpu_kernels import matvec as cpu_matvec
 from jaxserve.cpu_kernels import matvec_quant as cpu_matvec_quant
 
@@ -21,8 +22,9 @@ logger = logging.getLogger(__name__)
 MATVEC_MAX_ROWS = 4
 # From there up to this many rows (decode batches), on a CPU with AMX, the tile kernel
 # (cpu_kernels/amx_matmul.cc), which also reads the weight in place and splits every projection
-# over all threads (XLA runs most decode-sized fusions on one thread). Prefill chunks stay on
-# XLA's matmul, faster there.
+# over all threads (XLA runs most decode-sized fusions on one thread); on a CPU with AVX-512 BF16
+# but no AMX (AMD Zen 4), the broadcast-weight kernel (cpu_kernels/dpbf16_matmul.cc). Prefill
+# chunks stay on XLA's matmul, faster there.
 AMX_MAX_ROWS = 64
 
 
@@ -62,6 +64,12 @@ def select_cpu_matvec(requested: str = "auto", tensor_parallel_size: int = 1) ->
     if amx_matmul.available():
         logger.info("linear: bf16 projections of %d-%d rows run the AMX tile kernel",
                     MATVEC_MAX_ROWS + 1, AMX_MAX_ROWS)
+    elif dpbf16_matmul.available():
+        logger.info("linear: no AMX; bf16 projections of %d-%d rows run the AVX-512 BF16 kernel",
+                    MATVEC_MAX_ROWS + 1, AMX_MAX_ROWS)
+    else:
+        logger.info("linear: neither AMX nor AVX-512 BF16 on this CPU; XLA's matmul runs the "
+                    "%d-%d row projections", MATVEC_MAX_ROWS + 1, AMX_MAX_ROWS)
     return True
 
 
@@ -73,11 +81,16 @@ def cpu_matmul(use: bool, x: jax.Array, w: jax.Array) -> jax.Array | None:
     rows = x.shape[0]
     if rows <= MATVEC_MAX_ROWS:
         return cpu_matvec.matvec(x, w)
-    if rows <= AMX_MAX_ROWS and amx_matmul.available():
+    if rows > AMX_MAX_ROWS:
+        return None
+    if amx_matmul.available():
         if amx_matmul.shape_ok(x, w):
             return amx_matmul.amx_matmul(x, w)
-        logger.info("linear: [%d, %d] weight does not fit the AMX tiles (K %% %d, N %% %d): "
-                    "XLA's matmul", *w.shape, amx_matmul.K_MULTIPLE, amx_matmul.N_MULTIPLE)
+        instead = "the AVX-512 BF16 kernel" if dpbf16_matmul.available() else "XLA's matmul"
+        logger.info("linear: [%d, %d] weight does not fit the AMX tiles (K %% %d, N %% %d): %s",
+                    *w.shape, amx_matmul.K_MULTIPLE, amx_matmul.N_MULTIPLE, instead)
+    if dpbf16_matmul.available():
+        return dpbf16_matmul.dpbf16_matmul(x, w)
     return None
 
 

@@ -11,6 +11,7 @@ import pytest
 from flax import nnx
 
 from jaxserve.cpu_kernels import amx_matmul as amx
+from jaxserve.cpu_kernels import dpbf16_matmul as dp
 from jaxserve.cpu_kernels import matvec as mv
 from jaxserve.layers import linear
 
@@ -54,12 +55,13 @@ def test_linear_uses_it_between_the_matvec_and_prefill():
 
 
 @needs_amx
-def test_untileable_weight_is_logged_and_left_to_xla(caplog):
+def test_untileable_weight_is_logged_and_left_to_the_next_kernel(caplog):
     layer = linear.Linear(48, 40, bias=False, dtype=jnp.bfloat16, rngs=nnx.Rngs(0), matvec=True)
     x = jnp.ones((8, 48), jnp.bfloat16)  # K = 48 is not a multiple of 32
     with caplog.at_level(logging.INFO, logger="jaxserve.layers.linear"):
         text = jax.jit(lambda a: layer(a)).lower(x).as_text()
     assert amx.TARGET not in text and "does not fit the AMX tiles" in caplog.text
+    assert (dp.TARGET in text) == dp.available()
 
 
 @needs_amx
@@ -74,6 +76,6 @@ def test_a_cpu_without_amx_is_logged(monkeypatch, caplog):
     try:
         with caplog.at_level(logging.INFO, logger="jaxserve.cpu_kernels.amx_matmul"):
             assert amx.available() is False
-        assert "no AMX on this CPU" in caplog.text
+        assert "no AMX tiles on this CPU" in caplog.text
     finally:
         amx.available.cache_clear()
