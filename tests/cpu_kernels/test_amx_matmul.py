@@ -15,6 +15,8 @@ from jaxserve.cpu_kernels import dpbf16_matmul as dp
 from jaxserve.cpu_kernels import matvec as mv
 from jaxserve.layers import linear
 
+from .bf16_oracle import check_matmul
+
 needs_amx = pytest.mark.skipif(not amx.available(), reason="this CPU (or kernel) has no AMX tiles")
 
 
@@ -22,13 +24,7 @@ needs_amx = pytest.mark.skipif(not amx.available(), reason="this CPU (or kernel)
 @pytest.mark.parametrize("rows", [1, 5, 16, 17, 40, 64, 130])
 @pytest.mark.parametrize("k,n", [(896, 1152), (32, 16), (4864, 48), (288, 4000)])
 def test_matches_float_math(rows, k, n):
-    rng = np.random.default_rng(rows * 1000 + k)
-    x = jnp.asarray(rng.standard_normal((rows, k)), jnp.bfloat16)
-    w = jnp.asarray(rng.standard_normal((n, k)), jnp.bfloat16)
-    y = np.asarray(jax.jit(amx.amx_matmul)(x, w), np.float32)
-    want = np.asarray(x, np.float64) @ np.asarray(w, np.float64).T
-    # f32 accumulation then one rounding to bf16 (relative 2^-9) of each output
-    np.testing.assert_allclose(y, want, rtol=2**-8, atol=1e-3 * np.sqrt(k))
+    check_matmul(amx.amx_matmul, rows, k, n, atol_per_sqrt_k=1e-3)
 
 
 @needs_amx

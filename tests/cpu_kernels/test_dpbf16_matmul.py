@@ -16,6 +16,8 @@ from jaxserve.cpu_kernels import dpbf16_matmul as dp
 from jaxserve.cpu_kernels import matvec as mv
 from jaxserve.layers import linear
 
+from .bf16_oracle import check_matmul
+
 needs_dpbf16 = pytest.mark.skipif(not dp.available(), reason="this CPU has no AVX-512 BF16")
 
 
@@ -23,13 +25,7 @@ needs_dpbf16 = pytest.mark.skipif(not dp.available(), reason="this CPU has no AV
 @pytest.mark.parametrize("rows", [1, 5, 15, 16, 17, 33, 48, 64, 65, 130])
 @pytest.mark.parametrize("k,n", [(896, 1152), (32, 16), (4864, 50), (7, 13), (289, 101)])
 def test_matches_float_math(rows, k, n):
-    rng = np.random.default_rng(rows * 1000 + k)
-    x = jnp.asarray(rng.standard_normal((rows, k)), jnp.bfloat16)
-    w = jnp.asarray(rng.standard_normal((n, k)), jnp.bfloat16)
-    y = np.asarray(jax.jit(dp.dpbf16_matmul)(x, w), np.float32)
-    want = np.asarray(x, np.float64) @ np.asarray(w, np.float64).T
-    # f32 accumulation then one rounding to bf16 (relative 2^-9) of each output
-    np.testing.assert_allclose(y, want, rtol=2**-8, atol=1e-4 * np.sqrt(k))
+    check_matmul(dp.dpbf16_matmul, rows, k, n, atol_per_sqrt_k=1e-4)
 
 
 @needs_dpbf16
