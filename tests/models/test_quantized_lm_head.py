@@ -19,8 +19,8 @@ from tests.quant_checkpoints import edit_quant_config, write_compressed, write_d
 RTOL = 1e-4
 
 
-# Qwen2's tiny checkpoint ties its embeddings, Llama's does not.
-@pytest.mark.parametrize("arch", ["Qwen2ForCausalLM", "LlamaForCausalLM"])
+# Qwen2's and Gemma's (scaled embeddings) tiny checkpoints tie their embeddings, Llama's not.
+@pytest.mark.parametrize("arch", ["Qwen2ForCausalLM", "GemmaForCausalLM", "LlamaForCausalLM"])
 @pytest.mark.parametrize("method", ["int8", "int4", "fp8"])
 def test_quantized_lm_head_equals_float_model_on_dequantized_lm_head(arch, method,
                                                                     tiny_checkpoints, tmp_path):
