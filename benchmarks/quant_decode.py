@@ -6,6 +6,7 @@ Quantized runs quantize it at load (`LLM(quantization=...)`). One JSON line per 
 last with each run's speed-up over bf16 and its weight bytes over bf16's.
 
   PYTHONPATH=. python benchmarks/quant_decode.py --methods none int8 int4 fp8 --mixed-prompts 64
+  PYTHONPATH=. python benchmarks/quant_decode.py --methods none int8 int8+head  # lm_head too
 
 On a shared machine, --interleave --kv-cache-mb 512 alternates the methods' decode runs.
 """
@@ -25,40 +26,57 @@ import numpy as np
 from benchmarks.decode_probe import measure_bandwidth, run_decode, run_mixed, write_small_checkpoint
 
 
-def start(path: str, method: str | None, args):
-    """(LLM, start-up seconds, weight report) of one method."""
+def parse_method(name: str) -> tuple[str | None, bool]:
+    """'none' -> (None, False); 'int8' -> ('int8', False); 'int8+head' -> ('int8', True): the
+    lm_head quantized too (quantize_lm_head)."""
+    method, plus, rest = name.partition("+")
+    if plus and rest != "head":
+        raise SystemExit(f"--methods: {name!r}: the only suffix is '+head'")
+    return (None if method == "none" else method), bool(plus)
+
+
+def label(method: str | None, head: bool) -> str:
+    return (method or "bf16") + ("+head" if head else "")
+
+
+def start(path: str, spec: tuple[str | None, bool], args):
+    """(LLM, start-up seconds, weight report) of one method (and whether its lm_head is
+    quantized)."""
     from jaxserve import LLM
     from jaxserve.layers.quant_scheme import QuantConfig
     from jaxserve.weights.quant_loading import log_weight_bytes
 
+    method, head = spec
     kv = dict(kv_cache_memory_bytes=args.kv_cache_mb << 20) if args.kv_cache_mb else {}
     t = time.perf_counter()
-    llm = LLM(path, dtype="bfloat16", quantization=method, cpu_matvec=args.cpu_matvec,
+    llm = LLM(path, dtype="bfloat16", quantization=method, quantize_lm_head=head,
+              cpu_matvec=args.cpu_matvec,
               max_num_seqs=args.max_num_seqs,
               max_model_len=args.max_model_len, max_num_batched_tokens=512,
               use_tqdm_on_load=False, **kv)
     startup = time.perf_counter() - t
-    quant = QuantConfig.online(method) if method else None
+    quant = QuantConfig.online(method, head) if method else None
     return llm, startup, log_weight_bytes(llm.engine.runner.state, quant, "bfloat16")
 
 
-def summary(method: str | None, steps, cpu, startup: float, report: dict, args) -> dict:
+def summary(spec: tuple[str | None, bool], steps, cpu, startup: float, report: dict,
+            args) -> dict:
     import jax
 
-    return {"method": method or "bf16", "ms_per_token": 1e3 * statistics.median(steps),
+    return {"method": label(*spec), "ms_per_token": 1e3 * statistics.median(steps),
             "p90_ms": 1e3 * float(np.percentile(steps, 90)), "steps": len(steps),
             "cpu_ms_per_token": 1e3 * statistics.median(cpu),
             "weight_bytes": report["weight_bytes"], "layer_ratio": report.get("layer_ratio"),
             "startup_s": startup, "cpu_matvec": args.cpu_matvec, "jax": jax.__version__}
 
 
-def one_run(path: str, method: str | None, args) -> dict:
-    llm, startup, report = start(path, method, args)
+def one_run(path: str, spec: tuple[str | None, bool], args) -> dict:
+    llm, startup, report = start(path, spec, args)
     steps, cpu = [], []
     for rep in range(args.repeats):
         wall_s, cpu_s = run_decode(llm, args.prompt_len, args.decode_tokens, seed=1 + rep)
         steps, cpu = steps + wall_s, cpu + cpu_s
-    row = summary(method, steps, cpu, startup, report, args)
+    row = summary(spec, steps, cpu, startup, report, args)
     for num in args.mixed_prompts:
         row[f"mixed_{num}_output_tok_s"] = run_mixed(llm, num, seed=2)["output_tok_s"]
     del llm
@@ -66,7 +84,7 @@ def one_run(path: str, method: str | None, args) -> dict:
     return row
 
 
-def interleaved(path: str, methods: list[str | None], args) -> list[dict]:
+def interleaved(path: str, methods: list[tuple[str | None, bool]], args) -> list[dict]:
     """Every method's engine started first, then their decode runs in turn, repeat after
     repeat: a shared machine's load swings reach every method alike."""
     engines = [start(path, m, args) for m in methods]
@@ -87,7 +105,9 @@ def interleaved(path: str, methods: list[str | None], args) -> list[dict]:
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--methods", nargs="+", default=["none", "int8", "int4", "fp8"])
+    p.add_argument("--methods", nargs="+", default=["none", "int8", "int4", "fp8"],
+                   help="none (bf16) | int8 | int4 | fp8 | w8a8; a '+head' suffix (int8+head) "
+                        "quantizes the lm_head too (quantize_lm_head)")
     p.add_argument("--cache-dir", default=os.path.expanduser("~/.cache/jaxserve"))
     p.add_argument("--prompt-len", type=int, default=128)
     p.add_argument("--decode-tokens", type=int, default=48)
@@ -109,7 +129,7 @@ def main(argv=None) -> None:
                                   "bfloat16")
     load0 = os.getloadavg()
     bw0 = measure_bandwidth()
-    methods = [None if m == "none" else m for m in args.methods]
+    methods = [parse_method(m) for m in args.methods]
     if args.interleave:
         if not args.kv_cache_mb:
             p.error("--interleave runs several engines at once: give --kv-cache-mb")
@@ -124,13 +144,13 @@ def main(argv=None) -> None:
     base = next((r for r in rows if r["method"] == "bf16"), None)
     print(f"\nread bandwidth {bw0['read_GBps']:.0f} / {bw1['read_GBps']:.0f} GB/s (start / end); "
           f"load average {load0[0]:.2f} / {load1[0]:.2f}")
-    print(f"{'method':<7} {'ms/token':>9} {'cpu ms':>7} {'speed-up':>9} {'weight MB':>10} "
+    print(f"{'method':<10} {'ms/token':>9} {'cpu ms':>7} {'speed-up':>9} {'weight MB':>10} "
           f"{'x bf16':>7} {'layers x bf16':>14}")
     for r in rows:
         speed = base["ms_per_token"] / r["ms_per_token"] if base else float("nan")
         size = r["weight_bytes"] / base["weight_bytes"] if base else float("nan")
         layers = f"{r['layer_ratio']:.3f}" if r["layer_ratio"] else "-"
-        print(f"{r['method']:<7} {r['ms_per_token']:>9.2f} {r['cpu_ms_per_token']:>7.1f} "
+        print(f"{r['method']:<10} {r['ms_per_token']:>9.2f} {r['cpu_ms_per_token']:>7.1f} "
               f"{speed:>9.2f} "
               f"{r['weight_bytes'] / 1e6:>10.1f} {size:>7.3f} {layers:>14}")
     if args.out:

@@ -1,5 +1,6 @@
 """Quantization quality on a trained model: logit KL divergence, next-token and greedy agreement
-vs the unquantized model, for int8 / int4 / fp8 weights and an int8 / fp8 KV cache.
+vs the unquantized model, for int8 / int4 / fp8 weights (and the lm_head quantized too) and an
+int8 / fp8 KV cache.
 
 The model must predict something (a random-weight model's near-uniform logits hide every
 error), so it is trained: `--model DIR` takes an HF checkpoint (e.g. the "target" of
@@ -31,9 +32,12 @@ import time
 
 import numpy as np
 
-RUNS = [("float", None, "auto"), ("int8 weights", "int8", "auto"),
-        ("int4 weights", "int4", "auto"), ("fp8 weights", "fp8", "auto"),
-        ("int8 KV", None, "int8"), ("fp8 KV", None, "fp8"), ("int8 w+KV", "int8", "int8")]
+# (name, quantization, kv_cache_dtype, quantize_lm_head)
+RUNS = [("float", None, "auto", False), ("int8 weights", "int8", "auto", False),
+        ("int4 weights", "int4", "auto", False), ("fp8 weights", "fp8", "auto", False),
+        ("int8 w+head", "int8", "auto", True), ("int4 w+head", "int4", "auto", True),
+        ("int8 KV", None, "int8", False), ("fp8 KV", None, "fp8", False),
+        ("int8 w+KV", "int8", "int8", False)]
 TINY = dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=2,
             num_key_value_heads=1, head_dim=64, vocab_size=259, max_position_embeddings=1024)
 BYTE0 = 3  # ids 0..2: <unk> <s> </s>; byte b is id b + 3
@@ -118,24 +122,26 @@ def eval_sequences(data: np.ndarray, num: int, length: int) -> list[list[int]]:
     return [data[s:s + length].tolist() for s in starts]
 
 
-def teacher_forced(path: str, quantization, kv_dtype: str, seqs) -> np.ndarray:
+def teacher_forced(path: str, quantization, kv_dtype: str, seqs, head: bool) -> np.ndarray:
     """log-softmax [sum of lengths, vocab] over every position, paged in chunks of 64."""
     from jaxserve.layers.attention import AttentionConfig
     from jaxserve.weights.loader import load_model
     from tests.models.forward import paged_logits
 
     loaded = load_model(path, "float32", AttentionConfig(backend="blockwise"),
-                        quantization=quantization)
+                        quantization=quantization, quantize_lm_head=head)
     logits = np.concatenate(paged_logits(loaded, seqs, block_size=16, chunk=64,
                                          kv_cache_dtype=kv_dtype)).astype(np.float64)
     logits -= logits.max(-1, keepdims=True)
     return logits - np.log(np.exp(logits).sum(-1, keepdims=True))
 
 
-def greedy(path: str, quantization, kv_dtype: str, prompts, tokens: int) -> list[list[int]]:
+def greedy(path: str, quantization, kv_dtype: str, prompts, tokens: int,
+           head: bool) -> list[list[int]]:
     from jaxserve import LLM, SamplingParams
 
-    llm = LLM(path, dtype="float32", quantization=quantization, kv_cache_dtype=kv_dtype,
+    llm = LLM(path, dtype="float32", quantization=quantization, quantize_lm_head=head,
+              kv_cache_dtype=kv_dtype,
               max_model_len=512, max_num_seqs=16, max_num_batched_tokens=256,
               use_tqdm_on_load=False, enable_prompt_logprobs=False)
     params = SamplingParams(temperature=0.0, max_tokens=tokens, ignore_eos=True)
@@ -170,6 +176,8 @@ def main(argv=None) -> None:
     p.add_argument("--eval-len", type=int, default=256)
     p.add_argument("--greedy-prompts", type=int, default=16)
     p.add_argument("--greedy-tokens", type=int, default=64)
+    p.add_argument("--runs", nargs="*", default=None,
+                   help="only these runs, by name (the first is the reference: keep 'float')")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
 
@@ -187,13 +195,14 @@ def main(argv=None) -> None:
     seqs = eval_sequences(data, args.eval_seqs, args.eval_len)
     prompts = [s[:48] for s in eval_sequences(data, args.greedy_prompts, 96)]
     results, ref = [], None
-    for name, quant, kv in RUNS:
+    runs = [r for r in RUNS if not args.runs or r[0] in args.runs]
+    for name, quant, kv, head in runs:
         t = time.perf_counter()
-        lp = teacher_forced(path, quant, kv, seqs)
-        gen = greedy(path, quant, kv, prompts, args.greedy_tokens)
+        lp = teacher_forced(path, quant, kv, seqs, head)
+        gen = greedy(path, quant, kv, prompts, args.greedy_tokens, head)
         if ref is None:
             ref = (lp, gen)
-        row = {"run": name, "quantization": quant, "kv_cache_dtype": kv,
+        row = {"run": name, "quantization": quant, "kv_cache_dtype": kv, "lm_head": head,
                **compare(ref[0], lp, seqs, ref[1], gen), "seconds": time.perf_counter() - t}
         results.append(row)
         print(json.dumps(row), flush=True)

@@ -31,16 +31,18 @@ SIDE_FILES = (
 )
 
 
-def convert(src: str, out: str, dtype: str = "auto", quantization: str | None = None) -> dict:
-    """Read src tensor by tensor, cast to dtype (quantizing the decoder projections when
-    asked, or keeping a compressed-tensors checkpoint's), and write an orbax checkpoint under
-    out that loads without re-quantizing."""
+def convert(src: str, out: str, dtype: str = "auto", quantization: str | None = None,
+            quantize_lm_head: bool = False) -> dict:
+    """Read src tensor by tensor, cast to dtype (quantizing the decoder projections, and the
+    lm_head with quantize_lm_head, when asked, or keeping a compressed-tensors checkpoint's),
+    and write an orbax checkpoint under out that loads without re-quantizing."""
     import orbax.checkpoint as ocp
 
     start = time.perf_counter()
     if os.path.exists(out) and os.path.exists(src) and os.path.samefile(src, out):
         raise ValueError(f"out: {out!r} is the source checkpoint itself; give a new directory")
-    loaded = load_model(src, dtype=dtype, quantization=quantization)
+    loaded = load_model(src, dtype=dtype, quantization=quantization,
+                        quantize_lm_head=quantize_lm_head)
     if os.path.exists(out) and os.path.samefile(loaded.path, out):
         raise ValueError(f"out: {out!r} is the source checkpoint itself; give a new directory")
     os.makedirs(out, exist_ok=True)
@@ -81,10 +83,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--quantization", "-q", default=None, choices=["int8", "int4", "fp8", "w8a8"],
         help="quantize the decoder projections while converting (stored quantized)",
     )
+    parser.add_argument("--quantize-lm-head", action="store_true",
+                        help="with --quantization: store the lm_head quantized too")
 
 
 def run(args: argparse.Namespace) -> int:
-    info = convert(args.src, args.out, args.dtype, args.quantization)
+    info = convert(args.src, args.out, args.dtype, args.quantization, args.quantize_lm_head)
     print(json.dumps({"out": args.out, **info}))
     return 0
 

@@ -21,6 +21,10 @@ def add_engine_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         "int4 (W4A16, groups of 128), fp8 (e4m3 weights, per channel), w8a8 "
                         "(int8 weights and per-token int8 activations); a compressed-tensors "
                         "checkpoint loads quantized without it")
+    g.add_argument("--quantize-lm-head", action="store_true",
+                   help="with --quantization int8 / int4 / fp8 / w8a8: quantize the lm_head too "
+                        "(tied embeddings: one quantized table, token lookups dequantize their "
+                        "rows); fewer bytes read per decode step")
     g.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "int8", "fp8", "fp8_e4m3"],
                    help="KV cache storage: auto (the model's dtype), int8 or fp8 (e4m3), each "
                         "with a float32 scale per token and kv head; about half of bf16's bytes")
@@ -106,6 +110,7 @@ def engine_args_from(args: argparse.Namespace, model: str | None = None) -> Engi
         model=model or args.model,
         dtype=args.dtype,
         quantization=args.quantization,
+        quantize_lm_head=args.quantize_lm_head,
         kv_cache_dtype=args.kv_cache_dtype,
         max_model_len=args.max_model_len,
         max_num_seqs=args.max_num_seqs,

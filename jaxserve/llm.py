@@ -61,6 +61,7 @@ class EngineArgs:
     trust_remote_code: bool = False  # True is refused: checkpoint code is never run
     enforce_eager: bool = False  # no effect: every step is a compiled XLA program
     quantization: str | None = None  # int8 | int4 | fp8 | w8a8 (PTQ at load) | compressed-tensors
+    quantize_lm_head: bool = False  # the lm_head too, same method (needs an at-load method)
     kv_cache_dtype: str = "auto"  # auto (the model's dtype) | int8 | fp8 (layers/kv_quant.py)
     # speculative decoding: {"method": "ngram", "num_speculative_tokens": k,
     # "prompt_lookup_max": N, "prompt_lookup_min": M} (a dict, or the same as JSON)
@@ -81,6 +82,10 @@ class EngineArgs:
         if self.quantization not in (None, "int8", "int4", "fp8", "w8a8", "compressed-tensors"):
             raise ValueError(f"quantization: unknown method {self.quantization!r}; supported: "
                              "int8, int4, fp8, w8a8 (at load), compressed-tensors (pre-quantized)")
+        if self.quantize_lm_head:
+            from jaxserve.weights.quant_loading import check_lm_head_request
+
+            check_lm_head_request(self.quantization)
         from jaxserve.layers.kv_quant import check_kv_cache_dtype
 
         check_kv_cache_dtype(self.kv_cache_dtype)
@@ -200,7 +205,7 @@ def _create_engine(args: EngineArgs) -> LLMEngine:
     check_kv_backend(attn.backend, args.kv_cache_dtype)
     matvec = select_cpu_matvec(args.cpu_matvec, args.tensor_parallel_size)
     loaded = load_model(args.model, args.dtype, attn, mesh, quantization=args.quantization,
-                        cpu_matvec=matvec)
+                        cpu_matvec=matvec, quantize_lm_head=args.quantize_lm_head)
     cfg = loaded.config
     check_pallas_supported(
         attn, num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim,

@@ -13,8 +13,9 @@ PROJECTION = re.compile(r"model\.layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.(gate
 
 
 def write_compressed(src: str, out: str, *, num_bits: int, type: str, strategy: str,
-                     fmt: str, group_size: int | None = None, symmetric: bool = True):
-    """Quantize `src`'s Linear layers (lm_head ignored) with min-max scales computed by
+                     fmt: str, group_size: int | None = None, symmetric: bool = True,
+                     ignore: tuple[str, ...] = ("lm_head",)):
+    """Quantize `src`'s Linear layers (but `ignore`) with min-max scales computed by
     compressed-tensors' calculate_qparams, compress with its `fmt` compressor and save.
     Returns (path, the in-memory compressed torch model: its forward decompresses)."""
     import torch
@@ -33,7 +34,7 @@ def write_compressed(src: str, out: str, *, num_bits: int, type: str, strategy: 
                             group_size=group_size, symmetric=symmetric)
     scheme = QuantizationScheme(targets=["Linear"], weights=args)
     apply_quantization_config(model, QuantizationConfig(config_groups={"group_0": scheme},
-                                                        ignore=["lm_head"]))
+                                                        ignore=list(ignore)))
     with torch.no_grad():
         for _, module in model.named_modules():
             if not hasattr(module, "weight_scale"):
@@ -54,8 +55,9 @@ def write_compressed(src: str, out: str, *, num_bits: int, type: str, strategy: 
     return out, model
 
 
-def write_dequantized_copy(src: str, out: str, method: str) -> str:
-    """`src` with every decoder projection replaced by dequantize(quantize(w)) in float32:
+def write_dequantized_copy(src: str, out: str, method: str, lm_head: bool = False) -> str:
+    """`src` with every decoder projection (and with lm_head, the lm_head: `lm_head.weight`,
+    or the tied `model.embed_tokens.weight`) replaced by dequantize(quantize(w)) in float32:
     the float model a quantized load must equal."""
     from safetensors.numpy import load_file, save_file
 
@@ -63,11 +65,14 @@ def write_dequantized_copy(src: str, out: str, method: str) -> str:
 
     shutil.copytree(src, out)
     quant = QuantConfig.online(method)
+    with open(os.path.join(out, "config.json")) as f:
+        tied = json.load(f).get("tie_word_embeddings", False)
+    head = "model.embed_tokens.weight" if tied else "lm_head.weight"
     files = [f for f in os.listdir(out) if f.endswith(".safetensors")]
     for f in files:
         tensors = load_file(os.path.join(out, f))
         for name, w in tensors.items():
-            if PROJECTION.fullmatch(name):
+            if PROJECTION.fullmatch(name) or (lm_head and name == head):
                 arrays = quantize(w, method, quant.group_for(w.shape[1]), name)
                 tensors[name] = dequantize(method, arrays["qweight"], arrays["scales"])
         save_file(tensors, os.path.join(out, f), metadata={"format": "pt"})

@@ -93,3 +93,11 @@ def test_vllm_engine_flags():
         _engine_args("--max-model-len", "0")
     with pytest.raises(ValueError, match="num_kv_blocks: must be >= 2"):
         _engine_args("--num-kv-blocks", "1")
+
+
+def test_quantize_lm_head_flag():
+    args = _engine_args("--quantization", "int4", "--quantize-lm-head")
+    assert (args.quantization, args.quantize_lm_head) == ("int4", True)
+    assert not _engine_args("-q", "int8").quantize_lm_head
+    with pytest.raises(ValueError, match="quantize_lm_head: needs quantization"):
+        _engine_args("--quantize-lm-head")

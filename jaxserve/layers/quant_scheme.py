@@ -33,13 +33,16 @@ class QuantizationError(ValueError):
 
 @dataclass(frozen=True)
 class QuantConfig:
-    """How the decoder's linear layers are quantized (embeddings, lm_head and norms are not).
+    """How the decoder's linear layers are quantized (norms never are; the lm_head only when
+    `lm_head`, the token embeddings only as a tied lm_head).
 
     method: int8 | int4 | fp8; group_size: None = one group per output channel (the whole
     input row), else the size of the input groups (int4's default 128); symmetric: no zero
     points; source: "online" (quantized here at load) or the checkpoint format it came from;
     int8_activations: each token's activations are quantized to int8 (symmetric, scale
-    max|x| / 127) before an int8 x int8 -> int32 matmul (W8A8; int8 channel weights only).
+    max|x| / 127) before an int8 x int8 -> int32 matmul (W8A8; int8 channel weights only);
+    lm_head: the lm_head is quantized the same way (with tied embeddings the one quantized table
+    also serves the token lookups, see layers/quantized_embedding.py).
     """
 
     method: str
@@ -47,6 +50,7 @@ class QuantConfig:
     symmetric: bool = True
     source: str = "online"
     int8_activations: bool = False
+    lm_head: bool = False
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -62,14 +66,14 @@ class QuantConfig:
                                     "int8 weights")
 
     @classmethod
-    def online(cls, method: str) -> QuantConfig:
-        """The PTQ scheme of a `quantization=` name (ONLINE_NAMES)."""
+    def online(cls, method: str, lm_head: bool = False) -> QuantConfig:
+        """The PTQ scheme of a `quantization=` name (ONLINE_NAMES); lm_head: quantize it too."""
         if method not in ONLINE_NAMES:
             raise QuantizationError(
                 f"quantization: unknown method {method!r}; supported: {', '.join(ONLINE_NAMES)}")
         if method == "w8a8":
-            return cls("int8", None, int8_activations=True)
-        return cls(method, INT4_GROUP if method == "int4" else None)
+            return cls("int8", None, int8_activations=True, lm_head=lm_head)
+        return cls(method, INT4_GROUP if method == "int4" else None, lm_head=lm_head)
 
     @property
     def name(self) -> str:

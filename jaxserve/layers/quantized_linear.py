@@ -134,6 +134,12 @@ class QuantizedLinear(nnx.Module):
             q, scales, zeros, _ = jax.lax.optimization_barrier((q, scales, zeros, after))
         if self.matvec and jnp.dtype(dtype) == jnp.bfloat16:  # the CPU kernels are built
             return cpu_matvec_quant.dequant_bf16(q, scales, zeros, self.method)
+        return self.dequantize_rows(q, scales, zeros, dtype)
+
+    def dequantize_rows(self, q: jax.Array, scales: jax.Array, zeros: jax.Array | None,
+                        dtype) -> jax.Array:
+        """Rows of this layer's quantized arrays (q [R, in(/2)], scales / zeros [R, G]) -> the
+        weight rows [R, in] in `dtype`, (value - offset - zero) * scale rounded once."""
         values, offset = self.values(q, scales)
         v = values[0] if len(values) == 1 else jnp.stack(values, axis=-1)  # int4: even, odd
         v = v.reshape(v.shape[0], -1, self.group) - offset  # [out, G, group]

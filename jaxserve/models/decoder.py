@@ -14,10 +14,11 @@ from jaxserve.layers.attention import (
     AttentionMetadata,
     write_and_attend,
 )
-from jaxserve.layers.linear import Embedding, Linear
+from jaxserve.layers.linear import Embedding
 from jaxserve.layers.norms import RMSNorm
 from jaxserve.layers.quant_scheme import QuantConfig
-from jaxserve.layers.quantized_linear import make_linear
+from jaxserve.layers.quantized_embedding import QuantizedEmbedding
+from jaxserve.layers.quantized_linear import kernel_plan, make_linear
 from jaxserve.layers.rotary import apply_rotary, inverse_frequencies
 
 KVCache = tuple[tuple[jax.Array, jax.Array], ...]  # per layer: (k_pages, v_pages)
@@ -97,11 +98,19 @@ class DecoderForCausalLM(nnx.Module):
 
     def __init__(self, cfg: ModelConfig, attn: AttentionConfig, *, dtype, rngs: nnx.Rngs,
                  quant: QuantConfig | None = None, matvec: bool = False):
-        """quant: the decoder layers' projections are QuantizedLinear (embeddings, lm_head and
-        norms stay in `dtype`). matvec: decode steps' bf16 projections run the CPU kernel."""
+        """quant: the decoder layers' projections are QuantizedLinear (norms stay in `dtype`;
+        the lm_head too unless quant.lm_head, and the token embeddings unless they are the
+        quantized tied lm_head). matvec: decode steps' bf16 projections run the CPU kernel."""
         spec = self.spec
-        self.embed_tokens = Embedding(cfg.vocab_size, cfg.hidden_size, dtype=dtype, rngs=rngs,
-                                      matvec=matvec)
+        self.tied = cfg.tie_word_embeddings
+        head_quant = quant if quant is not None and quant.lm_head else None
+        if self.tied and head_quant is not None:  # one quantized table, see QuantizedEmbedding
+            self.embed_tokens = QuantizedEmbedding(
+                cfg.vocab_size, cfg.hidden_size, dtype=dtype, quant=head_quant,
+                matvec=kernel_plan(head_quant, dtype, matvec))
+        else:
+            self.embed_tokens = Embedding(cfg.vocab_size, cfg.hidden_size, dtype=dtype,
+                                          rngs=rngs, matvec=matvec)
         self.layers = nnx.List(
             [DecoderLayer(cfg, spec, attn, dtype, rngs, quant, matvec)
              for _ in range(cfg.num_layers)]
@@ -109,12 +118,11 @@ class DecoderForCausalLM(nnx.Module):
         self.norm = RMSNorm(
             cfg.hidden_size, eps=cfg.rms_norm_eps, offset=spec.norm_offset, dtype=dtype
         )
-        self.tied = cfg.tie_word_embeddings
         self.lm_head = (
             None
             if self.tied
-            else Linear(cfg.hidden_size, cfg.vocab_size, bias=False, dtype=dtype, rngs=rngs,
-                        matvec=matvec)
+            else make_linear(cfg.hidden_size, cfg.vocab_size, bias=False, dtype=dtype,
+                             rngs=rngs, quant=head_quant, matvec=matvec)
         )
         self.embed_scale = cfg.hidden_size**0.5 if spec.scale_embeddings else None
 

@@ -4,10 +4,12 @@ Supported: weight-only int4 / int8 (`pack-quantized`, `int-quantized` / `naive-q
 fp8 e4m3 (`float-quantized`), channel / group (/ tensor for fp8) strategies, symmetric or
 asymmetric (int). Everything else is refused naming the field: activation quantization,
 a quantized KV cache, several different schemes, ignored decoder projections, act-order.
+The lm_head is read quantized when `ignore` does not list it (untied embeddings only).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from typing import Any
 
@@ -51,8 +53,9 @@ def parse_config(qc: dict[str, Any]) -> QuantConfig:
         weights = scheme.get("weights")
     if not weights:
         raise QuantizationError(f"{_FIELD}.config_groups: no `weights` scheme")
-    _check_ignore(qc.get("ignore") or [])
-    return _weights_scheme(weights, fmt, f"{_FIELD}.config_groups.*.weights")
+    lm_head_ignored = _check_ignore(qc.get("ignore") or [])
+    quant = _weights_scheme(weights, fmt, f"{_FIELD}.config_groups.*.weights")
+    return dataclasses.replace(quant, lm_head=not lm_head_ignored)
 
 
 def _weights_scheme(w: dict[str, Any], fmt: str, where: str) -> QuantConfig:
@@ -92,15 +95,19 @@ def _weights_scheme(w: dict[str, Any], fmt: str, where: str) -> QuantConfig:
     return QuantConfig(method, group, symmetric, source=f"{QUANT_METHOD}:{fmt}")
 
 
-def _check_ignore(ignore: list[str]) -> None:
-    """Only lm_head may be left unquantized (our decoder projections are all-or-none)."""
+def _check_ignore(ignore: list[str]) -> bool:
+    """Only lm_head may be left unquantized (our decoder projections are all-or-none); True
+    when it is (else its quantized tensors are read like a projection's)."""
+    lm_head_ignored = False
     for entry in ignore:
         pattern = entry[3:] if entry.startswith("re:") else re.escape(entry)
         if re.fullmatch(pattern, "lm_head"):
+            lm_head_ignored = True
             continue
         raise QuantizationError(
             f"{_FIELD}.ignore: {entry!r} leaves a decoder layer unquantized; only 'lm_head' may "
             "be ignored (mixed float / quantized projections are not supported)")
+    return lm_head_ignored
 
 
 def read_layer(ckpt: SafetensorsCheckpoint, module: str, quant: QuantConfig,

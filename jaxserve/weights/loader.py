@@ -18,7 +18,7 @@ from jax.sharding import Mesh
 from jaxserve.config import ConfigError, ModelConfig, resolve_dtype_name
 from jaxserve.layers.attention import AttentionConfig
 from jaxserve.layers.linear import rows_major
-from jaxserve.layers.quant_scheme import QuantConfig
+from jaxserve.layers.quant_scheme import QuantConfig, QuantizationError
 from jaxserve.layers.quantized_linear import log_kernel_plan
 from jaxserve.models.registry import MODEL_REGISTRY, UnsupportedArchitectureError, model_class_for
 from jaxserve.runtime.mesh import make_mesh, named_sharding
@@ -113,16 +113,24 @@ def load_model(
     mesh: Mesh | None = None,
     quantization: str | None = None,
     cpu_matvec: bool = False,
+    quantize_lm_head: bool = False,
 ) -> LoadedModel:
-    """quantization: int8 | int4 | fp8 quantizes the decoder projections while loading;
+    """quantization: int8 | int4 | fp8 | w8a8 quantizes the decoder projections while loading;
     a compressed-tensors checkpoint is loaded quantized as it is (None or its method name).
+    quantize_lm_head: the lm_head too (with tied embeddings, the one table, quantized).
     cpu_matvec: decode steps' bf16 projections run the CPU kernel (layers/linear.py)."""
     start = time.perf_counter()
     path = resolve_model_path(model)
     config = read_model_config(path)
     converted = is_converted(path)
-    quant = (_converted_quantization(path, quantization) if converted
-             else resolve_quantization(read_raw_config(path), quantization))
+    quant = (_converted_quantization(path, quantization, quantize_lm_head) if converted
+             else resolve_quantization(read_raw_config(path), quantization, quantize_lm_head))
+    stored_head = quant is not None and quant.lm_head and quant.source != "online"
+    if stored_head and config.tie_word_embeddings:
+        raise QuantizationError(
+            "quantization_config.ignore: this compressed-tensors checkpoint quantizes lm_head "
+            "but ties it to the token embeddings (tie_word_embeddings); a quantized tied "
+            "lm_head is supported for quantize_lm_head at load only: add 'lm_head' to ignore")
     if converted and dtype == "auto":
         dtype = _converted_info(path)["dtype"]  # the dtype the converter stored
     dtype_name = resolve_dtype_name(dtype, config)
@@ -247,7 +255,8 @@ def _saved_layout(param_path: tuple, shape: tuple, flip: bool) -> tuple[tuple, t
     return (*param_path[:-1], "kernel" if leaf == "weight" else "weight"), shape[::-1]
 
 
-def _converted_quantization(path: str, requested: str | None) -> QuantConfig | None:
+def _converted_quantization(path: str, requested: str | None,
+                            quantize_lm_head: bool = False) -> QuantConfig | None:
     """The scheme a converted checkpoint was stored with; asking for another is refused."""
     saved = _converted_info(path).get("quantization")
     quant = QuantConfig(**saved) if saved else None
@@ -255,6 +264,10 @@ def _converted_quantization(path: str, requested: str | None) -> QuantConfig | N
         raise ConfigError(
             f"quantization: {requested!r} asked for, but this converted checkpoint holds "
             f"{quant.name if quant else 'float'} weights; convert again with --quantization")
+    if quantize_lm_head and not (quant is not None and quant.lm_head):
+        raise ConfigError(
+            "quantize_lm_head: this converted checkpoint holds a float lm_head; convert again "
+            "with --quantization and --quantize-lm-head")
     return quant
 
 

@@ -17,19 +17,23 @@ QUANT_LEAVES = ("qweight", "scales", "zeros")  # QuantizedLinear's quantized par
 _FLOAT_DTYPES = frozenset({"F64", "F32", "F16", "BF16"})
 
 
-def resolve_quantization(raw_config: dict[str, Any], requested: str | None) -> QuantConfig | None:
-    """The checkpoint's own scheme (compressed-tensors), else `requested` (PTQ at load)."""
+def resolve_quantization(raw_config: dict[str, Any], requested: str | None,
+                         quantize_lm_head: bool = False) -> QuantConfig | None:
+    """The checkpoint's own scheme (compressed-tensors), else `requested` (PTQ at load);
+    quantize_lm_head: the PTQ covers the lm_head too (a checkpoint's scheme says for itself)."""
     qc = raw_config.get("quantization_config") or raw_config.get("compression_config")
     if requested is not None and requested not in ONLINE_NAMES + (compressed_tensors.QUANT_METHOD,):
         raise QuantizationError(
             f"quantization: unknown method {requested!r}; supported: "
             f"{', '.join(ONLINE_NAMES)} (online, at load) or {compressed_tensors.QUANT_METHOD!r} "
             "(pre-quantized checkpoints)")
+    if quantize_lm_head:
+        check_lm_head_request(requested)
     if not qc:
         if requested == compressed_tensors.QUANT_METHOD:
             raise QuantizationError("quantization: 'compressed-tensors' asked for but the "
                                     "checkpoint has no quantization_config")
-        return QuantConfig.online(requested) if requested else None
+        return QuantConfig.online(requested, quantize_lm_head) if requested else None
     method = qc.get("quant_method") if isinstance(qc, dict) else None
     if method != compressed_tensors.QUANT_METHOD:
         raise QuantizationError(
@@ -40,6 +44,16 @@ def resolve_quantization(raw_config: dict[str, Any], requested: str | None) -> Q
             f"quantization: {requested!r} asked for, but the checkpoint is already quantized "
             f"({method}); leave quantization unset")
     return compressed_tensors.parse_config(qc)
+
+
+def check_lm_head_request(requested: str | None) -> None:
+    """quantize_lm_head needs a method to quantize with at load (int8 / int4 / fp8 / w8a8); a
+    compressed-tensors checkpoint's `ignore` list says whether its lm_head is quantized."""
+    if requested not in ONLINE_NAMES:
+        raise QuantizationError(
+            f"quantize_lm_head: needs quantization set to one of {', '.join(ONLINE_NAMES)} "
+            f"(got {requested!r}); a compressed-tensors checkpoint quantizes its lm_head unless "
+            "its quantization_config.ignore lists it")
 
 
 def module_name(hf_weight_name: str) -> str:
@@ -88,10 +102,20 @@ def log_weight_bytes(state, quant: QuantConfig | None, dtype: str) -> dict[str, 
         return report
     unquantized = total - quantized + np.dtype(dtype).itemsize * quantized_elems
     report.update(quantized_bytes=quantized, layer_ratio=quantized / (2 * quantized_elems),
-                  model_ratio=total / unquantized)
+                  model_ratio=total / unquantized, lm_head_quantized=quant.lm_head)
     logger.info(
         "weights: %.1f MB, %s (%s) projections %.1f MB = %.3fx their bf16 size; whole model "
-        "%.3fx the %s model (embeddings / lm_head / norms unquantized)", total / 1e6,
+        "%.3fx the %s model (%s; norms unquantized)", total / 1e6,
         quant.name, quant.source, quantized / 1e6, report["layer_ratio"],
-        report["model_ratio"], dtype)
+        report["model_ratio"], dtype, _lm_head_words(state, quant))
     return report
+
+
+def _lm_head_words(state, quant: QuantConfig) -> str:
+    """How the start-up line states the lm_head and token embeddings."""
+    if not quant.lm_head:
+        return "lm_head and embeddings unquantized"
+    if "qweight" in state["embed_tokens"]:  # tied: one quantized table, see QuantizedEmbedding
+        return ("lm_head quantized, tied: the token lookups dequantize their rows of it, "
+                "no float copy")
+    return "lm_head quantized, token embeddings unquantized (untied)"

@@ -28,3 +28,24 @@ def test_unknown_quantization_is_refused_at_engine_args():
 
     with pytest.raises(ValueError, match="quantization: unknown method 'gguf'"):
         EngineArgs(model="unused", quantization="gguf")
+
+
+@pytest.mark.parametrize("arch", ["Qwen2ForCausalLM", "LlamaForCausalLM"])  # tied, untied
+def test_quantized_lm_head_greedy_matches_hf_on_dequantized_weights(arch, make_llm,
+                                                                    tiny_checkpoints, tmp_path):
+    llm = make_llm(arch, quantization="int8", quantize_lm_head=True)
+    path = tiny_checkpoints(arch)
+    prompts = make_prompts(llm.engine.runner.model_config.vocab_size, seed=6)[:3]
+    deq = write_dequantized_copy(path, str(tmp_path / "deq"), "int8", lm_head=True)
+    ref = hf_reference(deq, prompts)
+    outs = llm.generate(token_prompts(prompts), greedy(NEW_TOKENS), use_tqdm=False)
+    for i, out in enumerate(outs):
+        assert out.outputs[0].token_ids == ref.greedy[i], f"prompt {i} ({len(prompts[i])} tokens)"
+    assert_idle(llm)
+
+
+def test_quantize_lm_head_without_quantization_is_refused_at_engine_args():
+    from jaxserve.llm import EngineArgs
+
+    with pytest.raises(ValueError, match="quantize_lm_head: needs quantization set"):
+        EngineArgs(model="unused", quantize_lm_head=True)

@@ -22,10 +22,12 @@ params = SamplingParams(temperature=0.0, max_tokens=extra.pop("max_tokens", 8), 
 prompts = [{"prompt_token_ids": list(range(5, extra.pop("prompt_end", 60)))},
            {"prompt_token_ids": [9, 10, 11]}]
 def q_proj_spec(q_proj):
-    try:  # [in, out] kernel; bf16 checkpoints keep torch's [out, in] weight
-        return str(q_proj["kernel"][...].sharding.spec)
-    except KeyError:
-        return "weight " + str(q_proj["weight"][...].sharding.spec)
+    # [in, out] kernel; bf16 checkpoints keep torch's [out, in] weight; quantized: qweight
+    leaf = next(k for k in ("kernel", "weight", "qweight") if k in q_proj)
+    return ("" if leaf == "kernel" else leaf + " ") + str(q_proj[leaf][...].sharding.spec)
+def head_spec(state):
+    head = state["lm_head"] if "lm_head" in state else state["embed_tokens"]
+    return str(head["qweight"][...].sharding.spec) if "qweight" in head else None
 runs = extra.pop("runs", [[1, "auto"], [2, "auto"], [1, "int8"], [2, "int8"]])
 regex = extra.pop("regex", True)
 out = {}
@@ -42,6 +44,7 @@ for tp, kv in runs:
             ["Hello"] * 2, SamplingParams(temperature=0.0, max_tokens=20,
                                           structured_outputs={"regex": "[a-d]{3}-[0-9]{2}"}),
             use_tqdm=False)] if regex else [],
+        "head_spec": head_spec(runner.state),
         "free": llm.stats().kv_blocks_free == llm.stats().kv_blocks_total,
     }
 print(json.dumps(out))
@@ -97,3 +100,19 @@ def test_tp2_with_kernels_replicated_kv_matches_tp1(tiny_checkpoints, tmp_path):
     out = _run(path, tmp_path, PALLAS)
     assert out["1auto"]["tokens"] == out["2auto"]["tokens"]
     assert out["2auto"]["kv_spec"] == "P()"
+
+
+def test_tp2_quantized_lm_head_matches_tp1(tiny_checkpoints, tmp_path):
+    """int8 with the lm_head quantized: tied (Qwen2, the one table) and untied (Llama) split
+    by vocab rows over tp=2 give the tp=1 greedy tokens."""
+    extra = dict(quantization="int8", quantize_lm_head=True, dtype="float32",
+                 runs=[[1, "auto"], [2, "auto"]], regex=False)
+    for arch in ("Qwen2ForCausalLM", "LlamaForCausalLM"):
+        proc = subprocess.run(
+            [sys.executable, "-c", SCRIPT, tiny_checkpoints(arch), str(tmp_path / "xla"),
+             json.dumps(extra)], capture_output=True, text=True, timeout=600, env={**os.environ})
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        out = json.loads(proc.stdout.strip().splitlines()[-1])
+        assert out["1auto"]["tokens"] == out["2auto"]["tokens"], arch
+        assert out["2auto"]["head_spec"] == "P('tp', None)", out  # vocab-parallel
+        assert out["1auto"]["free"] and out["2auto"]["free"]
