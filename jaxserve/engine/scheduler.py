@@ -11,6 +11,7 @@ from .kv_cache_manager import KVCacheManager
 from .proposers import make_proposer
 from .scheduler_output import ScheduledChunk, SchedulerOutput
 from .sequence import Sequence, SequenceStatus
+from .spec_gate import SpecGate
 from .stats import SpecDecodingStats
 from ..runtime.runner_output import ModelRunnerOutput
 
@@ -26,7 +27,8 @@ class Scheduler:
     Speculative decoding: a decode also carries the proposer's draft tokens when the token
     budget and the free blocks allow (drafts never cause a preemption: they are dropped first);
     after verification the rejected tail is rolled back (computed tokens, and the blocks past
-    the sequence's end go back to the pool).
+    the sequence's end go back to the pool). The gate (SpecGate) skips drafting for sequences
+    whose drafts keep being rejected, and for whole steps with a large batch.
     """
 
     def __init__(self, config: EngineConfig):
@@ -40,6 +42,8 @@ class Scheduler:
         self._in_flight: dict[str, Sequence] = {}
         spec = config.speculative
         self.proposer = make_proposer(spec) if spec is not None else None
+        self.gate = (SpecGate(spec.disable_by_acceptance, spec.disable_by_batch_size)
+                     if spec is not None else None)
         self.spec_stats = SpecDecodingStats.empty(spec.num_speculative_tokens if spec else 0)
 
     # ---------------------------------------------------------------- queues
@@ -58,6 +62,8 @@ class Scheduler:
             self.waiting.remove(seq)
         self.kv.free(seq)
         self._in_flight.pop(seq.seq_id, None)
+        if self.gate is not None:
+            self.gate.forget(seq.seq_id)
         seq.status = status
 
     def has_unfinished(self) -> bool:
@@ -71,6 +77,7 @@ class Scheduler:
         num_preempted_before = self.num_preemptions
         self._in_flight = {}
         blocked = False  # a running sequence is waiting for blocks: admit nobody new
+        batch_drafts = self.gate is None or self.gate.batch_allows(len(self.running))
         for decode_pass in (True, False):
             for seq in list(self.running):
                 if budget <= 0:
@@ -81,7 +88,7 @@ class Scheduler:
                 if (remaining == 1) != decode_pass:
                     continue
                 num_new = min(remaining, budget)
-                drafts = self._propose(seq, budget) if decode_pass else []
+                drafts = self._propose(seq, budget, batch_drafts) if decode_pass else []
                 if drafts and self.kv.allocate_slots(seq, 1 + len(drafts)) is None:
                     drafts = []  # too few free blocks: decode without speculation
                 if not drafts and self._allocate_or_preempt(
@@ -151,15 +158,22 @@ class Scheduler:
         self.waiting.appendleft(seq)
         self.num_preemptions += 1
 
-    def _propose(self, seq: Sequence, budget: int) -> list[int]:
+    def _propose(self, seq: Sequence, budget: int, batch_drafts: bool) -> list[int]:
         """Draft tokens for `seq`'s decode: at most what the budget, max_tokens and
         max_model_len leave room for; none while min_tokens bans stop ids (those bans are
-        per position)."""
+        per position), nor when the gate says no (batch_drafts: this step's batch-size
+        verdict); a decode the gate stops is counted under its rule (acceptance first)."""
         if self.proposer is None or seq.num_output_tokens < seq.params.min_tokens:
             return []
         k = min(budget - 1, seq.max_tokens - seq.num_output_tokens - 1,
                 self.config.max_model_len - seq.num_tokens)
         if k <= 0:
+            return []
+        if not self.gate.acceptance_allows(seq.seq_id):
+            self.spec_stats.num_gated_by_acceptance += 1
+            return []
+        if not batch_drafts:
+            self.spec_stats.num_gated_by_batch_size += 1
             return []
         return self.proposer.propose(seq.all_token_ids, k)
 
@@ -235,6 +249,7 @@ class Scheduler:
         self.kv.cache_computed_blocks(seq)  # only full blocks of accepted tokens
         self.kv.trim(seq, seq.num_tokens)  # blocks past the accepted end back to the pool
         self.spec_stats.record(num_drafts, num_accepted)
+        self.gate.record(seq.seq_id, num_drafts, num_accepted)
 
     def clear_in_flight(self) -> None:
         self._in_flight = {}

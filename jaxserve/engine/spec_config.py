@@ -8,7 +8,7 @@ from typing import Any
 
 SUPPORTED_METHODS = ("ngram", "draft_model")
 _KNOWN_KEYS = {"method", "num_speculative_tokens", "prompt_lookup_max", "prompt_lookup_min",
-               "model"}
+               "model", "disable_by_acceptance", "disable_by_batch_size"}
 
 
 @dataclass(frozen=True)
@@ -19,13 +19,19 @@ class SpeculativeConfig:
     the sequence's last n tokens, n from prompt_lookup_max down to prompt_lookup_min.
     draft_model: a smaller model `model` (a checkpoint directory or hub id) with the target's
     vocabulary drafts k tokens autoregressively; its own paged KV cache shares the target's
-    block tables."""
+    block tables.
+
+    Gating (engine/spec_gate.py): a sequence whose draft-acceptance EWMA falls below
+    `disable_by_acceptance` stops drafting for a few decode steps (0 turns the rule off); no
+    request drafts while `disable_by_batch_size` or more requests are running (None: never)."""
 
     method: str = "ngram"
     num_speculative_tokens: int = 3
     prompt_lookup_max: int = 5
     prompt_lookup_min: int = 5
     model: str | None = None  # draft_model only
+    disable_by_acceptance: float = 0.1  # in [0, 1]; 0 = off
+    disable_by_batch_size: int | None = None  # >= 1; None = off
 
     def __post_init__(self) -> None:
         if self.method not in SUPPORTED_METHODS:
@@ -44,6 +50,14 @@ class SpeculativeConfig:
         if self.num_speculative_tokens > 16:
             raise ValueError("speculative_config.num_speculative_tokens: at most 16, got "
                              f"{self.num_speculative_tokens}")
+        t = self.disable_by_acceptance
+        if not isinstance(t, (int, float)) or isinstance(t, bool) or not 0.0 <= t <= 1.0:
+            raise ValueError("speculative_config.disable_by_acceptance: must be a number in "
+                             f"[0, 1] (0 turns the rule off), got {t!r}")
+        n = self.disable_by_batch_size
+        if n is not None and (not isinstance(n, int) or isinstance(n, bool) or n < 1):
+            raise ValueError("speculative_config.disable_by_batch_size: must be an int >= 1 or "
+                             f"None, got {n!r}")
         if self.prompt_lookup_min > self.prompt_lookup_max:
             raise ValueError(
                 f"speculative_config.prompt_lookup_min: {self.prompt_lookup_min} exceeds "

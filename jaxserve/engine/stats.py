@@ -8,12 +8,15 @@ from dataclasses import dataclass, field
 @dataclass
 class SpecDecodingStats:
     """Speculative decoding counters, vLLM's names: drafts (verified decodes with >= 1 draft
-    token), draft tokens, accepted tokens, and accepted tokens per draft position."""
+    token), draft tokens, accepted tokens, and accepted tokens per draft position; and decodes
+    the gate (engine/spec_gate.py) kept from drafting, by rule."""
 
     num_drafts: int = 0
     num_draft_tokens: int = 0
     num_accepted_tokens: int = 0
     num_accepted_tokens_per_pos: list[int] = field(default_factory=list)
+    num_gated_by_acceptance: int = 0  # decodes of a sequence paused by its low acceptance
+    num_gated_by_batch_size: int = 0  # decodes in steps with >= disable_by_batch_size running
 
     @classmethod
     def empty(cls, num_speculative_tokens: int) -> SpecDecodingStats:
@@ -38,7 +41,8 @@ class SpecDecodingStats:
 
     def copy(self) -> SpecDecodingStats:
         return SpecDecodingStats(self.num_drafts, self.num_draft_tokens, self.num_accepted_tokens,
-                                 list(self.num_accepted_tokens_per_pos))
+                                 list(self.num_accepted_tokens_per_pos),
+                                 self.num_gated_by_acceptance, self.num_gated_by_batch_size)
 
 
 @dataclass

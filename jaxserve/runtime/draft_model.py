@@ -1,5 +1,6 @@
 """Draft-model proposer on device: the draft's own paged KV cache under the target's block
-tables, a pass over the target's step inputs, then k one-token draft steps drawing from q."""
+tables, a pass over the target's step inputs, then up to k one-token draft steps (as many as
+the step's most drafts) drawing from q."""
 
 from __future__ import annotations
 
@@ -64,31 +65,36 @@ def _draw(logits, smd: SamplingMetadata, keys):
 
 
 def _propose(graphdef, state, kv_cache, token_ids, md, last_idx, num_drafts, row_start, smd,
-             *, k: int, num_rows: int, block_size: int):
+             *, k: int, num_rows: int, block_size: int, vocab_size: int):
     """One draft proposal pass.
 
     token_ids i32 [T] (the target's step tokens; draft slots hold placeholders), md the target's
     AttentionMetadata; last_idx i32 [S]: each request's last real token on the token axis;
-    num_drafts i32 [S]: lookahead slots the scheduler reserved (0 for prefill / padding);
-    row_start i32 [S]: the request's first logit row of the verification step; smd: sampling
-    metadata of [S] rows. Returns drafts i32 [S, k], q f32 [num_rows, V] (row row_start + j
-    holds the distribution of draft j), and the draft's KV cache.
+    num_drafts i32 [S]: lookahead slots the scheduler reserved (0 for prefill / padding, and
+    for decodes the scheduler's gate kept from drafting); row_start i32 [S]: the request's
+    first logit row of the verification step; smd: sampling metadata of [S] rows. Returns
+    drafts i32 [S, k] (column j meaningful where j < num_drafts), q f32 [num_rows, V] (row
+    row_start + j holds the distribution of draft j), and the draft's KV cache.
+
+    The draft steps run in a loop of max(num_drafts) iterations (<= k; none when no request
+    drafts), a traced trip count: one executable per bucket serves every draft count.
     """
     model = nnx.merge(graphdef, state)
     hidden, kv_cache = model(jnp.maximum(token_ids, 0), md, kv_cache)  # writes the chunk's KV
-    logits = model.compute_logits(hidden[last_idx]).astype(jnp.float32)  # [S, V]
-    num_seqs, vocab = logits.shape
+    num_seqs = last_idx.shape[0]
     base = md.positions[last_idx]  # [S]: position of the last real token
     keys = row_keys(smd)  # key[S]
-    q_rows = jnp.zeros((num_rows, vocab), jnp.float32)  # [R, V]
-    drafts = []
     rows = jnp.arange(num_seqs + 1, dtype=jnp.int32)  # query_start_loc of one token per row
-    for j in range(k):
-        keys_j = jax.vmap(lambda key: jax.random.fold_in(key, _DRAFT_SALT + j))(keys)
+
+    def draft_step(j, carry):
+        last_hidden, kv_cache, drafts, q_rows = carry  # [S, d], ..., [S, k], [R, V]
+        logits = model.compute_logits(last_hidden).astype(jnp.float32)  # [S, V]
+        salt = jnp.uint32(_DRAFT_SALT) + j.astype(jnp.uint32)
+        keys_j = jax.vmap(lambda key: jax.random.fold_in(key, salt))(keys)
         token, q = _draw(logits, smd, keys_j)  # [S], [S, V]
         live = j < num_drafts  # [S]: draft j exists (its slot is reserved)
         q_rows = q_rows.at[jnp.where(live, row_start + j, num_rows)].set(q, mode="drop")
-        drafts.append(token)
+        drafts = jax.lax.dynamic_update_slice(drafts, token[:, None], (0, j))
         # the draft's own step on draft j at position base + j + 1: its KV is needed when the
         # target accepts it; rows without that slot run on the null block (slot 0)
         pos = jnp.where(live, base + j + 1, 0)  # [S]
@@ -97,10 +103,14 @@ def _propose(graphdef, state, kv_cache, token_ids, md, last_idx, num_drafts, row
         step_md = AttentionMetadata(
             positions=pos, slot_mapping=block * block_size + pos % block_size,
             block_tables=tables, seq_lens=pos + 1, query_start_loc=rows, max_query_len=1)
-        hidden, kv_cache = model(jnp.where(live, token, 0), step_md, kv_cache)
-        if j + 1 < k:
-            logits = model.compute_logits(hidden).astype(jnp.float32)  # [S, V]
-    return jnp.stack(drafts, axis=1), q_rows, kv_cache
+        last_hidden, kv_cache = model(jnp.where(live, token, 0), step_md, kv_cache)
+        return last_hidden, kv_cache, drafts, q_rows
+
+    init = (hidden[last_idx], kv_cache, jnp.zeros((num_seqs, k), jnp.int32),
+            jnp.zeros((num_rows, vocab_size), jnp.float32))
+    num_steps = jnp.minimum(jnp.max(num_drafts), k)  # the step's most drafts
+    _, kv_cache, drafts, q_rows = jax.lax.fori_loop(0, num_steps, draft_step, init)
+    return drafts, q_rows, kv_cache
 
 
 class DraftModel:
@@ -117,7 +127,8 @@ class DraftModel:
         kv_shardings = jax.tree.map(lambda a: a.sharding, self.kv_cache)
         replicated = NamedSharding(mesh, P())
         self._propose = jax.jit(
-            partial(_propose, self.graphdef, k=k, block_size=block_size),
+            partial(_propose, self.graphdef, k=k, block_size=block_size,
+                    vocab_size=loaded.config.vocab_size),
             donate_argnums=(1,), static_argnames=("num_rows",),
             out_shardings=(replicated, replicated, kv_shardings))
 

@@ -243,8 +243,9 @@ class StatLogger:
                 logger.info("%s", spec)
 
     def spec_line(self, dt: float) -> str | None:
-        """vLLM's "SpecDecoding metrics" line over the interval; None when speculation is off
-        or nothing was drafted since the last line."""
+        """vLLM's "SpecDecoding metrics" line over the interval, then the decodes the gate kept
+        from drafting (when any); None when speculation is off or nothing was drafted or gated
+        since the last line."""
         stats = self.metrics.last_stats
         spec = getattr(stats, "spec_decoding", None) if stats is not None else None
         if spec is None:
@@ -254,8 +255,12 @@ class StatLogger:
         drafts = spec.num_drafts - last.num_drafts
         drafted = spec.num_draft_tokens - last.num_draft_tokens
         accepted = spec.num_accepted_tokens - last.num_accepted_tokens
+        gated = (spec.num_gated_by_acceptance - last.num_gated_by_acceptance,
+                 spec.num_gated_by_batch_size - last.num_gated_by_batch_size)
+        gated_text = (f", Gated decodes: {gated[0]} by acceptance, {gated[1]} by batch size"
+                      if any(gated) else "")
         if drafts <= 0:
-            return None
+            return f"SpecDecoding metrics: Drafted: 0 tokens{gated_text}" if gated_text else None
         per_pos = [(a - b) / drafts for a, b in zip(spec.num_accepted_tokens_per_pos,
                                                    last.num_accepted_tokens_per_pos)]
         dt = max(dt, 1e-9)
@@ -264,4 +269,5 @@ class StatLogger:
                 f"Drafted throughput: {drafted / dt:.2f} tokens/s, "
                 f"Accepted: {accepted} tokens, Drafted: {drafted} tokens, "
                 f"Per-position acceptance rate: {', '.join(f'{r:.3f}' for r in per_pos)}, "
-                f"Avg Draft acceptance rate: {100.0 * accepted / max(drafted, 1):.1f}%")
+                f"Avg Draft acceptance rate: {100.0 * accepted / max(drafted, 1):.1f}%"
+                f"{gated_text}")
