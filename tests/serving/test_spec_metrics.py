@@ -43,3 +43,20 @@ def test_spec_counters_and_log_line():
     assert _values(metrics.registry)[("jaxserve:spec_decode_num_accepted_tokens_total", None)] == 8
     assert "Accepted: 2 tokens, Drafted: 2 tokens" in log.spec_line(1.0)  # per interval
     assert log.spec_line(1.0) is None  # nothing new
+
+
+def test_log_line_shows_gated_decodes():
+    metrics = EngineMetrics("m")
+    log = StatLogger(metrics)
+    spec = SpecDecodingStats.empty(2)
+    spec.record(2, 1)
+    spec.num_gated_by_acceptance, spec.num_gated_by_batch_size = 5, 2
+    metrics.on_stats(EngineStats(num_steps=1, spec_decoding=spec.copy()))
+    line = log.spec_line(1.0)
+    assert line.endswith("Avg Draft acceptance rate: 50.0%, Gated decodes: 5 by acceptance, "
+                         "2 by batch size")
+    spec.num_gated_by_batch_size += 8  # a step of 8 gated decodes, nothing drafted
+    metrics.on_stats(EngineStats(num_steps=2, spec_decoding=spec.copy()))
+    assert log.spec_line(1.0) == ("SpecDecoding metrics: Drafted: 0 tokens, Gated decodes: "
+                                  "0 by acceptance, 8 by batch size")
+    assert log.spec_line(1.0) is None  # nothing new
