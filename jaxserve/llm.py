@@ -64,7 +64,8 @@ class EngineArgs:
     quantize_lm_head: bool = False  # the lm_head too, same method (needs an at-load method)
     kv_cache_dtype: str = "auto"  # auto (the model's dtype) | int8 | fp8 (layers/kv_quant.py)
     # speculative decoding: {"method": "ngram", "num_speculative_tokens": k,
-    # "prompt_lookup_max": N, "prompt_lookup_min": M} (a dict, or the same as JSON)
+    # "prompt_lookup_max": N, "prompt_lookup_min": M, "disable_by_acceptance": 0.1,
+    # "disable_by_batch_size": None} (a dict, or the same as JSON)
     speculative_config: Any = None
 
     def __post_init__(self) -> None:
