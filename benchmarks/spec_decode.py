@@ -12,6 +12,10 @@ acceptance length from LLM.stats(), and whether the greedy outputs are equal.
   python benchmarks/spec_decode.py --model trained --methods ngram,draft_model \\
       --workloads copy,code --output-json benchmarks/results/cpu_spec_decode_trained.json
   python benchmarks/spec_decode.py --model random-20m --methods ngram --workloads copy
+  python benchmarks/spec_decode.py --model random-20m --gates off,on --disable-by-batch-size 8
+
+--gates: each method runs once per gate setting: off (disable_by_acceptance 0, no batch-size
+rule) and on (--disable-by-acceptance, --disable-by-batch-size).
 """
 
 from __future__ import annotations
@@ -38,6 +42,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--methods", default="ngram", help="comma list: ngram, draft_model")
     p.add_argument("--workloads", default="copy", help="comma list: copy, code")
     p.add_argument("--k", type=int, default=4, help="num_speculative_tokens")
+    p.add_argument("--gates", default="on", help="comma list: off, on (see above)")
+    p.add_argument("--disable-by-acceptance", type=float, default=0.1)
+    p.add_argument("--disable-by-batch-size", type=int, default=None)
     p.add_argument("--prompt-lookup-max", type=int, default=4)
     p.add_argument("--prompt-lookup-min", type=int, default=1)
     p.add_argument("--num-prompts", type=int, default=4, help="1-request runs, one per prompt")
@@ -121,6 +128,8 @@ def measure(llm, prompts, batch_prompts, params, repeats: int) -> dict:
         per_pos = [a - b for a, b in zip(after.num_accepted_tokens_per_pos,
                                          before.num_accepted_tokens_per_pos)]
         res.update(
+            gated_by_acceptance=after.num_gated_by_acceptance - before.num_gated_by_acceptance,
+            gated_by_batch_size=after.num_gated_by_batch_size - before.num_gated_by_batch_size,
             acceptance_rate=round(accepted / drafted, 4) if drafted else 0.0,
             mean_acceptance_length=round(1 + accepted / drafts, 3) if drafts else 0.0,
             accepted_per_pos=[round(a / drafts, 3) for a in per_pos] if drafts else [])
@@ -128,6 +137,20 @@ def measure(llm, prompts, batch_prompts, params, repeats: int) -> dict:
 
 
 def _spec_configs(args, draft_path):
+    """label -> speculative_config: one per method and gate setting."""
+    gates = {"off": {"disable_by_acceptance": 0.0, "disable_by_batch_size": None},
+             "on": {"disable_by_acceptance": args.disable_by_acceptance,
+                    "disable_by_batch_size": args.disable_by_batch_size}}
+    out = {}
+    for gate in args.gates.split(","):
+        if gate not in gates:
+            raise SystemExit(f"--gates: unknown setting {gate!r} (off, on)")
+        for method, cfg in _method_configs(args, draft_path).items():
+            out[f"{method}/gate-{gate}"] = {**cfg, **gates[gate]}
+    return out
+
+
+def _method_configs(args, draft_path):
     out = {}
     for method in args.methods.split(","):
         if method == "ngram":
@@ -198,6 +221,7 @@ def main(argv=None) -> list[dict]:
         for method, llm in engines.items():
             res = measure(llm, prompts, batch_prompts, params, args.repeats)
             row = {
+                "label": method,
                 "workload": f"{wname}-{args.output_len}-greedy", "model": args.model,
                 "device": jax.devices()[0].device_kind, "jax": jax.__version__,
                 "speculative_config": llm.engine.config.speculative.__dict__,
@@ -211,6 +235,8 @@ def main(argv=None) -> list[dict]:
                 "mean_acceptance_length": res["mean_acceptance_length"],
                 "accepted_per_pos": res["accepted_per_pos"],
                 "greedy_outputs_equal": base["outputs"] == res["outputs"],
+                "gated_by_acceptance": res["gated_by_acceptance"],
+                "gated_by_batch_size": res["gated_by_batch_size"],
                 "repeats": args.repeats,
                 "loadavg_at_start": [round(x, 2) for x in load],
                 "command": "python benchmarks/spec_decode.py " + " ".join(
@@ -218,10 +244,10 @@ def main(argv=None) -> list[dict]:
             }
             rows.append(row)
             print(json.dumps(row), flush=True)
-    print(f"\n{'workload':<34} {'method':<12} {'b1 plain':>9} {'b1 spec':>8} {'x':>6} "
+    print(f"\n{'workload':<34} {'method':<24} {'b1 plain':>9} {'b1 spec':>8} {'x':>6} "
           f"{'b' + str(b) + ' x':>6} {'accept':>7} {'len':>5} equal")
     for r in rows:
-        print(f"{r['workload']:<34} {r['speculative_config']['method']:<12} "
+        print(f"{r['workload']:<34} {r['label']:<24} "
               f"{r['b1_tok_s_plain']:>9.1f} {r['b1_tok_s_spec']:>8.1f} {r['b1_speedup']:>6.2f} "
               f"{r[f'b{b}_speedup']:>6.2f} {r['acceptance_rate']:>7.1%} "
               f"{r['mean_acceptance_length']:>5.2f} {r['greedy_outputs_equal']}")
