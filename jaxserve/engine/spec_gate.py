@@ -1,4 +1,4 @@
-"""SpecGate: whether a decode drafts this step (per-request acceptance backoff, batch-size cutoff)."""
+"""SpecGate: whether a decode drafts this step (per-request acceptance backoff, batch cutoff)."""
 
 from __future__ import annotations
 
