@@ -71,11 +71,53 @@ void rows_avx512(const uint16_t* x, const uint16_t* w, uint16_t* y, int64_t K, i
   if (n < n1) rows_avx512<T, 1>(x, w, y, K, N, n, n1);
 }
 
+// One output row at a time, its weights read strictly in address order, two accumulators per
+// input row (even / odd 32-wide steps) to cover vdpbf16ps's latency. For 1-2 rows this reads
+// faster than R interleaved row streams: on a 2-core Zen 4 the small model's 84 projections +
+// lm_head (415 MB) took 14.6-15.4 ms at T = 2 against 18.8 ms for R = 8 (28 vs 22 GB/s); at
+// T = 4 the R-row blocks win (x re-read per row costs more than the streams).
+template <int T>
+void rows_in_order(const uint16_t* x, const uint16_t* w, uint16_t* y, int64_t K, int64_t N,
+                   int64_t n0, int64_t n1) {
+  const int64_t full = K / 32 * 32;
+  const __mmask32 tail = K == full ? 0 : static_cast<__mmask32>((1ull << (K - full)) - 1);
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint16_t* wr = w + n * K;
+    __m512 even[T], odd[T];
+    for (int t = 0; t < T; ++t) even[t] = odd[t] = _mm512_setzero_ps();
+    int64_t k = 0;
+    for (; k + 64 <= full; k += 64) {
+      const __m512bh w0 = (__m512bh)_mm512_loadu_si512(wr + k);
+      const __m512bh w1 = (__m512bh)_mm512_loadu_si512(wr + k + 32);
+      for (int t = 0; t < T; ++t) {
+        even[t] = _mm512_dpbf16_ps(even[t], w0, (__m512bh)_mm512_loadu_si512(x + t * K + k));
+        odd[t] = _mm512_dpbf16_ps(odd[t], w1, (__m512bh)_mm512_loadu_si512(x + t * K + k + 32));
+      }
+    }
+    for (; k < K; k += 32) {
+      const bool whole = k < full;
+      const __m512bh wv = (__m512bh)(whole ? _mm512_loadu_si512(wr + k)
+                                           : _mm512_maskz_loadu_epi16(tail, wr + k));
+      for (int t = 0; t < T; ++t) {
+        const __m512bh xv = (__m512bh)(whole ? _mm512_loadu_si512(x + t * K + k)
+                                             : _mm512_maskz_loadu_epi16(tail, x + t * K + k));
+        even[t] = _mm512_dpbf16_ps(even[t], wv, xv);
+      }
+    }
+    for (int t = 0; t < T; ++t)
+      y[t * N + n] = f32_to_bf16(_mm512_reduce_add_ps(_mm512_add_ps(even[t], odd[t])));
+  }
+}
+
 template <int T>
 void rows_fast(const uint16_t* x, const uint16_t* w, uint16_t* y, int64_t K, int64_t N,
                int64_t n0, int64_t n1) {
-  constexpr int R = T <= 2 ? 8 : 16 / T;  // R * T accumulators stay in registers
-  rows_avx512<T, R>(x, w, y, K, N, n0, n1);
+  if constexpr (T <= 2) {
+    rows_in_order<T>(x, w, y, K, N, n0, n1);
+  } else {
+    constexpr int R = 16 / T;  // R * T accumulators stay in registers
+    rows_avx512<T, R>(x, w, y, K, N, n0, n1);
+  }
 }
 #endif
 
