@@ -18,6 +18,14 @@ def powers_of_two(lo: int, hi: int) -> tuple[int, ...]:
     return tuple(out)
 
 
+def seq_buckets(lo: int, hi: int) -> tuple[int, ...]:
+    """Decode row counts: powers of two, plus the midpoint 1.5x of each from 32 on (48, 96, ...),
+    up to and including hi. A decode step's projections cost grows in 16-row steps on the CPU
+    kernels (dpbf16_matmul, AMX tiles), so 33-48 rows padded to 64 wasted up to half the step."""
+    base = powers_of_two(lo, hi)
+    return tuple(sorted({*base, *(3 * p // 2 for p in base if 32 <= p and 3 * p // 2 < hi)}))
+
+
 def pick(buckets: tuple[int, ...], n: int) -> int:
     """The smallest bucket >= n."""
     for b in buckets:
@@ -60,7 +68,7 @@ class BucketSpec:
         widths.append(max_blocks_per_seq)
         return cls(
             tokens=powers_of_two(min(min_tokens, max_num_batched_tokens), max_num_batched_tokens),
-            seqs=powers_of_two(MIN_SEQS, max(MIN_SEQS, max_num_seqs)),
+            seqs=seq_buckets(MIN_SEQS, max(MIN_SEQS, max_num_seqs)),
             widths=tuple(sorted(set(widths))),
             decode_programs=decode_programs,
         )

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 import pytest
 
-from jaxserve.runtime.buckets import BucketSpec, decode_has_own_program
+from jaxserve.runtime.buckets import BucketSpec, decode_has_own_program, seq_buckets
 from jaxserve.runtime.inputs import prepare_inputs
 
 BLOCK = 16
@@ -51,3 +51,16 @@ def test_every_packed_step_has_a_warmed_up_key(decode_programs):
 def test_only_the_reference_attention_has_decode_programs():
     assert decode_has_own_program("reference")
     assert not decode_has_own_program("blockwise") and not decode_has_own_program("pallas")
+
+
+def test_decode_rows_get_midpoint_buckets_from_32_on():
+    assert seq_buckets(2, 16) == (2, 4, 8, 16)
+    assert seq_buckets(2, 64) == (2, 4, 8, 16, 32, 48, 64)
+    assert seq_buckets(2, 256) == (2, 4, 8, 16, 32, 48, 64, 96, 128, 192, 256)
+    assert seq_buckets(2, 40) == (2, 4, 8, 16, 32, 40)
+    spec = BucketSpec.build(512, 64, 32, bucket_widths=False)
+    keys = spec.step_shapes()
+    for rows, want in ((33, 48), (48, 48), (49, 64)):
+        chunks = [Chunk([1], 20, [1, 2]) for _ in range(rows)]
+        key = spec.step_key(prepare_inputs(chunks, BLOCK, spec).shape_key)
+        assert key[:2] == (want, want) and key in keys
