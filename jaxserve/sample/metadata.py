@@ -157,7 +157,11 @@ def build_sampling_metadata(
     penalty_len: int | None = None,
     bias_len: int | None = None,
 ) -> SamplingMetadata:
-    """Pack rows into arrays padded to padded_rows (padding rows are greedy) and put them on device.
+    """Pack rows into host arrays padded to padded_rows (padding rows are greedy).
+
+    They stay numpy: the compiled sampler takes them as arguments in the same transfer as the
+    rest of its call, where a device_put of the 13 small arrays first cost ~0.5 ms per step on a
+    2-core CPU (0.65 vs 0.16 ms to build and run an identity program on them).
 
     penalty_len / bias_len pin the width of the optional arrays (default: a power-of-two bucket
     of what the rows need); they are only built when some row uses penalties / bias / banned ids.
@@ -194,4 +198,4 @@ def build_sampling_metadata(
         ),
         bias=_build_sparse_bias(rows, b, bias_len) if any(r.uses_bias for r in rows) else None,
     )
-    return jax.device_put(host)
+    return host
