@@ -127,15 +127,26 @@ class EngineMetrics:
             per_pos = Counter("jaxserve:spec_decode_num_accepted_tokens_per_pos",
                               "Accepted draft tokens at each draft position.",
                               ["model_name", "position"], registry=self.registry)
+            gated = Counter("jaxserve:spec_decode_num_gated_decodes",
+                            "Decodes that did not draft because of the adaptive gate, by rule "
+                            "(acceptance: the request's acceptance average; batch_size: "
+                            "disable_by_batch_size).",
+                            ["model_name", "reason"], registry=self.registry)
             self._spec = (
                 self._counter("spec_decode_num_drafts", "Verified decodes with drafts."),
                 self._counter("spec_decode_num_draft_tokens", "Draft tokens proposed."),
                 self._counter("spec_decode_num_accepted_tokens", "Draft tokens accepted."),
                 per_pos,
+                gated,
             )
             self._last_spec = type(spec).empty(len(spec.num_accepted_tokens_per_pos))
-        drafts, draft_tokens, accepted, per_pos = self._spec
+        drafts, draft_tokens, accepted, per_pos, gated = self._spec
         last, self._last_spec = self._last_spec, spec.copy()
+        for reason, new, old in (
+                ("acceptance", spec.num_gated_by_acceptance, last.num_gated_by_acceptance),
+                ("batch_size", spec.num_gated_by_batch_size, last.num_gated_by_batch_size)):
+            if new > old:
+                gated.labels(reason=reason, **self._label).inc(new - old)
         for metric, new, old in ((drafts, spec.num_drafts, last.num_drafts),
                                  (draft_tokens, spec.num_draft_tokens, last.num_draft_tokens),
                                  (accepted, spec.num_accepted_tokens, last.num_accepted_tokens)):

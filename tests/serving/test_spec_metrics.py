@@ -14,7 +14,7 @@ def _values(registry) -> dict[tuple, float]:
     for fam in text_string_to_metric_families(generate_latest(registry).decode()):
         for s in fam.samples:
             if s.name.startswith("jaxserve:spec_decode") and s.name.endswith("_total"):
-                out[(s.name, s.labels.get("position"))] = s.value
+                out[(s.name, s.labels.get("position", s.labels.get("reason")))] = s.value
     return out
 
 
@@ -52,6 +52,9 @@ def test_log_line_shows_gated_decodes():
     spec.record(2, 1)
     spec.num_gated_by_acceptance, spec.num_gated_by_batch_size = 5, 2
     metrics.on_stats(EngineStats(num_steps=1, spec_decoding=spec.copy()))
+    v = _values(metrics.registry)
+    assert v[("jaxserve:spec_decode_num_gated_decodes_total", "acceptance")] == 5
+    assert v[("jaxserve:spec_decode_num_gated_decodes_total", "batch_size")] == 2
     line = log.spec_line(1.0)
     assert line.endswith("Avg Draft acceptance rate: 50.0%, Gated decodes: 5 by acceptance, "
                          "2 by batch size")
@@ -60,3 +63,6 @@ def test_log_line_shows_gated_decodes():
     assert log.spec_line(1.0) == ("SpecDecoding metrics: Drafted: 0 tokens, Gated decodes: "
                                   "0 by acceptance, 8 by batch size")
     assert log.spec_line(1.0) is None  # nothing new
+    v = _values(metrics.registry)
+    assert v[("jaxserve:spec_decode_num_gated_decodes_total", "batch_size")] == 10
+    assert v[("jaxserve:spec_decode_num_gated_decodes_total", "acceptance")] == 5
