@@ -20,12 +20,8 @@ K_MULTIPLE, N_MULTIPLE = 32, 16  # the kernel's shape limits: x [T, K], w [N, K]
 
 
 def cpu_has_amx() -> bool:
-    """The CPU advertises AMX bf16 tiles (Linux /proc/cpuinfo)."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return " amx_bf16" in flags and " amx_tile" in flags
+    """The CPU advertises AMX bf16 tiles."""
+    return build.cpu_has("amx_bf16", "amx_tile")
 
 
 def ensure_built() -> None:

@@ -42,14 +42,25 @@ def _compiler() -> str:
     raise KernelBuildError("no C++ compiler found (set CXX, or install g++)")
 
 
-def _cpu_signature() -> str:
+def _cpu_flags_line() -> str:
+    """The first `flags` line of /proc/cpuinfo ("" where there is none: not Linux, or not x86)."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("flags"):
                 return line
     except OSError:
         pass
-    return os.uname().machine
+    return ""
+
+
+def cpu_has(*flags: str) -> bool:
+    """Whether the CPU advertises every one of `flags` (Linux /proc/cpuinfo names)."""
+    have = set(_cpu_flags_line().partition(":")[2].split())
+    return all(flag in have for flag in flags)
+
+
+def _cpu_signature() -> str:
+    return _cpu_flags_line() or os.uname().machine
 
 
 def _build_key(source: bytes, cxx: str, flags: tuple[str, ...]) -> str:

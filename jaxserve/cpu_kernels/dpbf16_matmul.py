@@ -18,12 +18,8 @@ logger = logging.getLogger(__name__)
 
 
 def cpu_has_avx512_bf16() -> bool:
-    """The CPU advertises AVX-512 BF16 (Linux /proc/cpuinfo)."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return " avx512_bf16" in flags
+    """The CPU advertises AVX-512 BF16."""
+    return build.cpu_has("avx512_bf16")
 
 
 def ensure_built() -> None:
