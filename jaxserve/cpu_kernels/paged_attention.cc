@@ -7,7 +7,8 @@
 //      sequence's pages, causal, with an optional sliding window and logits soft cap.
 // Work items are (sequence, tile of up to kTile query tokens, kv head); the G query heads of a
 // kv head share each K/V page read (GQA). Pages are widened to f32 one block at a time and the
-// softmax is online per block. Keys past a sequence's length are never read, so whatever the
+// softmax is online per block; an item of one query token (every decode row) takes three passes
+// over its context instead (attend_token), without the per-block rescaling. Keys past a sequence's length are never read, so whatever the
 // unused slots hold (NaN included) cannot reach the output; padding tokens get zeros.
 //
 // K pages are stored transposed inside each block so a block's scores are a few wide vector
@@ -353,6 +354,153 @@ void attend(const Dims& d, const Params& p, const WorkItem& w, const T* q, const
   }
 }
 
+#if defined(__AVX512F__)
+// dst[0:bs] = raw[0:bs] * scale (soft-capped), -inf outside keys [lo, hi) (key of lane j:
+// start + j); returns max(m, max of dst). bs a multiple of 16.
+inline float scores16(const float* raw, float* dst, int64_t bs, int64_t start, int64_t lo,
+                      int64_t hi, const Params& p, float m) {
+  const __m512 neg_inf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+  const __m512i lane = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+  const __m512i vlo = _mm512_set1_epi32(static_cast<int32_t>(lo));
+  const __m512i vhi = _mm512_set1_epi32(static_cast<int32_t>(hi));
+  __m512 vmax = _mm512_set1_ps(m);
+  for (int64_t c = 0; c < bs; c += 16) {
+    const __m512i key = _mm512_add_epi32(_mm512_set1_epi32(static_cast<int32_t>(start + c)), lane);
+    const __mmask16 ok = _mm512_cmp_epi32_mask(key, vlo, _MM_CMPINT_NLT) &
+                         _mm512_cmp_epi32_mask(key, vhi, _MM_CMPINT_LT);
+    __m512 x = _mm512_mul_ps(_mm512_loadu_ps(raw + c), _mm512_set1_ps(p.scale));
+    if (p.soft_cap > 0.0f) {
+      const __m512 cap = _mm512_set1_ps(p.soft_cap);
+      const __m512 e = exp_nonpositive16(
+          _mm512_div_ps(_mm512_mul_ps(_mm512_abs_ps(x), _mm512_set1_ps(-2.0f)), cap));
+      const __m512 t = _mm512_div_ps(_mm512_mul_ps(cap, _mm512_sub_ps(_mm512_set1_ps(1.0f), e)),
+                                     _mm512_add_ps(_mm512_set1_ps(1.0f), e));
+      const __mmask16 neg = _mm512_cmp_ps_mask(x, _mm512_setzero_ps(), _CMP_LT_OQ);
+      x = _mm512_mask_sub_ps(t, neg, _mm512_setzero_ps(), t);
+    }
+    x = _mm512_mask_blend_ps(ok, neg_inf, x);  // a NaN score of an unwritten slot goes here
+    _mm512_storeu_ps(dst + c, x);
+    vmax = _mm512_max_ps(vmax, x);
+  }
+  return _mm512_reduce_max_ps(vmax);
+}
+#endif
+
+// One query token (a decode row, or a 1-token tail of a chunk): its G query heads against the
+// context in three passes, where `attend` runs an online softmax block by block. Pass 1 scores
+// every visible key, pass 2 takes one max and one sum per row, pass 3 adds up p . V. The
+// online form paid, per block and row, two horizontal reductions, a scalar exp and a rescale
+// of the accumulator: most of a decode's time at a few hundred keys, where the work per block
+// is small. Scores of the whole context sit in a thread-local buffer (rows x keys floats).
+template <typename T>
+void attend_token(const Dims& d, const Params& p, const WorkItem& w, const T* q, const T* k_pages,
+                  const T* v_pages, const int32_t* block_tables, const int32_t* seq_lens,
+                  const int32_t* qsl, T* out) {
+  const int64_t D = d.head_dim, bs = d.block_size, G = d.q_heads / d.kv_heads;
+  const int64_t seq_len = seq_lens[w.seq];
+  const int64_t qpos = seq_len - (qsl[w.seq + 1] - qsl[w.seq]) + w.first;
+  const int64_t tok = qsl[w.seq] + w.first;
+  const int64_t key_end = std::min<int64_t>(seq_len, qpos + 1);  // exclusive
+  const int64_t key_begin = p.window > 0 ? std::max<int64_t>(0, qpos - p.window + 1) : 0;
+  const int64_t b0 = key_begin / bs, b1 = (key_end + bs - 1) / bs;  // blocks [b0, b1)
+  const int64_t span = (b1 - b0) * bs;  // score columns: keys from b0 * bs
+  thread_local std::vector<T> qr;
+  thread_local std::vector<float> sc, vf, acc;
+  qr.resize(kRows * D);
+  sc.resize(kRows * span);
+  vf.resize(bs * D);
+  acc.resize(kRows * D);
+  const int32_t* table = block_tables + static_cast<int64_t>(w.seq) * d.width;
+  const int64_t head_base = static_cast<int64_t>(w.kv_head) * d.num_blocks * bs * D;
+  const float neg_inf = -std::numeric_limits<float>::infinity();
+  float blk[kRows][kMaxBlock];
+  for (int64_t g0 = 0; g0 < G; g0 += kRows) {
+    const int64_t nr = std::min<int64_t>(kRows, G - g0);
+    std::fill(qr.begin(), qr.end(), T(0));
+    std::memcpy(qr.data(), q + (tok * d.q_heads + w.kv_head * G + g0) * D, nr * D * sizeof(T));
+    float mx[kRows], inv[kRows];
+    std::fill(mx, mx + kRows, neg_inf);
+    // pass 1: scaled (and capped) scores; keys outside [key_begin, key_end) get -inf, so a NaN
+    // in an unwritten slot never passes
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t page = head_base + static_cast<int64_t>(table[b]) * bs * D;
+      block_scores(qr.data(), kRows, k_pages + page, D, bs, blk);
+      const int64_t start = b * bs;
+      for (int64_t r = 0; r < nr; ++r) {
+        float* sr = &sc[r * span + (b - b0) * bs];
+#if defined(__AVX512F__)
+        if (bs % 16 == 0) {
+          mx[r] = scores16(blk[r], sr, bs, start, key_begin, key_end, p, mx[r]);
+          continue;
+        }
+#endif
+        float m = mx[r];
+        for (int64_t j = 0; j < bs; ++j) {
+          float x = blk[r][j] * p.scale;
+          if (p.soft_cap > 0.0f) {
+            const float e = exp_nonpositive(-2.0f * std::fabs(x) / p.soft_cap);
+            x = std::copysign(p.soft_cap * (1.0f - e) / (1.0f + e), x);
+          }
+          const int64_t key = start + j;
+          sr[j] = key >= key_begin && key < key_end ? x : neg_inf;
+          m = std::max(m, sr[j]);
+        }
+        mx[r] = m;
+      }
+    }
+    // pass 2: probabilities (unnormalised) and their sum
+    for (int64_t r = 0; r < nr; ++r) {
+      float* sr = &sc[r * span];
+      const float m = mx[r];
+      float sum = 0.0f;
+      if (m != neg_inf) {
+#pragma omp simd reduction(+ : sum)
+        for (int64_t j = 0; j < span; ++j) {
+          sr[j] = sr[j] == neg_inf ? 0.0f : exp_nonpositive(sr[j] - m);
+          sum += sr[j];
+        }
+      }
+      inv[r] = sum > 0.0f ? 1.0f / sum : 0.0f;
+    }
+    std::fill(sc.begin() + nr * span, sc.end(), 0.0f);  // rows past G: zero weights in pass 3
+    // pass 3: p . V over the visible keys only (V rows of other slots are never read)
+    std::fill(acc.begin(), acc.end(), 0.0f);
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t start = b * bs;
+      const int64_t lo = std::max<int64_t>(0, key_begin - start);
+      const int64_t hi = std::min<int64_t>(bs, key_end - start);
+      const int64_t page = head_base + static_cast<int64_t>(table[b]) * bs * D;
+      for (int64_t i = lo * D; i < hi * D; ++i) vf[i] = load(v_pages, page + i);
+      const float* pb = &sc[(b - b0) * bs];  // row r's probabilities at pb[r * span + j]
+#if defined(__AVX512F__)
+      if (D % 16 == 0) {
+        for (int64_t c = 0; c < D; c += 16) {
+          __m512 a[kRows];
+          for (int r = 0; r < kRows; ++r) a[r] = _mm512_loadu_ps(&acc[r * D + c]);
+          for (int64_t j = lo; j < hi; ++j) {
+            const __m512 vj = _mm512_loadu_ps(&vf[j * D + c]);
+            for (int r = 0; r < kRows; ++r)
+              a[r] = _mm512_fmadd_ps(_mm512_set1_ps(pb[r * span + j]), vj, a[r]);
+          }
+          for (int r = 0; r < kRows; ++r) _mm512_storeu_ps(&acc[r * D + c], a[r]);
+        }
+        continue;
+      }
+#endif
+      for (int64_t r = 0; r < nr; ++r)
+        for (int64_t j = lo; j < hi; ++j) {
+          const float pj = pb[r * span + j];
+#pragma omp simd
+          for (int64_t i = 0; i < D; ++i) acc[r * D + i] += pj * vf[j * D + i];
+        }
+    }
+    for (int64_t r = 0; r < nr; ++r) {
+      const int64_t o = (tok * d.q_heads + w.kv_head * G + g0 + r) * D;
+      for (int64_t i = 0; i < D; ++i) store(out, o + i, acc[r * D + i] * inv[r]);
+    }
+  }
+}
+
 template <typename T>
 ffi::Error run(ffi::ThreadPool& pool, const Dims& d, const Params& p, const T* q, const T* k_new, const T* v_new,
                const int32_t* slots, const int32_t* block_tables, const int32_t* seq_lens,
@@ -378,6 +526,10 @@ ffi::Error run(ffi::ThreadPool& pool, const Dims& d, const Params& p, const T* q
         items.push_back({s, f, static_cast<int32_t>(std::min<int64_t>(kTile, qlen - f)), h});
   }
   jaxserve::ParallelFor(pool, static_cast<int64_t>(items.size()), [&](int64_t i) {
+    if (items[i].count == 1) {
+      attend_token(d, p, items[i], q, k_pages, v_pages, block_tables, seq_lens, qsl, out);
+      return;
+    }
     thread_local Scratch<T> sc;
     attend(d, p, items[i], q, k_pages, v_pages, block_tables, seq_lens, qsl, out, sc);
   });

@@ -72,7 +72,7 @@ CASES = [  # (seq_lens, q_lens, extra padding tokens)
 
 @pytest.mark.parametrize("dtype,tol", [(np.float32, 2e-5), (BF16, 2e-2)])
 @pytest.mark.parametrize("block_size,head_dim,heads", [(16, 64, (8, 2)), (32, 128, (4, 4)),
-                                                      (8, 64, (6, 3))])
+                                                      (8, 64, (6, 3)), (16, 64, (12, 1))])
 @pytest.mark.parametrize("seq_lens,q_lens,pad", CASES)
 def test_kernel_matches_oracles(seq_lens, q_lens, pad, block_size, head_dim, heads, dtype, tol):
     _check_case(seq_lens, q_lens, pad, block_size, head_dim, heads, dtype, tol)
