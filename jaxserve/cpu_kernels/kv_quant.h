@@ -1,0 +1,80 @@
+// Quantized KV rows for the CPU attention kernel: the int8 / fp8 e4m3 codecs and the quantizer.
+//
+// The quantizer is jaxserve/layers/kv_quant.py's `quantize_tokens`, bit for bit: per (token, kv
+// head), scale = max |x| * f32(1 / qmax) over head_dim (qmax 127 for int8, 448 for e4m3), each
+// value x * (1 / scale) (one f32 reciprocal per row, as XLA computes x / scale) rounded to
+// nearest even, int8 clipped to +-127, e4m3
+// clipped to +-448 then rounded to its 3 mantissa bits (subnormals included); an all-zero vector
+// gets scale 0 and zero values. Values are stored as bytes: int8, or e4m3fn bit patterns.
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+
+namespace jaxserve::kvq {
+
+constexpr int64_t kScaleBytes = 4;  // the f32 scale after each row's values
+
+struct Int8Codec {
+  static constexpr double kQmax = 127.0;
+  static float widen(uint8_t b) { return static_cast<float>(static_cast<int8_t>(b)); }
+  static uint8_t narrow(float y) {  // y = x / scale
+    float r = std::nearbyint(y);   // the default rounding mode: nearest even
+    r = std::min(std::max(r, -127.0f), 127.0f);
+    if (r != r) r = 0.0f;  // NaN input (the scale is NaN then too)
+    return static_cast<uint8_t>(static_cast<int8_t>(r));
+  }
+};
+
+// float8_e4m3fn: sign, 4 exponent bits (bias 7), 3 mantissa bits; no infinities, 0x7f / 0xff NaN.
+struct E4M3Table {
+  float v[256];
+  E4M3Table() {
+    for (int b = 0; b < 256; ++b) {
+      const int e = (b >> 3) & 15, m = b & 7;
+      float a = e == 0 ? std::ldexp(static_cast<float>(m), -9)  // subnormal: m * 2^-9
+                       : std::ldexp(static_cast<float>(8 + m), e - 10);  // (1 + m/8) * 2^(e-7)
+      if ((b & 0x7f) == 0x7f) a = std::numeric_limits<float>::quiet_NaN();
+      v[b] = (b & 0x80) ? -a : a;
+    }
+  }
+};
+inline const E4M3Table kE4M3;
+
+struct E4M3Codec {
+  static constexpr double kQmax = 448.0;
+  static float widen(uint8_t b) { return kE4M3.v[b]; }
+  static uint8_t narrow(float y) {  // clip to +-448, round to nearest even (as ml_dtypes)
+    if (y != y) return 0x7f;
+    y = std::min(std::max(y, -448.0f), 448.0f);
+    uint32_t bits;
+    std::memcpy(&bits, &y, sizeof bits);
+    const uint8_t sign = static_cast<uint8_t>((bits >> 24) & 0x80u);
+    bits &= 0x7fffffffu;
+    float a;
+    std::memcpy(&a, &bits, sizeof a);
+    if (a < 0x1p-6f)  // below the smallest normal: a multiple of 2^-9 (8 * 2^-9 is 0x08, normal)
+      return sign | static_cast<uint8_t>(std::nearbyint(a * 512.0f));
+    const uint32_t r = bits + 0x7ffffu + ((bits >> 20) & 1u);  // round 23 -> 3 mantissa bits
+    return sign | static_cast<uint8_t>(((((r >> 23) & 0xffu) - 120u) << 3) | ((r >> 20) & 7u));
+  }
+};
+
+// Quantizes x [D] (f32) into out [D] (bytes of `Codec`); returns the row's scale.
+template <typename Codec>
+float quantize_row(const float* x, int64_t D, uint8_t* out) {
+  float amax = 0.0f;
+  for (int64_t i = 0; i < D; ++i) {
+    const float a = std::fabs(x[i]);
+    amax = (a > amax || a != a) ? a : amax;  // NaN sticks, as jnp.max's
+  }
+  const float scale = amax * static_cast<float>(1.0 / Codec::kQmax);
+  const float inv = 1.0f / (scale > 0.0f ? scale : 1.0f);
+  for (int64_t i = 0; i < D; ++i) out[i] = scale > 0.0f ? Codec::narrow(x[i] * inv) : 0;
+  return scale;
+}
+
+}  // namespace jaxserve::kvq
