@@ -162,6 +162,21 @@ inline void block_scores(const uint16_t* q, int64_t nr, const uint16_t* kt, int6
 
 inline void block_scores(const float* q, int64_t nr, const float* kt, int64_t D, int64_t bs,
                          float (*s)[kMaxBlock]) {
+#if defined(__AVX512F__)
+  if (bs % 16 == 0 && nr == kRows) {  // kRows accumulators in registers per 16 keys
+    for (int64_t c = 0; c < bs; c += 16) {
+      __m512 acc[kRows];
+      for (int r = 0; r < kRows; ++r) acc[r] = _mm512_setzero_ps();
+      for (int64_t i = 0; i < D; ++i) {
+        const __m512 k = _mm512_loadu_ps(kt + i * bs + c);
+        for (int r = 0; r < kRows; ++r)
+          acc[r] = _mm512_fmadd_ps(_mm512_set1_ps(q[r * D + i]), k, acc[r]);
+      }
+      for (int r = 0; r < kRows; ++r) _mm512_storeu_ps(&s[r][c], acc[r]);
+    }
+    return;
+  }
+#endif
   for (int64_t r = 0; r < nr; ++r) {
     float* sr = s[r];
     for (int64_t j = 0; j < bs; ++j) sr[j] = 0.0f;
@@ -248,16 +263,14 @@ struct QuantPages {
   int64_t block_elems() const { return bs * (D + jaxserve::kvq::kScaleBytes); }
   const float* load_block(int64_t page, int64_t n, Scratch<float>& sc) const {
     const uint8_t* kb = k + page;  // all bs keys: those past n are masked (they may be NaN)
-#pragma omp simd
-    for (int64_t i = 0; i < bs * D; ++i) sc.kt[i] = Codec::widen(kb[i]);
+    Codec::widen_n(kb, bs * D, sc.kt.data(), 1.0f);
     std::memcpy(sc.ks.data(), kb + bs * D, bs * sizeof(float));
     const int64_t row = D + jaxserve::kvq::kScaleBytes;
     for (int64_t j = 0; j < n; ++j) {  // V rows past n are never read
       const uint8_t* vr = v + page + j * row;
       float s;
       std::memcpy(&s, vr + D, sizeof s);
-#pragma omp simd
-      for (int64_t i = 0; i < D; ++i) sc.v[j * D + i] = Codec::widen(vr[i]) * s;
+      Codec::widen_n(vr, D, sc.v.data() + j * D, s);
     }
     return sc.kt.data();
   }

@@ -185,6 +185,27 @@ def test_write_is_kv_quant_bit_for_bit(name, dtype):
     np.testing.assert_array_equal(v_rows.view(np.uint8), _quantize(-x, name)[:, 0].view(np.uint8))
 
 
+@pytest.mark.parametrize("name", ["int8", "fp8"])
+@pytest.mark.parametrize("portable", [False, True])
+def test_one_key_reads_back_the_dequantized_v_row_exactly(name, portable):
+    """A sequence of one token attends to itself with weight exactly 1: the output is its V row
+    as the kernel wrote and widened it, which must equal kv_quant.py's dequantized bytes exactly
+    (ties, fp8 subnormals and NaN-free zeros included: the AVX-512 e4m3 widening goes through
+    f16 bits and vcvtph2ps, the portable one through a table)."""
+    v = _tie_vectors(name)  # [8, 1, 64]
+    s, bs = len(v), 16
+    slots = np.arange(1, s + 1, dtype=np.int32) * bs  # sequence i in block i + 1
+    pages = np.zeros((1, s + 1, bs, 68), PAGE[name])
+    q = np.random.default_rng(3).standard_normal((s, 2, 64)).astype(np.float32)
+    tables = np.arange(1, s + 1, dtype=np.int32)[:, None]
+    target = dict(target=_portable_target()) if portable else {}
+    fn = jax.jit(lambda *a: cpa.write_and_attend(*a, scale=0.125, **target))
+    out, _, _ = fn(q, np.ones_like(v), v, pages, pages, slots, tables, np.ones(s, np.int32),
+                   np.arange(s + 1, dtype=np.int32))
+    want = np.asarray(dequantize(jnp.asarray(_quantize(v, name))))  # [8, 1, 64]
+    np.testing.assert_array_equal(np.asarray(out), np.broadcast_to(want, (s, 2, 64)))
+
+
 def test_refuses_pages_of_the_wrong_row_width():
     case = make_case([20], [1], num_q_heads=2, num_kv_heads=1)
     pages = np.zeros((1, 4, 16, 64), np.int8)  # int8 rows without the 4 scale bytes

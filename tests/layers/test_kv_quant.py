@@ -156,3 +156,16 @@ def test_bad_kv_cache_dtype_and_pallas_are_refused():
         paged_attention(jnp.zeros((1, 1, 64)), pages, pages, md,
                         AttentionConfig(backend="pallas"), 0.125)
     check_kv_backend("blockwise", "fp8")
+
+
+def test_auto_with_a_quantized_cache_on_a_gpu_asks_for_blockwise(monkeypatch, caplog):
+    """Off the CPU the auto kernels (Mosaic GPU) read float pages: auto means blockwise, logged."""
+    import logging
+
+    from jaxserve.layers import attention
+
+    monkeypatch.setattr(attention.jax, "default_backend", lambda: "gpu")
+    with caplog.at_level(logging.INFO, logger="jaxserve.layers.attention"):
+        assert backend_request("auto", "fp8") == "blockwise"
+    assert "read by the blockwise XLA loops" in caplog.text
+    assert backend_request("auto", "auto") == "auto"
