@@ -1,17 +1,19 @@
 """Quantized KV cache on the CPU: decode ms/token with bf16 vs int8 vs fp8 KV at long context.
 
-Two measurements, in one process, side by side:
-- attention alone: the blockwise decode attention (the CPU serving path) of `--batch` rows over
-  `--context` tokens each, one layer's pages of the small model's shape (2 kv heads x 64), bf16
-  pages vs int8 / fp8 pages + f32 scales; ms per call and the KV bytes it must read.
+Two measurements, in one process, side by side, for every `--kv-dtypes` variant KV[:BACKEND]
+(BACKEND: the attention backend, default auto = the C++ kernel on CPU; e.g. int8:blockwise):
+- attention alone: the decode attention of `--batch` rows over `--context` tokens each, one
+  layer's pages of the small model's shape (2 kv heads x 64), bf16 pages vs int8 / fp8 pages +
+  f32 scales, through the backend's entry (the kernel's also writes one K/V row per sequence);
+  ms per call and the KV bytes it must read.
 - end to end: the "small" model (decode_probe's, Qwen2.5-0.5B widths, bf16 weights), one
-  engine per KV dtype, each with `--batch` distinct random prompts of `--context` tokens
+  engine per variant, each with `--batch` distinct random prompts of `--context` tokens
   prefilled, then their decode steps (every request decoding) interleaved round-robin so all
   see the same machine load; ms per step, bytes per KV block, and the floor (weights + KV
   bytes / read GB/s).
 
   PYTHONPATH=. python benchmarks/kv_quant_decode.py --batch 16 --context 2048 \
-      --out benchmarks/results/cpu_kv_quant_decode.json
+      --kv-dtypes auto int8 int8:blockwise fp8 --out benchmarks/results/cpu_kv_quant_decode.json
 """
 
 from __future__ import annotations
@@ -30,15 +32,25 @@ from benchmarks.decode_probe import SMALL, FIRST_TOKEN_ID, decode_bytes, measure
     write_small_checkpoint
 
 
-def attention_alone(kv_dtype: str, batch: int, context: int, repeats: int) -> dict:
-    """ms per blockwise decode-attention call over `batch` x `context` tokens of one layer."""
+def _variant(name: str) -> tuple[str, str]:
+    """"int8:blockwise" -> ("int8", "blockwise"); "int8" -> ("int8", "auto")."""
+    kv, _, backend = name.partition(":")
+    return kv, backend or "auto"
+
+
+def attention_alone(variant: str, batch: int, context: int, repeats: int) -> dict:
+    """ms per decode-attention call over `batch` x `context` tokens of one layer."""
     import jax
     import jax.numpy as jnp
 
+    from jaxserve.cpu_kernels import paged_attention as cpa
+    from jaxserve.layers.attention import backend_request, select_backend
     from jaxserve.layers.blockwise_attention import blockwise_paged_attention
     from jaxserve.layers.kv_quant import (bytes_per_token, pack_rows, page_dtype,
                                           quantize_tokens, value_dtype)
 
+    kv_dtype, requested = _variant(variant)
+    backend = select_backend(backend_request(requested, kv_dtype)).backend
     kvh, d, hq, bs = SMALL["num_key_value_heads"], SMALL["head_dim"], 14, 16
     blocks = context // bs
     nb = 1 + batch * blocks
@@ -49,12 +61,21 @@ def attention_alone(kv_dtype: str, batch: int, context: int, repeats: int) -> di
     else:
         k = pack_rows(*quantize_tokens(x, value_dtype(page_dtype(kv_dtype, "bfloat16"))))  # [N, Hkv, D + 4]
     k = k.transpose(1, 0, 2).reshape(kvh, nb, bs, -1)
-    kv = (k, k)
     tables = jnp.asarray(1 + rng.permutation(batch * blocks).reshape(batch, blocks), jnp.int32)
     q = jnp.asarray(rng.standard_normal((batch, hq, d), np.float32), jnp.bfloat16)
     lens = jnp.full((batch,), context, jnp.int32)
     qsl = jnp.arange(batch + 1, dtype=jnp.int32)
-    fn = jax.jit(blockwise_paged_attention)
+    if backend == "cpu":  # K in the kernel's layout; this step's rows written to the null block
+        kv = (jnp.asarray(cpa.k_pages_layout(np.asarray(k))), k)
+        new = q[:, :kvh]  # [S, Hkv, D]
+        slots = jnp.zeros((batch,), jnp.int32)
+        fn = jax.jit(lambda q, kp, vp, t, sl, qs: cpa.write_and_attend(
+            q, new, new, kp, vp, slots, t, sl, qs, scale=d**-0.5)[0])
+    elif backend == "blockwise":
+        kv = (k, k)
+        fn = jax.jit(blockwise_paged_attention)
+    else:
+        raise ValueError(f"attention alone: backend {backend} is not measured here")
     fn(q, *kv, tables, lens, qsl).block_until_ready()
     times = []
     for _ in range(repeats):
@@ -63,8 +84,9 @@ def attention_alone(kv_dtype: str, batch: int, context: int, repeats: int) -> di
         times.append(time.perf_counter() - t)
     kv_bytes = batch * context * bytes_per_token(kv_dtype, "bfloat16", kvh, d)
     ms = 1e3 * statistics.median(times)
-    return {"probe": "attention", "kv_cache_dtype": kv_dtype, "batch": batch, "context": context,
-            "ms_per_call": ms, "kv_bytes": kv_bytes, "GBps": kv_bytes / ms / 1e6}
+    return {"probe": "attention", "variant": variant, "kv_cache_dtype": kv_dtype,
+            "backend": backend, "batch": batch, "context": context, "ms_per_call": ms,
+            "kv_bytes": kv_bytes, "GBps": kv_bytes / ms / 1e6}
 
 
 def _prefill(llm, args) -> float:
@@ -97,18 +119,21 @@ def end_to_end(path: str, args) -> list[dict]:
 
     max_len = args.context + args.batch * args.context // 512 + 2 * args.decode_tokens + 16
     engines, rows = {}, {}
-    for kv in args.kv_dtypes:
+    for variant in args.kv_dtypes:
+        kv, backend = _variant(variant)
         t = time.perf_counter()
-        engines[kv] = LLM(path, dtype="bfloat16", kv_cache_dtype=kv, max_num_seqs=args.batch,
-                          max_model_len=max_len, max_num_batched_tokens=512,
-                          use_tqdm_on_load=False, enable_prompt_logprobs=False)
+        engines[variant] = LLM(path, dtype="bfloat16", kv_cache_dtype=kv,
+                               attention_backend=backend, max_num_seqs=args.batch,
+                               max_model_len=max_len, max_num_batched_tokens=512,
+                               use_tqdm_on_load=False, enable_prompt_logprobs=False)
         startup = time.perf_counter() - t
-        prefill_s = _prefill(engines[kv], args)
-        cfg = engines[kv].engine.runner.model_config
-        rows[kv] = {"probe": "decode", "kv_cache_dtype": kv, "batch": args.batch,
+        prefill_s = _prefill(engines[variant], args)
+        cfg = engines[variant].engine.runner.model_config
+        rows[variant] = {"probe": "decode", "variant": variant, "kv_cache_dtype": kv,
+                    "attention_backend": backend, "batch": args.batch,
                     "context": args.context, "prefill_s": prefill_s, "startup_s": startup,
                     "bytes_per_block": kv_block_bytes(cfg, 16, "bfloat16", kv),
-                    "num_kv_blocks": engines[kv].engine.config.num_kv_blocks,
+                    "num_kv_blocks": engines[variant].engine.config.num_kv_blocks,
                     "jax": jax.__version__}
     times = {kv: [] for kv in engines}
     cpu = {kv: [] for kv in engines}
@@ -133,7 +158,8 @@ def end_to_end(path: str, args) -> list[dict]:
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--kv-dtypes", nargs="+", default=["auto", "int8", "fp8"])
+    p.add_argument("--kv-dtypes", nargs="+", default=["auto", "int8", "int8:blockwise", "fp8"],
+                   help="KV[:BACKEND] variants (BACKEND default auto)")
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--context", type=int, default=2048)
     p.add_argument("--decode-tokens", type=int, default=24)
@@ -164,13 +190,13 @@ def main(argv=None) -> None:
     print(f"\nread bandwidth {bw0['read_GBps']:.0f} / {bw1['read_GBps']:.0f} GB/s (start / end)")
     for probe, key in (("attention", "ms_per_call"), ("decode", "ms_per_step")):
         sel = [r for r in rows if r["probe"] == probe]
-        base = next((r for r in sel if r["kv_cache_dtype"] == "auto"), None)
+        base = next((r for r in sel if r["variant"] == "auto"), None)
         for r in sel:
             extra = (f"{r['kv_bytes'] / 1e6:.0f} MB KV, {r['GBps']:.1f} GB/s" if probe == "attention"
                      else f"{r['bytes_per_block']} B/block, floor {r['floor_ms']:.1f} ms, "
                           f"{r['cpu_ms_per_step']:.1f} CPU ms")
             speed = base[key] / r[key] if base else float("nan")
-            print(f"{probe:<10} {r['kv_cache_dtype']:<5} {r[key]:8.2f} ms  x{speed:.2f} vs bf16"
+            print(f"{probe:<10} {r['variant']:<15} {r[key]:8.2f} ms  x{speed:.2f} vs bf16"
                   f"  ({extra})")
     if args.out:
         with open(args.out, "w") as f:

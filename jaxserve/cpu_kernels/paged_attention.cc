@@ -17,9 +17,18 @@
 // for f32. V pages keep [bs, D]. Only this kernel reads or writes pages laid out this way: the
 // engine picks one attention backend for its whole life.
 //
-// Shapes: q [T, Hq, D]; k_new, v_new [T, Hkv, D]; k_pages, v_pages [Hkv, NB, bs, D];
-// slot_mapping [T]; block_tables [S, W]; seq_lens [S]; query_start_loc [S + 1]; out [T, Hq, D].
-// q, k_new, v_new, out and the pages share one dtype: bf16 or f32.
+// Quantized pages (kv_cache_dtype int8 / fp8: int8, or uint8 holding float8_e4m3fn bits) have
+// rows of head_dim + 4 bytes, as jaxserve/layers/kv_quant.py allocates them; this kernel lays a
+// block of bs * (D + 4) bytes out as: K values transposed, key o, dim i at byte i * bs + o, then
+// the bs keys' f32 scales; V rows as kv_quant.py writes them (key o at o * (D + 4): its D values,
+// then its f32 scale). Each token's K/V is quantized here as kv_quant.quantize_tokens does, bit
+// for bit (kv_quant.h); attention widens one block at a time (K unscaled: scores =
+// (q . k) * k_scale; V times its scales), never a full-precision copy of the cache.
+//
+// Shapes: q [T, Hq, D]; k_new, v_new [T, Hkv, D]; k_pages, v_pages [Hkv, NB, bs, D] (float) or
+// [Hkv, NB, bs, D + 4] (quantized); slot_mapping [T]; block_tables [S, W]; seq_lens [S];
+// query_start_loc [S + 1]; out [T, Hq, D]. q, k_new, v_new and out share one dtype, bf16 or
+// f32; float pages have it too.
 
 #include <immintrin.h>
 
@@ -28,8 +37,10 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
+#include "kv_quant.h"
 #include "parallel.h"
 #include "xla/ffi/api/ffi.h"
 
@@ -115,6 +126,7 @@ inline float exp_nonpositive(float x) {
 
 constexpr int kRows = 8;     // query rows scored together (independent accumulator chains)
 constexpr int kMaxBlock = 256;  // largest block_size the kernel takes (checked by the caller)
+constexpr int kMaxHeadDim = 1024;
 
 // s[r][0:bs] = q_r . K^T for `nr` <= kRows query rows (page dtype) against one block's K.
 inline void block_scores(const uint16_t* q, int64_t nr, const uint16_t* kt, int64_t D, int64_t bs,
@@ -151,6 +163,21 @@ inline void block_scores(const uint16_t* q, int64_t nr, const uint16_t* kt, int6
 
 inline void block_scores(const float* q, int64_t nr, const float* kt, int64_t D, int64_t bs,
                          float (*s)[kMaxBlock]) {
+#if defined(__AVX512F__)
+  if (bs % 16 == 0 && nr == kRows) {  // kRows accumulators in registers per 16 keys
+    for (int64_t c = 0; c < bs; c += 16) {
+      __m512 acc[kRows];
+      for (int r = 0; r < kRows; ++r) acc[r] = _mm512_setzero_ps();
+      for (int64_t i = 0; i < D; ++i) {
+        const __m512 k = _mm512_loadu_ps(kt + i * bs + c);
+        for (int r = 0; r < kRows; ++r)
+          acc[r] = _mm512_fmadd_ps(_mm512_set1_ps(q[r * D + i]), k, acc[r]);
+      }
+      for (int r = 0; r < kRows; ++r) _mm512_storeu_ps(&s[r][c], acc[r]);
+    }
+    return;
+  }
+#endif
   for (int64_t r = 0; r < nr; ++r) {
     float* sr = s[r];
     for (int64_t j = 0; j < bs; ++j) sr[j] = 0.0f;
@@ -188,17 +215,83 @@ inline void accumulate(float* acc, float corr, const float* p, const float* v, i
   }
 }
 
-// Scratch of one thread: query rows (page dtype), accumulators, one block of V in f32.
-template <typename T>
+// Scratch of one thread: query rows (Q: the page dtype, or f32 for quantized pages),
+// accumulators, one block of V in f32; quantized pages also widen one block of K (kt) and keep
+// its scales (ks).
+template <typename Q>
 struct Scratch {
-  std::vector<T> q;
-  std::vector<float> acc, m, l, v;
-  void fit(int64_t rows, int64_t head_dim, int64_t block_size) {
+  std::vector<Q> q;
+  std::vector<float> acc, m, l, v, kt, ks;
+  void fit(int64_t rows, int64_t head_dim, int64_t block_size, bool quantized) {
     q.resize((rows + kRows) * head_dim);  // + a group's worth of zero rows past the end
     acc.resize(rows * head_dim);
     m.resize(rows);
     l.resize(rows);
     v.resize(block_size * head_dim);
+    if (quantized) {
+      kt.resize(block_size * head_dim);
+      ks.resize(block_size);
+    }
+  }
+};
+
+// Float pages (bf16 / f32, the query's dtype): K read in place, V rows widened to f32.
+template <typename T>
+struct FloatPages {
+  using Q = T;
+  static constexpr bool kQuantized = false;
+  const T* k;
+  const T* v;
+  int64_t D, bs;
+  int64_t block_elems() const { return bs * D; }
+  // The K block at element offset `page` for block_scores.
+  const T* load_k(int64_t page, Scratch<T>&) const { return k + page; }
+  // V rows [lo, hi) of that block, widened to f32 into dst (row j at dst + j * D).
+  void load_v(int64_t page, int64_t lo, int64_t hi, float* dst) const {
+    for (int64_t i = lo * D; i < hi * D; ++i) dst[i] = load(v, page + i);
+  }
+  // Both: the K block; V rows [0, n) into sc.v.
+  const T* load_block(int64_t page, int64_t n, Scratch<T>& sc) const {
+    load_v(page, 0, n, sc.v.data());
+    return load_k(page, sc);
+  }
+  void scale_scores(float*, const Scratch<T>&) const {}
+};
+
+// Quantized pages (int8 / e4m3 bytes, f32 scales; layout in the header comment): a block's K
+// values are widened unscaled (scores = (q . k) * k_scale), its V rows widened and scaled.
+template <typename Codec>
+struct QuantPages {
+  using Q = float;
+  static constexpr bool kQuantized = true;
+  const uint8_t* k;
+  const uint8_t* v;
+  int64_t D, bs;
+  int64_t block_elems() const { return bs * (D + jaxserve::kvq::kScaleBytes); }
+  // The block's K values widened (unscaled) into sc.kt, its scales into sc.ks.
+  const float* load_k(int64_t page, Scratch<float>& sc) const {
+    const uint8_t* kb = k + page;  // all bs keys: those past n are masked (they may be NaN)
+    Codec::widen_n(kb, bs * D, sc.kt.data(), 1.0f);
+    std::memcpy(sc.ks.data(), kb + bs * D, bs * sizeof(float));
+    return sc.kt.data();
+  }
+  // V rows [lo, hi) widened and scaled into dst (row j at dst + j * D); others never read.
+  void load_v(int64_t page, int64_t lo, int64_t hi, float* dst) const {
+    const int64_t row = D + jaxserve::kvq::kScaleBytes;
+    for (int64_t j = lo; j < hi; ++j) {
+      const uint8_t* vr = v + page + j * row;
+      float s;
+      std::memcpy(&s, vr + D, sizeof s);
+      Codec::widen_n(vr, D, dst + j * D, s);
+    }
+  }
+  const float* load_block(int64_t page, int64_t n, Scratch<float>& sc) const {
+    load_v(page, 0, n, sc.v.data());
+    return load_k(page, sc);
+  }
+  void scale_scores(float* s, const Scratch<float>& sc) const {
+#pragma omp simd
+    for (int64_t j = 0; j < bs; ++j) s[j] *= sc.ks[j];
   }
 };
 
@@ -306,42 +399,53 @@ inline float softmax_block(float* s, int64_t bs, int64_t n, int64_t start, int64
   return softmax_block_generic(s, bs, n, start, qpos, p, m, l);
 }
 
-template <typename T>
-void attend(const Dims& d, const Params& p, const WorkItem& w, const T* q, const T* k_pages,
-            const T* v_pages, const int32_t* block_tables, const int32_t* seq_lens,
-            const int32_t* qsl, T* out, Scratch<T>& sc) {
+// Widens (or copies) one query row of T into the scratch's dtype Q.
+template <typename Q, typename T>
+inline void load_row(Q* dst, const T* src, int64_t D) {
+  if constexpr (std::is_same_v<Q, T>) {
+    std::memcpy(dst, src, D * sizeof(T));
+  } else {
+    for (int64_t i = 0; i < D; ++i) dst[i] = load(src, i);
+  }
+}
+
+template <typename T, typename Pages>
+void attend(const Dims& d, const Params& p, const WorkItem& w, const T* q, const Pages& pages,
+            const int32_t* block_tables, const int32_t* seq_lens, const int32_t* qsl, T* out,
+            Scratch<typename Pages::Q>& sc) {
+  using Q = typename Pages::Q;
   const int64_t D = d.head_dim, bs = d.block_size, G = d.q_heads / d.kv_heads;
   const int64_t rows = static_cast<int64_t>(w.count) * G;  // row r: token r / G, head r % G
-  sc.fit(rows, D, bs);
+  sc.fit(rows, D, bs, Pages::kQuantized);
   const int64_t seq_len = seq_lens[w.seq];
   const int64_t qlen = qsl[w.seq + 1] - qsl[w.seq];
   const int64_t pos0 = seq_len - qlen + w.first;  // position of the tile's first query token
   const int64_t tok0 = qsl[w.seq] + w.first;
   for (int64_t r = 0; r < rows; ++r) {
     const int64_t t = tok0 + r / G, h = w.kv_head * G + r % G;
-    std::memcpy(&sc.q[r * D], q + (t * d.q_heads + h) * D, D * sizeof(T));
+    load_row(&sc.q[r * D], q + (t * d.q_heads + h) * D, D);
     sc.m[r] = -std::numeric_limits<float>::infinity();
     sc.l[r] = 0.0f;
   }
-  std::fill(sc.q.begin() + rows * D, sc.q.end(), T(0));
+  std::fill(sc.q.begin() + rows * D, sc.q.end(), Q(0));
   std::fill(sc.acc.begin(), sc.acc.begin() + rows * D, 0.0f);
   const int64_t key_end = std::min<int64_t>(seq_len, pos0 + w.count);  // exclusive
   int64_t key_begin = 0;
   if (p.window > 0) key_begin = std::max<int64_t>(0, pos0 - p.window + 1);
   const int32_t* table = block_tables + static_cast<int64_t>(w.seq) * d.width;
-  const int64_t head_base = static_cast<int64_t>(w.kv_head) * d.num_blocks * bs * D;
+  const int64_t head_base = static_cast<int64_t>(w.kv_head) * d.num_blocks * pages.block_elems();
   float s[kRows][kMaxBlock];
   for (int64_t b = key_begin / bs; b * bs < key_end; ++b) {
     const int64_t start = b * bs, n = std::min<int64_t>(bs, key_end - start);
-    const int64_t page = head_base + static_cast<int64_t>(table[b]) * bs * D;
     // Keys past the sequence get scores (of whatever their slots hold) that are masked away,
     // and their V rows are never read.
-    for (int64_t i = 0; i < n * D; ++i) sc.v[i] = load(v_pages, page + i);
+    const Q* kt = pages.load_block(head_base + table[b] * pages.block_elems(), n, sc);
     // Causal: rows whose token comes before this block's first key see nothing in it.
     const int64_t first_row = std::max<int64_t>(0, start - pos0) * G;
     for (int64_t r0 = first_row; r0 < rows; r0 += kRows) {
-      block_scores(&sc.q[r0 * D], kRows, k_pages + page, D, bs, s);
+      block_scores(&sc.q[r0 * D], kRows, kt, D, bs, s);
       for (int64_t r = r0; r < std::min<int64_t>(rows, r0 + kRows); ++r) {
+        pages.scale_scores(s[r - r0], sc);
         const float corr = softmax_block(s[r - r0], bs, n, start, pos0 + r / G, p, sc.m[r], sc.l[r]);
         if (corr >= 0.0f) accumulate(&sc.acc[r * D], corr, s[r - r0], sc.v.data(), n, D);
       }
@@ -392,10 +496,11 @@ inline float scores16(const float* raw, float* dst, int64_t bs, int64_t start, i
 // online form paid, per block and row, two horizontal reductions, a scalar exp and a rescale
 // of the accumulator: most of a decode's time at a few hundred keys, where the work per block
 // is small. Scores of the whole context sit in a thread-local buffer (rows x keys floats).
-template <typename T>
-void attend_token(const Dims& d, const Params& p, const WorkItem& w, const T* q, const T* k_pages,
-                  const T* v_pages, const int32_t* block_tables, const int32_t* seq_lens,
-                  const int32_t* qsl, T* out) {
+template <typename T, typename Pages>
+void attend_token(const Dims& d, const Params& p, const WorkItem& w, const T* q, const Pages& pages,
+                  const int32_t* block_tables, const int32_t* seq_lens, const int32_t* qsl, T* out,
+                  Scratch<typename Pages::Q>& scr) {
+  using Q = typename Pages::Q;
   const int64_t D = d.head_dim, bs = d.block_size, G = d.q_heads / d.kv_heads;
   const int64_t seq_len = seq_lens[w.seq];
   const int64_t qpos = seq_len - (qsl[w.seq + 1] - qsl[w.seq]) + w.first;
@@ -404,29 +509,31 @@ void attend_token(const Dims& d, const Params& p, const WorkItem& w, const T* q,
   const int64_t key_begin = p.window > 0 ? std::max<int64_t>(0, qpos - p.window + 1) : 0;
   const int64_t b0 = key_begin / bs, b1 = (key_end + bs - 1) / bs;  // blocks [b0, b1)
   const int64_t span = (b1 - b0) * bs;  // score columns: keys from b0 * bs
-  thread_local std::vector<T> qr;
-  thread_local std::vector<float> sc, vf, acc;
-  qr.resize(kRows * D);
+  scr.fit(kRows, D, bs, Pages::kQuantized);  // its q rows, V block and (quantized) K block
+  thread_local std::vector<float> sc, acc;
   sc.resize(kRows * span);
-  vf.resize(bs * D);
   acc.resize(kRows * D);
+  Q* qr = scr.q.data();
+  float* vf = scr.v.data();
   const int32_t* table = block_tables + static_cast<int64_t>(w.seq) * d.width;
-  const int64_t head_base = static_cast<int64_t>(w.kv_head) * d.num_blocks * bs * D;
+  const int64_t head_base = static_cast<int64_t>(w.kv_head) * d.num_blocks * pages.block_elems();
   const float neg_inf = -std::numeric_limits<float>::infinity();
   float blk[kRows][kMaxBlock];
   for (int64_t g0 = 0; g0 < G; g0 += kRows) {
     const int64_t nr = std::min<int64_t>(kRows, G - g0);
-    std::fill(qr.begin(), qr.end(), T(0));
-    std::memcpy(qr.data(), q + (tok * d.q_heads + w.kv_head * G + g0) * D, nr * D * sizeof(T));
+    std::fill(qr, qr + kRows * D, Q(0));
+    for (int64_t r = 0; r < nr; ++r)
+      load_row(qr + r * D, q + (tok * d.q_heads + w.kv_head * G + g0 + r) * D, D);
     float mx[kRows], inv[kRows];
     std::fill(mx, mx + kRows, neg_inf);
     // pass 1: scaled (and capped) scores; keys outside [key_begin, key_end) get -inf, so a NaN
     // in an unwritten slot never passes
     for (int64_t b = b0; b < b1; ++b) {
-      const int64_t page = head_base + static_cast<int64_t>(table[b]) * bs * D;
-      block_scores(qr.data(), kRows, k_pages + page, D, bs, blk);
+      const int64_t page = head_base + static_cast<int64_t>(table[b]) * pages.block_elems();
+      block_scores(qr, kRows, pages.load_k(page, scr), D, bs, blk);
       const int64_t start = b * bs;
       for (int64_t r = 0; r < nr; ++r) {
+        pages.scale_scores(blk[r], scr);
         float* sr = &sc[r * span + (b - b0) * bs];
 #if defined(__AVX512F__)
         if (bs % 16 == 0) {
@@ -469,8 +576,7 @@ void attend_token(const Dims& d, const Params& p, const WorkItem& w, const T* q,
       const int64_t start = b * bs;
       const int64_t lo = std::max<int64_t>(0, key_begin - start);
       const int64_t hi = std::min<int64_t>(bs, key_end - start);
-      const int64_t page = head_base + static_cast<int64_t>(table[b]) * bs * D;
-      for (int64_t i = lo * D; i < hi * D; ++i) vf[i] = load(v_pages, page + i);
+      pages.load_v(head_base + static_cast<int64_t>(table[b]) * pages.block_elems(), lo, hi, vf);
       const float* pb = &sc[(b - b0) * bs];  // row r's probabilities at pb[r * span + j]
 #if defined(__AVX512F__)
       if (D % 16 == 0) {
@@ -501,11 +607,39 @@ void attend_token(const Dims& d, const Params& p, const WorkItem& w, const T* q,
   }
 }
 
-template <typename T>
-ffi::Error run(ffi::ThreadPool& pool, const Dims& d, const Params& p, const T* q, const T* k_new, const T* v_new,
-               const int32_t* slots, const int32_t* block_tables, const int32_t* seq_lens,
-               const int32_t* qsl, T* out, T* k_pages, T* v_pages) {
-  write_kv(d, k_new, v_new, slots, k_pages, v_pages);
+// Quantizes this step's K/V rows (q's dtype T) into their slots: K values transposed inside the
+// block and its scales after them, V rows values + scale (see the header comment).
+template <typename Codec, typename T>
+void write_kv_quant(const Dims& d, const T* k_new, const T* v_new, const int32_t* slots,
+                    uint8_t* k_pages, uint8_t* v_pages) {
+  const int64_t slots_per_head = d.num_blocks * d.block_size, bs = d.block_size, D = d.head_dim;
+  const int64_t row = D + jaxserve::kvq::kScaleBytes, block_bytes = bs * row;
+  float x[kMaxHeadDim];
+  uint8_t values[kMaxHeadDim];
+  for (int64_t t = 0; t < d.tokens; ++t) {
+    const int64_t slot = slots[t];
+    if (slot < 0 || slot >= slots_per_head) continue;  // validated by the caller; never write OOB
+    const int64_t block = slot / bs, o = slot % bs;
+    for (int64_t h = 0; h < d.kv_heads; ++h) {
+      uint8_t* kb = k_pages + (h * d.num_blocks + block) * block_bytes;
+      uint8_t* vr = v_pages + (h * d.num_blocks + block) * block_bytes + o * row;
+      const int64_t src = (t * d.kv_heads + h) * D;
+      for (int64_t i = 0; i < D; ++i) x[i] = load(k_new, src + i);
+      float scale = jaxserve::kvq::quantize_row<Codec>(x, D, values);
+      for (int64_t i = 0; i < D; ++i) kb[i * bs + o] = values[i];
+      std::memcpy(kb + bs * D + o * sizeof(float), &scale, sizeof scale);
+      for (int64_t i = 0; i < D; ++i) x[i] = load(v_new, src + i);
+      scale = jaxserve::kvq::quantize_row<Codec>(x, D, vr);
+      std::memcpy(vr + D, &scale, sizeof scale);
+    }
+  }
+}
+
+// Checks the batch, then runs every (sequence, query tile, kv head) work item.
+template <typename T, typename Pages>
+ffi::Error attend_all(ffi::ThreadPool& pool, const Dims& d, const Params& p, const T* q,
+                      const Pages& pages, const int32_t* block_tables, const int32_t* seq_lens,
+                      const int32_t* qsl, T* out) {
   std::memset(out, 0, d.tokens * d.q_heads * d.head_dim * sizeof(T));  // padding tokens: zeros
   std::vector<WorkItem> items;
   for (int32_t s = 0; s < d.seqs; ++s) {
@@ -526,15 +660,70 @@ ffi::Error run(ffi::ThreadPool& pool, const Dims& d, const Params& p, const T* q
         items.push_back({s, f, static_cast<int32_t>(std::min<int64_t>(kTile, qlen - f)), h});
   }
   jaxserve::ParallelFor(pool, static_cast<int64_t>(items.size()), [&](int64_t i) {
-    if (items[i].count == 1) {
-      attend_token(d, p, items[i], q, k_pages, v_pages, block_tables, seq_lens, qsl, out);
-      return;
-    }
-    thread_local Scratch<T> sc;
-    attend(d, p, items[i], q, k_pages, v_pages, block_tables, seq_lens, qsl, out, sc);
+    thread_local Scratch<typename Pages::Q> sc;
+    if (items[i].count == 1)
+      attend_token(d, p, items[i], q, pages, block_tables, seq_lens, qsl, out, sc);
+    else
+      attend(d, p, items[i], q, pages, block_tables, seq_lens, qsl, out, sc);
   });
   return ffi::Error::Success();
 }
+
+struct Batch {  // the int32 arguments
+  const int32_t *slots, *block_tables, *seq_lens, *qsl;
+};
+
+// Float pages: q, new K/V, out and pages all T.
+template <typename T>
+ffi::Error run(ffi::ThreadPool& pool, const Dims& d, const Params& p, const Batch& b,
+               ffi::AnyBuffer q, ffi::AnyBuffer k_new, ffi::AnyBuffer v_new, ffi::AnyBuffer out,
+               ffi::AnyBuffer k_pages, ffi::AnyBuffer v_pages) {
+  T* kp = static_cast<T*>(k_pages.untyped_data());
+  T* vp = static_cast<T*>(v_pages.untyped_data());
+  write_kv(d, static_cast<const T*>(k_new.untyped_data()),
+           static_cast<const T*>(v_new.untyped_data()), b.slots, kp, vp);
+  const FloatPages<T> pages{kp, vp, d.head_dim, d.block_size};
+  return attend_all(pool, d, p, static_cast<const T*>(q.untyped_data()), pages, b.block_tables,
+                    b.seq_lens, b.qsl, static_cast<T*>(out.untyped_data()));
+}
+
+// Quantized pages (bytes of Codec): q, new K/V and out T.
+template <typename Codec, typename T>
+ffi::Error run_quant(ffi::ThreadPool& pool, const Dims& d, const Params& p, const Batch& b,
+                     ffi::AnyBuffer q, ffi::AnyBuffer k_new, ffi::AnyBuffer v_new,
+                     ffi::AnyBuffer out, ffi::AnyBuffer k_pages, ffi::AnyBuffer v_pages) {
+  uint8_t* kp = static_cast<uint8_t*>(k_pages.untyped_data());
+  uint8_t* vp = static_cast<uint8_t*>(v_pages.untyped_data());
+  write_kv_quant<Codec>(d, static_cast<const T*>(k_new.untyped_data()),
+                        static_cast<const T*>(v_new.untyped_data()), b.slots, kp, vp);
+  const QuantPages<Codec> pages{kp, vp, d.head_dim, d.block_size};
+  return attend_all(pool, d, p, static_cast<const T*>(q.untyped_data()), pages, b.block_tables,
+                    b.seq_lens, b.qsl, static_cast<T*>(out.untyped_data()));
+}
+
+// The query dtype T (bf16 / f32) picked for `fn<T>`.
+template <template <typename> class Fn, typename... Args>
+ffi::Error by_query_dtype(ffi::DataType dt, Args&&... args) {
+  if (dt == ffi::DataType::F32) return Fn<float>{}(args...);
+  if (dt == ffi::DataType::BF16) return Fn<uint16_t>{}(args...);
+  return ffi::Error::InvalidArgument("paged attention: q must be bfloat16 or float32");
+}
+template <typename T>
+struct RunFloat {
+  template <typename... A> ffi::Error operator()(A&&... a) { return run<T>(a...); }
+};
+template <typename T>
+struct RunInt8 {
+  template <typename... A> ffi::Error operator()(A&&... a) {
+    return run_quant<jaxserve::kvq::Int8Codec, T>(a...);
+  }
+};
+template <typename T>
+struct RunE4M3 {
+  template <typename... A> ffi::Error operator()(A&&... a) {
+    return run_quant<jaxserve::kvq::E4M3Codec, T>(a...);
+  }
+};
 
 ffi::Error PagedAttention(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuffer k_new, ffi::AnyBuffer v_new,
                           ffi::AnyBuffer, ffi::AnyBuffer, ffi::Buffer<ffi::S32> slots,
@@ -548,28 +737,27 @@ ffi::Error PagedAttention(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuffer
   const Dims d{qd[0], qd[1], pd[0], qd[2], pd[1], pd[2], bd[0], bd[1]};
   if (d.block_size > kMaxBlock)
     return ffi::Error::InvalidArgument("paged attention: block_size above 256");
-  if (d.head_dim % 2 != 0 || d.head_dim > 1024)
+  if (d.head_dim % 2 != 0 || d.head_dim > kMaxHeadDim)
     return ffi::Error::InvalidArgument("paged attention: head_dim must be even and <= 1024");
-  if (d.q_heads % d.kv_heads != 0 || pd[3] != d.head_dim)
-    return ffi::Error::InvalidArgument("paged attention: head counts or head_dim disagree");
+  const auto dt = q.element_type(), page_dt = k_pages->element_type();
+  if (k_new.element_type() != dt || v_new.element_type() != dt ||
+      v_pages->element_type() != page_dt)
+    return ffi::Error::InvalidArgument("paged attention: new K/V differ from q, or K from V "
+                                       "pages, in dtype");
+  const bool quantized = page_dt == ffi::DataType::S8 || page_dt == ffi::DataType::U8;
+  const int64_t row = d.head_dim + (quantized ? jaxserve::kvq::kScaleBytes : 0);
+  if (d.q_heads % d.kv_heads != 0 || pd[3] != row)
+    return ffi::Error::InvalidArgument("paged attention: head counts or page rows disagree");
   const Params p{scale, window, soft_cap};
-  const auto dt = q.element_type();
-  if (k_new.element_type() != dt || v_new.element_type() != dt || k_pages->element_type() != dt)
-    return ffi::Error::InvalidArgument("paged attention: q, new K/V and pages differ in dtype");
-  const int32_t *sm = slots.typed_data(), *bt = block_tables.typed_data(),
-                *sl = seq_lens.typed_data(), *ql = qsl.typed_data();
-  if (dt == ffi::DataType::F32)
-    return run<float>(pool, d, p, q.typed_data<float>(), k_new.typed_data<float>(),
-                      v_new.typed_data<float>(), sm, bt, sl, ql, out->typed_data<float>(),
-                      k_pages->typed_data<float>(), v_pages->typed_data<float>());
-  if (dt == ffi::DataType::BF16)
-    return run<uint16_t>(pool, d, p, static_cast<const uint16_t*>(q.untyped_data()),
-                         static_cast<const uint16_t*>(k_new.untyped_data()),
-                         static_cast<const uint16_t*>(v_new.untyped_data()), sm, bt, sl, ql,
-                         static_cast<uint16_t*>(out->untyped_data()),
-                         static_cast<uint16_t*>(k_pages->untyped_data()),
-                         static_cast<uint16_t*>(v_pages->untyped_data()));
-  return ffi::Error::InvalidArgument("paged attention: dtype must be bfloat16 or float32");
+  const Batch b{slots.typed_data(), block_tables.typed_data(), seq_lens.typed_data(),
+                qsl.typed_data()};
+  if (page_dt == ffi::DataType::S8)
+    return by_query_dtype<RunInt8>(dt, pool, d, p, b, q, k_new, v_new, *out, *k_pages, *v_pages);
+  if (page_dt == ffi::DataType::U8)
+    return by_query_dtype<RunE4M3>(dt, pool, d, p, b, q, k_new, v_new, *out, *k_pages, *v_pages);
+  if (page_dt != dt)
+    return ffi::Error::InvalidArgument("paged attention: float pages must have q's dtype");
+  return by_query_dtype<RunFloat>(dt, pool, d, p, b, q, k_new, v_new, *out, *k_pages, *v_pages);
 }
 
 }  // namespace

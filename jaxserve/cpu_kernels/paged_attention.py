@@ -1,7 +1,9 @@
 """The CPU paged-attention kernel (paged_attention.cc): K/V page write + ragged attention.
 
 Same contract as `pallas_kernels.ragged_paged_attention_reference` for the attention, plus the
-write of this step's K/V into their slots, in one FFI call per layer.
+write of this step's K/V into their slots, in one FFI call per layer. Pages are float (the
+model's dtype) or quantized (int8 / fp8 e4m3 rows with their f32 scales, layers/kv_quant.py):
+the kernel quantizes this step's K/V itself and reads the quantized bytes block by block.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import jax
 import numpy as np
 
 from jaxserve.cpu_kernels import build
+from jaxserve.layers.kv_quant import SCALE_BYTES, is_quantized_page
 
 SOURCE = Path(__file__).with_name("paged_attention.cc")
 TARGET = "jaxserve_cpu_paged_attention"
@@ -27,16 +30,19 @@ def ensure_built() -> None:
 def write_and_attend(q, k, v, k_pages, v_pages, slot_mapping, block_tables, seq_lens,
                      query_start_loc, *, scale: float, sliding_window: int | None = None,
                      logits_soft_cap: float | None = None, target: str = TARGET):
-    """q [T, Hq, D]; k, v [T, Hkv, D]; pages [Hkv, NB, bs, D] -> (out [T, Hq, D], k_pages,
-    v_pages) with this step's K/V written (in place when the cache is donated). `target`: another
-    registered build of the same source (tests run the portable paths through it)."""
+    """q [T, Hq, D]; k, v [T, Hkv, D]; pages [Hkv, NB, bs, D] in the model's dtype, or int8 /
+    uint8 (fp8 e4m3 bits) [Hkv, NB, bs, D + 4] -> (out [T, Hq, D], k_pages, v_pages) with this
+    step's K/V written (in place when the cache is donated). K pages are in the kernel's layout
+    (`k_pages_layout`). `target`: another registered build of the same source (tests run the
+    portable paths through it)."""
     if target == TARGET:
         ensure_built()  # the target must exist before the step is lowered or run
-    dt = k_pages.dtype
+    # q, new K/V and out in one float dtype: the pages' for float pages, q's for quantized ones
+    dt = q.dtype if is_quantized_page(k_pages.dtype) else k_pages.dtype
     call = jax.ffi.ffi_call(
         target,
-        (jax.ShapeDtypeStruct(q.shape, dt), jax.ShapeDtypeStruct(k_pages.shape, dt),
-         jax.ShapeDtypeStruct(v_pages.shape, dt)),
+        (jax.ShapeDtypeStruct(q.shape, dt), jax.ShapeDtypeStruct(k_pages.shape, k_pages.dtype),
+         jax.ShapeDtypeStruct(v_pages.shape, v_pages.dtype)),
         input_output_aliases={3: 1, 4: 2},
     )
     i32 = np.int32
@@ -52,8 +58,30 @@ def write_and_attend(q, k, v, k_pages, v_pages, slot_mapping, block_tables, seq_
 
 def k_pages_layout(k_pages: np.ndarray) -> np.ndarray:
     """K pages [Hkv, NB, bs, D] in the usual layout -> the kernel's (each block transposed to
-    [D / P, bs, P] with P = 2 for bfloat16, 1 for float32; same shape as the input)."""
+    [D / P, bs, P] with P = 2 for bfloat16, 1 for float32; same shape as the input). Quantized
+    rows [Hkv, NB, bs, D + 4] -> per block the values transposed [D, bs], then the bs scales'
+    bytes."""
+    if is_quantized_page(k_pages.dtype):
+        return _quantized_k_layout(k_pages)
     kvh, nb, bs, d = k_pages.shape
     p = 2 if k_pages.dtype.itemsize == 2 else 1
     t = k_pages.reshape(kvh, nb, bs, d // p, p).transpose(0, 1, 3, 2, 4)
     return np.ascontiguousarray(t).reshape(kvh, nb, bs, d)
+
+
+def _quantized_k_layout(k_pages: np.ndarray) -> np.ndarray:
+    kvh, nb, bs, row = k_pages.shape
+    d = row - SCALE_BYTES
+    values = k_pages[..., :d].transpose(0, 1, 3, 2).reshape(kvh, nb, bs * d)  # [.., D, bs]
+    scales = k_pages[..., d:].reshape(kvh, nb, bs * SCALE_BYTES)
+    return np.ascontiguousarray(np.concatenate([values, scales], -1)).reshape(kvh, nb, bs, row)
+
+
+def k_pages_from_layout(k_pages: np.ndarray) -> np.ndarray:
+    """Inverse of `k_pages_layout` for quantized pages (tests read the kernel's K rows)."""
+    kvh, nb, bs, row = k_pages.shape
+    d = row - SCALE_BYTES
+    flat = k_pages.reshape(kvh, nb, bs * row)
+    values = flat[..., :bs * d].reshape(kvh, nb, d, bs).transpose(0, 1, 3, 2)  # [.., bs, D]
+    scales = flat[..., bs * d:].reshape(kvh, nb, bs, SCALE_BYTES)
+    return np.ascontiguousarray(np.concatenate([values, scales], -1))

@@ -78,9 +78,8 @@ def select_backend(requested: str = "auto", tensor_parallel_size: int = 1) -> At
 
     auto: the Mosaic GPU kernels on a Hopper GPU (blockwise on other GPUs, logged); on CPU the
     C++ kernel (jaxserve/cpu_kernels, compiled on first use) when tp == 1, else the blockwise XLA
-    loops (logged with the reason); a quantized KV cache asks for blockwise before this
-    (backend_request). "reference"
-    is the plain jnp reference (gathers K/V at the padded width: simple, slow). "pallas" off a
+    loops (logged with the reason); a quantized KV cache on a GPU asks for blockwise before this
+    (backend_request). "reference" is the plain jnp reference (gathers K/V at the padded width: simple, slow). "pallas" off a
     GPU runs the kernels in the Mosaic GPU interpreter (correct but slow: for tests).
     """
     platform = jax.default_backend()
@@ -175,13 +174,15 @@ def write_kv(
     return out[0], out[1]
 
 
-KV_QUANT_BACKENDS = ("blockwise", "reference")  # the backends that read int8 / fp8 pages
+# The backends that read int8 / fp8 pages: the blockwise XLA loops, the reference, and the CPU
+# kernel (which also writes them, in its own K layout).
+KV_QUANT_BACKENDS = ("blockwise", "reference", "cpu")
 
 
 def check_kv_backend(backend: str, kv_cache_dtype: str) -> None:
-    """A quantized KV cache is read by the blockwise and reference backends; the kernels (Pallas,
-    and any other) read float pages only, so such a pairing is refused at start-up rather than
-    dequantizing the whole cache every step."""
+    """A quantized KV cache is read by the blockwise, reference and cpu backends; the Pallas
+    (Mosaic GPU) kernels read float pages only, so such a pairing is refused at start-up rather
+    than dequantizing the whole cache every step."""
     if is_quantized(kv_cache_dtype) and backend not in KV_QUANT_BACKENDS:
         raise ValueError(
             f"kv_cache_dtype: {kv_cache_dtype!r} is not supported by the {backend} attention "
@@ -191,12 +192,13 @@ def check_kv_backend(backend: str, kv_cache_dtype: str) -> None:
 
 
 def backend_request(requested: str, kv_cache_dtype: str) -> str:
-    """The backend to ask `select_backend` for: "auto" with a quantized KV cache means the
-    blockwise XLA loops (the auto kernels read float pages), logged; otherwise `requested`."""
-    if requested != "auto" or not is_quantized(kv_cache_dtype):
+    """The backend to ask `select_backend` for. "auto" with a quantized KV cache: on CPU still
+    "auto" (the C++ kernel, or the blockwise loops at tp > 1: both read it); on a GPU the
+    blockwise XLA loops (the Mosaic GPU kernels read float pages), logged. Else `requested`."""
+    if requested != "auto" or not is_quantized(kv_cache_dtype) or jax.default_backend() == "cpu":
         return requested
     logger.info("attention: kv_cache_dtype %s is read by the blockwise XLA loops, not the "
-                "attention kernels (float pages only)", kv_cache_dtype)
+                "Mosaic GPU kernels (float pages only)", kv_cache_dtype)
     return "blockwise"
 
 
@@ -245,7 +247,8 @@ def write_and_attend(
 ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
     """Write this step's k, v [T, Hkv, D] into the pages, then attend q [T, Hq, D] over them.
 
-    The CPU kernel does both in one call; the other backends scatter, then attend."""
+    The CPU kernel does both in one call (float or quantized pages, K in its own layout); the
+    other backends scatter, then attend."""
     if cfg.backend == "cpu":
         o, k_pages, v_pages = cpu_attention.write_and_attend(
             q, k, v, kv[0], kv[1], md.slot_mapping, md.block_tables, md.seq_lens,

@@ -83,15 +83,17 @@ def bytes_per_token(kv_cache_dtype: str, model_dtype, num_kv_heads: int, head_di
 def quantize_tokens(x: jax.Array, dtype: np.dtype) -> tuple[jax.Array, jax.Array]:
     """x [T, Hkv, D] -> (values [T, Hkv, D] in `dtype`, scales f32 [T, Hkv]).
 
-    Symmetric: value = x / scale with scale = max |x| * (1 / qmax) over head_dim (int8 rounds
-    to nearest even and clips to +-127; fp8 clips to +-448 and casts, rounding to nearest
-    even). An all-zero vector gets scale 0 and zero values. Dequantized: value * scale.
+    Symmetric: value = x * (1 / scale) with scale = max |x| * (1 / qmax) over head_dim, all in
+    f32 (int8 rounds to nearest even and clips to +-127; fp8 clips to +-448 and casts, rounding
+    to nearest even). An all-zero vector gets scale 0 and zero values. Dequantized: value *
+    scale. The reciprocal is explicit: XLA rewrites x / scale into that anyway, and the CPU
+    kernel's quantizer (cpu_kernels/kv_quant.h) follows this rule bit for bit.
     """
     name = "int8" if jnp.dtype(dtype) == jnp.int8 else "fp8"
     xf = x.astype(jnp.float32)
     scale = jnp.max(jnp.abs(xf), axis=-1) * jnp.float32(1.0 / _QMAX[name])  # [T, Hkv]
-    safe = jnp.where(scale > 0, scale, 1.0)[..., None]
-    y = jnp.where(scale[..., None] > 0, xf / safe, 0.0)
+    inv = 1.0 / jnp.where(scale > 0, scale, 1.0)  # [T, Hkv]
+    y = jnp.where(scale[..., None] > 0, xf * inv[..., None], 0.0)
     if name == "int8":
         y = jnp.clip(jnp.round(y), -127.0, 127.0)
     else:

@@ -125,10 +125,14 @@ def test_auto_backend_on_cpu_is_the_kernel(caplog):
     assert attention.select_backend("auto", tensor_parallel_size=2).backend == "blockwise"
     with pytest.raises(ValueError, match="attention_backend"):
         attention.select_backend("cpu", tensor_parallel_size=2)
-    # the kernel reads float pages: a quantized KV cache takes the blockwise loops
-    assert attention.backend_request("auto", "int8") == "blockwise"
-    with pytest.raises(ValueError, match="kv_cache_dtype"):
-        attention.check_kv_backend("cpu", "fp8")
+    # the kernel reads quantized pages too: auto stays auto (the kernel), no blockwise fallback
+    with caplog.at_level(logging.INFO, logger="jaxserve.layers.attention"):
+        caplog.clear()
+        assert attention.backend_request("auto", "int8") == "auto"
+        assert attention.select_backend(attention.backend_request("auto", "fp8")).backend == "cpu"
+    assert "blockwise" not in caplog.text
+    attention.check_kv_backend("cpu", "fp8")
+    attention.check_kv_backend("cpu", "int8")
 
 
 def test_failed_build_falls_back_to_blockwise_and_says_why(monkeypatch, caplog):

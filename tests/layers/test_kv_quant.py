@@ -36,11 +36,12 @@ TOLERANCE = {"int8": (0.02, 0.05), "fp8": (0.06, 0.3)}
 
 
 def _np_quantize(x: np.ndarray, name: str):
-    """x [..., D] f32 -> (values, scales [...]): the textbook symmetric quantizer, per vector."""
+    """x [..., D] f32 -> (values, scales [...]): the symmetric quantizer, per vector, values
+    x * (1 / scale) in f32 (kv_quant.py's rule; x / scale differs in ~1 value in 2000)."""
     qmax = np.float32(127.0 if name == "int8" else 448.0)
     scale = (np.abs(x).max(axis=-1) * (np.float32(1.0) / qmax)).astype(np.float32)
-    safe = np.where(scale > 0, scale, np.float32(1.0))[..., None]
-    y = np.where(scale[..., None] > 0, x / safe, np.float32(0.0)).astype(np.float32)
+    inv = np.float32(1.0) / np.where(scale > 0, scale, np.float32(1.0))
+    y = np.where(scale[..., None] > 0, x * inv[..., None], np.float32(0.0)).astype(np.float32)
     if name == "int8":
         return np.clip(np.round(y), -127, 127).astype(np.int8), scale
     return np.clip(y, -qmax, qmax).astype(ml_dtypes.float8_e4m3fn), scale
@@ -75,7 +76,7 @@ def _quantized_case(name: str):
 
 @pytest.mark.parametrize("name", ["int8", "fp8"])
 def test_quantize_tokens_matches_numpy_bit_for_bit(name):
-    x = np.random.default_rng(1).standard_normal((40, 3, 64)).astype(np.float32)
+    x = np.random.default_rng(1).standard_normal((400, 3, 64)).astype(np.float32)
     x[5, 1] = 0.0  # an all-zero vector: scale 0, values 0
     x[7, 0, :9] *= 50.0  # an outlier
     values, scales = jax.jit(quantize_tokens, static_argnums=1)(jnp.asarray(x), DTYPES[name])
@@ -142,10 +143,9 @@ def test_bad_kv_cache_dtype_and_pallas_are_refused():
         check_kv_cache_dtype("int4")
     with pytest.raises(ValueError, match="kv_cache_dtype: 'int8' is not supported by the pallas"):
         check_kv_backend("pallas", "int8")
-    with pytest.raises(ValueError, match="kv_cache_dtype: 'fp8' is not supported by the cpu"):
-        check_kv_backend("cpu", "fp8")  # any kernel backend other than blockwise / reference
+    check_kv_backend("cpu", "fp8")  # the CPU kernel reads quantized pages
     check_kv_backend("pallas", "auto")
-    assert backend_request("auto", "int8") == "blockwise"  # auto picks a backend that reads it
+    assert backend_request("auto", "int8") == "auto"  # on CPU: the kernel, which reads them
     assert backend_request("auto", "auto") == "auto"
     assert backend_request("reference", "fp8") == "reference"
     pages = jnp.zeros((1, 2, 16, 68), jnp.int8)  # quantized rows reaching the kernel dispatch
@@ -156,3 +156,16 @@ def test_bad_kv_cache_dtype_and_pallas_are_refused():
         paged_attention(jnp.zeros((1, 1, 64)), pages, pages, md,
                         AttentionConfig(backend="pallas"), 0.125)
     check_kv_backend("blockwise", "fp8")
+
+
+def test_auto_with_a_quantized_cache_on_a_gpu_asks_for_blockwise(monkeypatch, caplog):
+    """Off the CPU the auto kernels (Mosaic GPU) read float pages: auto means blockwise, logged."""
+    import logging
+
+    from jaxserve.layers import attention
+
+    monkeypatch.setattr(attention.jax, "default_backend", lambda: "gpu")
+    with caplog.at_level(logging.INFO, logger="jaxserve.layers.attention"):
+        assert backend_request("auto", "fp8") == "blockwise"
+    assert "read by the blockwise XLA loops" in caplog.text
+    assert backend_request("auto", "auto") == "auto"

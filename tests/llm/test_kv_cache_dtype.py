@@ -13,7 +13,7 @@ from jaxserve.config import ModelConfig
 from jaxserve.llm import EngineArgs, LLM
 from jaxserve.runtime.kv_cache import kv_block_bytes
 from tests.llm._hf import make_prompts
-from tests.llm.conftest import greedy, token_prompts
+from tests.llm.conftest import assert_idle, greedy, token_prompts
 from tests.models.forward import paged_logits
 
 ARCH = "LlamaForCausalLM"
@@ -40,6 +40,26 @@ def test_model_logits_with_quantized_kv_close_to_float(name, tiny_checkpoints):
     assert agree >= (0.97 if name == "int8" else 0.85), agree  # measured 0.99 / 0.93
 
 
+@pytest.mark.parametrize("dtype,tol", [("float32", 2e-5), ("bfloat16", 0.2)])
+def test_cpu_kernel_logits_over_quantized_kv_match_reference(tiny_checkpoints, dtype, tol):
+    """Chunked prefills through the model, int8 cache: the CPU kernel (writing and reading its own
+    layout) against the reference over kv_quant.py's pages. The bytes are the same, so the
+    logits differ by f32 summation order only (float32: worst position measured 4.3e-6 of the
+    logits' spread), or by bf16 rounding of each layer's attention output (bfloat16: 0.091,
+    where float pages give 0.067 between the same two backends). Bounds ~2-5x those."""
+    from jaxserve.layers.attention import AttentionConfig
+    from jaxserve.weights.loader import load_model
+
+    path = tiny_checkpoints(ARCH)
+    ref_model = load_model(path, dtype)
+    prompts = make_prompts(ref_model.config.vocab_size, seed=3, lens=(61, 24, 9))
+    ref = np.concatenate(paged_logits(ref_model, prompts, chunk=8, kv_cache_dtype="int8"))
+    cpu_model = load_model(path, dtype, attn=AttentionConfig(backend="cpu"))
+    got = np.concatenate(paged_logits(cpu_model, prompts, chunk=8, kv_cache_dtype="int8"))
+    err = np.abs(got - ref).max(axis=-1) / ref.std(axis=-1)  # per position
+    assert err.max() < tol, err.max()
+
+
 def test_greedy_with_int8_kv_close_to_float_and_prefix_hits_equal(make_llm):
     float_llm = make_llm(ARCH)
     int8_llm = make_llm(ARCH, kv_cache_dtype="int8")
@@ -55,6 +75,25 @@ def test_greedy_with_int8_kv_close_to_float_and_prefix_hits_equal(make_llm):
     again = [o.outputs[0].token_ids for o in int8_llm.generate(prompts, params, use_tqdm=False)]
     assert again == got
     assert int8_llm.stats().prefix_cache_hits > 0
+
+
+@pytest.mark.parametrize("name", ["int8", "fp8"])
+def test_cpu_kernel_over_quantized_kv_gives_the_blockwise_tokens(make_llm, name):
+    """The C++ kernel (what auto picks on CPU) quantizes K/V as kv_quant.py does and attends over
+    the same bytes as the blockwise loops (f32 math both): the same greedy tokens, mixed prefill
+    chunks and decodes; every block back in the pool. (float32 model: in bfloat16 this random
+    model's greedy tokens already differ between float-page backends, on near-tied logits.)"""
+    prompts = token_prompts(make_prompts(make_llm(ARCH).engine.runner.model_config.vocab_size,
+                                         seed=5))
+    kernel = make_llm(ARCH, kv_cache_dtype=name, attention_backend="cpu")
+    loops = make_llm(ARCH, kv_cache_dtype=name, attention_backend="blockwise")
+    page = kernel.engine.runner.kv_cache[0][0]
+    assert page.dtype == (np.int8 if name == "int8" else np.uint8)
+    assert page.shape[-1] == kernel.engine.runner.model_config.head_dim + 4
+    got = [o.outputs[0].token_ids for o in kernel.generate(prompts, greedy(12), use_tqdm=False)]
+    want = [o.outputs[0].token_ids for o in loops.generate(prompts, greedy(12), use_tqdm=False)]
+    assert got == want and all(len(t) == 12 for t in got)
+    assert_idle(kernel)
 
 
 def test_int8_kv_under_preemption_keeps_outputs(make_llm):
