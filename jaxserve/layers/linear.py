@@ -20,6 +20,12 @@ logger = logging.getLogger(__name__)
 # (cpu_kernels/matvec.cc), which streams the weight once; past it XLA's matmul, whose per-call
 # packing of the weight is amortised over the rows (benchmarks/decode_probe.py --cpu-matvec).
 MATVEC_MAX_ROWS = 4
+# On a CPU without AMX the matvec kernel also serves steps of up to this many rows: on a 2-core
+# Zen 4 the small model's 84 projections + lm_head took 24.3-24.7 ms at 8 rows through it
+# against 30.3-30.4 ms through the broadcast-weight kernel (at 16 rows that one wins, 31.5 vs
+# 33.2 ms). With AMX the tile kernel takes over from MATVEC_MAX_ROWS + 1, and on a CPU with
+# neither XLA's matmul does.
+MATVEC_MAX_ROWS_NO_AMX = 8
 # From there up to this many rows (decode batches), on a CPU with AMX, the tile kernel
 # (cpu_kernels/amx_matmul.cc), which also reads the weight in place and splits every projection
 # over all threads (XLA runs most decode-sized fusions on one thread); on a CPU with AVX-512 BF16
@@ -60,17 +66,25 @@ def select_cpu_matvec(requested: str = "auto", tensor_parallel_size: int = 1) ->
                        "matmul for decode steps: %s", e)
         return False
     logger.info("linear: bf16 projections of up to %d rows run the CPU decode kernel",
-                MATVEC_MAX_ROWS)
+                matvec_max_rows())
     if amx_matmul.available():
         logger.info("linear: bf16 projections of %d-%d rows run the AMX tile kernel",
                     MATVEC_MAX_ROWS + 1, AMX_MAX_ROWS)
     elif dpbf16_matmul.available():
         logger.info("linear: no AMX; bf16 projections of %d-%d rows run the AVX-512 BF16 kernel",
-                    MATVEC_MAX_ROWS + 1, AMX_MAX_ROWS)
+                    matvec_max_rows() + 1, AMX_MAX_ROWS)
     else:
         logger.info("linear: neither AMX nor AVX-512 BF16 on this CPU; XLA's matmul runs the "
-                    "%d-%d row projections", MATVEC_MAX_ROWS + 1, AMX_MAX_ROWS)
+                    "%d-%d row projections", matvec_max_rows() + 1, AMX_MAX_ROWS)
     return True
+
+
+def matvec_max_rows() -> int:
+    """The most rows a projection sends to the matvec kernel on this CPU: 8 where the next
+    kernel would be the AVX-512 BF16 one (no AMX), else 4."""
+    if dpbf16_matmul.available() and not amx_matmul.available():
+        return MATVEC_MAX_ROWS_NO_AMX
+    return MATVEC_MAX_ROWS
 
 
 def cpu_matmul(use: bool, x: jax.Array, w: jax.Array) -> jax.Array | None:
@@ -79,7 +93,7 @@ def cpu_matmul(use: bool, x: jax.Array, w: jax.Array) -> jax.Array | None:
     if not (use and x.ndim == 2 and x.dtype == jnp.bfloat16 and w.dtype == jnp.bfloat16):
         return None
     rows = x.shape[0]
-    if rows <= MATVEC_MAX_ROWS:
+    if rows <= matvec_max_rows():
         return cpu_matvec.matvec(x, w)
     if rows > AMX_MAX_ROWS:
         return None

@@ -45,7 +45,7 @@ def test_nan_and_inf_propagate():
 
 def test_linear_uses_it_only_for_few_bf16_rows():
     layer = linear.Linear(64, 48, bias=True, dtype=jnp.bfloat16, rngs=nnx.Rngs(0), matvec=True)
-    for rows, used in ((2, True), (linear.MATVEC_MAX_ROWS + 1, False)):
+    for rows, used in ((2, True), (linear.matvec_max_rows() + 1, False)):
         x = jnp.ones((rows, 64), jnp.bfloat16)
         text = jax.jit(lambda a: layer(a)).lower(x).as_text()
         assert (mv.TARGET in text) == used
