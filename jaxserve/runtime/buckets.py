@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 
 MIN_SEQS = 2  # smallest padded request count: see BucketSpec
+MIN_LOGIT_ROWS = 2  # a 1-request step still gathers 2 logit rows: the samplers start at 2
 
 
 def powers_of_two(lo: int, hi: int) -> tuple[int, ...]:
@@ -39,10 +40,12 @@ class BucketSpec:
     """The shape buckets of one engine configuration.
 
     tokens: padded length of the flat token axis (mixed prefill/decode steps);
-    seqs: padded request count (decode-only steps have tokens == seqs). The smallest is 2, never
-    1: with a single token, XLA turns the KV-cache scatter into a dynamic-update-slice that it
-    duplicates into its two consumers (attention and the returned cache), copying the whole
-    cache per layer; such a step ran ~40x slower on CPU than a 2-row one;
+    seqs: padded request count (decode-only steps have tokens == seqs). The smallest is 2 where
+    XLA writes the KV cache (min_seqs): with a single token, XLA turns the KV-cache scatter into
+    a dynamic-update-slice that it duplicates into its two consumers (attention and the
+    returned cache), copying the whole cache per layer; such a step ran ~40x slower on CPU than
+    a 2-row one. The CPU attention kernel writes the cache in its own call, so there a lone
+    request decodes in a 1-row step (the projections' kernels do no work for a padding row);
     widths: padded block-table width (blocks per request); one full width when the attention
     loops stop at the real lengths by themselves (blockwise, pallas) — width buckets only pay
     for the reference, which reads the whole padded width;
@@ -59,7 +62,7 @@ class BucketSpec:
     @classmethod
     def build(cls, max_num_batched_tokens: int, max_num_seqs: int, max_blocks_per_seq: int,
               min_tokens: int = 16, bucket_widths: bool = True,
-              decode_programs: bool = True) -> BucketSpec:
+              decode_programs: bool = True, min_seqs: int = MIN_SEQS) -> BucketSpec:
         widths = []
         w = 4
         while bucket_widths and w < max_blocks_per_seq:  # every 4x: at most 4x over-read
@@ -68,7 +71,7 @@ class BucketSpec:
         widths.append(max_blocks_per_seq)
         return cls(
             tokens=powers_of_two(min(min_tokens, max_num_batched_tokens), max_num_batched_tokens),
-            seqs=seq_buckets(MIN_SEQS, max(MIN_SEQS, max_num_seqs)),
+            seqs=seq_buckets(min_seqs, max(min_seqs, max_num_seqs)),
             widths=tuple(sorted(set(widths))),
             decode_programs=decode_programs,
         )

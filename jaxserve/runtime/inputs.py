@@ -7,7 +7,7 @@ from typing import Protocol, Sequence
 
 import numpy as np
 
-from jaxserve.runtime.buckets import BucketSpec, pick
+from jaxserve.runtime.buckets import MIN_LOGIT_ROWS, BucketSpec, pick
 
 
 class ChunkLike(Protocol):
@@ -72,7 +72,7 @@ def prepare_inputs(chunks: Sequence[ChunkLike], block_size: int, buckets: Bucket
     )
     padded_lens = np.zeros(s_pad, np.int32)
     padded_lens[:num_seqs] = seq_lens
-    logits_indices = np.zeros(s_pad, np.int32)
+    logits_indices = np.zeros(max(s_pad, MIN_LOGIT_ROWS), np.int32)  # padding rows: token 0
     logits_indices[:num_seqs] = qsl[1 : num_seqs + 1] - 1
     return StepInputs(
         token_ids, positions, slot_mapping, block_tables, padded_lens, qsl, logits_indices,

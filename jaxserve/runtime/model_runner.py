@@ -13,7 +13,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from jaxserve.layers.attention import AttentionMetadata
-from jaxserve.runtime.buckets import BucketSpec, decode_has_own_program
+from jaxserve.runtime.buckets import MIN_LOGIT_ROWS, MIN_SEQS, BucketSpec, decode_has_own_program
 from jaxserve.runtime.compile_counter import CompileCounter
 from jaxserve.runtime.executables import ExecutableTable, WarmupReport
 from jaxserve.runtime.inputs import StepInputs, prepare_inputs
@@ -78,10 +78,15 @@ class ModelRunner:
         max_blocks = -(-cfg.max_model_len // cfg.block_size)
         # speculation: a 1-request verify step (k + 1 <= 8 tokens) gets an 8-token bucket
         min_tokens = 8 if 0 < cfg.num_speculative_tokens < 8 else 16
+        # a lone request decodes in a 1-row step where the CPU kernel writes the KV cache (see
+        # BucketSpec.seqs); with speculation its steps keep the 2-row minimum
+        self.attention_backend = loaded.attention.backend
+        one_row = self.attention_backend == "cpu" and cfg.num_speculative_tokens == 0
         self.buckets = BucketSpec.build(
             cfg.max_num_batched_tokens, cfg.max_num_seqs, max_blocks, min_tokens=min_tokens,
             bucket_widths=loaded.attention.backend == "reference",
             decode_programs=decode_has_own_program(loaded.attention.backend),
+            min_seqs=1 if one_row else MIN_SEQS,
         )
         self.penalty_len = 1 << (cfg.max_model_len - 1).bit_length()
         # Logits and hidden states come out replicated (gathered over `tp`): the sampler and
@@ -119,8 +124,7 @@ class ModelRunner:
         layout = None
         if self.spec_k:
             t, s = len(inp.token_ids), len(inp.seq_lens)
-            layout = spec_decode.build_layout(
-                chunks, inp.query_start_loc, spec_decode.logit_rows(t, s, self.spec_k))
+            layout = spec_decode.build_layout(chunks, inp.query_start_loc, self._logit_rows(t, s))
             inp = replace(inp, logits_indices=layout.logits_indices)
         q_rows = None
         if self.draft is not None:
@@ -136,7 +140,7 @@ class ModelRunner:
             host = self._sample_rows(chunks, logits, len(layout.logits_indices), layout, q_rows)
             spec_decode.collect(host, chunks, layout, out)
             return out
-        host = self._sample_rows(chunks, logits, len(inp.seq_lens))
+        host = self._sample_rows(chunks, logits, len(inp.logits_indices))
         for i in sampled_rows:
             c = chunks[i]
             out.sampled[c.request_id] = int(host.token_ids[i])
@@ -289,7 +293,7 @@ class ModelRunner:
         return self._step.lower(self.state, self.kv_cache, tokens, md, rows)
 
     def _logit_rows(self, t: int, s: int) -> int:
-        return spec_decode.logit_rows(t, s, self.spec_k)
+        return max(MIN_LOGIT_ROWS, spec_decode.logit_rows(t, s, self.spec_k))
 
 
 def _step_arrays(inp: StepInputs, decode_only: bool):
