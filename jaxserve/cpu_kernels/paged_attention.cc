@@ -18,8 +18,9 @@
 //
 // Quantized pages (kv_cache_dtype int8 / fp8: int8, or uint8 holding float8_e4m3fn bits) have
 // rows of head_dim + 4 bytes, as jaxserve/layers/kv_quant.py allocates them; this kernel lays a
-// block of bs * (D + 4) bytes out as: K values transposed, key o, dim i at byte i * bs + o, then
-// the bs keys' f32 scales; V rows as kv_quant.py writes them (key o at o * (D + 4): its D values,
+// block of bs * (D + 4) bytes out as: K values transposed in pairs of dims as bf16's (key o,
+// dim i at byte ((i / 2) * bs + o) * 2 + i % 2; widened to bf16 they are the operand of the
+// AVX-512 BF16 dot product), then the bs keys' f32 scales; V rows as kv_quant.py writes them (key o at o * (D + 4): its D values,
 // then its f32 scale). Each token's K/V is quantized here as kv_quant.quantize_tokens does, bit
 // for bit (kv_quant.h); attention widens one block at a time (K unscaled: scores =
 // (q . k) * k_scale; V times its scales), never a full-precision copy of the cache.
@@ -214,13 +215,13 @@ inline void accumulate(float* acc, float corr, const float* p, const float* v, i
   }
 }
 
-// Scratch of one thread: query rows (Q: the page dtype, or f32 for quantized pages),
-// accumulators, one block of V in f32; quantized pages also widen one block of K (kt) and keep
-// its scales (ks).
+// Scratch of one thread: query rows (Q: the query's dtype), accumulators, one block of V in
+// f32; quantized pages also widen one block of K (kt, in Q: bf16 pairs [D/2, bs, 2] for
+// block_scores' dot product, or f32 [D, bs] through `wide`) and keep its scales (ks).
 template <typename Q>
 struct Scratch {
-  std::vector<Q> q;
-  std::vector<float> acc, m, l, v, kt, ks;
+  std::vector<Q> q, kt;
+  std::vector<float> acc, m, l, v, wide, ks;
   void fit(int64_t rows, int64_t head_dim, int64_t block_size, bool quantized) {
     q.resize((rows + kRows) * head_dim);  // + a group's worth of zero rows past the end
     acc.resize(rows * head_dim);
@@ -229,6 +230,7 @@ struct Scratch {
     v.resize(block_size * head_dim);
     if (quantized) {
       kt.resize(block_size * head_dim);
+      wide.resize(block_size * head_dim);
       ks.resize(block_size);
     }
   }
@@ -251,19 +253,20 @@ struct FloatPages {
   void scale_scores(float*, const Scratch<T>&) const {}
 };
 
-// Quantized pages (int8 / e4m3 bytes, f32 scales; layout in the header comment): a block's K
-// values are widened unscaled (scores = (q . k) * k_scale), its V rows widened and scaled.
-template <typename Codec>
+// Quantized pages (int8 / e4m3 bytes, f32 scales; layout in the header comment), queries in Q
+// (bf16 or f32): a block's K values are widened unscaled (scores = (q . k) * k_scale; int8 and
+// e4m3 values are exact in bf16), its V rows widened to f32 and scaled.
+template <typename Codec, typename Q_>
 struct QuantPages {
-  using Q = float;
+  using Q = Q_;
   static constexpr bool kQuantized = true;
   const uint8_t* k;
   const uint8_t* v;
   int64_t D, bs;
   int64_t block_elems() const { return bs * (D + jaxserve::kvq::kScaleBytes); }
-  const float* load_block(int64_t page, int64_t n, Scratch<float>& sc) const {
+  const Q* load_block(int64_t page, int64_t n, Scratch<Q>& sc) const {
     const uint8_t* kb = k + page;  // all bs keys: those past n are masked (they may be NaN)
-    Codec::widen_n(kb, bs * D, sc.kt.data(), 1.0f);
+    widen_k(kb, sc);
     std::memcpy(sc.ks.data(), kb + bs * D, bs * sizeof(float));
     const int64_t row = D + jaxserve::kvq::kScaleBytes;
     for (int64_t j = 0; j < n; ++j) {  // V rows past n are never read
@@ -274,7 +277,18 @@ struct QuantPages {
     }
     return sc.kt.data();
   }
-  void scale_scores(float* s, const Scratch<float>& sc) const {
+  void widen_k(const uint8_t* kb, Scratch<uint16_t>& sc) const {  // pairs, as stored
+    jaxserve::kvq::widen_bf16_n<Codec>(kb, bs * D, sc.kt.data());
+  }
+  void widen_k(const uint8_t* kb, Scratch<float>& sc) const {  // pairs -> [D, bs]
+    Codec::widen_n(kb, bs * D, sc.wide.data(), 1.0f);
+    for (int64_t p = 0; p < D / 2; ++p)
+      for (int64_t o = 0; o < bs; ++o) {
+        sc.kt[2 * p * bs + o] = sc.wide[(p * bs + o) * 2];
+        sc.kt[(2 * p + 1) * bs + o] = sc.wide[(p * bs + o) * 2 + 1];
+      }
+  }
+  void scale_scores(float* s, const Scratch<Q>& sc) const {
 #pragma omp simd
     for (int64_t j = 0; j < bs; ++j) s[j] *= sc.ks[j];
   }
@@ -462,7 +476,7 @@ void write_kv_quant(const Dims& d, const T* k_new, const T* v_new, const int32_t
       const int64_t src = (t * d.kv_heads + h) * D;
       for (int64_t i = 0; i < D; ++i) x[i] = load(k_new, src + i);
       float scale = jaxserve::kvq::quantize_row<Codec>(x, D, values);
-      for (int64_t i = 0; i < D; ++i) kb[i * bs + o] = values[i];
+      for (int64_t i = 0; i < D; ++i) kb[((i / 2) * bs + o) * 2 + i % 2] = values[i];
       std::memcpy(kb + bs * D + o * sizeof(float), &scale, sizeof scale);
       for (int64_t i = 0; i < D; ++i) x[i] = load(v_new, src + i);
       scale = jaxserve::kvq::quantize_row<Codec>(x, D, vr);
@@ -529,7 +543,7 @@ ffi::Error run_quant(ffi::ThreadPool& pool, const Dims& d, const Params& p, cons
   uint8_t* vp = static_cast<uint8_t*>(v_pages.untyped_data());
   write_kv_quant<Codec>(d, static_cast<const T*>(k_new.untyped_data()),
                         static_cast<const T*>(v_new.untyped_data()), b.slots, kp, vp);
-  const QuantPages<Codec> pages{kp, vp, d.head_dim, d.block_size};
+  const QuantPages<Codec, T> pages{kp, vp, d.head_dim, d.block_size};
   return attend_all(pool, d, p, static_cast<const T*>(q.untyped_data()), pages, b.block_tables,
                     b.seq_lens, b.qsl, static_cast<T*>(out.untyped_data()));
 }

@@ -17,7 +17,6 @@ from jaxserve.cpu_kernels import build as cpu_build
 from jaxserve.cpu_kernels import paged_attention as cpu_attention
 from jaxserve.layers.blockwise_attention import blockwise_paged_attention
 from jaxserve.layers.kv_quant import (
-    dequantize,
     is_quantized,
     is_quantized_page,
     pack_rows,
@@ -213,7 +212,8 @@ def paged_attention(
     """Causal attention of q [num_tokens, num_heads, head_dim] over the paged context.
 
     Quantized pages (int8 / fp8 rows with their scales, see `write_kv`): the blockwise path
-    dequantizes each gathered chunk; the reference (plain jnp, tests) the layer's pages first.
+    dequantizes each gathered chunk, the reference (plain jnp, tests) each sequence's gathered
+    blocks.
     """
     kwargs = dict(
         scale=scale, sliding_window=cfg.sliding_window, logits_soft_cap=cfg.logits_soft_cap
@@ -229,8 +229,6 @@ def paged_attention(
         )
     if md.max_query_len:
         kwargs["max_query_len"] = md.max_query_len
-    if quantized:
-        k_pages, v_pages = dequantize(k_pages), dequantize(v_pages)
     return pallas_kernels.ragged_paged_attention_reference(
         q, k_pages, v_pages, md.block_tables, md.seq_lens, md.query_start_loc, **kwargs
     )
