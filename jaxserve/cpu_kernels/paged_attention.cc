@@ -548,29 +548,19 @@ ffi::Error run_quant(ffi::ThreadPool& pool, const Dims& d, const Params& p, cons
                     b.seq_lens, b.qsl, static_cast<T*>(out.untyped_data()));
 }
 
-// The query dtype T (bf16 / f32) picked for `fn<T>`.
-template <template <typename> class Fn, typename... Args>
-ffi::Error by_query_dtype(ffi::DataType dt, Args&&... args) {
-  if (dt == ffi::DataType::F32) return Fn<float>{}(args...);
-  if (dt == ffi::DataType::BF16) return Fn<uint16_t>{}(args...);
-  return ffi::Error::InvalidArgument("paged attention: q must be bfloat16 or float32");
+// Pages by their dtype: int8 or e4m3 bytes, else float (q's dtype T, checked by the caller).
+template <typename T>
+ffi::Error run_pages(ffi::DataType page_dt, ffi::ThreadPool& pool, const Dims& d,
+                     const Params& p, const Batch& b, ffi::AnyBuffer q, ffi::AnyBuffer k_new,
+                     ffi::AnyBuffer v_new, ffi::AnyBuffer out, ffi::AnyBuffer k_pages,
+                     ffi::AnyBuffer v_pages) {
+  using jaxserve::kvq::E4M3Codec, jaxserve::kvq::Int8Codec;
+  if (page_dt == ffi::DataType::S8)
+    return run_quant<Int8Codec, T>(pool, d, p, b, q, k_new, v_new, out, k_pages, v_pages);
+  if (page_dt == ffi::DataType::U8)
+    return run_quant<E4M3Codec, T>(pool, d, p, b, q, k_new, v_new, out, k_pages, v_pages);
+  return run<T>(pool, d, p, b, q, k_new, v_new, out, k_pages, v_pages);
 }
-template <typename T>
-struct RunFloat {
-  template <typename... A> ffi::Error operator()(A&&... a) { return run<T>(a...); }
-};
-template <typename T>
-struct RunInt8 {
-  template <typename... A> ffi::Error operator()(A&&... a) {
-    return run_quant<jaxserve::kvq::Int8Codec, T>(a...);
-  }
-};
-template <typename T>
-struct RunE4M3 {
-  template <typename... A> ffi::Error operator()(A&&... a) {
-    return run_quant<jaxserve::kvq::E4M3Codec, T>(a...);
-  }
-};
 
 ffi::Error PagedAttention(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuffer k_new, ffi::AnyBuffer v_new,
                           ffi::AnyBuffer, ffi::AnyBuffer, ffi::Buffer<ffi::S32> slots,
@@ -598,13 +588,13 @@ ffi::Error PagedAttention(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuffer
   const Params p{scale, window, soft_cap};
   const Batch b{slots.typed_data(), block_tables.typed_data(), seq_lens.typed_data(),
                 qsl.typed_data()};
-  if (page_dt == ffi::DataType::S8)
-    return by_query_dtype<RunInt8>(dt, pool, d, p, b, q, k_new, v_new, *out, *k_pages, *v_pages);
-  if (page_dt == ffi::DataType::U8)
-    return by_query_dtype<RunE4M3>(dt, pool, d, p, b, q, k_new, v_new, *out, *k_pages, *v_pages);
-  if (page_dt != dt)
+  if (!quantized && page_dt != dt)
     return ffi::Error::InvalidArgument("paged attention: float pages must have q's dtype");
-  return by_query_dtype<RunFloat>(dt, pool, d, p, b, q, k_new, v_new, *out, *k_pages, *v_pages);
+  if (dt == ffi::DataType::F32)
+    return run_pages<float>(page_dt, pool, d, p, b, q, k_new, v_new, *out, *k_pages, *v_pages);
+  if (dt == ffi::DataType::BF16)
+    return run_pages<uint16_t>(page_dt, pool, d, p, b, q, k_new, v_new, *out, *k_pages, *v_pages);
+  return ffi::Error::InvalidArgument("paged attention: q must be bfloat16 or float32");
 }
 
 }  // namespace
