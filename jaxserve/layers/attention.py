@@ -78,8 +78,9 @@ def select_backend(requested: str = "auto", tensor_parallel_size: int = 1) -> At
     auto: the Mosaic GPU kernels on a Hopper GPU (blockwise on other GPUs, logged); on CPU the
     C++ kernel (jaxserve/cpu_kernels, compiled on first use) when tp == 1, else the blockwise XLA
     loops (logged with the reason); a quantized KV cache on a GPU asks for blockwise before this
-    (backend_request). "reference" is the plain jnp reference (gathers K/V at the padded width: simple, slow). "pallas" off a
-    GPU runs the kernels in the Mosaic GPU interpreter (correct but slow: for tests).
+    (backend_request). "reference" is the plain jnp reference (gathers K/V at the padded width:
+    simple, slow). "pallas" off a GPU runs the kernels in the Mosaic GPU interpreter (correct
+    but slow: for tests).
     """
     platform = jax.default_backend()
     if requested == "auto":

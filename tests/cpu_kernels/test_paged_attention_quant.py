@@ -39,7 +39,8 @@ def _quantize(x: np.ndarray, name: str) -> np.ndarray:
 
 
 def _poison(rows: np.ndarray, where: np.ndarray, name: str, seed: int) -> np.ndarray:
-    """rows [Hkv, NB, bs, D + 4]; slots `where` [NB, bs] get a NaN scale and garbage / NaN values."""
+    """rows [Hkv, NB, bs, D + 4]; slots `where` [NB, bs] get a NaN scale and garbage (int8) or
+    NaN (e4m3) values."""
     rows = rows.copy()
     d = rows.shape[-1] - 4
     n = int(where.sum())
@@ -61,7 +62,8 @@ def _run(case, name, **kw):
     new.reshape(-1)[slots] = True
     want = []  # what a correct write leaves: every owned slot quantized, the rest poisoned
     for i, pages in enumerate((case.k_pages, case.v_pages)):
-        rows = _quantize(np.nan_to_num(pages.astype(np.float32)).transpose(1, 2, 0, 3), name).transpose(2, 0, 1, 3)
+        x = np.nan_to_num(pages.astype(np.float32)).transpose(1, 2, 0, 3)  # [NB, bs, Hkv, D]
+        rows = _quantize(x, name).transpose(2, 0, 1, 3)  # [Hkv, NB, bs, D + 4]
         want.append(_poison(rows, unused, name, seed=i))
     k_in, v_in = (_poison(w, new, name, seed=7 + i) for i, w in enumerate(want))
     k_new = case.k_pages.reshape(kvh, nb * bs, d)[:, slots].transpose(1, 0, 2)  # [n, Hkv, D]
