@@ -170,7 +170,8 @@ def test_write_is_kv_quant_bit_for_bit(name, dtype):
     """Ties, subnormals, zeros and random rows, written by the kernel (K into its layout, V as
     kv_quant.py's rows): the same bytes as quantize_tokens + pack_rows."""
     rng = np.random.default_rng(2)
-    x = np.concatenate([_tie_vectors(name), rng.standard_normal((24, 1, 64)) * 3]).astype(dtype)
+    wide = rng.standard_normal((600, 1, 64)) * rng.lognormal(0.0, 3.0, (600, 1, 1))  # scales
+    x = np.concatenate([_tie_vectors(name), wide]).astype(dtype)  # spread over ~1e-8 .. 1e8
     t, bs = len(x), 16
     nb = 1 + -(-t // bs)
     slots = np.arange(bs, bs + t, dtype=np.int32)  # blocks 1.. in order
