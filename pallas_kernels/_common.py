@@ -10,6 +10,28 @@ import numpy as np
 
 SUPPORTED_HEAD_DIMS = (64, 128, 256)
 SUPPORTED_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
+# Quantized KV pages (jaxserve/layers/kv_quant.py's row format): rows [..., D + 4] of int8, or of
+# uint8 holding float8_e4m3fn bits; each row its D values, then its f32 scale's 4 bytes.
+QUANT_VALUE_DTYPES = {jnp.dtype(jnp.int8): jnp.int8, jnp.dtype(jnp.uint8): jnp.float8_e4m3fn}
+SCALE_BYTES = 4
+
+
+def is_quantized(pages) -> bool:
+  """Whether pages hold quantized rows (int8 / e4m3 values + an f32 scale each)."""
+  return jnp.dtype(pages.dtype) in QUANT_VALUE_DTYPES
+
+
+def page_head_dim(pages) -> int:
+  """head_dim of pages [..., D] (float) or [..., D + 4] (quantized rows)."""
+  return pages.shape[-1] - (SCALE_BYTES if is_quantized(pages) else 0)
+
+
+def dequantize_rows(rows: jax.Array) -> jax.Array:
+  """Quantized rows [..., D + 4] -> f32 [..., D]: values * scale (a NaN scale -> NaN row)."""
+  values = jax.lax.bitcast_convert_type(rows[..., :-SCALE_BYTES],
+                                        QUANT_VALUE_DTYPES[jnp.dtype(rows.dtype)])
+  scales = jax.lax.bitcast_convert_type(rows[..., -SCALE_BYTES:], jnp.float32)  # [...]
+  return values.astype(jnp.float32) * scales[..., None]
 
 
 def default_scale(head_dim: int, scale: float | None) -> float:
@@ -25,7 +47,9 @@ def check_paged_shapes(q, k_pages, v_pages, block_tables, seq_lens) -> None:
     raise ValueError(
         "k_pages and v_pages must both be [num_kv_heads, num_blocks, block_size, head_dim], "
         f"got {k_pages.shape} and {v_pages.shape}")
-  num_kv_heads, _, _, head_dim = k_pages.shape
+  num_kv_heads, head_dim = k_pages.shape[0], page_head_dim(k_pages)
+  if k_pages.dtype != v_pages.dtype:
+    raise ValueError(f"k_pages and v_pages differ in dtype: {k_pages.dtype} and {v_pages.dtype}")
   if q.shape[2] != head_dim:
     raise ValueError(f"q head_dim {q.shape[2]} != page head_dim {head_dim}")
   if q.shape[1] % num_kv_heads:

@@ -17,8 +17,9 @@ def paged_attention_reference(q, k_pages, v_pages, block_tables, seq_lens, *, sc
                               sliding_window=None, logits_soft_cap=None):
   """Decode attention in plain jnp: q [S, Hq, D] is the last token of each sequence.
 
-  k_pages, v_pages [Hkv, num_blocks, block_size, D]; block_tables int32 [S, max_blocks];
-  seq_lens int32 [S] (incl. the query). Returns [S, Hq, D]; rows with seq_len == 0 are zeros.
+  k_pages, v_pages [Hkv, num_blocks, block_size, D], or quantized rows [.., D + 4] (as the
+  ragged reference); block_tables int32 [S, max_blocks]; seq_lens int32 [S] (incl. the query).
+  Returns [S, Hq, D]; rows with seq_len == 0 are zeros.
   A decode batch is a ragged batch whose chunks all have length 1.
   """
   _common.check_paged_shapes(q, k_pages, v_pages, block_tables, seq_lens)

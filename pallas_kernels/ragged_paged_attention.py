@@ -13,11 +13,17 @@ from pallas_kernels import _common, _mgpu
 
 
 def _gather_pages(pages, block_tables):
-  """pages [Hkv, num_blocks, bs, D], block_tables [n, mb] -> [Hkv, n, mb * bs, D] in f32."""
-  num_kv_heads, _, block_size, head_dim = pages.shape
+  """pages [Hkv, num_blocks, bs, D], block_tables [n, mb] -> [Hkv, n, mb * bs, D] in f32.
+
+  Quantized pages (rows [.., D + 4], see _common) are dequantized as gathered: only the
+  gathered blocks, never the whole cache."""
+  num_kv_heads, _, block_size, row = pages.shape
   n, max_blocks = block_tables.shape
-  gathered = pages[:, block_tables]  # [Hkv, n, mb, bs, D]
-  return gathered.reshape(num_kv_heads, n, max_blocks * block_size, head_dim).astype(jnp.float32)
+  gathered = pages[:, block_tables]  # [Hkv, n, mb, bs, row]
+  gathered = gathered.reshape(num_kv_heads, n, max_blocks * block_size, row)
+  if _common.is_quantized(pages):
+    return _common.dequantize_rows(gathered)
+  return gathered.astype(jnp.float32)
 
 
 def _token_to_seq(query_start_loc, num_tokens):
@@ -107,8 +113,9 @@ def ragged_paged_attention_reference(q, k_pages, v_pages, block_tables, seq_lens
                                      logits_soft_cap=None, max_query_len=None):
   """Causal attention of ragged query chunks over a paged KV cache, in plain jnp (f32 math).
 
-  q [T, Hq, D]; k_pages, v_pages [Hkv, num_blocks, block_size, D];
-  block_tables int32 [S, max_blocks]; seq_lens int32 [S] (incl. the chunk);
+  q [T, Hq, D]; k_pages, v_pages [Hkv, num_blocks, block_size, D] (float), or quantized rows
+  [Hkv, num_blocks, block_size, D + 4] (int8 / uint8 e4m3 values + an f32 scale, dequantized as
+  gathered); block_tables int32 [S, max_blocks]; seq_lens int32 [S] (incl. the chunk);
   query_start_loc int32 [S + 1]. Returns [T, Hq, D] in q's dtype.
 
   The queries of sequence s are its last `query_start_loc[s+1] - query_start_loc[s]` tokens.
@@ -185,6 +192,14 @@ def from_tiles(x, group, tq):
 def check_kernel_args(q, k_pages, v_pages, block_tables, seq_lens):
   """Shape checks, plus what the kernel supports (the reference accepts more)."""
   _common.check_paged_shapes(q, k_pages, v_pages, block_tables, seq_lens)
+  if _common.is_quantized(k_pages):
+    # Rows of D + 4 bytes (68 at D = 64) are no TMA tile: TMA needs 16-byte global strides, so
+    # the kernel would need its own block layout (values [bs, D] then the bs scales) written by
+    # a pallas-specific write_kv, plus an SMEM -> register -> bf16 widening before each wgmma.
+    raise _mgpu.UnsupportedConfig(
+        f"quantized KV pages ({jnp.dtype(k_pages.dtype).name} rows with f32 scales, "
+        "kv_cache_dtype int8 / fp8) are not read by the Mosaic GPU attention kernel; the "
+        "references and jaxserve's blockwise and cpu backends read them")
   if q.dtype != k_pages.dtype:
     raise ValueError(f"q dtype {q.dtype} != KV cache dtype {k_pages.dtype}")
   _mgpu.check_supported(q.shape[2], k_pages.shape[2], q.dtype, q.shape[1] // k_pages.shape[0])

@@ -98,6 +98,33 @@ struct E4M3Codec {
   }
 };
 
+// out[0:n] = the bf16 bits of widen(in[0:n]): exact (int8 and e4m3 values have <= 8 significant
+// bits), so the f32 bits' top half.
+template <typename Codec>
+void widen_bf16_n(const uint8_t* in, int64_t n, uint16_t* out) {
+  alignas(64) float buf[16];
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    Codec::widen_n(in + i, 16, buf, 1.0f);
+#if defined(__AVX512F__)
+    const __m512i bits = _mm512_srli_epi32(_mm512_castps_si512(_mm512_load_ps(buf)), 16);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + i), _mm512_cvtepi32_epi16(bits));
+#else
+    for (int k = 0; k < 16; ++k) {
+      uint32_t b;
+      std::memcpy(&b, &buf[k], sizeof b);
+      out[i + k] = static_cast<uint16_t>(b >> 16);
+    }
+#endif
+  }
+  for (; i < n; ++i) {
+    const float f = Codec::widen(in[i]);
+    uint32_t b;
+    std::memcpy(&b, &f, sizeof b);
+    out[i] = static_cast<uint16_t>(b >> 16);
+  }
+}
+
 // Quantizes x [D] (f32) into out [D] (bytes of `Codec`); returns the row's scale.
 template <typename Codec>
 float quantize_row(const float* x, int64_t D, uint8_t* out) {

@@ -8,8 +8,9 @@
 // Work items are (sequence, tile of up to kTile query tokens, kv head); the G query heads of a
 // kv head share each K/V page read (GQA). Pages are widened to f32 one block at a time and the
 // softmax is online per block; an item of one query token (every decode row) takes three passes
-// over its context instead (attend_token), without the per-block rescaling. Keys past a sequence's length are never read, so whatever the
-// unused slots hold (NaN included) cannot reach the output; padding tokens get zeros.
+// over its context instead (attend_token), without the per-block rescaling. Keys past a
+// sequence's length are never read, so whatever the unused slots hold (NaN included) cannot
+// reach the output; padding tokens get zeros.
 //
 // K pages are stored transposed inside each block so a block's scores are a few wide vector
 // ops with no transpose at read time: key o, dim i of a block sits at ((i / P) * bs + o) * P +
@@ -19,8 +20,9 @@
 //
 // Quantized pages (kv_cache_dtype int8 / fp8: int8, or uint8 holding float8_e4m3fn bits) have
 // rows of head_dim + 4 bytes, as jaxserve/layers/kv_quant.py allocates them; this kernel lays a
-// block of bs * (D + 4) bytes out as: K values transposed, key o, dim i at byte i * bs + o, then
-// the bs keys' f32 scales; V rows as kv_quant.py writes them (key o at o * (D + 4): its D values,
+// block of bs * (D + 4) bytes out as: K values transposed in pairs of dims as bf16's (key o,
+// dim i at byte ((i / 2) * bs + o) * 2 + i % 2; widened to bf16 they are the operand of the
+// AVX-512 BF16 dot product), then the bs keys' f32 scales; V rows as kv_quant.py writes them (key o at o * (D + 4): its D values,
 // then its f32 scale). Each token's K/V is quantized here as kv_quant.quantize_tokens does, bit
 // for bit (kv_quant.h); attention widens one block at a time (K unscaled: scores =
 // (q . k) * k_scale; V times its scales), never a full-precision copy of the cache.
@@ -215,13 +217,13 @@ inline void accumulate(float* acc, float corr, const float* p, const float* v, i
   }
 }
 
-// Scratch of one thread: query rows (Q: the page dtype, or f32 for quantized pages),
-// accumulators, one block of V in f32; quantized pages also widen one block of K (kt) and keep
-// its scales (ks).
+// Scratch of one thread: query rows (Q: the query's dtype), accumulators, one block of V in
+// f32; quantized pages also widen one block of K (kt, in Q: bf16 pairs [D/2, bs, 2] for
+// block_scores' dot product, or f32 [D, bs] through `wide`) and keep its scales (ks).
 template <typename Q>
 struct Scratch {
-  std::vector<Q> q;
-  std::vector<float> acc, m, l, v, kt, ks;
+  std::vector<Q> q, kt;
+  std::vector<float> acc, m, l, v, wide, ks;
   void fit(int64_t rows, int64_t head_dim, int64_t block_size, bool quantized) {
     q.resize((rows + kRows) * head_dim);  // + a group's worth of zero rows past the end
     acc.resize(rows * head_dim);
@@ -230,6 +232,7 @@ struct Scratch {
     v.resize(block_size * head_dim);
     if (quantized) {
       kt.resize(block_size * head_dim);
+      wide.resize(block_size * head_dim);
       ks.resize(block_size);
     }
   }
@@ -258,20 +261,21 @@ struct FloatPages {
   void scale_scores(float*, const Scratch<T>&) const {}
 };
 
-// Quantized pages (int8 / e4m3 bytes, f32 scales; layout in the header comment): a block's K
-// values are widened unscaled (scores = (q . k) * k_scale), its V rows widened and scaled.
-template <typename Codec>
+// Quantized pages (int8 / e4m3 bytes, f32 scales; layout in the header comment), queries in Q
+// (bf16 or f32): a block's K values are widened unscaled (scores = (q . k) * k_scale; int8 and
+// e4m3 values are exact in bf16), its V rows widened to f32 and scaled.
+template <typename Codec, typename Q_>
 struct QuantPages {
-  using Q = float;
+  using Q = Q_;
   static constexpr bool kQuantized = true;
   const uint8_t* k;
   const uint8_t* v;
   int64_t D, bs;
   int64_t block_elems() const { return bs * (D + jaxserve::kvq::kScaleBytes); }
   // The block's K values widened (unscaled) into sc.kt, its scales into sc.ks.
-  const float* load_k(int64_t page, Scratch<float>& sc) const {
+  const Q* load_k(int64_t page, Scratch<Q>& sc) const {
     const uint8_t* kb = k + page;  // all bs keys: those past n are masked (they may be NaN)
-    Codec::widen_n(kb, bs * D, sc.kt.data(), 1.0f);
+    widen_k(kb, sc);
     std::memcpy(sc.ks.data(), kb + bs * D, bs * sizeof(float));
     return sc.kt.data();
   }
@@ -285,11 +289,22 @@ struct QuantPages {
       Codec::widen_n(vr, D, dst + j * D, s);
     }
   }
-  const float* load_block(int64_t page, int64_t n, Scratch<float>& sc) const {
+  const Q* load_block(int64_t page, int64_t n, Scratch<Q>& sc) const {
     load_v(page, 0, n, sc.v.data());
     return load_k(page, sc);
   }
-  void scale_scores(float* s, const Scratch<float>& sc) const {
+  void widen_k(const uint8_t* kb, Scratch<uint16_t>& sc) const {  // pairs, as stored
+    jaxserve::kvq::widen_bf16_n<Codec>(kb, bs * D, sc.kt.data());
+  }
+  void widen_k(const uint8_t* kb, Scratch<float>& sc) const {  // pairs -> [D, bs]
+    Codec::widen_n(kb, bs * D, sc.wide.data(), 1.0f);
+    for (int64_t p = 0; p < D / 2; ++p)
+      for (int64_t o = 0; o < bs; ++o) {
+        sc.kt[2 * p * bs + o] = sc.wide[(p * bs + o) * 2];
+        sc.kt[(2 * p + 1) * bs + o] = sc.wide[(p * bs + o) * 2 + 1];
+      }
+  }
+  void scale_scores(float* s, const Scratch<Q>& sc) const {
 #pragma omp simd
     for (int64_t j = 0; j < bs; ++j) s[j] *= sc.ks[j];
   }
@@ -626,7 +641,7 @@ void write_kv_quant(const Dims& d, const T* k_new, const T* v_new, const int32_t
       const int64_t src = (t * d.kv_heads + h) * D;
       for (int64_t i = 0; i < D; ++i) x[i] = load(k_new, src + i);
       float scale = jaxserve::kvq::quantize_row<Codec>(x, D, values);
-      for (int64_t i = 0; i < D; ++i) kb[i * bs + o] = values[i];
+      for (int64_t i = 0; i < D; ++i) kb[((i / 2) * bs + o) * 2 + i % 2] = values[i];
       std::memcpy(kb + bs * D + o * sizeof(float), &scale, sizeof scale);
       for (int64_t i = 0; i < D; ++i) x[i] = load(v_new, src + i);
       scale = jaxserve::kvq::quantize_row<Codec>(x, D, vr);
@@ -696,34 +711,24 @@ ffi::Error run_quant(ffi::ThreadPool& pool, const Dims& d, const Params& p, cons
   uint8_t* vp = static_cast<uint8_t*>(v_pages.untyped_data());
   write_kv_quant<Codec>(d, static_cast<const T*>(k_new.untyped_data()),
                         static_cast<const T*>(v_new.untyped_data()), b.slots, kp, vp);
-  const QuantPages<Codec> pages{kp, vp, d.head_dim, d.block_size};
+  const QuantPages<Codec, T> pages{kp, vp, d.head_dim, d.block_size};
   return attend_all(pool, d, p, static_cast<const T*>(q.untyped_data()), pages, b.block_tables,
                     b.seq_lens, b.qsl, static_cast<T*>(out.untyped_data()));
 }
 
-// The query dtype T (bf16 / f32) picked for `fn<T>`.
-template <template <typename> class Fn, typename... Args>
-ffi::Error by_query_dtype(ffi::DataType dt, Args&&... args) {
-  if (dt == ffi::DataType::F32) return Fn<float>{}(args...);
-  if (dt == ffi::DataType::BF16) return Fn<uint16_t>{}(args...);
-  return ffi::Error::InvalidArgument("paged attention: q must be bfloat16 or float32");
+// Pages by their dtype: int8 or e4m3 bytes, else float (q's dtype T, checked by the caller).
+template <typename T>
+ffi::Error run_pages(ffi::DataType page_dt, ffi::ThreadPool& pool, const Dims& d,
+                     const Params& p, const Batch& b, ffi::AnyBuffer q, ffi::AnyBuffer k_new,
+                     ffi::AnyBuffer v_new, ffi::AnyBuffer out, ffi::AnyBuffer k_pages,
+                     ffi::AnyBuffer v_pages) {
+  using jaxserve::kvq::E4M3Codec, jaxserve::kvq::Int8Codec;
+  if (page_dt == ffi::DataType::S8)
+    return run_quant<Int8Codec, T>(pool, d, p, b, q, k_new, v_new, out, k_pages, v_pages);
+  if (page_dt == ffi::DataType::U8)
+    return run_quant<E4M3Codec, T>(pool, d, p, b, q, k_new, v_new, out, k_pages, v_pages);
+  return run<T>(pool, d, p, b, q, k_new, v_new, out, k_pages, v_pages);
 }
-template <typename T>
-struct RunFloat {
-  template <typename... A> ffi::Error operator()(A&&... a) { return run<T>(a...); }
-};
-template <typename T>
-struct RunInt8 {
-  template <typename... A> ffi::Error operator()(A&&... a) {
-    return run_quant<jaxserve::kvq::Int8Codec, T>(a...);
-  }
-};
-template <typename T>
-struct RunE4M3 {
-  template <typename... A> ffi::Error operator()(A&&... a) {
-    return run_quant<jaxserve::kvq::E4M3Codec, T>(a...);
-  }
-};
 
 ffi::Error PagedAttention(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuffer k_new, ffi::AnyBuffer v_new,
                           ffi::AnyBuffer, ffi::AnyBuffer, ffi::Buffer<ffi::S32> slots,
@@ -751,13 +756,13 @@ ffi::Error PagedAttention(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuffer
   const Params p{scale, window, soft_cap};
   const Batch b{slots.typed_data(), block_tables.typed_data(), seq_lens.typed_data(),
                 qsl.typed_data()};
-  if (page_dt == ffi::DataType::S8)
-    return by_query_dtype<RunInt8>(dt, pool, d, p, b, q, k_new, v_new, *out, *k_pages, *v_pages);
-  if (page_dt == ffi::DataType::U8)
-    return by_query_dtype<RunE4M3>(dt, pool, d, p, b, q, k_new, v_new, *out, *k_pages, *v_pages);
-  if (page_dt != dt)
+  if (!quantized && page_dt != dt)
     return ffi::Error::InvalidArgument("paged attention: float pages must have q's dtype");
-  return by_query_dtype<RunFloat>(dt, pool, d, p, b, q, k_new, v_new, *out, *k_pages, *v_pages);
+  if (dt == ffi::DataType::F32)
+    return run_pages<float>(page_dt, pool, d, p, b, q, k_new, v_new, *out, *k_pages, *v_pages);
+  if (dt == ffi::DataType::BF16)
+    return run_pages<uint16_t>(page_dt, pool, d, p, b, q, k_new, v_new, *out, *k_pages, *v_pages);
+  return ffi::Error::InvalidArgument("paged attention: q must be bfloat16 or float32");
 }
 
 }  // namespace

@@ -59,8 +59,8 @@ def write_and_attend(q, k, v, k_pages, v_pages, slot_mapping, block_tables, seq_
 def k_pages_layout(k_pages: np.ndarray) -> np.ndarray:
     """K pages [Hkv, NB, bs, D] in the usual layout -> the kernel's (each block transposed to
     [D / P, bs, P] with P = 2 for bfloat16, 1 for float32; same shape as the input). Quantized
-    rows [Hkv, NB, bs, D + 4] -> per block the values transposed [D, bs], then the bs scales'
-    bytes."""
+    rows [Hkv, NB, bs, D + 4] -> per block the values transposed in pairs [D / 2, bs, 2], then
+    the bs scales' bytes."""
     if is_quantized_page(k_pages.dtype):
         return _quantized_k_layout(k_pages)
     kvh, nb, bs, d = k_pages.shape
@@ -72,7 +72,8 @@ def k_pages_layout(k_pages: np.ndarray) -> np.ndarray:
 def _quantized_k_layout(k_pages: np.ndarray) -> np.ndarray:
     kvh, nb, bs, row = k_pages.shape
     d = row - SCALE_BYTES
-    values = k_pages[..., :d].transpose(0, 1, 3, 2).reshape(kvh, nb, bs * d)  # [.., D, bs]
+    values = k_pages[..., :d].reshape(kvh, nb, bs, d // 2, 2).transpose(0, 1, 3, 2, 4)
+    values = values.reshape(kvh, nb, bs * d)  # [.., D / 2, bs, 2]
     scales = k_pages[..., d:].reshape(kvh, nb, bs * SCALE_BYTES)
     return np.ascontiguousarray(np.concatenate([values, scales], -1)).reshape(kvh, nb, bs, row)
 
@@ -82,6 +83,7 @@ def k_pages_from_layout(k_pages: np.ndarray) -> np.ndarray:
     kvh, nb, bs, row = k_pages.shape
     d = row - SCALE_BYTES
     flat = k_pages.reshape(kvh, nb, bs * row)
-    values = flat[..., :bs * d].reshape(kvh, nb, d, bs).transpose(0, 1, 3, 2)  # [.., bs, D]
+    values = flat[..., :bs * d].reshape(kvh, nb, d // 2, bs, 2).transpose(0, 1, 3, 2, 4)
+    values = values.reshape(kvh, nb, bs, d)
     scales = flat[..., bs * d:].reshape(kvh, nb, bs, SCALE_BYTES)
     return np.ascontiguousarray(np.concatenate([values, scales], -1))

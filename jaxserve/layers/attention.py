@@ -17,7 +17,6 @@ from jaxserve.cpu_kernels import build as cpu_build
 from jaxserve.cpu_kernels import paged_attention as cpu_attention
 from jaxserve.layers.blockwise_attention import blockwise_paged_attention
 from jaxserve.layers.kv_quant import (
-    dequantize,
     is_quantized,
     is_quantized_page,
     pack_rows,
@@ -79,8 +78,9 @@ def select_backend(requested: str = "auto", tensor_parallel_size: int = 1) -> At
     auto: the Mosaic GPU kernels on a Hopper GPU (blockwise on other GPUs, logged); on CPU the
     C++ kernel (jaxserve/cpu_kernels, compiled on first use) when tp == 1, else the blockwise XLA
     loops (logged with the reason); a quantized KV cache on a GPU asks for blockwise before this
-    (backend_request). "reference" is the plain jnp reference (gathers K/V at the padded width: simple, slow). "pallas" off a
-    GPU runs the kernels in the Mosaic GPU interpreter (correct but slow: for tests).
+    (backend_request). "reference" is the plain jnp reference (gathers K/V at the padded width:
+    simple, slow). "pallas" off a GPU runs the kernels in the Mosaic GPU interpreter (correct
+    but slow: for tests).
     """
     platform = jax.default_backend()
     if requested == "auto":
@@ -213,7 +213,8 @@ def paged_attention(
     """Causal attention of q [num_tokens, num_heads, head_dim] over the paged context.
 
     Quantized pages (int8 / fp8 rows with their scales, see `write_kv`): the blockwise path
-    dequantizes each gathered chunk; the reference (plain jnp, tests) the layer's pages first.
+    dequantizes each gathered chunk, the reference (plain jnp, tests) each sequence's gathered
+    blocks.
     """
     kwargs = dict(
         scale=scale, sliding_window=cfg.sliding_window, logits_soft_cap=cfg.logits_soft_cap
@@ -229,8 +230,6 @@ def paged_attention(
         )
     if md.max_query_len:
         kwargs["max_query_len"] = md.max_query_len
-    if quantized:
-        k_pages, v_pages = dequantize(k_pages), dequantize(v_pages)
     return pallas_kernels.ragged_paged_attention_reference(
         q, k_pages, v_pages, md.block_tables, md.seq_lens, md.query_start_loc, **kwargs
     )

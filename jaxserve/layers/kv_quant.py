@@ -20,8 +20,10 @@ a fixed scale per head:
 - the cost is 4 bytes per (token, kv head) on top of head_dim bytes: +6% at head_dim 64,
   +3% at 128 (counted in the KV budget by `bytes_per_token`).
 Attention reads the quantized pages and dequantizes one gathered chunk at a time (blockwise
-CPU path): scores = (q . k_values) * k_scale, and the softmax weights times v_scale meet
-v_values; never a full-precision copy of the cache.
+XLA path): scores = (q . k_values) * k_scale, and the softmax weights times v_scale meet
+v_values; never a full-precision copy of the cache. The CPU kernel (cpu_kernels/paged_attention)
+does the same a block at a time, and writes the pages itself with this module's quantizer, bit
+for bit, keeping K's values transposed inside each block (its own layout, read only by it).
 """
 
 from __future__ import annotations

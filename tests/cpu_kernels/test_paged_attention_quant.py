@@ -39,7 +39,8 @@ def _quantize(x: np.ndarray, name: str) -> np.ndarray:
 
 
 def _poison(rows: np.ndarray, where: np.ndarray, name: str, seed: int) -> np.ndarray:
-    """rows [Hkv, NB, bs, D + 4]; slots `where` [NB, bs] get a NaN scale and garbage / NaN values."""
+    """rows [Hkv, NB, bs, D + 4]; slots `where` [NB, bs] get a NaN scale and garbage (int8) or
+    NaN (e4m3) values."""
     rows = rows.copy()
     d = rows.shape[-1] - 4
     n = int(where.sum())
@@ -61,7 +62,8 @@ def _run(case, name, **kw):
     new.reshape(-1)[slots] = True
     want = []  # what a correct write leaves: every owned slot quantized, the rest poisoned
     for i, pages in enumerate((case.k_pages, case.v_pages)):
-        rows = _quantize(np.nan_to_num(pages.astype(np.float32)).transpose(1, 2, 0, 3), name).transpose(2, 0, 1, 3)
+        x = np.nan_to_num(pages.astype(np.float32)).transpose(1, 2, 0, 3)  # [NB, bs, Hkv, D]
+        rows = _quantize(x, name).transpose(2, 0, 1, 3)  # [Hkv, NB, bs, D + 4]
         want.append(_poison(rows, unused, name, seed=i))
     k_in, v_in = (_poison(w, new, name, seed=7 + i) for i, w in enumerate(want))
     k_new = case.k_pages.reshape(kvh, nb * bs, d)[:, slots].transpose(1, 0, 2)  # [n, Hkv, D]
@@ -168,7 +170,8 @@ def test_write_is_kv_quant_bit_for_bit(name, dtype):
     """Ties, subnormals, zeros and random rows, written by the kernel (K into its layout, V as
     kv_quant.py's rows): the same bytes as quantize_tokens + pack_rows."""
     rng = np.random.default_rng(2)
-    x = np.concatenate([_tie_vectors(name), rng.standard_normal((24, 1, 64)) * 3]).astype(dtype)
+    wide = rng.standard_normal((600, 1, 64)) * rng.lognormal(0.0, 3.0, (600, 1, 1))  # scales
+    x = np.concatenate([_tie_vectors(name), wide]).astype(dtype)  # spread over ~1e-8 .. 1e8
     t, bs = len(x), 16
     nb = 1 + -(-t // bs)
     slots = np.arange(bs, bs + t, dtype=np.int32)  # blocks 1.. in order

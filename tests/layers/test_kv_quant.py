@@ -169,3 +169,21 @@ def test_auto_with_a_quantized_cache_on_a_gpu_asks_for_blockwise(monkeypatch, ca
         assert backend_request("auto", "fp8") == "blockwise"
     assert "read by the blockwise XLA loops" in caplog.text
     assert backend_request("auto", "auto") == "auto"
+
+
+@pytest.mark.parametrize("name", ["int8", "fp8"])
+def test_mosaic_gpu_kernel_entries_refuse_quantized_pages_by_name(name):
+    """The Pallas (Mosaic GPU) kernels do not read quantized rows: both entries say so, naming
+    them, before any kernel is built (the references read them: tests/pallas_kernels)."""
+    import pallas_kernels as pk
+    from tests.pallas_kernels._paged_cases import quantize_case
+
+    case = make_case([20, 5], [1, 1], num_q_heads=4, num_kv_heads=2)
+    k_rows, v_rows, _ = quantize_case(case, name)
+    q = jnp.asarray(case.q, jnp.bfloat16)
+    args = (q, jnp.asarray(k_rows), jnp.asarray(v_rows), case.block_tables, case.seq_lens)
+    match = "quantized KV pages .* not read by the Mosaic GPU attention kernel"
+    with pytest.raises(pk.UnsupportedConfig, match=match):
+        pk.ragged_paged_attention(*args, case.query_start_loc)
+    with pytest.raises(pk.UnsupportedConfig, match=match):
+        pk.paged_attention(*args)

@@ -123,10 +123,12 @@ def test_kv_budget_counts_quantized_bytes_and_scales(tiny_checkpoints):
     assert blocks == (1 << 26) // (layers * 2 * kvh * bs * (d + 4)) > (1 << 26) // bf16
 
 
-def test_no_step_makes_a_full_precision_copy_of_the_cache(make_llm):
+@pytest.mark.parametrize("backend", ["auto", "blockwise"])  # auto: the CPU kernel
+def test_no_step_makes_a_full_precision_copy_of_the_cache(make_llm, backend):
     """The decode reads int8 pages: no array of the cache's shape in f32 / bf16 in any step,
     and no copy of the int8 pages (written in place)."""
-    runner = make_llm(ARCH, kv_cache_dtype="int8").engine.runner
+    extra = {} if backend == "auto" else dict(attention_backend=backend)
+    runner = make_llm(ARCH, kv_cache_dtype="int8", **extra).engine.runner
     kvh, nb, bs, row = runner.kv_cache[0][0].shape
     d = runner.model_config.head_dim
     assert row == d + 4 and runner.kv_cache[0][0].dtype == np.int8  # values + scale bytes

@@ -85,3 +85,33 @@ def naive_ragged(case: PagedCase, *, scale=None, sliding_window=None, logits_sof
         p = np.exp(logits - logits.max())
         out[qsl[s] + i, h] = (p / p.sum()) @ vv
   return out
+
+
+def quantize_case(case: PagedCase, name: str, seed: int = 0):
+  """(k rows, v rows, the case on the dequantized pages): pages quantized to jaxserve's KV rows
+  [Hkv, NB, bs, D + 4] (int8, or uint8 holding float8_e4m3fn bits; each row its values, then
+  its f32 scale = max |x| / qmax). Every slot no sequence owns (NaN in `case`) gets a NaN scale
+  and garbage (int8) or NaN (e4m3) values, so reading it leaks NaN."""
+  import ml_dtypes
+
+  unused = np.isnan(np.asarray(case.k_pages[0, :, :, 0], np.float32))  # [NB, bs]
+  rng = np.random.default_rng(seed)
+  qmax = np.float32(127.0 if name == "int8" else 448.0)
+  rows, deq = [], []
+  for pages in (case.k_pages, case.v_pages):
+    x = np.nan_to_num(np.asarray(pages, np.float32))
+    scale = (np.abs(x).max(-1) * (np.float32(1.0) / qmax)).astype(np.float32)
+    inv = np.float32(1.0) / np.where(scale > 0, scale, np.float32(1.0))
+    y = x * inv[..., None]
+    if name == "int8":
+      values = np.clip(np.round(y), -127, 127).astype(np.int8)
+      values[:, unused] = rng.integers(-128, 128, values[:, unused].shape)
+      raw = values
+    else:
+      values = np.clip(y, -qmax, qmax).astype(ml_dtypes.float8_e4m3fn)
+      values[:, unused] = np.nan
+      raw = values.view(np.uint8)
+    scale[:, unused] = np.nan
+    rows.append(np.concatenate([raw, scale[..., None].view(raw.dtype)], axis=-1))
+    deq.append(values.astype(np.float32) * scale[..., None])
+  return rows[0], rows[1], dataclasses.replace(case, k_pages=deq[0], v_pages=deq[1])

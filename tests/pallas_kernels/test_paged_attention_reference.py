@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import pallas_kernels as pk
-from _paged_cases import make_case, naive_ragged
+from _paged_cases import make_case, naive_ragged, quantize_case
 
 # Tolerances vs the float64 naive loops. f32 math; bf16/f16 only round inputs and the output.
 TOL = {np.float32: 2e-5, jnp.bfloat16: 2e-2, np.float16: 4e-3}
@@ -103,3 +103,27 @@ def test_max_query_len_too_small_raises():
   with pytest.raises(ValueError, match="max_query_len"):
     pk.ragged_paged_attention_reference(*_args(case), jnp.asarray(case.query_start_loc),
                                         max_query_len=4)
+
+
+@pytest.mark.parametrize("name", ["int8", "fp8"])
+@pytest.mark.parametrize("max_query_len,window,cap", [(None, None, None), (17, None, None),
+                                                      (8, 7, 5.0)])
+def test_references_read_quantized_pages(name, max_query_len, window, cap):
+  """Quantized rows (values + f32 scale) in, dequantized per gathered block: the naive loops
+  over the dequantized pages. Unused slots hold NaN scales and garbage / NaN values."""
+  case = make_case([37, 1, 16, 20, 0], [7, 1, 3, 1, 0], num_tokens=16, max_blocks=4, seed=8)
+  k_rows, v_rows, dequantized = quantize_case(case, name)
+  assert k_rows.shape[-1] == case.k_pages.shape[-1] + 4
+  kw = dict(sliding_window=window, logits_soft_cap=cap)
+  got = pk.ragged_paged_attention_reference(
+      jnp.asarray(case.q), jnp.asarray(k_rows), jnp.asarray(v_rows),
+      jnp.asarray(case.block_tables), jnp.asarray(case.seq_lens),
+      jnp.asarray(case.query_start_loc), max_query_len=max_query_len, **kw)
+  _check(got, naive_ragged(dequantized, **kw), np.float32)
+  decode = dataclasses.replace(case, q=case.q[:5], query_start_loc=np.arange(6, dtype=np.int32))
+  got = pk.paged_attention_reference(jnp.asarray(decode.q), jnp.asarray(k_rows),
+                                     jnp.asarray(v_rows), jnp.asarray(case.block_tables),
+                                     jnp.asarray(case.seq_lens), **kw)
+  _check(got, naive_ragged(dataclasses.replace(dequantized, q=decode.q,
+                                               query_start_loc=decode.query_start_loc), **kw),
+         np.float32)
