@@ -51,7 +51,8 @@ namespace {
 
 constexpr int64_t kMaxRows = 64;
 constexpr int64_t kPass = 8;  // token rows per pass over a chunk of output rows (registers)
-constexpr int64_t kChunk = 32;  // output rows per pool item
+constexpr int64_t kChunk = 32;  // fewest output rows per pool item
+constexpr int64_t kItemsPerThread = 2;  // pool items per thread (see the call)
 
 struct Problem {
   int64_t T, K, N, G, group;
@@ -504,12 +505,19 @@ ffi::Error MatvecQuant(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer q,
   }
   // Each pool item: a chunk of output rows for all token rows, kPass token rows at a time (the
   // chunk's weights come from memory once, then from cache).
-  const int64_t chunks = (p.N + kChunk - 1) / kChunk;
+  // Output rows per pool item: kItemsPerThread items a thread, at least kChunk rows. Long runs
+  // of rows keep each thread's weight reads one sequential stream (int8, T = 1, 84 projections
+  // of the small model on 2 Zen 4 threads: 8.2-8.8 ms with 128-row items against 9.3-10.7 ms
+  // with 32-row ones)
+  const int64_t threads = std::max<int64_t>(1, pool.num_threads());
+  const int64_t per_item = std::max<int64_t>(
+      kChunk, (p.N + kItemsPerThread * threads - 1) / (kItemsPerThread * threads) / 8 * 8 + 8);
+  const int64_t chunks = (p.N + per_item - 1) / per_item;
 #if defined(JAXSERVE_INT_PATH)
   XInt xi;  // this call's x as int16; the pool's workers read it
   if (method != kFp8 && make_xint(p, method == kInt4, xi)) {
     jaxserve::ParallelFor(pool, chunks, [&](int64_t c) {
-      const int64_t n0 = c * kChunk, n1 = std::min<int64_t>(p.N, (c + 1) * kChunk);
+      const int64_t n0 = c * per_item, n1 = std::min<int64_t>(p.N, (c + 1) * per_item);
       for (int64_t t0 = 0; t0 < p.T; t0 += kPass) {
         const Problem s = rows_of(p, t0, std::min(kPass, p.T - t0));
         const XView v = view(xi, t0, p.G);
@@ -524,7 +532,7 @@ ffi::Error MatvecQuant(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer q,
   }
 #endif
   jaxserve::ParallelFor(pool, chunks, [&](int64_t c) {
-    const int64_t n0 = c * kChunk, n1 = std::min<int64_t>(p.N, (c + 1) * kChunk);
+    const int64_t n0 = c * per_item, n1 = std::min<int64_t>(p.N, (c + 1) * per_item);
     for (int64_t t0 = 0; t0 < p.T; t0 += kPass)
       rows(method, rows_of(p, t0, std::min(kPass, p.T - t0)), n0, n1);
   });
