@@ -133,7 +133,10 @@ void block(const Problem& p, int64_t n) {
 
 template <int M, int T>
 void rows_t(const Problem& p, int64_t n0, int64_t n1) {
-  constexpr int R = T == 1 ? 8 : T == 2 ? 4 : T <= 4 ? 2 : 1;
+  // 1-2 rows: one weight row at a time, a single sequential stream (fp8, 84 projections of
+  // the small model, 2 Zen 4 threads, T = 1: 7.1-9.0 ms against 10.4-12.5 ms with 8 rows
+  // interleaved)
+  constexpr int R = T <= 2 ? 1 : T <= 4 ? 2 : 1;
   int64_t n = n0;
   for (; n + R <= n1; n += R) block<M, T, R>(p, n);
   for (; n < n1; ++n) block<M, T, 1>(p, n);
