@@ -15,10 +15,8 @@
 // already carries, for every input within 2^5 of that largest one); then vpdpwssd multiplies
 // 32 sign-extended int8 weights (or 2 x 32 zero-extended int4 nibbles, x laid out even inputs
 // then odd ones to match) by x into exact int32 sums: two instructions per 32 int8 weights
-// instead of seven for a float decode. For 1-3 int8 rows x is split further into its low
-// (unsigned) and high (signed) bytes, and two vpdpbusd take 64 weights as they are stored, the
-// high half against w + 128 with 128 * sum(high) taken off per lane: exact int32 sums again,
-// one weight row read at a time. Each chunk's sums are scaled (unit * group scale) into
+// instead of seven for a float decode (int8 with up to 4 rows is faster through the float path:
+// see MatvecQuant). Each chunk's sums are scaled (unit * group scale) into
 // f32 totals; zero points (int4's stored + 8, and asymmetric zeros) come off as
 // scale * zero * sum(x). fp8, and any call whose x holds a NaN or an inf (so that they
 // propagate exactly): 32 weights at a time are decoded to bf16 exactly (every int8 / int4 /
@@ -52,6 +50,7 @@ namespace {
 constexpr int64_t kMaxRows = 64;
 constexpr int64_t kPass = 8;  // token rows per pass over a chunk of output rows (registers)
 constexpr int64_t kChunk = 32;  // fewest output rows per pool item
+constexpr int64_t kFloatInt8Rows = 4;  // int8 calls of up to this many rows: the float path
 constexpr int64_t kItemsPerThread = 2;  // pool items per thread (see the call)
 
 struct Problem {
@@ -163,43 +162,14 @@ void rows_fast(const Problem& p, int64_t n0, int64_t n1) {
 // vpdpwssd on the sign-extended int8 / zero-extended int4 weights: two instructions per 32
 // int8 weights instead of the float path's seven.
 constexpr int64_t kXChunk = 256;
-// Up to this many token rows the int8 path splits x into bytes for vpdpbusd (see block_int);
-// past it the int16 x meets sign-extended weights in vpdpwssd, which holds up better with
-// many rows (T = 4: 20.1 vs 22.9 ms, T = 8: 40.3 vs 46.0 ms on one Zen 4 core)
-constexpr int kSplitRows = 3;
 
 struct XInt {
   std::vector<int16_t> v;   // [T, stride]; chunk c at c * kXChunk; int4: each 64 inputs as
                             // their 32 even then 32 odd ones (the nibble order of a byte run)
   std::vector<float> unit;  // [T, chunks]
   std::vector<float> gsum;  // [T, G]: sum of x over the group as the kernel sees it
-  // int8 only: v split into bytes, v = 256 * hi + lo (lo unsigned, hi signed), [T, stride]
-  // like v; hcorr [T, chunks, 16]: per vpdpbusd lane, 128 * the sum of the hi bytes it meets
-  std::vector<uint8_t> lo;
-  std::vector<int8_t> hi;
-  std::vector<int32_t> hcorr;
   int64_t per_group = 0, chunks = 0, stride = 0;
 };
-
-// The int8 path's byte split of xi.v (see XInt).
-void split_bytes(XInt& xi, int64_t T) {
-  const int64_t n = T * xi.stride;
-  xi.lo.resize(n);
-  xi.hi.resize(n);
-  for (int64_t i = 0; i < n; ++i) {
-    xi.lo[i] = static_cast<uint8_t>(xi.v[i] & 0xff);
-    xi.hi[i] = static_cast<int8_t>(xi.v[i] >> 8);
-  }
-  xi.hcorr.resize(T * xi.chunks * 16);
-  const __m512i c128 = _mm512_set1_epi8(static_cast<char>(0x80));
-  for (int64_t t = 0; t < T; ++t)
-    for (int64_t c = 0; c < xi.chunks; ++c) {
-      __m512i h = _mm512_setzero_si512();
-      for (int64_t j = 0; j < kXChunk; j += 64)
-        h = _mm512_dpbusd_epi32(h, c128, _mm512_loadu_si512(&xi.hi[t * xi.stride + c * kXChunk + j]));
-      _mm512_storeu_si512(&xi.hcorr[(t * xi.chunks + c) * 16], h);
-    }
-}
 
 // Chunk of `len` (<= kXChunk) bf16 inputs -> int16 in `out` (all kXChunk words written, zeros
 // past len), returns their sum; *unit = the value of one int16 step (0 for an all-zero chunk).
@@ -271,18 +241,11 @@ struct XView {
   const int16_t* v;
   const float* unit;
   const float* gsum;
-  const uint8_t* lo;  // int8 only (else null)
-  const int8_t* hi;
-  const int32_t* hcorr;
   int64_t per_group, chunks, stride;
 };
 
 XView view(const XInt& xi, int64_t t0, int64_t G) {
-  const bool bytes = !xi.lo.empty();
   return {xi.v.data() + t0 * xi.stride, xi.unit.data() + t0 * xi.chunks, xi.gsum.data() + t0 * G,
-          bytes ? xi.lo.data() + t0 * xi.stride : nullptr,
-          bytes ? xi.hi.data() + t0 * xi.stride : nullptr,
-          bytes ? xi.hcorr.data() + t0 * xi.chunks * 16 : nullptr,
           xi.per_group, xi.chunks, xi.stride};
 }
 
@@ -307,8 +270,6 @@ bool make_xint(const Problem& p, bool int4, XInt& xi) {
       xi.gsum[t * p.G + g] += unit * static_cast<float>(sum);
     }
   }
-  const int64_t last_pass = (p.T - 1) % kPass + 1;  // the only pass that can be short
-  if (!int4 && last_pass <= kSplitRows) split_bytes(xi, p.T);  // that pass reads it
   return true;
 }
 
@@ -330,41 +291,7 @@ void block_int(const Problem& p, const XView& xi, int64_t n) {
     __m512i acc[R][T];
     for (int r = 0; r < R; ++r)
       for (int t = 0; t < T; ++t) acc[r][t] = _mm512_setzero_si512();
-    if constexpr (M == kInt8 && T <= kSplitRows) {
-      // x = 256 * hi + lo, so sum w.x = 256 * (sum (w + 128).hi - 128 * sum hi) + sum w.lo:
-      // two vpdpbusd (unsigned x signed bytes, 4 products a lane) per 64 weights, where
-      // vpdpwssd on sign-extended weights took a widening and two dot products
-      const int8_t* xh0 = xi.hi + c * kXChunk;
-      const uint8_t* xl0 = xi.lo + c * kXChunk;
-      __m512i hacc[R][T];
-      for (int r = 0; r < R; ++r)
-        for (int t = 0; t < T; ++t) hacc[r][t] = _mm512_setzero_si512();
-      const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));
-      for (int64_t j = 0; j < len; j += 64) {
-        __m512i xl[T], xh[T];
-        for (int t = 0; t < T; ++t) {
-          xl[t] = _mm512_loadu_si512(xl0 + t * xi.stride + j);
-          xh[t] = _mm512_loadu_si512(xh0 + t * xi.stride + j);
-        }
-        const __mmask64 live = len - j >= 64 ? ~0ull : (1ull << (len - j)) - 1;
-        for (int r = 0; r < R; ++r) {
-          const uint8_t* wp = rows[r] + k0 + j;
-          _mm_prefetch(reinterpret_cast<const char*>(wp + R * p.row_bytes), _MM_HINT_T0);
-          const __m512i w = _mm512_maskz_loadu_epi8(live, wp);  // zero bytes past len
-          const __m512i wu = _mm512_xor_si512(w, flip);         // w + 128 as unsigned
-          for (int t = 0; t < T; ++t) {
-            acc[r][t] = _mm512_dpbusd_epi32(acc[r][t], xl[t], w);
-            hacc[r][t] = _mm512_dpbusd_epi32(hacc[r][t], wu, xh[t]);
-          }
-        }
-      }
-      for (int t = 0; t < T; ++t) {
-        const __m512i hc = _mm512_loadu_si512(xi.hcorr + (t * xi.chunks + c) * 16);
-        for (int r = 0; r < R; ++r)  // exact per lane: |value| < 2^31 (see chunk_to_int16)
-          acc[r][t] = _mm512_add_epi32(
-              _mm512_slli_epi32(_mm512_sub_epi32(hacc[r][t], hc), 8), acc[r][t]);
-      }
-    } else if constexpr (M == kInt8) {  // 4+ rows: sign-extended weights, vpdpwssd
+    if constexpr (M == kInt8) {
       for (int64_t j = 0; j < len; j += 32) {
         __m512i xv[T];
         for (int t = 0; t < T; ++t) xv[t] = _mm512_loadu_si512(xc + t * xi.stride + j);
@@ -422,12 +349,8 @@ void block_int(const Problem& p, const XView& xi, int64_t n) {
 
 template <int M, int T>
 void rows_int_t(const Problem& p, const XView& xi, int64_t n0, int64_t n1) {
-  // 2 * R * T accumulators and T (int4: 2T) x vectors within the 32 registers; the int8
-  // byte-split path (T <= kSplitRows) reads one weight row at a time for 1-2 rows (one
-  // sequential stream: 10.4-10.7 ms against 16.9-17.1 ms for 8 interleaved rows, the small
-  // model's projections on one Zen 4 core)
-  constexpr bool split = M == kInt8 && T <= kSplitRows;
-  constexpr int R = split ? (T <= 2 ? 1 : 2) : T == 1 ? 8 : T == 2 ? 4 : T <= 4 ? 2 : 1;
+  // 2 * R * T accumulators and T (int4: 2T) x vectors within the 32 registers
+  constexpr int R = T == 1 ? 8 : T == 2 ? 4 : T <= 4 ? 2 : 1;
   int64_t n = n0;
   for (; n + R <= n1; n += R) block_int<M, T, R>(p, xi, n);
   for (; n < n1; ++n) block_int<M, T, 1>(p, xi, n);
@@ -518,7 +441,12 @@ ffi::Error MatvecQuant(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer q,
   const int64_t chunks = (p.N + per_item - 1) / per_item;
 #if defined(JAXSERVE_INT_PATH)
   XInt xi;  // this call's x as int16; the pool's workers read it
-  if (method != kFp8 && make_xint(p, method == kInt4, xi)) {
+  // int8 with up to 4 rows takes the float path: its exact bf16 decode + vdpbf16ps, one weight
+  // row at a time for 1-2 rows (rows_t), beat the int16 path (84 projections of the small
+  // model, 2 Zen 4 threads: T = 1 6.8-8.9 vs 9.7-9.8 ms, T = 2 7.8-9.9 vs 10.0-14.5 ms, T = 4
+  // 10.7 vs 11.4-11.9 ms); with 8 rows the int16 path wins (18.7-23.0 vs 22.5-26.3 ms)
+  const bool int_path = method == kInt4 || (method == kInt8 && p.T > kFloatInt8Rows);
+  if (int_path && make_xint(p, method == kInt4, xi)) {
     jaxserve::ParallelFor(pool, chunks, [&](int64_t c) {
       const int64_t n0 = c * per_item, n1 = std::min<int64_t>(p.N, (c + 1) * per_item);
       for (int64_t t0 = 0; t0 < p.T; t0 += kPass) {
