@@ -42,43 +42,21 @@
 #include <type_traits>
 #include <vector>
 
+#include "attention_block_math.h"
 #include "kv_quant.h"
 #include "parallel.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
+using namespace jaxserve::attn;  // NOLINT: the per-block math
 
 namespace {
 
 constexpr int kTile = 16;  // query tokens per work item
-
-inline float load(const float* p, int64_t i) { return p[i]; }
-inline float load(const uint16_t* p, int64_t i) {
-  uint32_t bits = static_cast<uint32_t>(p[i]) << 16;
-  float f;
-  std::memcpy(&f, &bits, sizeof f);
-  return f;
-}
-inline void store(float* p, int64_t i, float v) { p[i] = v; }
-inline void store(uint16_t* p, int64_t i, float v) {  // round to nearest even, NaN kept
-  uint32_t bits;
-  std::memcpy(&bits, &v, sizeof bits);
-  if ((bits & 0x7fffffffu) > 0x7f800000u) {
-    p[i] = static_cast<uint16_t>((bits >> 16) | 0x40u);
-    return;
-  }
-  bits += 0x7fffu + ((bits >> 16) & 1u);
-  p[i] = static_cast<uint16_t>(bits >> 16);
-}
+constexpr int kMaxHeadDim = 1024;
 
 struct Dims {
   int64_t tokens, q_heads, kv_heads, head_dim, num_blocks, block_size, seqs, width;
-};
-
-struct Params {
-  float scale;
-  int32_t window;  // 0: none
-  float soft_cap;  // 0: none
 };
 
 struct WorkItem {
@@ -103,117 +81,6 @@ void write_kv(const Dims& d, const T* k_new, const T* v_new, const int32_t* slot
       std::memcpy(v_pages + page + o * D, v_new + src, D * sizeof(T));
       for (int64_t i = 0; i < D; ++i) k_pages[page + ((i / P) * bs + o) * P + i % P] = k_new[src + i];
     }
-  }
-}
-
-// exp(x) for x <= 0 (scores minus their running max); no branches, so loops over a block of
-// keys vectorise. 2^n * p(r) with r in [-ln2/2, ln2/2] and a degree-6 Taylor polynomial:
-// relative error < 2e-7, below the f32 rounding of the result; x < -87 gives 0.
-inline float exp_nonpositive(float x) {
-  const float xc = std::max(x, -87.0f);
-  const float n = std::nearbyint(xc * 1.44269504f);
-  const float r = (xc - n * 0.693145752f) - n * 1.42860677e-6f;
-  float p = 1.0f / 720.0f;
-  p = p * r + 1.0f / 120.0f;
-  p = p * r + 1.0f / 24.0f;
-  p = p * r + 1.0f / 6.0f;
-  p = p * r + 0.5f;
-  p = p * r + 1.0f;
-  p = p * r + 1.0f;
-  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &bits, sizeof scale);
-  return x < -87.0f ? 0.0f : p * scale;
-}
-
-constexpr int kRows = 8;     // query rows scored together (independent accumulator chains)
-constexpr int kMaxBlock = 256;  // largest block_size the kernel takes (checked by the caller)
-constexpr int kMaxHeadDim = 1024;
-
-// s[r][0:bs] = q_r . K^T for `nr` <= kRows query rows (page dtype) against one block's K.
-inline void block_scores(const uint16_t* q, int64_t nr, const uint16_t* kt, int64_t D, int64_t bs,
-                         float (*s)[kMaxBlock]) {
-#if defined(__AVX512BF16__)
-  if (bs % 16 == 0 && nr == kRows) {
-    for (int64_t c = 0; c < bs; c += 16) {
-      __m512 acc[kRows];
-      for (int r = 0; r < kRows; ++r) acc[r] = _mm512_setzero_ps();
-      for (int64_t p = 0; p < D / 2; ++p) {
-        const __m512bh k = (__m512bh)_mm512_loadu_si512(kt + (p * bs + c) * 2);
-        for (int r = 0; r < kRows; ++r) {
-          int32_t pair;
-          std::memcpy(&pair, q + r * D + 2 * p, sizeof pair);
-          acc[r] = _mm512_dpbf16_ps(acc[r], (__m512bh)_mm512_set1_epi32(pair), k);
-        }
-      }
-      for (int r = 0; r < kRows; ++r) _mm512_storeu_ps(&s[r][c], acc[r]);
-    }
-    return;
-  }
-#endif
-  for (int64_t r = 0; r < nr; ++r) {
-    float* sr = s[r];
-    for (int64_t j = 0; j < bs; ++j) sr[j] = 0.0f;
-    for (int64_t p = 0; p < D / 2; ++p) {
-      const float q0 = load(q, r * D + 2 * p), q1 = load(q, r * D + 2 * p + 1);
-      const uint16_t* row = kt + p * bs * 2;
-#pragma omp simd
-      for (int64_t j = 0; j < bs; ++j) sr[j] += q0 * load(row, 2 * j) + q1 * load(row, 2 * j + 1);
-    }
-  }
-}
-
-inline void block_scores(const float* q, int64_t nr, const float* kt, int64_t D, int64_t bs,
-                         float (*s)[kMaxBlock]) {
-#if defined(__AVX512F__)
-  if (bs % 16 == 0 && nr == kRows) {  // kRows accumulators in registers per 16 keys
-    for (int64_t c = 0; c < bs; c += 16) {
-      __m512 acc[kRows];
-      for (int r = 0; r < kRows; ++r) acc[r] = _mm512_setzero_ps();
-      for (int64_t i = 0; i < D; ++i) {
-        const __m512 k = _mm512_loadu_ps(kt + i * bs + c);
-        for (int r = 0; r < kRows; ++r)
-          acc[r] = _mm512_fmadd_ps(_mm512_set1_ps(q[r * D + i]), k, acc[r]);
-      }
-      for (int r = 0; r < kRows; ++r) _mm512_storeu_ps(&s[r][c], acc[r]);
-    }
-    return;
-  }
-#endif
-  for (int64_t r = 0; r < nr; ++r) {
-    float* sr = s[r];
-    for (int64_t j = 0; j < bs; ++j) sr[j] = 0.0f;
-    for (int64_t i = 0; i < D; ++i) {
-      const float qi = q[r * D + i];
-      const float* row = kt + i * bs;
-#pragma omp simd
-      for (int64_t j = 0; j < bs; ++j) sr[j] += qi * row[j];
-    }
-  }
-}
-
-// acc[0:D] = acc * corr + sum_j p[j] * v[j] over n keys (v: f32 [n, D]).
-inline void accumulate(float* acc, float corr, const float* p, const float* v, int64_t n,
-                       int64_t D) {
-#if defined(__AVX512F__)
-  if (D % 16 == 0 && D <= 256) {
-    __m512 a[16];
-    const int64_t chunks = D / 16;
-    const __m512 c = _mm512_set1_ps(corr);
-    for (int64_t k = 0; k < chunks; ++k) a[k] = _mm512_mul_ps(_mm512_loadu_ps(acc + 16 * k), c);
-    for (int64_t j = 0; j < n; ++j) {
-      const __m512 pj = _mm512_set1_ps(p[j]);
-      for (int64_t k = 0; k < chunks; ++k)
-        a[k] = _mm512_fmadd_ps(pj, _mm512_loadu_ps(v + j * D + 16 * k), a[k]);
-    }
-    for (int64_t k = 0; k < chunks; ++k) _mm512_storeu_ps(acc + 16 * k, a[k]);
-    return;
-  }
-#endif
-  for (int64_t i = 0; i < D; ++i) acc[i] *= corr;
-  for (int64_t j = 0; j < n; ++j) {
-#pragma omp simd
-    for (int64_t i = 0; i < D; ++i) acc[i] += p[j] * v[j * D + i];
   }
 }
 
@@ -310,110 +177,6 @@ struct QuantPages {
   }
 };
 
-// Turns one row's raw scores into probabilities for this block (masked keys -> 0) and
-// updates its running max / sum; returns the factor its accumulator must be scaled by, or a
-// negative value when nothing in the block is visible to it.
-inline float softmax_block_generic(float* s, int64_t bs, int64_t n, int64_t start, int64_t qpos,
-                           const Params& p, float& m, float& l) {
-  const float neg_inf = -std::numeric_limits<float>::infinity();
-  float block_max = neg_inf;
-#pragma omp simd reduction(max : block_max)
-  for (int64_t j = 0; j < bs; ++j) {
-    const int64_t key = start + j;
-    float x = s[j] * p.scale;
-    if (p.soft_cap > 0.0f) {  // cap * tanh(x / cap) = cap * (1 - e) / (1 + e), e = exp(-2|x| / cap)
-      const float e = exp_nonpositive(-2.0f * std::fabs(x) / p.soft_cap);
-      x = std::copysign(p.soft_cap * (1.0f - e) / (1.0f + e), x);
-    }
-    const bool ok = j < n && key <= qpos && (p.window <= 0 || qpos - key < p.window);
-    s[j] = ok ? x : neg_inf;  // a NaN score of an unwritten slot is selected away here
-    block_max = std::max(block_max, s[j]);
-  }
-  if (block_max == neg_inf) return -1.0f;
-  const float m_new = std::max(m, block_max);
-  const float corr = m == neg_inf ? 0.0f : exp_nonpositive(m - m_new);
-  float sum = 0.0f;
-#pragma omp simd reduction(+ : sum)
-  for (int64_t j = 0; j < bs; ++j) {
-    s[j] = s[j] == neg_inf ? 0.0f : exp_nonpositive(s[j] - m_new);
-    sum += s[j];
-  }
-  l = l * corr + sum;
-  m = m_new;
-  return corr;
-}
-
-
-#if defined(__AVX512F__)
-// exp_nonpositive on 16 lanes: 2^n * p(r) through scalef.
-inline __m512 exp_nonpositive16(__m512 x) {
-  const __m512 xc = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(xc, _mm512_set1_ps(1.44269504f)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145752f), xc);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.42860677e-6f), r);
-  __m512 p = _mm512_set1_ps(1.0f / 720.0f);
-  for (float c : {1.0f / 120.0f, 1.0f / 24.0f, 1.0f / 6.0f, 0.5f, 1.0f, 1.0f})
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c));
-  const __mmask16 tiny = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.0f), _CMP_LT_OQ);
-  return _mm512_maskz_mov_ps(static_cast<__mmask16>(~tiny), _mm512_scalef_ps(p, n));
-}
-
-// softmax_block_generic for block sizes that are a multiple of 16, in AVX-512.
-inline float softmax_block_avx512(float* s, int64_t bs, int64_t n, int64_t start, int64_t qpos,
-                                  const Params& p, float& m, float& l) {
-  const __m512 neg_inf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
-  const __m512i lane = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
-  const __m512i q_pos = _mm512_set1_epi32(static_cast<int32_t>(qpos));
-  const __m512i limit = _mm512_set1_epi32(static_cast<int32_t>(std::min(qpos, start + n - 1)));
-  __m512 vmax = neg_inf;
-  for (int64_t c = 0; c < bs; c += 16) {
-    const __m512i key = _mm512_add_epi32(_mm512_set1_epi32(static_cast<int32_t>(start + c)), lane);
-    __mmask16 ok = _mm512_cmp_epi32_mask(key, limit, _MM_CMPINT_LE);
-    if (p.window > 0)
-      ok &= _mm512_cmp_epi32_mask(_mm512_sub_epi32(q_pos, key), _mm512_set1_epi32(p.window),
-                                  _MM_CMPINT_LT);
-    __m512 x = _mm512_mul_ps(_mm512_loadu_ps(s + c), _mm512_set1_ps(p.scale));
-    if (p.soft_cap > 0.0f) {
-      const __m512 cap = _mm512_set1_ps(p.soft_cap);
-      const __m512 ax = _mm512_abs_ps(x);
-      const __m512 e = exp_nonpositive16(_mm512_div_ps(_mm512_mul_ps(ax, _mm512_set1_ps(-2.0f)), cap));
-      const __m512 t = _mm512_div_ps(_mm512_mul_ps(cap, _mm512_sub_ps(_mm512_set1_ps(1.0f), e)),
-                                     _mm512_add_ps(_mm512_set1_ps(1.0f), e));
-      const __mmask16 neg = _mm512_cmp_ps_mask(x, _mm512_setzero_ps(), _CMP_LT_OQ);
-      x = _mm512_mask_sub_ps(t, neg, _mm512_setzero_ps(), t);
-    }
-    x = _mm512_mask_blend_ps(ok, neg_inf, x);  // a NaN score of an unwritten slot goes here
-    _mm512_storeu_ps(s + c, x);
-    vmax = _mm512_max_ps(vmax, x);
-  }
-  const float block_max = _mm512_reduce_max_ps(vmax);
-  if (block_max == -std::numeric_limits<float>::infinity()) return -1.0f;
-  const float m_new = std::max(m, block_max);
-  const float corr = m == -std::numeric_limits<float>::infinity() ? 0.0f : exp_nonpositive(m - m_new);
-  __m512 vsum = _mm512_setzero_ps();
-  const __m512 mn = _mm512_set1_ps(m_new);
-  for (int64_t c = 0; c < bs; c += 16) {
-    const __m512 x = _mm512_loadu_ps(s + c);
-    const __mmask16 live = _mm512_cmp_ps_mask(x, neg_inf, _CMP_NEQ_OQ);
-    const __m512 e = _mm512_maskz_mov_ps(live, exp_nonpositive16(_mm512_sub_ps(x, mn)));
-    _mm512_storeu_ps(s + c, e);
-    vsum = _mm512_add_ps(vsum, e);
-  }
-  l = l * corr + _mm512_reduce_add_ps(vsum);
-  m = m_new;
-  return corr;
-}
-#endif
-
-inline float softmax_block(float* s, int64_t bs, int64_t n, int64_t start, int64_t qpos,
-                           const Params& p, float& m, float& l) {
-#if defined(__AVX512F__)
-  if (bs % 16 == 0) return softmax_block_avx512(s, bs, n, start, qpos, p, m, l);
-#endif
-  return softmax_block_generic(s, bs, n, start, qpos, p, m, l);
-}
-
 // Widens (or copies) one query row of T into the scratch's dtype Q.
 template <typename Q, typename T>
 inline void load_row(Q* dst, const T* src, int64_t D) {
@@ -472,38 +235,6 @@ void attend(const Dims& d, const Params& p, const WorkItem& w, const T* q, const
     for (int64_t i = 0; i < D; ++i) store(out, (t * d.q_heads + h) * D + i, sc.acc[r * D + i] * inv);
   }
 }
-
-#if defined(__AVX512F__)
-// dst[0:bs] = raw[0:bs] * scale (soft-capped), -inf outside keys [lo, hi) (key of lane j:
-// start + j); returns max(m, max of dst). bs a multiple of 16.
-inline float scores16(const float* raw, float* dst, int64_t bs, int64_t start, int64_t lo,
-                      int64_t hi, const Params& p, float m) {
-  const __m512 neg_inf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
-  const __m512i lane = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
-  const __m512i vlo = _mm512_set1_epi32(static_cast<int32_t>(lo));
-  const __m512i vhi = _mm512_set1_epi32(static_cast<int32_t>(hi));
-  __m512 vmax = _mm512_set1_ps(m);
-  for (int64_t c = 0; c < bs; c += 16) {
-    const __m512i key = _mm512_add_epi32(_mm512_set1_epi32(static_cast<int32_t>(start + c)), lane);
-    const __mmask16 ok = _mm512_cmp_epi32_mask(key, vlo, _MM_CMPINT_NLT) &
-                         _mm512_cmp_epi32_mask(key, vhi, _MM_CMPINT_LT);
-    __m512 x = _mm512_mul_ps(_mm512_loadu_ps(raw + c), _mm512_set1_ps(p.scale));
-    if (p.soft_cap > 0.0f) {
-      const __m512 cap = _mm512_set1_ps(p.soft_cap);
-      const __m512 e = exp_nonpositive16(
-          _mm512_div_ps(_mm512_mul_ps(_mm512_abs_ps(x), _mm512_set1_ps(-2.0f)), cap));
-      const __m512 t = _mm512_div_ps(_mm512_mul_ps(cap, _mm512_sub_ps(_mm512_set1_ps(1.0f), e)),
-                                     _mm512_add_ps(_mm512_set1_ps(1.0f), e));
-      const __mmask16 neg = _mm512_cmp_ps_mask(x, _mm512_setzero_ps(), _CMP_LT_OQ);
-      x = _mm512_mask_sub_ps(t, neg, _mm512_setzero_ps(), t);
-    }
-    x = _mm512_mask_blend_ps(ok, neg_inf, x);  // a NaN score of an unwritten slot goes here
-    _mm512_storeu_ps(dst + c, x);
-    vmax = _mm512_max_ps(vmax, x);
-  }
-  return _mm512_reduce_max_ps(vmax);
-}
-#endif
 
 // One query token (a decode row, or a 1-token tail of a chunk): its G query heads against the
 // context in three passes, where `attend` runs an online softmax block by block. Pass 1 scores

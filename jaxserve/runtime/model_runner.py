@@ -84,8 +84,8 @@ class ModelRunner:
         one_row = self.attention_backend == "cpu" and cfg.num_speculative_tokens == 0
         self.buckets = BucketSpec.build(
             cfg.max_num_batched_tokens, cfg.max_num_seqs, max_blocks, min_tokens=min_tokens,
-            bucket_widths=loaded.attention.backend == "reference",
-            decode_programs=decode_has_own_program(loaded.attention.backend),
+            bucket_widths=self.attention_backend == "reference",
+            decode_programs=decode_has_own_program(self.attention_backend),
             min_seqs=1 if one_row else MIN_SEQS,
         )
         self.penalty_len = 1 << (cfg.max_model_len - 1).bit_length()
