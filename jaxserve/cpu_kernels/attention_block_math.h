@@ -1,6 +1,6 @@
 // Per-block math of the CPU paged-attention kernel (paged_attention.cc): bf16 / f32 loads and
 // stores, a branch-free exp for non-positive inputs, one block's scores against kRows query
-// rows, the online softmax of a block, p . V accumulation, and the decode path's masked scores.
+// rows, masked and capped scores, exp-and-sum, the online softmax of a block, p . V.
 // Only paged_attention.cc includes it.
 #pragma once
 
@@ -149,40 +149,6 @@ inline void accumulate(float* acc, float corr, const float* p, const float* v, i
   }
 }
 
-// Turns one row's raw scores into probabilities for this block (masked keys -> 0) and
-// updates its running max / sum; returns the factor its accumulator must be scaled by, or a
-// negative value when nothing in the block is visible to it.
-inline float softmax_block_generic(float* s, int64_t bs, int64_t n, int64_t start, int64_t qpos,
-                           const Params& p, float& m, float& l) {
-  const float neg_inf = -std::numeric_limits<float>::infinity();
-  float block_max = neg_inf;
-#pragma omp simd reduction(max : block_max)
-  for (int64_t j = 0; j < bs; ++j) {
-    const int64_t key = start + j;
-    float x = s[j] * p.scale;
-    if (p.soft_cap > 0.0f) {  // cap * tanh(x / cap) = cap * (1 - e) / (1 + e), e = exp(-2|x| / cap)
-      const float e = exp_nonpositive(-2.0f * std::fabs(x) / p.soft_cap);
-      x = std::copysign(p.soft_cap * (1.0f - e) / (1.0f + e), x);
-    }
-    const bool ok = j < n && key <= qpos && (p.window <= 0 || qpos - key < p.window);
-    s[j] = ok ? x : neg_inf;  // a NaN score of an unwritten slot is selected away here
-    block_max = std::max(block_max, s[j]);
-  }
-  if (block_max == neg_inf) return -1.0f;
-  const float m_new = std::max(m, block_max);
-  const float corr = m == neg_inf ? 0.0f : exp_nonpositive(m - m_new);
-  float sum = 0.0f;
-#pragma omp simd reduction(+ : sum)
-  for (int64_t j = 0; j < bs; ++j) {
-    s[j] = s[j] == neg_inf ? 0.0f : exp_nonpositive(s[j] - m_new);
-    sum += s[j];
-  }
-  l = l * corr + sum;
-  m = m_new;
-  return corr;
-}
-
-
 #if defined(__AVX512F__)
 // exp_nonpositive on 16 lanes: 2^n * p(r) through scalef.
 inline __m512 exp_nonpositive16(__m512 x) {
@@ -197,92 +163,98 @@ inline __m512 exp_nonpositive16(__m512 x) {
   const __mmask16 tiny = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.0f), _CMP_LT_OQ);
   return _mm512_maskz_mov_ps(static_cast<__mmask16>(~tiny), _mm512_scalef_ps(p, n));
 }
+#endif
 
-// softmax_block_generic for block sizes that are a multiple of 16, in AVX-512.
-inline float softmax_block_avx512(float* s, int64_t bs, int64_t n, int64_t start, int64_t qpos,
-                                  const Params& p, float& m, float& l) {
-  const __m512 neg_inf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
-  const __m512i lane = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
-  const __m512i q_pos = _mm512_set1_epi32(static_cast<int32_t>(qpos));
-  const __m512i limit = _mm512_set1_epi32(static_cast<int32_t>(std::min(qpos, start + n - 1)));
-  __m512 vmax = neg_inf;
-  for (int64_t c = 0; c < bs; c += 16) {
-    const __m512i key = _mm512_add_epi32(_mm512_set1_epi32(static_cast<int32_t>(start + c)), lane);
-    __mmask16 ok = _mm512_cmp_epi32_mask(key, limit, _MM_CMPINT_LE);
-    if (p.window > 0)
-      ok &= _mm512_cmp_epi32_mask(_mm512_sub_epi32(q_pos, key), _mm512_set1_epi32(p.window),
-                                  _MM_CMPINT_LT);
-    __m512 x = _mm512_mul_ps(_mm512_loadu_ps(s + c), _mm512_set1_ps(p.scale));
-    if (p.soft_cap > 0.0f) {
-      const __m512 cap = _mm512_set1_ps(p.soft_cap);
-      const __m512 ax = _mm512_abs_ps(x);
-      const __m512 e = exp_nonpositive16(_mm512_div_ps(_mm512_mul_ps(ax, _mm512_set1_ps(-2.0f)), cap));
-      const __m512 t = _mm512_div_ps(_mm512_mul_ps(cap, _mm512_sub_ps(_mm512_set1_ps(1.0f), e)),
-                                     _mm512_add_ps(_mm512_set1_ps(1.0f), e));
-      const __mmask16 neg = _mm512_cmp_ps_mask(x, _mm512_setzero_ps(), _CMP_LT_OQ);
-      x = _mm512_mask_sub_ps(t, neg, _mm512_setzero_ps(), t);
+// dst[0:bs] = raw[0:bs] * scale, soft-capped (cap * tanh(x / cap) = cap * (1 - e) / (1 + e),
+// e = exp(-2|x| / cap)), and -inf outside keys [lo, hi) (entry j is key start + j), so a NaN
+// score of an unwritten slot never passes; returns max(m, max of dst). dst may be raw.
+inline float masked_scores(const float* raw, float* dst, int64_t bs, int64_t start, int64_t lo,
+                           int64_t hi, const Params& p, float m) {
+  const float neg_inf = -std::numeric_limits<float>::infinity();
+#if defined(__AVX512F__)
+  if (bs % 16 == 0) {
+    const __m512i lane = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+    const __m512i vlo = _mm512_set1_epi32(static_cast<int32_t>(lo));
+    const __m512i vhi = _mm512_set1_epi32(static_cast<int32_t>(hi));
+    __m512 vmax = _mm512_set1_ps(m);
+    for (int64_t c = 0; c < bs; c += 16) {
+      const __m512i key =
+          _mm512_add_epi32(_mm512_set1_epi32(static_cast<int32_t>(start + c)), lane);
+      const __mmask16 ok = _mm512_cmp_epi32_mask(key, vlo, _MM_CMPINT_NLT) &
+                           _mm512_cmp_epi32_mask(key, vhi, _MM_CMPINT_LT);
+      __m512 x = _mm512_mul_ps(_mm512_loadu_ps(raw + c), _mm512_set1_ps(p.scale));
+      if (p.soft_cap > 0.0f) {
+        const __m512 cap = _mm512_set1_ps(p.soft_cap);
+        const __m512 e = exp_nonpositive16(
+            _mm512_div_ps(_mm512_mul_ps(_mm512_abs_ps(x), _mm512_set1_ps(-2.0f)), cap));
+        const __m512 t = _mm512_div_ps(_mm512_mul_ps(cap, _mm512_sub_ps(_mm512_set1_ps(1.0f), e)),
+                                       _mm512_add_ps(_mm512_set1_ps(1.0f), e));
+        const __mmask16 neg = _mm512_cmp_ps_mask(x, _mm512_setzero_ps(), _CMP_LT_OQ);
+        x = _mm512_mask_sub_ps(t, neg, _mm512_setzero_ps(), t);
+      }
+      x = _mm512_mask_blend_ps(ok, _mm512_set1_ps(neg_inf), x);
+      _mm512_storeu_ps(dst + c, x);
+      vmax = _mm512_max_ps(vmax, x);
     }
-    x = _mm512_mask_blend_ps(ok, neg_inf, x);  // a NaN score of an unwritten slot goes here
-    _mm512_storeu_ps(s + c, x);
-    vmax = _mm512_max_ps(vmax, x);
+    return _mm512_reduce_max_ps(vmax);
   }
-  const float block_max = _mm512_reduce_max_ps(vmax);
-  if (block_max == -std::numeric_limits<float>::infinity()) return -1.0f;
+#endif
+#pragma omp simd reduction(max : m)
+  for (int64_t j = 0; j < bs; ++j) {
+    const int64_t key = start + j;
+    float x = raw[j] * p.scale;
+    if (p.soft_cap > 0.0f) {
+      const float e = exp_nonpositive(-2.0f * std::fabs(x) / p.soft_cap);
+      x = std::copysign(p.soft_cap * (1.0f - e) / (1.0f + e), x);
+    }
+    dst[j] = key >= lo && key < hi ? x : neg_inf;
+    m = std::max(m, dst[j]);
+  }
+  return m;
+}
+
+// s[0:n] = exp(s - m) (-inf -> 0); returns their sum.
+inline float exp_sum(float* s, int64_t n, float m) {
+  const float neg_inf = -std::numeric_limits<float>::infinity();
+#if defined(__AVX512F__)
+  if (n % 16 == 0) {
+    __m512 vsum = _mm512_setzero_ps();
+    const __m512 mv = _mm512_set1_ps(m);
+    for (int64_t c = 0; c < n; c += 16) {
+      const __m512 x = _mm512_loadu_ps(s + c);
+      const __mmask16 live = _mm512_cmp_ps_mask(x, _mm512_set1_ps(neg_inf), _CMP_NEQ_OQ);
+      const __m512 e = _mm512_maskz_mov_ps(live, exp_nonpositive16(_mm512_sub_ps(x, mv)));
+      _mm512_storeu_ps(s + c, e);
+      vsum = _mm512_add_ps(vsum, e);
+    }
+    return _mm512_reduce_add_ps(vsum);
+  }
+#endif
+  float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t j = 0; j < n; ++j) {
+    s[j] = s[j] == neg_inf ? 0.0f : exp_nonpositive(s[j] - m);
+    sum += s[j];
+  }
+  return sum;
+}
+
+// Turns one row's raw scores into probabilities for this block (keys past the first n, after
+// the query position qpos or outside its window -> 0) and updates its running max / sum;
+// returns the factor its accumulator must be scaled by, or a negative value when nothing in
+// the block is visible to it.
+inline float softmax_block(float* s, int64_t bs, int64_t n, int64_t start, int64_t qpos,
+                           const Params& p, float& m, float& l) {
+  const float neg_inf = -std::numeric_limits<float>::infinity();
+  const int64_t lo = p.window > 0 ? qpos - p.window + 1 : start;
+  const int64_t hi = std::min(qpos + 1, start + n);
+  const float block_max = masked_scores(s, s, bs, start, lo, hi, p, neg_inf);
+  if (block_max == neg_inf) return -1.0f;
   const float m_new = std::max(m, block_max);
-  const float corr = m == -std::numeric_limits<float>::infinity() ? 0.0f : exp_nonpositive(m - m_new);
-  __m512 vsum = _mm512_setzero_ps();
-  const __m512 mn = _mm512_set1_ps(m_new);
-  for (int64_t c = 0; c < bs; c += 16) {
-    const __m512 x = _mm512_loadu_ps(s + c);
-    const __mmask16 live = _mm512_cmp_ps_mask(x, neg_inf, _CMP_NEQ_OQ);
-    const __m512 e = _mm512_maskz_mov_ps(live, exp_nonpositive16(_mm512_sub_ps(x, mn)));
-    _mm512_storeu_ps(s + c, e);
-    vsum = _mm512_add_ps(vsum, e);
-  }
-  l = l * corr + _mm512_reduce_add_ps(vsum);
+  const float corr = m == neg_inf ? 0.0f : exp_nonpositive(m - m_new);
+  l = l * corr + exp_sum(s, bs, m_new);
   m = m_new;
   return corr;
 }
-#endif
-
-inline float softmax_block(float* s, int64_t bs, int64_t n, int64_t start, int64_t qpos,
-                           const Params& p, float& m, float& l) {
-#if defined(__AVX512F__)
-  if (bs % 16 == 0) return softmax_block_avx512(s, bs, n, start, qpos, p, m, l);
-#endif
-  return softmax_block_generic(s, bs, n, start, qpos, p, m, l);
-}
-
-#if defined(__AVX512F__)
-// dst[0:bs] = raw[0:bs] * scale (soft-capped), -inf outside keys [lo, hi) (key of lane j:
-// start + j); returns max(m, max of dst). bs a multiple of 16.
-inline float scores16(const float* raw, float* dst, int64_t bs, int64_t start, int64_t lo,
-                      int64_t hi, const Params& p, float m) {
-  const __m512 neg_inf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
-  const __m512i lane = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
-  const __m512i vlo = _mm512_set1_epi32(static_cast<int32_t>(lo));
-  const __m512i vhi = _mm512_set1_epi32(static_cast<int32_t>(hi));
-  __m512 vmax = _mm512_set1_ps(m);
-  for (int64_t c = 0; c < bs; c += 16) {
-    const __m512i key = _mm512_add_epi32(_mm512_set1_epi32(static_cast<int32_t>(start + c)), lane);
-    const __mmask16 ok = _mm512_cmp_epi32_mask(key, vlo, _MM_CMPINT_NLT) &
-                         _mm512_cmp_epi32_mask(key, vhi, _MM_CMPINT_LT);
-    __m512 x = _mm512_mul_ps(_mm512_loadu_ps(raw + c), _mm512_set1_ps(p.scale));
-    if (p.soft_cap > 0.0f) {
-      const __m512 cap = _mm512_set1_ps(p.soft_cap);
-      const __m512 e = exp_nonpositive16(
-          _mm512_div_ps(_mm512_mul_ps(_mm512_abs_ps(x), _mm512_set1_ps(-2.0f)), cap));
-      const __m512 t = _mm512_div_ps(_mm512_mul_ps(cap, _mm512_sub_ps(_mm512_set1_ps(1.0f), e)),
-                                     _mm512_add_ps(_mm512_set1_ps(1.0f), e));
-      const __mmask16 neg = _mm512_cmp_ps_mask(x, _mm512_setzero_ps(), _CMP_LT_OQ);
-      x = _mm512_mask_sub_ps(t, neg, _mm512_setzero_ps(), t);
-    }
-    x = _mm512_mask_blend_ps(ok, neg_inf, x);  // a NaN score of an unwritten slot goes here
-    _mm512_storeu_ps(dst + c, x);
-    vmax = _mm512_max_ps(vmax, x);
-  }
-  return _mm512_reduce_max_ps(vmax);
-}
-#endif
 
 }  // namespace jaxserve::attn

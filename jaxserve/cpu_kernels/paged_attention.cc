@@ -120,11 +120,6 @@ struct FloatPages {
   void load_v(int64_t page, int64_t lo, int64_t hi, float* dst) const {
     for (int64_t i = lo * D; i < hi * D; ++i) dst[i] = load(v, page + i);
   }
-  // Both: the K block; V rows [0, n) into sc.v.
-  const T* load_block(int64_t page, int64_t n, Scratch<T>& sc) const {
-    load_v(page, 0, n, sc.v.data());
-    return load_k(page, sc);
-  }
   void scale_scores(float*, const Scratch<T>&) const {}
 };
 
@@ -155,10 +150,6 @@ struct QuantPages {
       std::memcpy(&s, vr + D, sizeof s);
       Codec::widen_n(vr, D, dst + j * D, s);
     }
-  }
-  const Q* load_block(int64_t page, int64_t n, Scratch<Q>& sc) const {
-    load_v(page, 0, n, sc.v.data());
-    return load_k(page, sc);
   }
   void widen_k(const uint8_t* kb, Scratch<uint16_t>& sc) const {  // pairs, as stored
     jaxserve::kvq::widen_bf16_n<Codec>(kb, bs * D, sc.kt.data());
@@ -217,7 +208,9 @@ void attend(const Dims& d, const Params& p, const WorkItem& w, const T* q, const
     const int64_t start = b * bs, n = std::min<int64_t>(bs, key_end - start);
     // Keys past the sequence get scores (of whatever their slots hold) that are masked away,
     // and their V rows are never read.
-    const Q* kt = pages.load_block(head_base + table[b] * pages.block_elems(), n, sc);
+    const int64_t page = head_base + table[b] * pages.block_elems();
+    pages.load_v(page, 0, n, sc.v.data());
+    const Q* kt = pages.load_k(page, sc);
     // Causal: rows whose token comes before this block's first key see nothing in it.
     const int64_t first_row = std::max<int64_t>(0, start - pos0) * G;
     for (int64_t r0 = first_row; r0 < rows; r0 += kRows) {
@@ -281,38 +274,12 @@ void attend_token(const Dims& d, const Params& p, const WorkItem& w, const T* q,
       for (int64_t r = 0; r < nr; ++r) {
         pages.scale_scores(blk[r], scr);
         float* sr = &sc[r * span + (b - b0) * bs];
-#if defined(__AVX512F__)
-        if (bs % 16 == 0) {
-          mx[r] = scores16(blk[r], sr, bs, start, key_begin, key_end, p, mx[r]);
-          continue;
-        }
-#endif
-        float m = mx[r];
-        for (int64_t j = 0; j < bs; ++j) {
-          float x = blk[r][j] * p.scale;
-          if (p.soft_cap > 0.0f) {
-            const float e = exp_nonpositive(-2.0f * std::fabs(x) / p.soft_cap);
-            x = std::copysign(p.soft_cap * (1.0f - e) / (1.0f + e), x);
-          }
-          const int64_t key = start + j;
-          sr[j] = key >= key_begin && key < key_end ? x : neg_inf;
-          m = std::max(m, sr[j]);
-        }
-        mx[r] = m;
+        mx[r] = masked_scores(blk[r], sr, bs, start, key_begin, key_end, p, mx[r]);
       }
     }
     // pass 2: probabilities (unnormalised) and their sum
-    for (int64_t r = 0; r < nr; ++r) {
-      float* sr = &sc[r * span];
-      const float m = mx[r];
-      float sum = 0.0f;
-      if (m != neg_inf) {
-#pragma omp simd reduction(+ : sum)
-        for (int64_t j = 0; j < span; ++j) {
-          sr[j] = sr[j] == neg_inf ? 0.0f : exp_nonpositive(sr[j] - m);
-          sum += sr[j];
-        }
-      }
+    for (int64_t r = 0; r < nr; ++r) {  // a row with no visible key gets zeros
+      const float sum = exp_sum(&sc[r * span], span, mx[r]);
       inv[r] = sum > 0.0f ? 1.0f / sum : 0.0f;
     }
     std::fill(sc.begin() + nr * span, sc.end(), 0.0f);  // rows past G: zero weights in pass 3
