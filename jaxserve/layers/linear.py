@@ -6,6 +6,7 @@ import logging
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from jaxserve.cpu_kernels import amx_matmul
@@ -13,6 +14,7 @@ from jaxserve.cpu_kernels import build as cpu_build
 from jaxserve.cpu_kernels import dpbf16_matmul
 from jaxserve.cpu_kernels import matvec as cpu_matvec
 from jaxserve.cpu_kernels import matvec_quant as cpu_matvec_quant
+from jaxserve.cpu_kernels import packed_matmul as cpu_packed
 
 logger = logging.getLogger(__name__)
 
@@ -65,6 +67,11 @@ def select_cpu_matvec(requested: str = "auto", tensor_parallel_size: int = 1) ->
         logger.warning("linear: the CPU decode kernel could not be built, using XLA's slower "
                        "matmul for decode steps: %s", e)
         return False
+    if cpu_packed.available():
+        logger.info("linear: no AMX; bf16 weights are packed at load into 16-column panels and "
+                    "projections of every row count (decode and prefill) run the packed "
+                    "AVX-512 BF16 kernel")
+        return True
     logger.info("linear: bf16 projections of up to %d rows run the CPU decode kernel",
                 matvec_max_rows())
     if amx_matmul.available():
@@ -108,15 +115,42 @@ def cpu_matmul(use: bool, x: jax.Array, w: jax.Array) -> jax.Array | None:
     return None
 
 
+def packable(matvec: bool, weight: jax.Array) -> bool:
+    """Whether a float weight [out, in] is packed at load for the packed-weight kernel: its
+    module runs the CPU kernels (matvec), it is bf16, and this CPU takes that kernel."""
+    return matvec and weight.dtype == jnp.bfloat16 and cpu_packed.available()
+
+
+def packed_param(weight: jax.Array) -> nnx.Param:
+    """weight [N, K] bf16 packed into 16-column panels [ceil(N/16), ceil(K/2), 32] (see
+    cpu_kernels/packed_matmul.py), on the device and sharding of the weight."""
+    host = np.asarray(jax.device_get(weight))
+    return nnx.Param(jax.device_put(cpu_packed.pack(host), weight.sharding))
+
+
+def pack_weights(model: nnx.Module) -> int:
+    """Pack, in place, every bf16 Linear and Embedding of model that runs the CPU kernels,
+    once after loading (one tensor at a time); returns how many were packed."""
+    count = 0
+    for _, node in nnx.iter_graph(model):
+        if isinstance(node, (Linear, Embedding)) and node.pack():
+            count += 1
+    return count
+
+
 class Linear(nnx.Module):
-    """y = x @ W (+ bias); W is `weight` [out, in] or `kernel` [in, out] (see rows_major).
+    """y = x @ W (+ bias); W is `weight` [out, in] or `kernel` [in, out] (see rows_major), or
+    `weight` packed into 16-column panels after loading (pack, on CPUs with AVX-512 BF16 and
+    no AMX).
 
     matvec: decode-sized bf16 inputs run the CPU kernel (see select_cpu_matvec)."""
 
     def __init__(self, in_dim: int, out_dim: int, *, bias: bool, dtype, rngs: nnx.Rngs,
                  matvec: bool = False):
         init = jax.random.normal(rngs.params(), (out_dim, in_dim), dtype=dtype) * (in_dim**-0.5)
+        self.in_dim, self.out_dim = in_dim, out_dim
         self.matvec = matvec
+        self.packed = False
         self.rows_major = rows_major(dtype)
         if self.rows_major:
             self.weight = nnx.Param(init)  # [out, in]
@@ -124,8 +158,18 @@ class Linear(nnx.Module):
             self.kernel = nnx.Param(init.T)  # [in, out]
         self.bias = nnx.Param(jnp.zeros((out_dim,), dtype=dtype)) if bias else None  # [out]
 
+    def pack(self) -> bool:
+        """Replace the loaded weight [out, in] by its packed panels where packable."""
+        if self.packed or not self.rows_major or not packable(self.matvec, self.weight[...]):
+            return False
+        self.weight = packed_param(self.weight[...])
+        self.packed = True
+        return True
+
     def __call__(self, x: jax.Array) -> jax.Array:
-        if self.rows_major:
+        if self.packed:
+            y = cpu_packed.packed_matmul(x, self.weight[...], self.out_dim)  # [T, out]
+        elif self.rows_major:
             w = self.weight[...]
             y = cpu_matmul(self.matvec, x, w)  # [T, out], or None: XLA's matmul
             if y is None:
@@ -138,16 +182,34 @@ class Linear(nnx.Module):
 
 
 class Embedding(nnx.Module):
-    """Token embedding table [vocab, hidden]; doubles as a tied lm_head."""
+    """Token embedding table [vocab, hidden]; doubles as a tied lm_head. Packed like a Linear
+    weight (pack): the lookup then reads each token's row out of its panel."""
 
     def __init__(self, vocab: int, dim: int, *, dtype, rngs: nnx.Rngs, matvec: bool = False):
         self.embedding = nnx.Param(jax.random.normal(rngs.params(), (vocab, dim), dtype=dtype))
+        self.vocab, self.dim = vocab, dim
         self.matvec = matvec
+        self.packed = False
+
+    def pack(self) -> bool:
+        """Replace the loaded table [vocab, hidden] by its packed panels where packable."""
+        if self.packed or not packable(self.matvec, self.embedding[...]):
+            return False
+        self.embedding = packed_param(self.embedding[...])
+        self.packed = True
+        return True
 
     def __call__(self, token_ids: jax.Array) -> jax.Array:
+        if self.packed:  # token v is column v % 16 of panel v // 16: [P, K2, 16, 2]
+            panels = self.embedding[...]
+            table = panels.reshape(panels.shape[0], panels.shape[1], cpu_packed.PANEL, 2)
+            rows = table[token_ids // cpu_packed.PANEL, :, token_ids % cpu_packed.PANEL, :]
+            return rows.reshape(token_ids.shape[0], -1)[:, : self.dim]  # [T, hidden]
         return jnp.take(self.embedding[...], token_ids, axis=0)  # [T, hidden]
 
     def attend(self, x: jax.Array) -> jax.Array:
+        if self.packed:
+            return cpu_packed.packed_matmul(x, self.embedding[...], self.vocab)  # [T, vocab]
         y = cpu_matmul(self.matvec, x, self.embedding[...])  # [T, vocab]
         if y is not None:
             return y

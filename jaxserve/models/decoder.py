@@ -110,7 +110,7 @@ class DecoderForCausalLM(nnx.Module):
                 matvec=kernel_plan(head_quant, dtype, matvec))
         else:
             self.embed_tokens = Embedding(cfg.vocab_size, cfg.hidden_size, dtype=dtype,
-                                          rngs=rngs, matvec=matvec)
+                                          rngs=rngs, matvec=matvec and self.tied)
         self.layers = nnx.List(
             [DecoderLayer(cfg, spec, attn, dtype, rngs, quant, matvec)
              for _ in range(cfg.num_layers)]

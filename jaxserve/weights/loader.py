@@ -17,7 +17,7 @@ from jax.sharding import Mesh
 
 from jaxserve.config import ConfigError, ModelConfig, resolve_dtype_name
 from jaxserve.layers.attention import AttentionConfig
-from jaxserve.layers.linear import rows_major
+from jaxserve.layers.linear import pack_weights, rows_major
 from jaxserve.layers.quant_scheme import QuantConfig, QuantizationError
 from jaxserve.layers.quantized_linear import log_kernel_plan
 from jaxserve.models.registry import MODEL_REGISTRY, UnsupportedArchitectureError, model_class_for
@@ -142,8 +142,11 @@ def load_model(
         state = _restore_converted(path, state, config, mesh, dtype_name)
     else:
         state = _read_hf(path, state, config, mesh, dtype_name, quant)
+    model = nnx.merge(graphdef, state)
+    if cpu_matvec:
+        _pack_for_cpu(model)
     loaded = LoadedModel(
-        nnx.merge(graphdef, state), config, dtype_name, attn, path, time.perf_counter() - start,
+        model, config, dtype_name, attn, path, time.perf_counter() - start,
         quant, log_weight_bytes(state, quant, dtype_name),
     )
     logger.info(
@@ -152,6 +155,15 @@ def load_model(
         loaded.load_seconds,
     )
     return loaded
+
+
+def _pack_for_cpu(model) -> None:
+    """Pack the bf16 weights the CPU kernels read into their panels (layers/linear.py), once."""
+    start = time.perf_counter()
+    count = pack_weights(model)
+    if count:
+        logger.info("packed %d bf16 weights for the packed-weight CPU kernel in %.2fs", count,
+                    time.perf_counter() - start)
 
 
 def _read_hf(path: str, state, config: ModelConfig, mesh: Mesh, dtype: str,

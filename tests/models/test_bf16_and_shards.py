@@ -5,6 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from flax import nnx
+
+from jaxserve.cpu_kernels import packed_matmul
 
 from jaxserve.weights.loader import load_model
 from tests.checkpoints import TINY_ARCHS
@@ -28,6 +31,24 @@ def test_bfloat16_error_is_like_hf_bfloat16(arch, tiny_checkpoints):
     hf_bf16 = hf_logits(path, prompts, dtype=torch.bfloat16)
     ours = paged_logits(load_model(path, dtype="bfloat16"), prompts)
     assert _rel_err(ours, ref) <= 2 * _rel_err(hf_bf16, ref) + 1e-2
+
+
+@pytest.mark.skipif(not packed_matmul.available(), reason="no packed-weight kernel on this CPU")
+@pytest.mark.parametrize("arch", TINY_ARCHS)
+def test_packed_bfloat16_weights_error_is_like_hf_bfloat16(arch, tiny_checkpoints):
+    """With the CPU kernels on, every bf16 projection (and a tied embedding) is packed once at
+    load and every step, prefill and decode, runs the packed-weight kernel: same bound as
+    above."""
+    path = tiny_checkpoints(arch)
+    prompts = make_prompts(500, seed=7)[:3]
+    loaded = load_model(path, dtype="bfloat16", cpu_matvec=True)
+    packed = [m for _, m in nnx.iter_graph(loaded.model) if getattr(m, "packed", False)]
+    layers = loaded.config.num_layers
+    tied = loaded.config.tie_word_embeddings
+    assert len(packed) == 7 * layers + 1, (len(packed), tied)  # + the lm_head or tied table
+    ref = hf_logits(path, prompts)
+    hf_bf16 = hf_logits(path, prompts, dtype=torch.bfloat16)
+    assert _rel_err(paged_logits(loaded, prompts), ref) <= 2 * _rel_err(hf_bf16, ref) + 1e-2
 
 
 def test_sharded_checkpoint_loads_identically(tiny_checkpoints, tmp_path):

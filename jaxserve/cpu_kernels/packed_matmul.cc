@@ -1,0 +1,161 @@
+// bf16 matmul over a weight packed once at load, for every row count (one decode row up to a
+// 512-token prefill chunk), on AVX-512 BF16 CPUs without AMX (AMD Zen 4 / 5), called from the
+// jitted step through XLA's FFI.
+//
+// y[T, N] = x[T, K] . W[N, K]^T, bf16 in and out, f32 accumulation, each output rounded once.
+// The weight is stored in panels of 16 output columns, pair by pair (packed_matmul.py: pack):
+//   wp[P, K2, 16, 2], P = ceil(N / 16), K2 = ceil(K / 2), zero padding;
+// wp[p, j] is one 64-byte vector holding the pair (w[n, 2j], w[n, 2j + 1]) of the 16 columns
+// n = 16p .. 16p + 15. vdpbf16ps multiplies it with the broadcast pair (x[t, 2j], x[t, 2j + 1])
+// of one row: 16 output columns per instruction whatever T is, and x is read in place.
+//
+// A register block is MR rows x NV panels (MR * NV accumulators, at most 24 of the 32 zmm):
+// MR = 8, NV = 3 from 8 rows on; fewer rows take more panels (one row: 8) so a decode step
+// still has enough independent accumulators. Each panel is one contiguous stream, prefetched a
+// few lines ahead while the first rows read it; later rows of the same block find it in L2.
+// Work items are (group of NV panels, tile of up to 64 rows), over XLA's own thread pool.
+//
+// Shapes: x [T, K] bf16; wp [P, K2, 32] bf16; y [T, N] bf16.
+
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+
+#include "parallel.h"
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+#if defined(__AVX512BF16__)
+constexpr int64_t kRowTile = 64;  // rows per work item
+constexpr int64_t kPrefetchBytes = 2048;  // how far ahead each panel stream is prefetched
+
+struct Problem {
+  const uint16_t* x;  // [T, K]
+  const uint32_t* w;  // [P, K2, 16] pairs
+  uint16_t* y;  // [T, N]
+  int64_t T, K, N, K2;
+};
+
+// The pair (x[t, 2j], x[t, 2j + 1]) of a row as one 32-bit word (rows of an odd K start
+// mid-word, hence memcpy).
+inline uint32_t x_pair(const uint16_t* row, int64_t j) {
+  uint32_t pair;
+  std::memcpy(&pair, row + 2 * j, sizeof pair);
+  return pair;
+}
+
+// Rows [t0, t0 + MR) x panels [p0, p0 + NV). prefetch: the first rows to read these panels.
+template <int MR, int NV>
+void block(const Problem& pr, int64_t t0, int64_t p0, bool prefetch) {
+  __m512 acc[MR][NV];
+  for (int m = 0; m < MR; ++m)
+    for (int v = 0; v < NV; ++v) acc[m][v] = _mm512_setzero_ps();
+  const uint32_t* panel[NV];
+  for (int v = 0; v < NV; ++v) panel[v] = pr.w + (p0 + v) * pr.K2 * 16;
+  const uint16_t* row[MR];
+  for (int m = 0; m < MR; ++m) row[m] = pr.x + (t0 + m) * pr.K;
+  const int64_t pairs = pr.K / 2;
+  for (int64_t j = 0; j < pairs; ++j) {
+    __m512bh wv[NV];
+    for (int v = 0; v < NV; ++v) {
+      const uint32_t* at = panel[v] + j * 16;
+      if (prefetch) _mm_prefetch(reinterpret_cast<const char*>(at) + kPrefetchBytes, _MM_HINT_T0);
+      wv[v] = (__m512bh)_mm512_loadu_si512(at);
+    }
+    for (int m = 0; m < MR; ++m) {
+      const __m512bh xb = (__m512bh)_mm512_set1_epi32(static_cast<int32_t>(x_pair(row[m], j)));
+      for (int v = 0; v < NV; ++v) acc[m][v] = _mm512_dpbf16_ps(acc[m][v], wv[v], xb);
+    }
+  }
+  if (pr.K % 2) {  // odd K: the last pair is (x[t, K - 1], 0) against (w[n, K - 1], 0)
+    for (int m = 0; m < MR; ++m) {
+      const __m512bh xb = (__m512bh)_mm512_set1_epi32(row[m][pr.K - 1]);
+      for (int v = 0; v < NV; ++v) {
+        const __m512bh wl = (__m512bh)_mm512_loadu_si512(panel[v] + pairs * 16);
+        acc[m][v] = _mm512_dpbf16_ps(acc[m][v], wl, xb);
+      }
+    }
+  }
+  for (int v = 0; v < NV; ++v) {
+    const int64_t n = (p0 + v) * 16, live = std::min<int64_t>(16, pr.N - n);
+    const __mmask16 mask = static_cast<__mmask16>((1u << live) - 1);
+    for (int m = 0; m < MR; ++m)
+      _mm256_mask_storeu_epi16(pr.y + (t0 + m) * pr.N + n, mask,
+                               (__m256i)_mm512_cvtneps_pbh(acc[m][v]));
+  }
+}
+
+// Panels per block for a block of mr rows: about 24 accumulators, and at least 8 for one row.
+constexpr int panels_for(int mr) { return mr <= 6 ? 4 : 3; }
+
+template <int MR, int NV = panels_for(MR)>
+void block_nv(const Problem& pr, int64_t t0, int64_t p0, int nv, bool prefetch) {
+  if constexpr (NV > 1) {
+    if (nv < NV) return block_nv<MR, NV - 1>(pr, t0, p0, nv, prefetch);
+  }
+  block<MR, NV>(pr, t0, p0, prefetch);
+}
+
+void block_any(const Problem& pr, int64_t t0, int mr, int64_t p0, int nv, bool prefetch) {
+  switch (mr) {
+    case 1: return block_nv<1>(pr, t0, p0, nv, prefetch);
+    case 2: return block_nv<2>(pr, t0, p0, nv, prefetch);
+    case 3: return block_nv<3>(pr, t0, p0, nv, prefetch);
+    case 4: return block_nv<4>(pr, t0, p0, nv, prefetch);
+    case 5: return block_nv<5>(pr, t0, p0, nv, prefetch);
+    case 6: return block_nv<6>(pr, t0, p0, nv, prefetch);
+    case 7: return block_nv<7>(pr, t0, p0, nv, prefetch);
+    default: return block_nv<8>(pr, t0, p0, nv, prefetch);
+  }
+}
+
+ffi::Error Matmul(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w,
+                  ffi::Result<ffi::AnyBuffer> y) {
+  auto xd = x.dimensions(), wd = w.dimensions(), yd = y->dimensions();
+  if (x.element_type() != ffi::DataType::BF16 || w.element_type() != ffi::DataType::BF16 ||
+      y->element_type() != ffi::DataType::BF16)
+    return ffi::Error::InvalidArgument("packed_matmul: x, wp and y must be bfloat16");
+  if (xd.size() != 2 || wd.size() != 3 || yd.size() != 2 || yd[0] != xd[0] || wd[2] != 32)
+    return ffi::Error::InvalidArgument(
+        "packed_matmul: x [T, K], wp [ceil(N/16), ceil(K/2), 32] and y [T, N]");
+  const int64_t T = xd[0], K = xd[1], N = yd[1];
+  if (wd[0] != (N + 15) / 16 || wd[1] != (K + 1) / 2)
+    return ffi::Error::InvalidArgument("packed_matmul: wp is not the packed [N, K] weight");
+  if (T < 1 || K < 1 || N < 1 || T * K >= (int64_t{1} << 31))
+    return ffi::Error::InvalidArgument("packed_matmul: 1 <= T, K, N and T * K < 2^31");
+  const Problem pr{static_cast<const uint16_t*>(x.untyped_data()),
+                   static_cast<const uint32_t*>(w.untyped_data()),
+                   static_cast<uint16_t*>(y->untyped_data()), T, K, N, (K + 1) / 2};
+  const int mr = static_cast<int>(std::min<int64_t>(T, 8));
+  const int nv = panels_for(mr);
+  const int64_t groups = (wd[0] + nv - 1) / nv, tiles = (T + kRowTile - 1) / kRowTile;
+  jaxserve::ParallelFor(pool, groups * tiles, [&](int64_t i) {
+    const int64_t p0 = (i / tiles) * nv, t_begin = (i % tiles) * kRowTile;
+    const int g_nv = static_cast<int>(std::min<int64_t>(nv, wd[0] - p0));
+    const int64_t t_end = std::min(T, t_begin + kRowTile);
+    for (int64_t t0 = t_begin; t0 < t_end; t0 += mr) {
+      block_any(pr, t0, static_cast<int>(std::min<int64_t>(mr, t_end - t0)), p0, g_nv,
+                t0 == t_begin);
+    }
+  });
+  return ffi::Error::Success();
+}
+#else
+ffi::Error Matmul(ffi::ThreadPool, ffi::AnyBuffer, ffi::AnyBuffer, ffi::Result<ffi::AnyBuffer>) {
+  return ffi::Error::Internal("packed_matmul: built for a CPU without AVX-512 BF16");
+}
+#endif
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxserveCpuPackedMatmul, Matmul,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()  // x [T, K]
+                                  .Arg<ffi::AnyBuffer>()  // wp [ceil(N/16), ceil(K/2), 32]
+                                  .Ret<ffi::AnyBuffer>());  // y [T, N]

@@ -1,0 +1,112 @@
+"""The packed-weight bf16 matmul against float64 math on the same bf16 values, its panel layout
+against an index-by-index reference, and the Linear / Embedding that pack their weight."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import pytest
+from flax import nnx
+
+from jaxserve.cpu_kernels import dpbf16_matmul as dp
+from jaxserve.cpu_kernels import matvec as mv
+from jaxserve.cpu_kernels import packed_matmul as pm
+from jaxserve.layers import linear
+
+from .bf16_oracle import check_matmul
+
+needs_packed = pytest.mark.skipif(not pm.available(),
+                                  reason="this CPU has no AVX-512 BF16, or has AMX")
+
+
+def _packed(x, w):
+    return pm.packed_matmul(x, pm.pack(np.asarray(w)), w.shape[0])
+
+
+def test_pack_puts_each_pair_in_its_panel_lane():
+    n, k = 37, 9  # a partial last panel and an odd K
+    w = np.arange(n * k, dtype=np.float32).reshape(n, k).astype(ml_dtypes.bfloat16)
+    wp = pm.pack(w)
+    assert wp.shape == pm.packed_shape(n, k) == (3, 5, 32)
+    for p in range(3):
+        for j in range(5):
+            for c in range(16):
+                for h in range(2):
+                    row, col = 16 * p + c, 2 * j + h
+                    want = w[row, col] if row < n and col < k else 0
+                    assert wp[p, j, 2 * c + h] == want, (p, j, c, h)
+    np.testing.assert_array_equal(pm.unpack(wp, n, k), w)
+
+
+@needs_packed
+@pytest.mark.parametrize("rows", [1, 2, 3, 5, 7, 8, 9, 15, 16, 17, 33, 64, 65, 130, 300])
+@pytest.mark.parametrize("k,n", [(896, 1152), (32, 16), (4864, 50), (7, 13), (289, 101)])
+def test_matches_float_math(rows, k, n):
+    check_matmul(lambda x, wp: pm.packed_matmul(x, wp, n), rows, k, n, atol_per_sqrt_k=1e-4,
+                 prepare=lambda w: pm.pack(np.asarray(w)))
+
+
+@needs_packed
+def test_nan_and_inf_stay_in_their_row_and_column():
+    x = jnp.ones((20, 65), jnp.bfloat16).at[17, 64].set(jnp.nan)  # odd K: NaN in the last pair
+    w = jnp.ones((50, 65), jnp.bfloat16).at[5, 0].set(jnp.inf)
+    y = np.asarray(_packed(x, w), np.float32)
+    assert np.isnan(y[17]).all()
+    others = np.delete(y, 17, axis=0)
+    assert np.isinf(others[:, 5]).all() and np.isfinite(np.delete(others, 5, axis=1)).all()
+
+
+@needs_packed
+def test_rounds_each_output_once_to_nearest_even():
+    # 1 + 2^-8 + 2^-9 is exact in f32; bf16 keeps 7 fraction bits: it rounds up to 1 + 2^-7
+    x = jnp.asarray([[1.0, 2**-8, 2**-9, 0.0]] * 3, jnp.bfloat16)
+    w = jnp.ones((2, 4), jnp.bfloat16)
+    y = np.asarray(_packed(x, w), np.float32)
+    assert (y == np.float32(1 + 2**-7)).all()
+
+
+@needs_packed
+def test_refuses_a_weight_packed_for_another_shape():
+    x = jnp.ones((4, 64), jnp.bfloat16)
+    wp = pm.pack(np.ones((48, 32), ml_dtypes.bfloat16))  # K 32, not 64
+    with pytest.raises(Exception, match="packed"):
+        jax.block_until_ready(pm.packed_matmul(x, wp, 48))
+
+
+@needs_packed
+def test_packed_linear_runs_the_kernel_for_every_row_count():
+    layer = linear.Linear(64, 40, bias=True, dtype=jnp.bfloat16, rngs=nnx.Rngs(0), matvec=True)
+    layer.bias.set_value(jnp.arange(40, dtype=jnp.bfloat16))
+    w = np.asarray(layer.weight[...])
+    assert layer.pack() and layer.weight[...].shape == pm.packed_shape(40, 64)
+    assert not layer.pack()  # once
+    for rows in (1, 8, 9, 64, 65, 512):
+        x = jax.random.normal(jax.random.key(rows), (rows, 64), jnp.bfloat16)
+        text = jax.jit(lambda a: layer(a)).lower(x).as_text()
+        assert pm.TARGET in text and dp.TARGET not in text and mv.TARGET not in text, rows
+        want = np.asarray(x, np.float64) @ np.asarray(w, np.float64).T + np.arange(40)
+        np.testing.assert_allclose(np.asarray(layer(x), np.float32), want, rtol=2**-7, atol=0.05)
+
+
+@needs_packed
+def test_only_cpu_kernel_bf16_weights_are_packed():
+    off = linear.Linear(64, 40, bias=False, dtype=jnp.bfloat16, rngs=nnx.Rngs(0), matvec=False)
+    f32 = linear.Linear(64, 40, bias=False, dtype=jnp.float32, rngs=nnx.Rngs(0), matvec=True)
+    assert not off.pack() and not f32.pack()
+    assert off.weight[...].shape == (40, 64) and f32.kernel[...].shape == (64, 40)
+
+
+@needs_packed
+def test_packed_embedding_looks_up_rows_exactly_and_attends():
+    vocab, dim = 37, 24  # a partial last panel
+    emb = linear.Embedding(vocab, dim, dtype=jnp.bfloat16, rngs=nnx.Rngs(1), matvec=True)
+    table = np.asarray(emb.embedding[...])
+    assert emb.pack()
+    ids = jnp.asarray([0, 15, 16, 36, 5, 36], jnp.int32)
+    np.testing.assert_array_equal(np.asarray(jax.jit(lambda i: emb(i))(ids)), table[np.asarray(ids)])
+    x = jax.random.normal(jax.random.key(0), (3, dim), jnp.bfloat16)
+    want = np.asarray(x, np.float64) @ np.asarray(table, np.float64).T
+    np.testing.assert_allclose(np.asarray(emb.attend(x), np.float32), want, rtol=2**-8,
+                               atol=1e-4 * np.sqrt(dim))
