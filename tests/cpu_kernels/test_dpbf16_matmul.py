@@ -14,6 +14,7 @@ from flax import nnx
 from jaxserve.cpu_kernels import amx_matmul as amx
 from jaxserve.cpu_kernels import dpbf16_matmul as dp
 from jaxserve.cpu_kernels import matvec as mv
+from jaxserve.cpu_kernels import packed_matmul as pm
 from jaxserve.layers import linear
 
 from .bf16_oracle import check_matmul
@@ -74,14 +75,14 @@ def test_refuses_mismatched_operands_by_name():
 def test_a_cpu_without_either_kernel_is_logged(monkeypatch, caplog):
     monkeypatch.setattr(amx, "cpu_has_amx", lambda: False)
     monkeypatch.setattr(dp, "cpu_has_avx512_bf16", lambda: False)
-    amx.available.cache_clear()
-    dp.available.cache_clear()
+    for kernel in (amx, dp, pm):
+        kernel.available.cache_clear()
     try:
         with caplog.at_level(logging.INFO, logger="jaxserve.layers.linear"):
             assert linear.select_cpu_matvec("auto") == (jax.default_backend() == "cpu")
         if jax.default_backend() == "cpu":
             assert "neither AMX nor AVX-512 BF16" in caplog.text
-        assert dp.available() is False
+        assert dp.available() is False and pm.available() is False
     finally:
-        amx.available.cache_clear()
-        dp.available.cache_clear()
+        for kernel in (amx, dp, pm):
+            kernel.available.cache_clear()
