@@ -12,7 +12,13 @@
 #include <cstring>
 #include <limits>
 
+#include "vec_math.h"
+
 namespace jaxserve::attn {
+
+#if defined(__AVX512F__)
+using jaxserve::exp_nonpositive16;
+#endif
 
 inline float load(const float* p, int64_t i) { return p[i]; }
 inline float load(const uint16_t* p, int64_t i) {
@@ -149,21 +155,6 @@ inline void accumulate(float* acc, float corr, const float* p, const float* v, i
   }
 }
 
-#if defined(__AVX512F__)
-// exp_nonpositive on 16 lanes: 2^n * p(r) through scalef.
-inline __m512 exp_nonpositive16(__m512 x) {
-  const __m512 xc = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(xc, _mm512_set1_ps(1.44269504f)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145752f), xc);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.42860677e-6f), r);
-  __m512 p = _mm512_set1_ps(1.0f / 720.0f);
-  for (float c : {1.0f / 120.0f, 1.0f / 24.0f, 1.0f / 6.0f, 0.5f, 1.0f, 1.0f})
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c));
-  const __mmask16 tiny = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.0f), _CMP_LT_OQ);
-  return _mm512_maskz_mov_ps(static_cast<__mmask16>(~tiny), _mm512_scalef_ps(p, n));
-}
-#endif
 
 // dst[0:bs] = raw[0:bs] * scale, soft-capped (cap * tanh(x / cap) = cap * (1 - e) / (1 + e),
 // e = exp(-2|x| / cap)), and -inf outside keys [lo, hi) (entry j is key start + j), so a NaN

@@ -10,10 +10,13 @@
 // of one row: 16 output columns per instruction whatever T is, and x is read in place.
 //
 // A register block is MR rows x NV panels (MR * NV accumulators, at most 24 of the 32 zmm):
-// MR = 8, NV = 3 from 8 rows on; fewer rows take more panels (one row: 8) so a decode step
-// still has enough independent accumulators. Each panel is one contiguous stream, prefetched a
+// MR = 8, NV = 3 from 8 rows on; fewer rows take 4 panels. Each panel is one contiguous stream, prefetched a
 // few lines ahead while the first rows read it; later rows of the same block find it in L2.
 // Work items are (group of NV panels, tile of up to 64 rows), over XLA's own thread pool.
+//
+// The gated form (a GLU's gate and up projections in one call) takes the two weights' panels
+// interleaved, gate panel i then up panel i, and stores silu(gate) * up in f32 before the one
+// rounding: y[T, M] from wp[2 * ceil(M / 16), K2, 32]; its blocks hold whole (gate, up) pairs.
 //
 // Shapes: x [T, K] bf16; wp [P, K2, 32] bf16; y [T, N] bf16.
 
@@ -24,6 +27,7 @@
 #include <cstring>
 
 #include "parallel.h"
+#include "vec_math.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -50,7 +54,8 @@ inline uint32_t x_pair(const uint16_t* row, int64_t j) {
 }
 
 // Rows [t0, t0 + MR) x panels [p0, p0 + NV). prefetch: the first rows to read these panels.
-template <int MR, int NV>
+// GLU: panels are (gate, up) pairs, output columns 16 * (p0 + v) / 2 + [0, 16).
+template <int MR, int NV, bool GLU>
 void block(const Problem& pr, int64_t t0, int64_t p0, bool prefetch) {
   __m512 acc[MR][NV];
   for (int m = 0; m < MR; ++m)
@@ -81,57 +86,69 @@ void block(const Problem& pr, int64_t t0, int64_t p0, bool prefetch) {
       }
     }
   }
-  for (int v = 0; v < NV; ++v) {
-    const int64_t n = (p0 + v) * 16, live = std::min<int64_t>(16, pr.N - n);
+  constexpr int kStep = GLU ? 2 : 1;  // panels per 16 output columns
+  for (int v = 0; v < NV; v += kStep) {
+    const int64_t n = (p0 + v) / kStep * 16, live = std::min<int64_t>(16, pr.N - n);
     const __mmask16 mask = static_cast<__mmask16>((1u << live) - 1);
-    for (int m = 0; m < MR; ++m)
+    for (int m = 0; m < MR; ++m) {
+      __m512 out = acc[m][v];
+      if constexpr (GLU) out = _mm512_mul_ps(jaxserve::silu16(out), acc[m][v + 1]);
       _mm256_mask_storeu_epi16(pr.y + (t0 + m) * pr.N + n, mask,
-                               (__m256i)_mm512_cvtneps_pbh(acc[m][v]));
+                               (__m256i)_mm512_cvtneps_pbh(out));
+    }
   }
 }
 
-// Panels per block for a block of mr rows: about 24 accumulators, and at least 8 for one row.
+// Panels per block of mr rows: at most 24 accumulators; 4 panels (two gate/up pairs) up to 6
+// rows, 3 from 7 rows on (a decode row reads at memory speed with any of these).
 constexpr int panels_for(int mr) { return mr <= 6 ? 4 : 3; }
 
-template <int MR, int NV = panels_for(MR)>
+// The last group of panels may be narrower (nv < NV); a GLU's groups are whole pairs.
+template <int MR, bool GLU, int NV = panels_for(MR)>
 void block_nv(const Problem& pr, int64_t t0, int64_t p0, int nv, bool prefetch) {
-  if constexpr (NV > 1) {
-    if (nv < NV) return block_nv<MR, NV - 1>(pr, t0, p0, nv, prefetch);
+  constexpr int kStep = GLU ? 2 : 1;
+  if constexpr (NV > kStep) {
+    if (nv < NV) return block_nv<MR, GLU, NV - kStep>(pr, t0, p0, nv, prefetch);
   }
-  block<MR, NV>(pr, t0, p0, prefetch);
+  block<MR, NV, GLU>(pr, t0, p0, prefetch);
 }
 
+template <bool GLU>
 void block_any(const Problem& pr, int64_t t0, int mr, int64_t p0, int nv, bool prefetch) {
   switch (mr) {
-    case 1: return block_nv<1>(pr, t0, p0, nv, prefetch);
-    case 2: return block_nv<2>(pr, t0, p0, nv, prefetch);
-    case 3: return block_nv<3>(pr, t0, p0, nv, prefetch);
-    case 4: return block_nv<4>(pr, t0, p0, nv, prefetch);
-    case 5: return block_nv<5>(pr, t0, p0, nv, prefetch);
-    case 6: return block_nv<6>(pr, t0, p0, nv, prefetch);
-    case 7: return block_nv<7>(pr, t0, p0, nv, prefetch);
-    default: return block_nv<8>(pr, t0, p0, nv, prefetch);
+    case 1: return block_nv<1, GLU>(pr, t0, p0, nv, prefetch);
+    case 2: return block_nv<2, GLU>(pr, t0, p0, nv, prefetch);
+    case 3: return block_nv<3, GLU>(pr, t0, p0, nv, prefetch);
+    case 4: return block_nv<4, GLU>(pr, t0, p0, nv, prefetch);
+    case 5: return block_nv<5, GLU>(pr, t0, p0, nv, prefetch);
+    case 6: return block_nv<6, GLU>(pr, t0, p0, nv, prefetch);
+    default:
+      if constexpr (!GLU) {  // GLU blocks have at most 6 rows (Run)
+        if (mr == 7) return block_nv<7, GLU>(pr, t0, p0, nv, prefetch);
+        return block_nv<8, GLU>(pr, t0, p0, nv, prefetch);
+      }
   }
 }
 
-ffi::Error Matmul(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w,
-                  ffi::Result<ffi::AnyBuffer> y) {
-  auto xd = x.dimensions(), wd = w.dimensions(), yd = y->dimensions();
+// y = x . W^T (GLU: silu(x . Wg^T) * (x . Wu^T)) for the packed wp; checks the shapes.
+template <bool GLU>
+ffi::Error Run(ffi::ThreadPool& pool, ffi::AnyBuffer& x, ffi::AnyBuffer& w, ffi::AnyBuffer& y) {
+  auto xd = x.dimensions(), wd = w.dimensions(), yd = y.dimensions();
   if (x.element_type() != ffi::DataType::BF16 || w.element_type() != ffi::DataType::BF16 ||
-      y->element_type() != ffi::DataType::BF16)
+      y.element_type() != ffi::DataType::BF16)
     return ffi::Error::InvalidArgument("packed_matmul: x, wp and y must be bfloat16");
   if (xd.size() != 2 || wd.size() != 3 || yd.size() != 2 || yd[0] != xd[0] || wd[2] != 32)
     return ffi::Error::InvalidArgument(
         "packed_matmul: x [T, K], wp [ceil(N/16), ceil(K/2), 32] and y [T, N]");
   const int64_t T = xd[0], K = xd[1], N = yd[1];
-  if (wd[0] != (N + 15) / 16 || wd[1] != (K + 1) / 2)
+  if (wd[0] != (GLU ? 2 : 1) * ((N + 15) / 16) || wd[1] != (K + 1) / 2)
     return ffi::Error::InvalidArgument("packed_matmul: wp is not the packed [N, K] weight");
   if (T < 1 || K < 1 || N < 1 || T * K >= (int64_t{1} << 31))
     return ffi::Error::InvalidArgument("packed_matmul: 1 <= T, K, N and T * K < 2^31");
   const Problem pr{static_cast<const uint16_t*>(x.untyped_data()),
                    static_cast<const uint32_t*>(w.untyped_data()),
-                   static_cast<uint16_t*>(y->untyped_data()), T, K, N, (K + 1) / 2};
-  const int mr = static_cast<int>(std::min<int64_t>(T, 8));
+                   static_cast<uint16_t*>(y.untyped_data()), T, K, N, (K + 1) / 2};
+  const int mr = static_cast<int>(std::min<int64_t>(T, GLU ? 6 : 8));  // GLU: 4 panels
   const int nv = panels_for(mr);
   const int64_t groups = (wd[0] + nv - 1) / nv, tiles = (T + kRowTile - 1) / kRowTile;
   jaxserve::ParallelFor(pool, groups * tiles, [&](int64_t i) {
@@ -139,14 +156,28 @@ ffi::Error Matmul(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w,
     const int g_nv = static_cast<int>(std::min<int64_t>(nv, wd[0] - p0));
     const int64_t t_end = std::min(T, t_begin + kRowTile);
     for (int64_t t0 = t_begin; t0 < t_end; t0 += mr) {
-      block_any(pr, t0, static_cast<int>(std::min<int64_t>(mr, t_end - t0)), p0, g_nv,
-                t0 == t_begin);
+      block_any<GLU>(pr, t0, static_cast<int>(std::min<int64_t>(mr, t_end - t0)), p0, g_nv,
+                     t0 == t_begin);
     }
   });
   return ffi::Error::Success();
 }
+
+ffi::Error Matmul(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w,
+                  ffi::Result<ffi::AnyBuffer> y) {
+  return Run<false>(pool, x, w, *y);
+}
+
+ffi::Error GluMatmul(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w,
+                     ffi::Result<ffi::AnyBuffer> y) {
+  return Run<true>(pool, x, w, *y);
+}
 #else
 ffi::Error Matmul(ffi::ThreadPool, ffi::AnyBuffer, ffi::AnyBuffer, ffi::Result<ffi::AnyBuffer>) {
+  return ffi::Error::Internal("packed_matmul: built for a CPU without AVX-512 BF16");
+}
+ffi::Error GluMatmul(ffi::ThreadPool, ffi::AnyBuffer, ffi::AnyBuffer,
+                     ffi::Result<ffi::AnyBuffer>) {
   return ffi::Error::Internal("packed_matmul: built for a CPU without AVX-512 BF16");
 }
 #endif
@@ -159,3 +190,10 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxserveCpuPackedMatmul, Matmul,
                                   .Arg<ffi::AnyBuffer>()  // x [T, K]
                                   .Arg<ffi::AnyBuffer>()  // wp [ceil(N/16), ceil(K/2), 32]
                                   .Ret<ffi::AnyBuffer>());  // y [T, N]
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxserveCpuPackedGluMatmul, GluMatmul,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()  // x [T, K]
+                                  .Arg<ffi::AnyBuffer>()  // wp [2 ceil(M/16), ceil(K/2), 32]
+                                  .Ret<ffi::AnyBuffer>());  // y [T, M]

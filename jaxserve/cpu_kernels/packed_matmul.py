@@ -17,6 +17,8 @@ from jaxserve.cpu_kernels import dpbf16_matmul
 SOURCE = Path(__file__).with_name("packed_matmul.cc")
 TARGET = "jaxserve_cpu_packed_matmul"
 SYMBOL = "JaxserveCpuPackedMatmul"
+GLU_TARGET = "jaxserve_cpu_packed_glu_matmul"
+GLU_SYMBOL = "JaxserveCpuPackedGluMatmul"
 PANEL = 16  # output columns per panel: one 64-byte vector of bf16 pairs
 logger = logging.getLogger(__name__)
 
@@ -24,6 +26,7 @@ logger = logging.getLogger(__name__)
 def ensure_built() -> None:
     """Compile (or load the cached) kernel and register it; raises build.KernelBuildError."""
     build.register(SOURCE, SYMBOL, TARGET)
+    build.register(SOURCE, GLU_SYMBOL, GLU_TARGET)
 
 
 @functools.cache
@@ -64,8 +67,22 @@ def unpack(wp: np.ndarray, n: int, k: int) -> np.ndarray:
     return wp.reshape(p, k2, PANEL, 2).transpose(0, 2, 1, 3).reshape(p * PANEL, 2 * k2)[:n, :k]
 
 
+def interleave(gate: np.ndarray, up: np.ndarray) -> np.ndarray:
+    """The gated kernel's weight: packed gate and up [P, K2, 32] -> [2P, K2, 32] with gate panel
+    i at 2i and up panel i at 2i + 1."""
+    return np.stack([gate, up], axis=1).reshape(2 * gate.shape[0], *gate.shape[1:])
+
+
 def packed_matmul(x: jax.Array, wp: jax.Array, n: int) -> jax.Array:
     """x bf16 [T, K], wp = pack(w [n, K]) -> bf16 [T, n] (f32 accumulation)."""
     ensure_built()
     call = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct((x.shape[0], n), x.dtype))
+    return call(x, wp)
+
+
+def packed_glu_matmul(x: jax.Array, wp: jax.Array, m: int) -> jax.Array:
+    """x bf16 [T, K], wp = interleave(pack(gate [m, K]), pack(up [m, K])) -> bf16 [T, m]:
+    silu(x @ gate^T) * (x @ up^T), in f32 until the one rounding."""
+    ensure_built()
+    call = jax.ffi.ffi_call(GLU_TARGET, jax.ShapeDtypeStruct((x.shape[0], m), x.dtype))
     return call(x, wp)

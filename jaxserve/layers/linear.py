@@ -181,6 +181,28 @@ class Linear(nnx.Module):
         return y
 
 
+class PackedGateUp(nnx.Module):
+    """silu(h @ Wg^T) * (h @ Wu^T) of a gated MLP in one call of the packed kernel, from two
+    packed Linears (no bias): their panels interleaved, gate panel i then up panel i."""
+
+    def __init__(self, gate: Linear, up: Linear):
+        host = [np.asarray(jax.device_get(lin.weight[...])) for lin in (gate, up)]
+        self.weight = nnx.Param(jax.device_put(cpu_packed.interleave(*host),
+                                               gate.weight[...].sharding))
+        self.out_dim = gate.out_dim
+
+    @staticmethod
+    def fusable(gate: nnx.Module, up: nnx.Module, act_name: str) -> bool:
+        """Packed, bias-free, same-shaped gate and up under a silu activation."""
+        return (act_name in ("silu", "swish") and isinstance(gate, Linear)
+                and isinstance(up, Linear) and gate.packed and up.packed
+                and gate.bias is None and up.bias is None
+                and (gate.in_dim, gate.out_dim) == (up.in_dim, up.out_dim))
+
+    def __call__(self, h: jax.Array) -> jax.Array:
+        return cpu_packed.packed_glu_matmul(h, self.weight[...], self.out_dim)  # [T, out]
+
+
 class Embedding(nnx.Module):
     """Token embedding table [vocab, hidden]; doubles as a tied lm_head. Packed like a Linear
     weight (pack): the lookup then reads each token's row out of its panel."""

@@ -14,7 +14,7 @@ from jaxserve.layers.attention import (
     AttentionMetadata,
     write_and_attend,
 )
-from jaxserve.layers.linear import Embedding
+from jaxserve.layers.linear import Embedding, PackedGateUp, pack_weights
 from jaxserve.layers.norms import RMSNorm
 from jaxserve.layers.quant_scheme import QuantConfig
 from jaxserve.layers.quantized_embedding import QuantizedEmbedding
@@ -66,6 +66,7 @@ class DecoderLayer(nnx.Module):
         self.gate_proj = lin(d, m, mb)
         self.up_proj = lin(d, m, mb)
         self.down_proj = lin(m, d, mb)
+        self.gate_up = None  # PackedGateUp in their place after fuse_gate_up
         if cfg.hidden_act not in _ACTIVATIONS:
             raise ValueError(f"hidden_act {cfg.hidden_act!r} is not supported: {sorted(_ACTIVATIONS)}")
         self.act_name = cfg.hidden_act
@@ -87,8 +88,20 @@ class DecoderLayer(nnx.Module):
         o, kv = write_and_attend(q, k, v, kv, md, self.attn, head_dim**-0.5)  # o [T, Hq, D]
         x = x + self.o_proj(o.reshape(o.shape[0], -1).astype(x.dtype))
         h = self.post_attention_layernorm(x)
-        x = x + self.down_proj(_ACTIVATIONS[self.act_name](self.gate_proj(h)) * self.up_proj(h))
+        if self.gate_up is not None:
+            gated = self.gate_up(h)  # [T, intermediate]
+        else:
+            gated = _ACTIVATIONS[self.act_name](self.gate_proj(h)) * self.up_proj(h)
+        x = x + self.down_proj(gated)
         return x, kv
+
+    def fuse_gate_up(self) -> bool:
+        """After packing: gate and up become one PackedGateUp where they can (silu)."""
+        if not PackedGateUp.fusable(self.gate_proj, self.up_proj, self.act_name):
+            return False
+        self.gate_up = nnx.data(PackedGateUp(self.gate_proj, self.up_proj))
+        self.gate_proj = self.up_proj = None
+        return True
 
 
 class DecoderForCausalLM(nnx.Module):
@@ -136,6 +149,12 @@ class DecoderForCausalLM(nnx.Module):
             x, kv = layer(x, md, kv)
             new_cache.append(kv)
         return self.norm(x), tuple(new_cache)
+
+    def pack_for_cpu(self) -> tuple[int, int]:
+        """Once after loading, with the CPU kernels on: pack the bf16 weights they read and
+        fuse each layer's gate and up; returns (weights packed, layers fused)."""
+        packed = pack_weights(self)
+        return packed, sum(layer.fuse_gate_up() for layer in self.layers)
 
     def compute_logits(self, hidden: jax.Array) -> jax.Array:
         """hidden [N, hidden] -> float32 logits [N, vocab]."""

@@ -17,7 +17,7 @@ from jax.sharding import Mesh
 
 from jaxserve.config import ConfigError, ModelConfig, resolve_dtype_name
 from jaxserve.layers.attention import AttentionConfig
-from jaxserve.layers.linear import pack_weights, rows_major
+from jaxserve.layers.linear import rows_major
 from jaxserve.layers.quant_scheme import QuantConfig, QuantizationError
 from jaxserve.layers.quantized_linear import log_kernel_plan
 from jaxserve.models.registry import MODEL_REGISTRY, UnsupportedArchitectureError, model_class_for
@@ -160,9 +160,10 @@ def load_model(
 def _pack_for_cpu(model) -> None:
     """Pack the bf16 weights the CPU kernels read into their panels (layers/linear.py), once."""
     start = time.perf_counter()
-    count = pack_weights(model)
-    if count:
-        logger.info("packed %d bf16 weights for the packed-weight CPU kernel in %.2fs", count,
+    packed, fused = model.pack_for_cpu()
+    if packed:
+        logger.info("packed %d bf16 weights for the packed-weight CPU kernel (gate and up fused "
+                    "with silu in %d layers) in %.2fs", packed, fused,
                     time.perf_counter() - start)
 
 

@@ -110,3 +110,31 @@ def test_packed_embedding_looks_up_rows_exactly_and_attends():
     want = np.asarray(x, np.float64) @ np.asarray(table, np.float64).T
     np.testing.assert_allclose(np.asarray(emb.attend(x), np.float32), want, rtol=2**-8,
                                atol=1e-4 * np.sqrt(dim))
+
+
+def _silu(v):
+    return v / (1 + np.exp(-v))
+
+
+@needs_packed
+@pytest.mark.parametrize("rows", [1, 4, 6, 7, 13, 64, 65, 200])
+@pytest.mark.parametrize("k,m", [(896, 4864), (33, 40), (64, 16)])
+def test_glu_matches_float_math(rows, k, m):
+    rng = np.random.default_rng(rows + k)
+    x = jnp.asarray(rng.standard_normal((rows, k)), jnp.bfloat16)
+    gate, up = (np.asarray(rng.standard_normal((m, k)), ml_dtypes.bfloat16) for _ in range(2))
+    wp = pm.interleave(pm.pack(gate), pm.pack(up))
+    y = np.asarray(jax.jit(pm.packed_glu_matmul, static_argnums=2)(x, wp, m), np.float32)
+    xf = np.asarray(x, np.float64)
+    g, u = xf @ np.asarray(gate, np.float64).T, xf @ np.asarray(up, np.float64).T
+    # f32 sums of k terms each, then silu(g) * u rounded once to bf16
+    tol = 1e-4 * np.sqrt(k) * (np.abs(g) + np.abs(u) + 1)
+    np.testing.assert_array_less(np.abs(y - _silu(g) * u), 2**-8 * np.abs(_silu(g) * u) + tol)
+
+
+@needs_packed
+def test_glu_keeps_nan_in_its_row():
+    x = jnp.ones((9, 32), jnp.bfloat16).at[3, 7].set(jnp.nan)
+    w = pm.pack(np.full((20, 32), 0.01, ml_dtypes.bfloat16))
+    y = np.asarray(pm.packed_glu_matmul(x, pm.interleave(w, w), 20), np.float32)
+    assert np.isnan(y[3]).all() and np.isfinite(np.delete(y, 3, axis=0)).all()

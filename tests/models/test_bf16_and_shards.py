@@ -8,6 +8,7 @@ import torch
 from flax import nnx
 
 from jaxserve.cpu_kernels import packed_matmul
+from jaxserve.layers.linear import Embedding, Linear, PackedGateUp
 
 from jaxserve.weights.loader import load_model
 from tests.checkpoints import TINY_ARCHS
@@ -37,15 +38,19 @@ def test_bfloat16_error_is_like_hf_bfloat16(arch, tiny_checkpoints):
 @pytest.mark.parametrize("arch", TINY_ARCHS)
 def test_packed_bfloat16_weights_error_is_like_hf_bfloat16(arch, tiny_checkpoints):
     """With the CPU kernels on, every bf16 projection (and a tied embedding) is packed once at
-    load and every step, prefill and decode, runs the packed-weight kernel: same bound as
-    above."""
+    load, a bias-free gate and up fused under silu, and every step, prefill and decode, runs the packed
+    kernels: same bound as above."""
     path = tiny_checkpoints(arch)
     prompts = make_prompts(500, seed=7)[:3]
     loaded = load_model(path, dtype="bfloat16", cpu_matvec=True)
-    packed = [m for _, m in nnx.iter_graph(loaded.model) if getattr(m, "packed", False)]
-    layers = loaded.config.num_layers
-    tied = loaded.config.tie_word_embeddings
-    assert len(packed) == 7 * layers + 1, (len(packed), tied)  # + the lm_head or tied table
+    nodes = [m for _, m in nnx.iter_graph(loaded.model)]
+    linears = [m for m in nodes if isinstance(m, Linear)]
+    assert linears and all(m.packed for m in linears)
+    fused = [m for m in nodes if isinstance(m, PackedGateUp)]
+    fusable = loaded.config.hidden_act in ("silu", "swish") and not loaded.config.mlp_bias
+    assert len(fused) == (loaded.config.num_layers if fusable else 0)  # Mistral, Qwen2, Qwen3
+    tables = [m for m in nodes if isinstance(m, Embedding)]
+    assert [m.packed for m in tables] == [loaded.config.tie_word_embeddings]
     ref = hf_logits(path, prompts)
     hf_bf16 = hf_logits(path, prompts, dtype=torch.bfloat16)
     assert _rel_err(paged_logits(loaded, prompts), ref) <= 2 * _rel_err(hf_bf16, ref) + 1e-2
