@@ -8,7 +8,7 @@ import logging
 from pathlib import Path
 
 import jax
-import ml_dtypes
+import jax.numpy as jnp
 import numpy as np
 
 from jaxserve.cpu_kernels import amx_matmul, build
@@ -49,16 +49,16 @@ def packed_shape(n: int, k: int) -> tuple[int, int, int]:
     return (-(-n // PANEL), -(-k // 2), 2 * PANEL)
 
 
-def pack(w: np.ndarray) -> np.ndarray:
+@jax.jit
+def pack(w: jax.Array) -> jax.Array:
     """bf16 w [N, K] -> wp [ceil(N/16), ceil(K/2), 32] with wp[p, j, 2c:2c+2] =
-    w[16p + c, 2j:2j+2] (zero past N and K)."""
+    w[16p + c, 2j:2j+2] (zero past N and K). One jitted transpose per weight shape (XLA's is
+    ~10x numpy's on these 2-byte elements; the small model's 85 weights pack in ~0.1 s)."""
     n, k = w.shape
     p, k2, _ = packed_shape(n, k)
-    padded = np.zeros((p * PANEL, 2 * k2), ml_dtypes.bfloat16)
-    padded[:n, :k] = w
+    padded = jnp.pad(jnp.asarray(w, jnp.bfloat16), ((0, p * PANEL - n), (0, 2 * k2 - k)))
     # [P, 16, K2, 2] -> [P, K2, 16, 2]
-    return np.ascontiguousarray(padded.reshape(p, PANEL, k2, 2).transpose(0, 2, 1, 3)).reshape(
-        p, k2, 2 * PANEL)
+    return padded.reshape(p, PANEL, k2, 2).transpose(0, 2, 1, 3).reshape(p, k2, 2 * PANEL)
 
 
 def unpack(wp: np.ndarray, n: int, k: int) -> np.ndarray:
@@ -67,10 +67,11 @@ def unpack(wp: np.ndarray, n: int, k: int) -> np.ndarray:
     return wp.reshape(p, k2, PANEL, 2).transpose(0, 2, 1, 3).reshape(p * PANEL, 2 * k2)[:n, :k]
 
 
-def interleave(gate: np.ndarray, up: np.ndarray) -> np.ndarray:
+@jax.jit
+def interleave(gate: jax.Array, up: jax.Array) -> jax.Array:
     """The gated kernel's weight: packed gate and up [P, K2, 32] -> [2P, K2, 32] with gate panel
     i at 2i and up panel i at 2i + 1."""
-    return np.stack([gate, up], axis=1).reshape(2 * gate.shape[0], *gate.shape[1:])
+    return jnp.stack([gate, up], axis=1).reshape(2 * gate.shape[0], *gate.shape[1:])
 
 
 def packed_matmul(x: jax.Array, wp: jax.Array, n: int) -> jax.Array:

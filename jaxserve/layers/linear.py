@@ -6,7 +6,6 @@ import logging
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 from jaxserve.cpu_kernels import amx_matmul
@@ -124,8 +123,7 @@ def packable(matvec: bool, weight: jax.Array) -> bool:
 def packed_param(weight: jax.Array) -> nnx.Param:
     """weight [N, K] bf16 packed into 16-column panels [ceil(N/16), ceil(K/2), 32] (see
     cpu_kernels/packed_matmul.py), on the device and sharding of the weight."""
-    host = np.asarray(jax.device_get(weight))
-    return nnx.Param(jax.device_put(cpu_packed.pack(host), weight.sharding))
+    return nnx.Param(jax.device_put(cpu_packed.pack(weight), weight.sharding))
 
 
 def pack_weights(model: nnx.Module) -> int:
@@ -186,9 +184,8 @@ class PackedGateUp(nnx.Module):
     packed Linears (no bias): their panels interleaved, gate panel i then up panel i."""
 
     def __init__(self, gate: Linear, up: Linear):
-        host = [np.asarray(jax.device_get(lin.weight[...])) for lin in (gate, up)]
-        self.weight = nnx.Param(jax.device_put(cpu_packed.interleave(*host),
-                                               gate.weight[...].sharding))
+        self.weight = nnx.Param(jax.device_put(
+            cpu_packed.interleave(gate.weight[...], up.weight[...]), gate.weight[...].sharding))
         self.out_dim = gate.out_dim
 
     @staticmethod

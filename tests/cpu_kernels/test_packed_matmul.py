@@ -28,7 +28,7 @@ def _packed(x, w):
 def test_pack_puts_each_pair_in_its_panel_lane():
     n, k = 37, 9  # a partial last panel and an odd K
     w = np.arange(n * k, dtype=np.float32).reshape(n, k).astype(ml_dtypes.bfloat16)
-    wp = pm.pack(w)
+    wp = np.asarray(pm.pack(w))
     assert wp.shape == pm.packed_shape(n, k) == (3, 5, 32)
     for p in range(3):
         for j in range(5):
