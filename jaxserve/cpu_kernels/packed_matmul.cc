@@ -2,7 +2,8 @@
 // 512-token prefill chunk), on AVX-512 BF16 CPUs without AMX (AMD Zen 4 / 5), called from the
 // jitted step through XLA's FFI.
 //
-// y[T, N] = x[T, K] . W[N, K]^T, bf16 in and out, f32 accumulation, each output rounded once.
+// y[T, N] = x[T, K] . W[N, K]^T, bf16 in, f32 accumulation, each output rounded once to bf16
+// (or stored as f32: the lm_head's logits).
 // The weight is stored in panels of 16 output columns, pair by pair (packed_matmul.py: pack):
 //   wp[P, K2, 16, 2], P = ceil(N / 16), K2 = ceil(K / 2), zero padding;
 // wp[p, j] is one 64-byte vector holding the pair (w[n, 2j], w[n, 2j + 1]) of the 16 columns
@@ -41,7 +42,8 @@ constexpr int64_t kPrefetchBytes = 2048;  // how far ahead each panel stream is 
 struct Problem {
   const uint16_t* x;  // [T, K]
   const uint32_t* w;  // [P, K2, 16] pairs
-  uint16_t* y;  // [T, N]
+  void* y;  // [T, N], bf16 or (f32_out) f32
+  bool f32_out;
   int64_t T, K, N, K2;
 };
 
@@ -93,8 +95,12 @@ void block(const Problem& pr, int64_t t0, int64_t p0, bool prefetch) {
     for (int m = 0; m < MR; ++m) {
       __m512 out = acc[m][v];
       if constexpr (GLU) out = _mm512_mul_ps(jaxserve::silu16(out), acc[m][v + 1]);
-      _mm256_mask_storeu_epi16(pr.y + (t0 + m) * pr.N + n, mask,
-                               (__m256i)_mm512_cvtneps_pbh(out));
+      const int64_t at = (t0 + m) * pr.N + n;
+      if (pr.f32_out)
+        _mm512_mask_storeu_ps(static_cast<float*>(pr.y) + at, mask, out);
+      else
+        _mm256_mask_storeu_epi16(static_cast<uint16_t*>(pr.y) + at, mask,
+                                 (__m256i)_mm512_cvtneps_pbh(out));
     }
   }
 }
@@ -134,9 +140,11 @@ void block_any(const Problem& pr, int64_t t0, int mr, int64_t p0, int nv, bool p
 template <bool GLU>
 ffi::Error Run(ffi::ThreadPool& pool, ffi::AnyBuffer& x, ffi::AnyBuffer& w, ffi::AnyBuffer& y) {
   auto xd = x.dimensions(), wd = w.dimensions(), yd = y.dimensions();
+  const bool f32_out = !GLU && y.element_type() == ffi::DataType::F32;
   if (x.element_type() != ffi::DataType::BF16 || w.element_type() != ffi::DataType::BF16 ||
-      y.element_type() != ffi::DataType::BF16)
-    return ffi::Error::InvalidArgument("packed_matmul: x, wp and y must be bfloat16");
+      (y.element_type() != ffi::DataType::BF16 && !f32_out))
+    return ffi::Error::InvalidArgument(
+        "packed_matmul: x and wp must be bfloat16, y bfloat16 (or float32, ungated)");
   if (xd.size() != 2 || wd.size() != 3 || yd.size() != 2 || yd[0] != xd[0] || wd[2] != 32)
     return ffi::Error::InvalidArgument(
         "packed_matmul: x [T, K], wp [ceil(N/16), ceil(K/2), 32] and y [T, N]");
@@ -146,8 +154,7 @@ ffi::Error Run(ffi::ThreadPool& pool, ffi::AnyBuffer& x, ffi::AnyBuffer& w, ffi:
   if (T < 1 || K < 1 || N < 1 || T * K >= (int64_t{1} << 31))
     return ffi::Error::InvalidArgument("packed_matmul: 1 <= T, K, N and T * K < 2^31");
   const Problem pr{static_cast<const uint16_t*>(x.untyped_data()),
-                   static_cast<const uint32_t*>(w.untyped_data()),
-                   static_cast<uint16_t*>(y.untyped_data()), T, K, N, (K + 1) / 2};
+                   static_cast<const uint32_t*>(w.untyped_data()), y.untyped_data(), f32_out, T, K, N, (K + 1) / 2};
   const int mr = static_cast<int>(std::min<int64_t>(T, GLU ? 6 : 8));  // GLU: 4 panels
   const int nv = panels_for(mr);
   const int64_t groups = (wd[0] + nv - 1) / nv, tiles = (T + kRowTile - 1) / kRowTile;

@@ -74,10 +74,12 @@ def interleave(gate: jax.Array, up: jax.Array) -> jax.Array:
     return jnp.stack([gate, up], axis=1).reshape(2 * gate.shape[0], *gate.shape[1:])
 
 
-def packed_matmul(x: jax.Array, wp: jax.Array, n: int) -> jax.Array:
-    """x bf16 [T, K], wp = pack(w [n, K]) -> bf16 [T, n] (f32 accumulation)."""
+def packed_matmul(x: jax.Array, wp: jax.Array, n: int, out_dtype=None) -> jax.Array:
+    """x bf16 [T, K], wp = pack(w [n, K]) -> [T, n] (f32 accumulation) in out_dtype: bf16 (the
+    default) or f32 (no rounding: logits)."""
     ensure_built()
-    call = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct((x.shape[0], n), x.dtype))
+    out = jnp.dtype(out_dtype or x.dtype)
+    call = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct((x.shape[0], n), out))
     return call(x, wp)
 
 

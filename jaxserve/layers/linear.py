@@ -149,6 +149,7 @@ class Linear(nnx.Module):
         self.in_dim, self.out_dim = in_dim, out_dim
         self.matvec = matvec
         self.packed = False
+        self.f32_out = False  # packed only: y in f32, not rounded to bf16 (an lm_head's logits)
         self.rows_major = rows_major(dtype)
         if self.rows_major:
             self.weight = nnx.Param(init)  # [out, in]
@@ -166,7 +167,8 @@ class Linear(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         if self.packed:
-            y = cpu_packed.packed_matmul(x, self.weight[...], self.out_dim)  # [T, out]
+            y = cpu_packed.packed_matmul(x, self.weight[...], self.out_dim,
+                                         jnp.float32 if self.f32_out else None)  # [T, out]
         elif self.rows_major:
             w = self.weight[...]
             y = cpu_matmul(self.matvec, x, w)  # [T, out], or None: XLA's matmul
@@ -227,8 +229,8 @@ class Embedding(nnx.Module):
         return jnp.take(self.embedding[...], token_ids, axis=0)  # [T, hidden]
 
     def attend(self, x: jax.Array) -> jax.Array:
-        if self.packed:
-            return cpu_packed.packed_matmul(x, self.embedding[...], self.vocab)  # [T, vocab]
+        if self.packed:  # f32 [T, vocab]: the logits, never rounded to bf16
+            return cpu_packed.packed_matmul(x, self.embedding[...], self.vocab, jnp.float32)
         y = cpu_matmul(self.matvec, x, self.embedding[...])  # [T, vocab]
         if y is not None:
             return y

@@ -14,7 +14,7 @@ from jaxserve.layers.attention import (
     AttentionMetadata,
     write_and_attend,
 )
-from jaxserve.layers.linear import Embedding, PackedGateUp, pack_weights
+from jaxserve.layers.linear import Embedding, Linear, PackedGateUp, pack_weights
 from jaxserve.layers.norms import RMSNorm
 from jaxserve.layers.quant_scheme import QuantConfig
 from jaxserve.layers.quantized_embedding import QuantizedEmbedding
@@ -154,6 +154,8 @@ class DecoderForCausalLM(nnx.Module):
         """Once after loading, with the CPU kernels on: pack the bf16 weights they read and
         fuse each layer's gate and up; returns (weights packed, layers fused)."""
         packed = pack_weights(self)
+        if isinstance(self.lm_head, Linear) and self.lm_head.packed:
+            self.lm_head.f32_out = True  # logits straight from the f32 sums
         return packed, sum(layer.fuse_gate_up() for layer in self.layers)
 
     def compute_logits(self, hidden: jax.Array) -> jax.Array:

@@ -51,6 +51,8 @@ def test_packed_bfloat16_weights_error_is_like_hf_bfloat16(arch, tiny_checkpoint
     assert len(fused) == (loaded.config.num_layers if fusable else 0)  # Mistral, Qwen2, Qwen3
     tables = [m for m in nodes if isinstance(m, Embedding)]
     assert [m.packed for m in tables] == [loaded.config.tie_word_embeddings]
+    head = loaded.model.lm_head
+    assert head is None or head.f32_out  # untied: logits from the f32 sums
     ref = hf_logits(path, prompts)
     hf_bf16 = hf_logits(path, prompts, dtype=torch.bfloat16)
     assert _rel_err(paged_logits(loaded, prompts), ref) <= 2 * _rel_err(hf_bf16, ref) + 1e-2
