@@ -19,13 +19,17 @@
 // interleaved, gate panel i then up panel i, and stores silu(gate) * up in f32 before the one
 // rounding: y[T, M] from wp[2 * ceil(M / 16), K2, 32]; its blocks hold whole (gate, up) pairs.
 //
-// Shapes: x [T, K] bf16; wp [P, K2, 32] bf16; y [T, N] bf16.
+// f32 models take the same kernel on f32 panels, wp[P, K, 16] (16 columns of one k per
+// vector, vfmadd instead of vdpbf16ps), y in f32.
+//
+// Shapes: x [T, K] bf16; wp [P, K2, 32] bf16; y [T, N] bf16 (f32 x: wp [P, K, 16], y f32).
 
 #include <immintrin.h>
 
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
 #include "parallel.h"
 #include "vec_math.h"
@@ -40,11 +44,11 @@ constexpr int64_t kRowTile = 64;  // rows per work item
 constexpr int64_t kPrefetchBytes = 2048;  // how far ahead each panel stream is prefetched
 
 struct Problem {
-  const uint16_t* x;  // [T, K]
-  const uint32_t* w;  // [P, K2, 16] pairs
+  const void* x;  // [T, K], bf16 or f32
+  const char* w;  // [P, steps, 64 bytes]: bf16 pairs or f32 values of 16 columns
   void* y;  // [T, N], bf16 or (f32_out) f32
   bool f32_out;
-  int64_t T, K, N, K2;
+  int64_t T, K, N, steps;  // steps: vectors per panel, ceil(K / 2) for bf16, K for f32
 };
 
 // The pair (x[t, 2j], x[t, 2j + 1]) of a row as one 32-bit word (rows of an odd K start
@@ -56,34 +60,41 @@ inline uint32_t x_pair(const uint16_t* row, int64_t j) {
 }
 
 // Rows [t0, t0 + MR) x panels [p0, p0 + NV). prefetch: the first rows to read these panels.
-// GLU: panels are (gate, up) pairs, output columns 16 * (p0 + v) / 2 + [0, 16).
-template <int MR, int NV, bool GLU>
+// GLU: panels are (gate, up) pairs, output columns 16 * (p0 + v) / 2 + [0, 16). F32: x and the
+// panels are f32 (one k per vector, vfmadd) instead of bf16 pairs (vdpbf16ps).
+template <int MR, int NV, bool GLU, bool F32>
 void block(const Problem& pr, int64_t t0, int64_t p0, bool prefetch) {
+  using X = std::conditional_t<F32, float, uint16_t>;
   __m512 acc[MR][NV];
   for (int m = 0; m < MR; ++m)
     for (int v = 0; v < NV; ++v) acc[m][v] = _mm512_setzero_ps();
-  const uint32_t* panel[NV];
-  for (int v = 0; v < NV; ++v) panel[v] = pr.w + (p0 + v) * pr.K2 * 16;
-  const uint16_t* row[MR];
-  for (int m = 0; m < MR; ++m) row[m] = pr.x + (t0 + m) * pr.K;
-  const int64_t pairs = pr.K / 2;
-  for (int64_t j = 0; j < pairs; ++j) {
-    __m512bh wv[NV];
+  const char* panel[NV];
+  for (int v = 0; v < NV; ++v) panel[v] = pr.w + (p0 + v) * pr.steps * 64;
+  const X* row[MR];
+  for (int m = 0; m < MR; ++m) row[m] = static_cast<const X*>(pr.x) + (t0 + m) * pr.K;
+  const int64_t full = F32 ? pr.K : pr.K / 2;  // whole vectors (an odd K's last pair aside)
+  for (int64_t j = 0; j < full; ++j) {
+    __m512 wv[NV];
     for (int v = 0; v < NV; ++v) {
-      const uint32_t* at = panel[v] + j * 16;
-      if (prefetch) _mm_prefetch(reinterpret_cast<const char*>(at) + kPrefetchBytes, _MM_HINT_T0);
-      wv[v] = (__m512bh)_mm512_loadu_si512(at);
+      const char* at = panel[v] + j * 64;
+      if (prefetch) _mm_prefetch(at + kPrefetchBytes, _MM_HINT_T0);
+      wv[v] = _mm512_loadu_ps(at);
     }
     for (int m = 0; m < MR; ++m) {
-      const __m512bh xb = (__m512bh)_mm512_set1_epi32(static_cast<int32_t>(x_pair(row[m], j)));
-      for (int v = 0; v < NV; ++v) acc[m][v] = _mm512_dpbf16_ps(acc[m][v], wv[v], xb);
+      if constexpr (F32) {
+        const __m512 xb = _mm512_set1_ps(row[m][j]);
+        for (int v = 0; v < NV; ++v) acc[m][v] = _mm512_fmadd_ps(wv[v], xb, acc[m][v]);
+      } else {
+        const __m512bh xb = (__m512bh)_mm512_set1_epi32(static_cast<int32_t>(x_pair(row[m], j)));
+        for (int v = 0; v < NV; ++v) acc[m][v] = _mm512_dpbf16_ps(acc[m][v], (__m512bh)wv[v], xb);
+      }
     }
   }
-  if (pr.K % 2) {  // odd K: the last pair is (x[t, K - 1], 0) against (w[n, K - 1], 0)
+  if (!F32 && pr.K % 2) {  // odd K: the last pair is (x[t, K - 1], 0) against (w[n, K - 1], 0)
     for (int m = 0; m < MR; ++m) {
-      const __m512bh xb = (__m512bh)_mm512_set1_epi32(row[m][pr.K - 1]);
+      const __m512bh xb = (__m512bh)_mm512_set1_epi32(static_cast<uint16_t>(row[m][pr.K - 1]));
       for (int v = 0; v < NV; ++v) {
-        const __m512bh wl = (__m512bh)_mm512_loadu_si512(panel[v] + pairs * 16);
+        const __m512bh wl = (__m512bh)_mm512_loadu_ps(panel[v] + full * 64);
         acc[m][v] = _mm512_dpbf16_ps(acc[m][v], wl, xb);
       }
     }
@@ -110,51 +121,58 @@ void block(const Problem& pr, int64_t t0, int64_t p0, bool prefetch) {
 constexpr int panels_for(int mr) { return mr <= 6 ? 4 : 3; }
 
 // The last group of panels may be narrower (nv < NV); a GLU's groups are whole pairs.
-template <int MR, bool GLU, int NV = panels_for(MR)>
+template <int MR, bool GLU, bool F32, int NV = panels_for(MR)>
 void block_nv(const Problem& pr, int64_t t0, int64_t p0, int nv, bool prefetch) {
   constexpr int kStep = GLU ? 2 : 1;
   if constexpr (NV > kStep) {
-    if (nv < NV) return block_nv<MR, GLU, NV - kStep>(pr, t0, p0, nv, prefetch);
+    if (nv < NV) return block_nv<MR, GLU, F32, NV - kStep>(pr, t0, p0, nv, prefetch);
   }
-  block<MR, NV, GLU>(pr, t0, p0, prefetch);
+  block<MR, NV, GLU, F32>(pr, t0, p0, prefetch);
 }
 
-template <bool GLU>
+template <bool GLU, bool F32>
 void block_any(const Problem& pr, int64_t t0, int mr, int64_t p0, int nv, bool prefetch) {
   switch (mr) {
-    case 1: return block_nv<1, GLU>(pr, t0, p0, nv, prefetch);
-    case 2: return block_nv<2, GLU>(pr, t0, p0, nv, prefetch);
-    case 3: return block_nv<3, GLU>(pr, t0, p0, nv, prefetch);
-    case 4: return block_nv<4, GLU>(pr, t0, p0, nv, prefetch);
-    case 5: return block_nv<5, GLU>(pr, t0, p0, nv, prefetch);
-    case 6: return block_nv<6, GLU>(pr, t0, p0, nv, prefetch);
+    case 1: return block_nv<1, GLU, F32>(pr, t0, p0, nv, prefetch);
+    case 2: return block_nv<2, GLU, F32>(pr, t0, p0, nv, prefetch);
+    case 3: return block_nv<3, GLU, F32>(pr, t0, p0, nv, prefetch);
+    case 4: return block_nv<4, GLU, F32>(pr, t0, p0, nv, prefetch);
+    case 5: return block_nv<5, GLU, F32>(pr, t0, p0, nv, prefetch);
+    case 6: return block_nv<6, GLU, F32>(pr, t0, p0, nv, prefetch);
     default:
       if constexpr (!GLU) {  // GLU blocks have at most 6 rows (Run)
-        if (mr == 7) return block_nv<7, GLU>(pr, t0, p0, nv, prefetch);
-        return block_nv<8, GLU>(pr, t0, p0, nv, prefetch);
+        if (mr == 7) return block_nv<7, GLU, F32>(pr, t0, p0, nv, prefetch);
+        return block_nv<8, GLU, F32>(pr, t0, p0, nv, prefetch);
       }
   }
 }
 
-// y = x . W^T (GLU: silu(x . Wg^T) * (x . Wu^T)) for the packed wp; checks the shapes.
+// y = x . W^T (GLU: silu(x . Wg^T) * (x . Wu^T)) for the packed wp; checks the shapes. bf16
+// x and wp [P, ceil(K/2), 32] (y bf16, or f32 ungated), or f32 x and wp [P, K, 16] (y f32).
 template <bool GLU>
 ffi::Error Run(ffi::ThreadPool& pool, ffi::AnyBuffer& x, ffi::AnyBuffer& w, ffi::AnyBuffer& y) {
   auto xd = x.dimensions(), wd = w.dimensions(), yd = y.dimensions();
-  const bool f32_out = !GLU && y.element_type() == ffi::DataType::F32;
-  if (x.element_type() != ffi::DataType::BF16 || w.element_type() != ffi::DataType::BF16 ||
-      (y.element_type() != ffi::DataType::BF16 && !f32_out))
+  const bool f32 = x.element_type() == ffi::DataType::F32;
+  const auto elem = f32 ? ffi::DataType::F32 : ffi::DataType::BF16;
+  const bool f32_out = f32 || (!GLU && y.element_type() == ffi::DataType::F32);
+  if ((!f32 && x.element_type() != ffi::DataType::BF16) || w.element_type() != elem ||
+      y.element_type() != (f32_out ? ffi::DataType::F32 : ffi::DataType::BF16))
     return ffi::Error::InvalidArgument(
-        "packed_matmul: x and wp must be bfloat16, y bfloat16 (or float32, ungated)");
-  if (xd.size() != 2 || wd.size() != 3 || yd.size() != 2 || yd[0] != xd[0] || wd[2] != 32)
+        "packed_matmul: x and wp both bfloat16 (y bfloat16, or float32 ungated) or both "
+        "float32 (y float32)");
+  if (xd.size() != 2 || wd.size() != 3 || yd.size() != 2 || yd[0] != xd[0] ||
+      wd[2] != (f32 ? 16 : 32))
     return ffi::Error::InvalidArgument(
-        "packed_matmul: x [T, K], wp [ceil(N/16), ceil(K/2), 32] and y [T, N]");
+        "packed_matmul: x [T, K], wp [ceil(N/16), ceil(K/2), 32] (f32: [ceil(N/16), K, 16]) "
+        "and y [T, N]");
   const int64_t T = xd[0], K = xd[1], N = yd[1];
-  if (wd[0] != (GLU ? 2 : 1) * ((N + 15) / 16) || wd[1] != (K + 1) / 2)
+  const int64_t steps = f32 ? K : (K + 1) / 2;
+  if (wd[0] != (GLU ? 2 : 1) * ((N + 15) / 16) || wd[1] != steps)
     return ffi::Error::InvalidArgument("packed_matmul: wp is not the packed [N, K] weight");
   if (T < 1 || K < 1 || N < 1 || T * K >= (int64_t{1} << 31))
     return ffi::Error::InvalidArgument("packed_matmul: 1 <= T, K, N and T * K < 2^31");
-  const Problem pr{static_cast<const uint16_t*>(x.untyped_data()),
-                   static_cast<const uint32_t*>(w.untyped_data()), y.untyped_data(), f32_out, T, K, N, (K + 1) / 2};
+  const Problem pr{x.untyped_data(), static_cast<const char*>(w.untyped_data()),
+                   y.untyped_data(), f32_out, T, K, N, steps};
   const int mr = static_cast<int>(std::min<int64_t>(T, GLU ? 6 : 8));  // GLU: 4 panels
   const int nv = panels_for(mr);
   const int64_t groups = (wd[0] + nv - 1) / nv, tiles = (T + kRowTile - 1) / kRowTile;
@@ -163,8 +181,11 @@ ffi::Error Run(ffi::ThreadPool& pool, ffi::AnyBuffer& x, ffi::AnyBuffer& w, ffi:
     const int g_nv = static_cast<int>(std::min<int64_t>(nv, wd[0] - p0));
     const int64_t t_end = std::min(T, t_begin + kRowTile);
     for (int64_t t0 = t_begin; t0 < t_end; t0 += mr) {
-      block_any<GLU>(pr, t0, static_cast<int>(std::min<int64_t>(mr, t_end - t0)), p0, g_nv,
-                     t0 == t_begin);
+      const int rows = static_cast<int>(std::min<int64_t>(mr, t_end - t0));
+      if (f32)
+        block_any<GLU, true>(pr, t0, rows, p0, g_nv, t0 == t_begin);
+      else
+        block_any<GLU, false>(pr, t0, rows, p0, g_nv, t0 == t_begin);
     }
   });
   return ffi::Error::Success();

@@ -1,5 +1,5 @@
-"""The packed-weight bf16 matmul (packed_matmul.cc): y = x @ W^T for any row count, with W
-packed once at load into panels of 16 output columns (CPUs with AVX-512 BF16 but no AMX)."""
+"""The packed-weight matmul (packed_matmul.cc): y = x @ W^T for any row count, bf16 or f32, with
+W packed once at load into panels of 16 output columns (CPUs with AVX-512 BF16 but no AMX)."""
 
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ def ensure_built() -> None:
 
 @functools.cache
 def available() -> bool:
-    """Whether bf16 weights are packed for this kernel: the CPU has AVX-512 BF16 and no AMX
+    """Whether bf16 (and f32) weights are packed for this kernel: the CPU has AVX-512 BF16 and no AMX
     (with AMX the tile kernel reads the weight as stored), and the kernel builds. Decided once
     per process; a build failure is logged as a warning."""
     if not dpbf16_matmul.cpu_has_avx512_bf16() or amx_matmul.available():
@@ -44,27 +44,33 @@ def available() -> bool:
     return True
 
 
-def packed_shape(n: int, k: int) -> tuple[int, int, int]:
-    """The packed layout of a [n, k] weight: [ceil(n / 16), ceil(k / 2), 32]."""
+def packed_shape(n: int, k: int, dtype=jnp.bfloat16) -> tuple[int, int, int]:
+    """The packed layout of a [n, k] weight: bf16 [ceil(n / 16), ceil(k / 2), 32] (pairs of k),
+    f32 [ceil(n / 16), k, 16]."""
+    if jnp.dtype(dtype) == jnp.float32:
+        return (-(-n // PANEL), k, PANEL)
     return (-(-n // PANEL), -(-k // 2), 2 * PANEL)
 
 
 @jax.jit
 def pack(w: jax.Array) -> jax.Array:
-    """bf16 w [N, K] -> wp [ceil(N/16), ceil(K/2), 32] with wp[p, j, 2c:2c+2] =
-    w[16p + c, 2j:2j+2] (zero past N and K). One jitted transpose per weight shape (XLA's is
-    ~10x numpy's on these 2-byte elements; the small model's 85 weights pack in ~0.1 s)."""
+    """w [N, K] (bf16 or f32) -> its panels: wp[p, j, 2c:2c+2] = w[16p + c, 2j:2j+2] for bf16,
+    wp[p, k, c] = w[16p + c, k] for f32 (zero past N and K). One jitted transpose per weight
+    shape (XLA's is ~10x numpy's on 2-byte elements; the small model's 85 weights take ~0.1 s)."""
     n, k = w.shape
-    p, k2, _ = packed_shape(n, k)
-    padded = jnp.pad(jnp.asarray(w, jnp.bfloat16), ((0, p * PANEL - n), (0, 2 * k2 - k)))
-    # [P, 16, K2, 2] -> [P, K2, 16, 2]
-    return padded.reshape(p, PANEL, k2, 2).transpose(0, 2, 1, 3).reshape(p, k2, 2 * PANEL)
+    p, steps, width = packed_shape(n, k, w.dtype)
+    pair = width // PANEL  # k values per lane: 2 (bf16) or 1 (f32)
+    padded = jnp.pad(w, ((0, p * PANEL - n), (0, steps * pair - k)))
+    # [P, 16, steps, pair] -> [P, steps, 16, pair]
+    return padded.reshape(p, PANEL, steps, pair).transpose(0, 2, 1, 3).reshape(p, steps, width)
 
 
 def unpack(wp: np.ndarray, n: int, k: int) -> np.ndarray:
-    """The inverse of pack: wp [ceil(N/16), ceil(K/2), 32] -> w [n, k]."""
-    p, k2, _ = wp.shape
-    return wp.reshape(p, k2, PANEL, 2).transpose(0, 2, 1, 3).reshape(p * PANEL, 2 * k2)[:n, :k]
+    """The inverse of pack: wp [ceil(N/16), steps, 16 * pair] -> w [n, k]."""
+    p, steps, width = wp.shape
+    pair = width // PANEL
+    return wp.reshape(p, steps, PANEL, pair).transpose(0, 2, 1, 3).reshape(
+        p * PANEL, steps * pair)[:n, :k]
 
 
 @jax.jit
@@ -75,8 +81,8 @@ def interleave(gate: jax.Array, up: jax.Array) -> jax.Array:
 
 
 def packed_matmul(x: jax.Array, wp: jax.Array, n: int, out_dtype=None) -> jax.Array:
-    """x bf16 [T, K], wp = pack(w [n, K]) -> [T, n] (f32 accumulation) in out_dtype: bf16 (the
-    default) or f32 (no rounding: logits)."""
+    """x [T, K], wp = pack(w [n, K]) of x's dtype -> [T, n] (f32 accumulation) in out_dtype:
+    x's dtype (the default) or, for bf16 x, f32 (no rounding: logits)."""
     ensure_built()
     out = jnp.dtype(out_dtype or x.dtype)
     call = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct((x.shape[0], n), out))
@@ -84,7 +90,7 @@ def packed_matmul(x: jax.Array, wp: jax.Array, n: int, out_dtype=None) -> jax.Ar
 
 
 def packed_glu_matmul(x: jax.Array, wp: jax.Array, m: int) -> jax.Array:
-    """x bf16 [T, K], wp = interleave(pack(gate [m, K]), pack(up [m, K])) -> bf16 [T, m]:
+    """x [T, K], wp = interleave(pack(gate [m, K]), pack(up [m, K])) -> [T, m] in x's dtype:
     silu(x @ gate^T) * (x @ up^T), in f32 until the one rounding."""
     ensure_built()
     call = jax.ffi.ffi_call(GLU_TARGET, jax.ShapeDtypeStruct((x.shape[0], m), x.dtype))

@@ -115,14 +115,15 @@ def cpu_matmul(use: bool, x: jax.Array, w: jax.Array) -> jax.Array | None:
 
 
 def packable(matvec: bool, weight: jax.Array) -> bool:
-    """Whether a float weight [out, in] is packed at load for the packed-weight kernel: its
-    module runs the CPU kernels (matvec), it is bf16, and this CPU takes that kernel."""
-    return matvec and weight.dtype == jnp.bfloat16 and cpu_packed.available()
+    """Whether a float weight is packed at load for the packed-weight kernel: its module runs
+    the CPU kernels (matvec), it is bf16 or f32, and this CPU takes that kernel."""
+    return (matvec and weight.dtype in (jnp.bfloat16, jnp.float32)
+            and cpu_packed.available())
 
 
 def packed_param(weight: jax.Array) -> nnx.Param:
-    """weight [N, K] bf16 packed into 16-column panels [ceil(N/16), ceil(K/2), 32] (see
-    cpu_kernels/packed_matmul.py), on the device and sharding of the weight."""
+    """weight [N, K] packed into 16-column panels (bf16 [ceil(N/16), ceil(K/2), 32], f32
+    [ceil(N/16), K, 16]; see cpu_kernels/packed_matmul.py), on the weight's device/sharding."""
     return nnx.Param(jax.device_put(cpu_packed.pack(weight), weight.sharding))
 
 
@@ -158,16 +159,25 @@ class Linear(nnx.Module):
         self.bias = nnx.Param(jnp.zeros((out_dim,), dtype=dtype)) if bias else None  # [out]
 
     def pack(self) -> bool:
-        """Replace the loaded weight [out, in] by its packed panels where packable."""
-        if self.packed or not self.rows_major or not packable(self.matvec, self.weight[...]):
+        """Replace the loaded weight (`weight` [out, in], or f32's `kernel` [in, out]) by its
+        packed panels, under the same name, where packable."""
+        w = self.weight[...] if self.rows_major else self.kernel[...].T  # [out, in]
+        if self.packed or not packable(self.matvec, w):
             return False
-        self.weight = packed_param(self.weight[...])
+        if self.rows_major:
+            self.weight = packed_param(w)
+        else:
+            self.kernel = packed_param(w)
         self.packed = True
         return True
 
+    def panels(self) -> jax.Array:
+        """The packed weight (after pack)."""
+        return (self.weight if self.rows_major else self.kernel)[...]
+
     def __call__(self, x: jax.Array) -> jax.Array:
         if self.packed:
-            y = cpu_packed.packed_matmul(x, self.weight[...], self.out_dim,
+            y = cpu_packed.packed_matmul(x, self.panels(), self.out_dim,
                                          jnp.float32 if self.f32_out else None)  # [T, out]
         elif self.rows_major:
             w = self.weight[...]
@@ -187,7 +197,7 @@ class PackedGateUp(nnx.Module):
 
     def __init__(self, gate: Linear, up: Linear):
         self.weight = nnx.Param(jax.device_put(
-            cpu_packed.interleave(gate.weight[...], up.weight[...]), gate.weight[...].sharding))
+            cpu_packed.interleave(gate.panels(), up.panels()), gate.panels().sharding))
         self.out_dim = gate.out_dim
 
     @staticmethod
@@ -221,15 +231,16 @@ class Embedding(nnx.Module):
         return True
 
     def __call__(self, token_ids: jax.Array) -> jax.Array:
-        if self.packed:  # token v is column v % 16 of panel v // 16: [P, K2, 16, 2]
+        if self.packed:  # token v is column v % 16 of panel v // 16: [P, steps, 16, pair]
             panels = self.embedding[...]
-            table = panels.reshape(panels.shape[0], panels.shape[1], cpu_packed.PANEL, 2)
+            pair = panels.shape[2] // cpu_packed.PANEL  # 2 (bf16) or 1 (f32)
+            table = panels.reshape(panels.shape[0], panels.shape[1], cpu_packed.PANEL, pair)
             rows = table[token_ids // cpu_packed.PANEL, :, token_ids % cpu_packed.PANEL, :]
             return rows.reshape(token_ids.shape[0], -1)[:, : self.dim]  # [T, hidden]
         return jnp.take(self.embedding[...], token_ids, axis=0)  # [T, hidden]
 
     def attend(self, x: jax.Array) -> jax.Array:
-        if self.packed:  # f32 [T, vocab]: the logits, never rounded to bf16
+        if self.packed:  # f32 [T, vocab]: the logits, never rounded
             return cpu_packed.packed_matmul(x, self.embedding[...], self.vocab, jnp.float32)
         y = cpu_matmul(self.matvec, x, self.embedding[...])  # [T, vocab]
         if y is not None:

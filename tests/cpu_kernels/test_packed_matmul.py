@@ -91,22 +91,48 @@ def test_packed_linear_runs_the_kernel_for_every_row_count():
 
 
 @needs_packed
-def test_only_cpu_kernel_bf16_weights_are_packed():
+def test_only_cpu_kernel_weights_are_packed():
     off = linear.Linear(64, 40, bias=False, dtype=jnp.bfloat16, rngs=nnx.Rngs(0), matvec=False)
+    assert not off.pack() and off.weight[...].shape == (40, 64)
     f32 = linear.Linear(64, 40, bias=False, dtype=jnp.float32, rngs=nnx.Rngs(0), matvec=True)
-    assert not off.pack() and not f32.pack()
-    assert off.weight[...].shape == (40, 64) and f32.kernel[...].shape == (64, 40)
+    w = np.asarray(f32.kernel[...]).T  # f32 keeps [in, out] until packed
+    assert f32.pack() and f32.kernel[...].shape == pm.packed_shape(40, 64, jnp.float32)
+    x = jax.random.normal(jax.random.key(0), (9, 64), jnp.float32)
+    np.testing.assert_allclose(np.asarray(f32(x)), np.asarray(x, np.float64) @ w.T, rtol=1e-5,
+                               atol=1e-5)
+
+
+def test_f32_pack_puts_each_value_in_its_panel_lane():
+    w = np.arange(37 * 9, dtype=np.float32).reshape(37, 9)
+    wp = np.asarray(pm.pack(w))
+    assert wp.shape == pm.packed_shape(37, 9, np.float32) == (3, 9, 16)
+    assert wp[2, 4, 3] == w[35, 4] and wp[2, 4, 5] == 0  # column 37 is padding
+    np.testing.assert_array_equal(pm.unpack(wp, 37, 9), w)
 
 
 @needs_packed
-def test_packed_embedding_looks_up_rows_exactly_and_attends():
+@pytest.mark.parametrize("rows", [1, 3, 8, 17, 65])
+@pytest.mark.parametrize("k,n", [(896, 1152), (7, 13), (289, 101)])
+def test_f32_matches_float_math(rows, k, n):
+    rng = np.random.default_rng(rows * 7 + k)
+    x = rng.standard_normal((rows, k)).astype(np.float32)
+    w = rng.standard_normal((n, k)).astype(np.float32)
+    y = np.asarray(jax.jit(pm.packed_matmul, static_argnums=2)(x, pm.pack(w), n))
+    assert y.dtype == np.float32
+    np.testing.assert_allclose(y, x.astype(np.float64) @ w.T.astype(np.float64), rtol=1e-5,
+                               atol=2e-6 * np.sqrt(k))
+
+
+@needs_packed
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
+def test_packed_embedding_looks_up_rows_exactly_and_attends(dtype):
     vocab, dim = 37, 24  # a partial last panel
-    emb = linear.Embedding(vocab, dim, dtype=jnp.bfloat16, rngs=nnx.Rngs(1), matvec=True)
+    emb = linear.Embedding(vocab, dim, dtype=dtype, rngs=nnx.Rngs(1), matvec=True)
     table = np.asarray(emb.embedding[...])
     assert emb.pack()
     ids = jnp.asarray([0, 15, 16, 36, 5, 36], jnp.int32)
     np.testing.assert_array_equal(np.asarray(jax.jit(lambda i: emb(i))(ids)), table[np.asarray(ids)])
-    x = jax.random.normal(jax.random.key(0), (3, dim), jnp.bfloat16)
+    x = jax.random.normal(jax.random.key(0), (3, dim), dtype)
     want = np.asarray(x, np.float64) @ np.asarray(table, np.float64).T
     logits = emb.attend(x)
     assert logits.dtype == jnp.float32  # from the f32 sums, not rounded to bf16
@@ -118,12 +144,13 @@ def _silu(v):
 
 
 @needs_packed
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
 @pytest.mark.parametrize("rows", [1, 4, 6, 7, 13, 64, 65, 200])
 @pytest.mark.parametrize("k,m", [(896, 4864), (33, 40), (64, 16)])
-def test_glu_matches_float_math(rows, k, m):
+def test_glu_matches_float_math(rows, k, m, dtype):
     rng = np.random.default_rng(rows + k)
-    x = jnp.asarray(rng.standard_normal((rows, k)), jnp.bfloat16)
-    gate, up = (np.asarray(rng.standard_normal((m, k)), ml_dtypes.bfloat16) for _ in range(2))
+    x = jnp.asarray(rng.standard_normal((rows, k)), dtype)
+    gate, up = (np.asarray(rng.standard_normal((m, k)), dtype) for _ in range(2))
     wp = pm.interleave(pm.pack(gate), pm.pack(up))
     y = np.asarray(jax.jit(pm.packed_glu_matmul, static_argnums=2)(x, wp, m), np.float32)
     xf = np.asarray(x, np.float64)

@@ -69,3 +69,16 @@ def test_sharded_checkpoint_loads_identically(tiny_checkpoints, tmp_path):
     prompts = make_prompts(500)[:2]
     for a, b in zip(paged_logits(load_model(src), prompts), paged_logits(load_model(str(out)), prompts)):
         np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.skipif(not packed_matmul.available(), reason="no packed-weight kernel on this CPU")
+@pytest.mark.parametrize("arch", ["MistralForCausalLM", "Qwen2ForCausalLM"])  # untied / tied
+def test_packed_float32_weights_match_hf_float32(arch, tiny_checkpoints):
+    """f32 models pack too ([P, K, 16] panels, vfmadd): logits within f32 summation-order
+    noise of HF's float32 ones."""
+    path = tiny_checkpoints(arch)
+    prompts = make_prompts(500, seed=7)[:3]
+    loaded = load_model(path, dtype="float32", cpu_matvec=True)
+    linears = [m for _, m in nnx.iter_graph(loaded.model) if isinstance(m, Linear)]
+    assert linears and all(m.packed for m in linears)
+    assert _rel_err(paged_logits(loaded, prompts), hf_logits(path, prompts)) < 1e-4
