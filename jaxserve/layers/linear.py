@@ -1,4 +1,7 @@
-"""Dense projection whose weight layout follows what XLA:CPU's matmul reads fastest per dtype."""
+"""Dense projection whose weight layout follows the kernel that reads it: on a CPU with AVX-512
+BF16 and no AMX, panels packed once at load for the packed-weight kernel (every row count,
+bf16 and f32); elsewhere what XLA:CPU's matmul reads fastest per dtype, with the CPU kernels
+below for decode-sized bf16 steps (and for weights not packed, e.g. dequantized ones)."""
 
 from __future__ import annotations
 
