@@ -219,7 +219,7 @@ def _create_engine(args: EngineArgs) -> LLMEngine:
             f"{cfg.max_position_embeddings}"
         )
     blocks_per_seq = -(-max_model_len // args.block_size)
-    draft_loaded = _load_draft(args, loaded, attn, mesh, max_model_len)
+    draft_loaded = _load_draft(args, loaded, attn, mesh, max_model_len, matvec)
     block_bytes = kv_block_bytes(cfg, args.block_size, loaded.dtype, args.kv_cache_dtype)
     if draft_loaded is not None:  # (the draft's own cache stays in its model dtype)  # the draft's cache has as many blocks: budget both
         block_bytes += kv_block_bytes(draft_loaded.config, args.block_size, draft_loaded.dtype)
@@ -280,7 +280,7 @@ def _create_engine(args: EngineArgs) -> LLMEngine:
     return LLMEngine(runner, tokenizer, engine_cfg)
 
 
-def _load_draft(args: EngineArgs, loaded, attn, mesh, max_model_len: int):
+def _load_draft(args: EngineArgs, loaded, attn, mesh, max_model_len: int, matvec: bool):
     """The draft model of draft_model speculation (None otherwise), checked against the
     target: same vocabulary size and, where both ship one, the same tokenizer."""
     spec = args.speculative_config
@@ -304,7 +304,7 @@ def _load_draft(args: EngineArgs, loaded, attn, mesh, max_model_len: int):
     target_tok = args.tokenizer and resolve_model_path(args.tokenizer) or loaded.path
     check_draft_compatible(loaded.config, draft_cfg, max_model_len, vocab(target_tok),
                            vocab(draft_path))
-    draft = load_model(draft_path, args.dtype, attn, mesh)
+    draft = load_model(draft_path, args.dtype, attn, mesh, cpu_matvec=matvec)  # its kernels too
     logger.info("draft model %s: %d layers, hidden %d, %d speculative tokens", draft_path,
                 draft.config.num_layers, draft.config.hidden_size, spec.num_speculative_tokens)
     return draft
