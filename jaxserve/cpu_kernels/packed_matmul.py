@@ -19,7 +19,7 @@ TARGET = "jaxserve_cpu_packed_matmul"
 SYMBOL = "JaxserveCpuPackedMatmul"
 GLU_TARGET = "jaxserve_cpu_packed_glu_matmul"
 GLU_SYMBOL = "JaxserveCpuPackedGluMatmul"
-PANEL = 16  # output columns per panel: one 64-byte vector of bf16 pairs
+PANEL = 16  # output columns per panel: one 64-byte vector of bf16 pairs or f32 values
 logger = logging.getLogger(__name__)
 
 
@@ -31,9 +31,9 @@ def ensure_built() -> None:
 
 @functools.cache
 def available() -> bool:
-    """Whether bf16 (and f32) weights are packed for this kernel: the CPU has AVX-512 BF16 and no AMX
-    (with AMX the tile kernel reads the weight as stored), and the kernel builds. Decided once
-    per process; a build failure is logged as a warning."""
+    """Whether bf16 and f32 weights are packed for this kernel: the CPU has AVX-512 BF16 and
+    no AMX (with AMX the tile kernel reads bf16 weights as stored), and the kernel builds.
+    Decided once per process; a build failure is logged as a warning."""
     if not dpbf16_matmul.cpu_has_avx512_bf16() or amx_matmul.available():
         return False
     try:
@@ -56,7 +56,8 @@ def packed_shape(n: int, k: int, dtype=jnp.bfloat16) -> tuple[int, int, int]:
 def pack(w: jax.Array) -> jax.Array:
     """w [N, K] (bf16 or f32) -> its panels: wp[p, j, 2c:2c+2] = w[16p + c, 2j:2j+2] for bf16,
     wp[p, k, c] = w[16p + c, k] for f32 (zero past N and K). One jitted transpose per weight
-    shape (XLA's is ~10x numpy's on 2-byte elements; the small model's 85 weights take ~0.1 s)."""
+    shape: the small model's 85 weights pack (and its gate/up fuse) in 0.49 s with their
+    compiles, 1.46 s in numpy."""
     n, k = w.shape
     p, steps, width = packed_shape(n, k, w.dtype)
     pair = width // PANEL  # k values per lane: 2 (bf16) or 1 (f32)
@@ -75,8 +76,8 @@ def unpack(wp: np.ndarray, n: int, k: int) -> np.ndarray:
 
 @jax.jit
 def interleave(gate: jax.Array, up: jax.Array) -> jax.Array:
-    """The gated kernel's weight: packed gate and up [P, K2, 32] -> [2P, K2, 32] with gate panel
-    i at 2i and up panel i at 2i + 1."""
+    """The gated kernel's weight: packed gate and up [P, steps, width] -> [2P, steps, width]
+    with gate panel i at 2i and up panel i at 2i + 1."""
     return jnp.stack([gate, up], axis=1).reshape(2 * gate.shape[0], *gate.shape[1:])
 
 

@@ -70,9 +70,9 @@ def select_cpu_matvec(requested: str = "auto", tensor_parallel_size: int = 1) ->
                        "matmul for decode steps: %s", e)
         return False
     if cpu_packed.available():
-        logger.info("linear: no AMX; bf16 weights are packed at load into 16-column panels and "
-                    "projections of every row count (decode and prefill) run the packed "
-                    "AVX-512 BF16 kernel")
+        logger.info("linear: no AMX; bf16 and f32 weights are packed at load into 16-column "
+                    "panels and projections of every row count (decode and prefill) run the "
+                    "packed-weight AVX-512 kernel")
         return True
     logger.info("linear: bf16 projections of up to %d rows run the CPU decode kernel",
                 matvec_max_rows())
@@ -131,8 +131,8 @@ def packed_param(weight: jax.Array) -> nnx.Param:
 
 
 def pack_weights(model: nnx.Module) -> int:
-    """Pack, in place, every bf16 Linear and Embedding of model that runs the CPU kernels,
-    once after loading (one tensor at a time); returns how many were packed."""
+    """Pack, in place, every bf16 / f32 Linear and Embedding of model that runs the CPU
+    kernels, once after loading (one tensor at a time); returns how many were packed."""
     count = 0
     for _, node in nnx.iter_graph(model):
         if isinstance(node, (Linear, Embedding)) and node.pack():
@@ -141,9 +141,9 @@ def pack_weights(model: nnx.Module) -> int:
 
 
 class Linear(nnx.Module):
-    """y = x @ W (+ bias); W is `weight` [out, in] or `kernel` [in, out] (see rows_major), or
-    `weight` packed into 16-column panels after loading (pack, on CPUs with AVX-512 BF16 and
-    no AMX).
+    """y = x @ W (+ bias); W is `weight` [out, in] or `kernel` [in, out] (see rows_major), or,
+    under the same name, packed into 16-column panels after loading (pack, on CPUs with
+    AVX-512 BF16 and no AMX).
 
     matvec: decode-sized bf16 inputs run the CPU kernel (see select_cpu_matvec)."""
 

@@ -151,7 +151,7 @@ class DecoderForCausalLM(nnx.Module):
         return self.norm(x), tuple(new_cache)
 
     def pack_for_cpu(self) -> tuple[int, int]:
-        """Once after loading, with the CPU kernels on: pack the bf16 weights they read and
+        """Once after loading, with the CPU kernels on: pack the float weights they read and
         fuse each layer's gate and up; returns (weights packed, layers fused)."""
         packed = pack_weights(self)
         if isinstance(self.lm_head, Linear) and self.lm_head.packed:

@@ -158,11 +158,11 @@ def load_model(
 
 
 def _pack_for_cpu(model) -> None:
-    """Pack the bf16 weights the CPU kernels read into their panels (layers/linear.py), once."""
+    """Pack the float weights the CPU kernels read into their panels (layers/linear.py), once."""
     start = time.perf_counter()
     packed, fused = model.pack_for_cpu()
     if packed:
-        logger.info("packed %d bf16 weights for the packed-weight CPU kernel (gate and up fused "
+        logger.info("packed %d weights for the packed-weight CPU kernel (gate and up fused "
                     "with silu in %d layers) in %.2fs", packed, fused,
                     time.perf_counter() - start)
 
