@@ -131,7 +131,8 @@ def test_packed_embedding_looks_up_rows_exactly_and_attends(dtype):
     table = np.asarray(emb.embedding[...])
     assert emb.pack()
     ids = jnp.asarray([0, 15, 16, 36, 5, 36], jnp.int32)
-    np.testing.assert_array_equal(np.asarray(jax.jit(lambda i: emb(i))(ids)), table[np.asarray(ids)])
+    rows = np.asarray(jax.jit(lambda i: emb(i))(ids))
+    np.testing.assert_array_equal(rows, table[np.asarray(ids)])
     x = jax.random.normal(jax.random.key(0), (3, dim), dtype)
     want = np.asarray(x, np.float64) @ np.asarray(table, np.float64).T
     logits = emb.attend(x)

@@ -38,8 +38,8 @@ def test_bfloat16_error_is_like_hf_bfloat16(arch, tiny_checkpoints):
 @pytest.mark.parametrize("arch", TINY_ARCHS)
 def test_packed_bfloat16_weights_error_is_like_hf_bfloat16(arch, tiny_checkpoints):
     """With the CPU kernels on, every bf16 projection (and a tied embedding) is packed once at
-    load, a bias-free gate and up fused under silu, and every step, prefill and decode, runs the packed
-    kernels: same bound as above."""
+    load, a bias-free gate and up fused under silu, and every step, prefill and decode, runs
+    the packed kernels: same bound as above."""
     path = tiny_checkpoints(arch)
     prompts = make_prompts(500, seed=7)[:3]
     loaded = load_model(path, dtype="bfloat16", cpu_matvec=True)
