@@ -164,8 +164,10 @@ class Linear(nnx.Module):
     def pack(self) -> bool:
         """Replace the loaded weight (`weight` [out, in], or f32's `kernel` [in, out]) by its
         packed panels, under the same name, where packable."""
+        if self.packed:
+            return False
         w = self.weight[...] if self.rows_major else self.kernel[...].T  # [out, in]
-        if self.packed or not packable(self.matvec, w):
+        if not packable(self.matvec, w):
             return False
         if self.rows_major:
             self.weight = packed_param(w)
