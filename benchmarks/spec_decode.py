@@ -196,12 +196,13 @@ def main(argv=None) -> list[dict]:
     args = parse_args(argv)
     draft_path = args.draft_model
     if args.model == "trained":
-        from benchmarks.trained_models import ensure_trained
+        from benchmarks.trained_models import ensure_trained, trained_info
 
         dirs = ensure_trained()
         path, draft_path = dirs["target"], draft_path or dirs["draft"]
+        fixture = {role: trained_info(d) for role, d in dirs.items()}
     else:
-        path = resolve_model(args.model)
+        path, fixture = resolve_model(args.model), None
     common = dict(dtype=args.dtype, max_model_len=1024, max_num_seqs=args.batch,
                   max_num_batched_tokens=args.max_num_batched_tokens, show_progress=False,
                   seed=0,
@@ -238,6 +239,7 @@ def main(argv=None) -> list[dict]:
                 "gated_by_acceptance": res["gated_by_acceptance"],
                 "gated_by_batch_size": res["gated_by_batch_size"],
                 "repeats": args.repeats,
+                "trained_fixture": fixture,
                 "loadavg_at_start": [round(x, 2) for x in load],
                 "command": "python benchmarks/spec_decode.py " + " ".join(
                     sys.argv[1:] if argv is None else argv),

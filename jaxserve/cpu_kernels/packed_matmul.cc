@@ -24,7 +24,18 @@
 // f32 models take the same kernel on f32 panels, wp[P, K, 16] (16 columns of one k per
 // vector, vfmadd instead of vdpbf16ps), y in f32.
 //
-// Shapes: x [T, K] bf16; wp [P, K2, 32] bf16; y [T, N] bf16 (f32 x: wp [P, K, 16], y f32).
+// int8 weights (W8A16, symmetric, one scale per output column) take int8 panels laid out as
+// the bf16 ones, wp[P, K2, 32] s8 (32 bytes per pair vector), and their scales s[P, 16] f32.
+// Every int8 value is exact in bf16: a pair vector is widened to f32 (vpmovsxbd, vcvtdq2ps)
+// and narrowed to bf16 (vcvtne2ps2bf16) in registers, so the sums are those of the bf16 kernel
+// on the integer weights, exact products in f32, and each column's sum is scaled once before
+// the one rounding: the weight streams from memory at 1 byte per element. Where a tile has
+// more rows than one register block, its panels are first widened to bf16 once into a per-
+// thread buffer (held in L2) that all its row blocks read, so prefill converts each weight
+// once per 64 rows.
+//
+// Shapes: x [T, K] bf16; wp [P, K2, 32] bf16 | s8; s [P, 16] f32 (int8) | [0]; y [T, N] bf16
+// (f32 x: wp [P, K, 16], y f32).
 
 #include <immintrin.h>
 
@@ -32,6 +43,7 @@
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
+#include <vector>
 
 #include "parallel.h"
 #include "vec_math.h"
@@ -45,12 +57,21 @@ namespace {
 constexpr int64_t kRowTile = 64;  // rows per work item
 constexpr int64_t kPrefetchBytes = 2048;  // how far ahead each panel stream is prefetched
 
+// kInt8Wide: int8 panels already widened to bf16 vectors (widen_panels), scaled as int8.
+enum class Weights { kBf16, kF32, kInt8, kInt8Wide };
+
+// Bytes per panel vector: 16 columns of a bf16 pair or an f32 value (64), an int8 pair (32).
+constexpr int64_t vector_bytes(Weights kind) { return kind == Weights::kInt8 ? 32 : 64; }
+constexpr bool scaled(Weights kind) { return kind == Weights::kInt8 || kind == Weights::kInt8Wide; }
+
 struct Problem {
   const void* x;  // [T, K], bf16 or f32
-  const char* w;  // [P, steps, 64 bytes]: bf16 pairs or f32 values of 16 columns
+  const char* w;  // panels [first_panel, ...) of [P, steps, vector_bytes]
+  const float* scale;  // int8: [P, 16], the scale of each panel's columns; else null
   void* y;  // [T, N], bf16 or (f32_out) f32
   bool f32_out;
-  int64_t T, K, N, steps;  // steps: vectors per panel, ceil(K / 2) for bf16, K for f32
+  int64_t T, K, N, steps;  // steps: vectors per panel, ceil(K / 2) for bf16 / int8, K for f32
+  int64_t first_panel;  // the panel w starts at (0, or a tile's own bf16 copy: widen_panels)
 };
 
 // The pair (x[t, 2j], x[t, 2j + 1]) of a row as one 32-bit word (rows of an odd K start
@@ -61,26 +82,41 @@ inline uint32_t x_pair(const uint16_t* row, int64_t j) {
   return pair;
 }
 
+// 32 int8 weights (a pair vector of 16 columns) as 32 bf16, exactly, in pair order.
+inline __m512 widen_int8_pairs(const char* at) {
+  const __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)at)));
+  const __m512 hi =
+      _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(at + 16))));
+  return (__m512)_mm512_cvtne2ps_pbh(hi, lo);  // lo -> elements 0..15, hi -> 16..31
+}
+
 // Rows [t0, t0 + MR) x panels [p0, p0 + NV). prefetch: the first rows to read these panels.
-// GLU: panels are (gate, up) pairs, output columns 16 * (p0 + v) / 2 + [0, 16). F32: x and the
-// panels are f32 (one k per vector, vfmadd) instead of bf16 pairs (vdpbf16ps).
-template <int MR, int NV, bool GLU, bool F32>
+// GLU: panels are (gate, up) pairs, output columns 16 * (p0 + v) / 2 + [0, 16). kF32: x and the
+// panels are f32 (one k per vector, vfmadd) instead of bf16 pairs (vdpbf16ps); kInt8: int8
+// pairs widened to bf16 as they are read, each column scaled before the store.
+template <int MR, int NV, bool GLU, Weights W>
 void block(const Problem& pr, int64_t t0, int64_t p0, bool prefetch) {
+  constexpr bool F32 = W == Weights::kF32;
+  constexpr int64_t kBytes = vector_bytes(W);
   using X = std::conditional_t<F32, float, uint16_t>;
+  auto load = [](const char* at) {
+    if constexpr (W == Weights::kInt8) return widen_int8_pairs(at);
+    else return _mm512_loadu_ps(at);
+  };
   __m512 acc[MR][NV];
   for (int m = 0; m < MR; ++m)
     for (int v = 0; v < NV; ++v) acc[m][v] = _mm512_setzero_ps();
   const char* panel[NV];
-  for (int v = 0; v < NV; ++v) panel[v] = pr.w + (p0 + v) * pr.steps * 64;
+  for (int v = 0; v < NV; ++v) panel[v] = pr.w + (p0 + v - pr.first_panel) * pr.steps * kBytes;
   const X* row[MR];
   for (int m = 0; m < MR; ++m) row[m] = static_cast<const X*>(pr.x) + (t0 + m) * pr.K;
   const int64_t full = F32 ? pr.K : pr.K / 2;  // whole vectors (an odd K's last pair aside)
   for (int64_t j = 0; j < full; ++j) {
     __m512 wv[NV];
     for (int v = 0; v < NV; ++v) {
-      const char* at = panel[v] + j * 64;
-      if (prefetch) _mm_prefetch(at + kPrefetchBytes, _MM_HINT_T0);
-      wv[v] = _mm512_loadu_ps(at);
+      const char* at = panel[v] + j * kBytes;
+      if (prefetch && (kBytes == 64 || j % 2 == 0)) _mm_prefetch(at + kPrefetchBytes, _MM_HINT_T0);
+      wv[v] = load(at);
     }
     for (int m = 0; m < MR; ++m) {
       if constexpr (F32) {
@@ -96,7 +132,7 @@ void block(const Problem& pr, int64_t t0, int64_t p0, bool prefetch) {
     for (int m = 0; m < MR; ++m) {
       const __m512bh xb = (__m512bh)_mm512_set1_epi32(static_cast<uint16_t>(row[m][pr.K - 1]));
       for (int v = 0; v < NV; ++v) {
-        const __m512bh wl = (__m512bh)_mm512_loadu_ps(panel[v] + full * 64);
+        const __m512bh wl = (__m512bh)load(panel[v] + full * kBytes);
         acc[m][v] = _mm512_dpbf16_ps(acc[m][v], wl, xb);
       }
     }
@@ -105,9 +141,16 @@ void block(const Problem& pr, int64_t t0, int64_t p0, bool prefetch) {
   for (int v = 0; v < NV; v += kStep) {
     const int64_t n = (p0 + v) / kStep * 16, live = std::min<int64_t>(16, pr.N - n);
     const __mmask16 mask = static_cast<__mmask16>((1u << live) - 1);
+    __m512 scale[kStep];
+    if constexpr (scaled(W))
+      for (int i = 0; i < kStep; ++i) scale[i] = _mm512_loadu_ps(pr.scale + (p0 + v + i) * 16);
     for (int m = 0; m < MR; ++m) {
-      __m512 out = acc[m][v];
-      if constexpr (GLU) out = _mm512_mul_ps(jaxserve::silu16(out), acc[m][v + 1]);
+      __m512 out = acc[m][v], up = acc[m][v + kStep - 1];
+      if constexpr (scaled(W)) {
+        out = _mm512_mul_ps(out, scale[0]);
+        up = _mm512_mul_ps(up, scale[kStep - 1]);
+      }
+      if constexpr (GLU) out = _mm512_mul_ps(jaxserve::silu16(out), up);
       const int64_t at = (t0 + m) * pr.N + n;
       if (pr.f32_out)
         _mm512_mask_storeu_ps(static_cast<float*>(pr.y) + at, mask, out);
@@ -123,45 +166,83 @@ void block(const Problem& pr, int64_t t0, int64_t p0, bool prefetch) {
 constexpr int panels_for(int mr) { return mr <= 6 ? 4 : 3; }
 
 // The last group of panels may be narrower (nv < NV); a GLU's groups are whole pairs.
-template <int MR, bool GLU, bool F32, int NV = panels_for(MR)>
+template <int MR, bool GLU, Weights W, int NV = panels_for(MR)>
 void block_nv(const Problem& pr, int64_t t0, int64_t p0, int nv, bool prefetch) {
   constexpr int kStep = GLU ? 2 : 1;
   if constexpr (NV > kStep) {
-    if (nv < NV) return block_nv<MR, GLU, F32, NV - kStep>(pr, t0, p0, nv, prefetch);
+    if (nv < NV) return block_nv<MR, GLU, W, NV - kStep>(pr, t0, p0, nv, prefetch);
   }
-  block<MR, NV, GLU, F32>(pr, t0, p0, prefetch);
+  block<MR, NV, GLU, W>(pr, t0, p0, prefetch);
 }
 
-template <bool GLU, bool F32>
+template <bool GLU, Weights W>
 void block_any(const Problem& pr, int64_t t0, int mr, int64_t p0, int nv, bool prefetch) {
   switch (mr) {
-    case 1: return block_nv<1, GLU, F32>(pr, t0, p0, nv, prefetch);
-    case 2: return block_nv<2, GLU, F32>(pr, t0, p0, nv, prefetch);
-    case 3: return block_nv<3, GLU, F32>(pr, t0, p0, nv, prefetch);
-    case 4: return block_nv<4, GLU, F32>(pr, t0, p0, nv, prefetch);
-    case 5: return block_nv<5, GLU, F32>(pr, t0, p0, nv, prefetch);
-    case 6: return block_nv<6, GLU, F32>(pr, t0, p0, nv, prefetch);
+    case 1: return block_nv<1, GLU, W>(pr, t0, p0, nv, prefetch);
+    case 2: return block_nv<2, GLU, W>(pr, t0, p0, nv, prefetch);
+    case 3: return block_nv<3, GLU, W>(pr, t0, p0, nv, prefetch);
+    case 4: return block_nv<4, GLU, W>(pr, t0, p0, nv, prefetch);
+    case 5: return block_nv<5, GLU, W>(pr, t0, p0, nv, prefetch);
+    case 6: return block_nv<6, GLU, W>(pr, t0, p0, nv, prefetch);
     default:
       if constexpr (!GLU) {  // GLU blocks have at most 6 rows (Run)
-        if (mr == 7) return block_nv<7, GLU, F32>(pr, t0, p0, nv, prefetch);
-        return block_nv<8, GLU, F32>(pr, t0, p0, nv, prefetch);
+        if (mr == 7) return block_nv<7, GLU, W>(pr, t0, p0, nv, prefetch);
+        return block_nv<8, GLU, W>(pr, t0, p0, nv, prefetch);
       }
   }
 }
 
-// y = x . W^T (GLU: silu(x . Wg^T) * (x . Wu^T)) for the packed wp; checks the shapes. bf16
-// x and wp [P, ceil(K/2), 32] (y bf16, or f32 ungated), or f32 x and wp [P, K, 16] (y f32).
+// Panels [p0, p0 + nv) of int8 pr widened to bf16 pair vectors in buf: the same sums as
+// reading them in place, for a tile whose row blocks all read them.
+Problem widen_panels(const Problem& pr, int64_t p0, int nv, std::vector<__m512>& buf) {
+  buf.resize(static_cast<size_t>(nv * pr.steps));
+  const char* src = pr.w + p0 * pr.steps * vector_bytes(Weights::kInt8);
+  for (int64_t i = 0; i < nv * pr.steps; ++i) buf[i] = widen_int8_pairs(src + i * 32);
+  Problem wide = pr;
+  wide.w = reinterpret_cast<const char*>(buf.data());
+  wide.first_panel = p0;
+  return wide;
+}
+
+// The row blocks of one work item: rows [t_begin, t_end) x panels [p0, p0 + nv).
 template <bool GLU>
-ffi::Error Run(ffi::ThreadPool& pool, ffi::AnyBuffer& x, ffi::AnyBuffer& w, ffi::AnyBuffer& y) {
+void run_tile(const Problem& pr, Weights kind, int mr, int64_t p0, int nv, int64_t t_begin,
+              int64_t t_end) {
+  thread_local std::vector<__m512> wide_buf;
+  const bool widen = kind == Weights::kInt8 && t_end - t_begin > mr;  // several row blocks
+  const Problem use = widen ? widen_panels(pr, p0, nv, wide_buf) : pr;
+  for (int64_t t0 = t_begin; t0 < t_end; t0 += mr) {
+    const int rows = static_cast<int>(std::min<int64_t>(mr, t_end - t0));
+    const bool prefetch = t0 == t_begin;
+    switch (widen ? Weights::kInt8Wide : kind) {
+      case Weights::kBf16: block_any<GLU, Weights::kBf16>(use, t0, rows, p0, nv, prefetch); break;
+      case Weights::kF32: block_any<GLU, Weights::kF32>(use, t0, rows, p0, nv, prefetch); break;
+      case Weights::kInt8: block_any<GLU, Weights::kInt8>(use, t0, rows, p0, nv, prefetch); break;
+      case Weights::kInt8Wide:
+        block_any<GLU, Weights::kInt8Wide>(use, t0, rows, p0, nv, prefetch);
+        break;
+    }
+  }
+}
+
+// y = x . W^T (GLU: silu(x . Wg^T) * (x . Wu^T)) for the packed wp; checks the shapes. bf16
+// x and wp [P, ceil(K/2), 32] bf16 or s8 with s [P, 16] (y bf16, or f32 ungated), or f32 x
+// and wp [P, K, 16] (y f32).
+template <bool GLU>
+ffi::Error Run(ffi::ThreadPool& pool, ffi::AnyBuffer& x, ffi::AnyBuffer& w, ffi::AnyBuffer& s,
+               ffi::AnyBuffer& y) {
   auto xd = x.dimensions(), wd = w.dimensions(), yd = y.dimensions();
   const bool f32 = x.element_type() == ffi::DataType::F32;
+  const bool int8 = w.element_type() == ffi::DataType::S8;
+  const Weights kind = f32 ? Weights::kF32 : int8 ? Weights::kInt8 : Weights::kBf16;
   const auto elem = f32 ? ffi::DataType::F32 : ffi::DataType::BF16;
   const bool f32_out = f32 || (!GLU && y.element_type() == ffi::DataType::F32);
-  if ((!f32 && x.element_type() != ffi::DataType::BF16) || w.element_type() != elem ||
+  if ((!f32 && x.element_type() != ffi::DataType::BF16) || (w.element_type() != elem && !int8) ||
+      (int8 && f32) ||
       y.element_type() != (f32_out ? ffi::DataType::F32 : ffi::DataType::BF16))
     return ffi::Error::InvalidArgument(
-        "packed_matmul: x and wp both bfloat16 (y bfloat16, or float32 ungated) or both "
-        "float32 (y float32)");
+        "packed_matmul: x and wp both bfloat16 (y bfloat16, or float32 ungated), x bfloat16 "
+        "and wp int8, or both float32 (y float32)");
   if (xd.size() != 2 || wd.size() != 3 || yd.size() != 2 || yd[0] != xd[0] ||
       wd[2] != (f32 ? 16 : 32))
     return ffi::Error::InvalidArgument(
@@ -171,42 +252,41 @@ ffi::Error Run(ffi::ThreadPool& pool, ffi::AnyBuffer& x, ffi::AnyBuffer& w, ffi:
   const int64_t steps = f32 ? K : (K + 1) / 2;
   if (wd[0] != (GLU ? 2 : 1) * ((N + 15) / 16) || wd[1] != steps)
     return ffi::Error::InvalidArgument("packed_matmul: wp is not the packed [N, K] weight");
+  if (s.element_type() != ffi::DataType::F32 ||
+      static_cast<int64_t>(s.element_count()) != (int8 ? wd[0] * 16 : 0))
+    return ffi::Error::InvalidArgument(
+        "packed_matmul: s must be float32 [P, 16] for int8 panels, else empty");
   if (T < 1 || K < 1 || N < 1 || T * K >= (int64_t{1} << 31))
     return ffi::Error::InvalidArgument("packed_matmul: 1 <= T, K, N and T * K < 2^31");
   const Problem pr{x.untyped_data(), static_cast<const char*>(w.untyped_data()),
-                   y.untyped_data(), f32_out, T, K, N, steps};
+                   int8 ? static_cast<const float*>(s.untyped_data()) : nullptr,
+                   y.untyped_data(), f32_out, T, K, N, steps, 0};
   const int mr = static_cast<int>(std::min<int64_t>(T, GLU ? 6 : 8));  // GLU: 4 panels
   const int nv = panels_for(mr);
   const int64_t groups = (wd[0] + nv - 1) / nv, tiles = (T + kRowTile - 1) / kRowTile;
   jaxserve::ParallelFor(pool, groups * tiles, [&](int64_t i) {
     const int64_t p0 = (i / tiles) * nv, t_begin = (i % tiles) * kRowTile;
     const int g_nv = static_cast<int>(std::min<int64_t>(nv, wd[0] - p0));
-    const int64_t t_end = std::min(T, t_begin + kRowTile);
-    for (int64_t t0 = t_begin; t0 < t_end; t0 += mr) {
-      const int rows = static_cast<int>(std::min<int64_t>(mr, t_end - t0));
-      if (f32)
-        block_any<GLU, true>(pr, t0, rows, p0, g_nv, t0 == t_begin);
-      else
-        block_any<GLU, false>(pr, t0, rows, p0, g_nv, t0 == t_begin);
-    }
+    run_tile<GLU>(pr, kind, mr, p0, g_nv, t_begin, std::min(T, t_begin + kRowTile));
   });
   return ffi::Error::Success();
 }
 
-ffi::Error Matmul(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w,
+ffi::Error Matmul(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::AnyBuffer s,
                   ffi::Result<ffi::AnyBuffer> y) {
-  return Run<false>(pool, x, w, *y);
+  return Run<false>(pool, x, w, s, *y);
 }
 
-ffi::Error GluMatmul(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w,
+ffi::Error GluMatmul(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::AnyBuffer s,
                      ffi::Result<ffi::AnyBuffer> y) {
-  return Run<true>(pool, x, w, *y);
+  return Run<true>(pool, x, w, s, *y);
 }
 #else
-ffi::Error Matmul(ffi::ThreadPool, ffi::AnyBuffer, ffi::AnyBuffer, ffi::Result<ffi::AnyBuffer>) {
+ffi::Error Matmul(ffi::ThreadPool, ffi::AnyBuffer, ffi::AnyBuffer, ffi::AnyBuffer,
+                  ffi::Result<ffi::AnyBuffer>) {
   return ffi::Error::Internal("packed_matmul: built for a CPU without AVX-512 BF16");
 }
-ffi::Error GluMatmul(ffi::ThreadPool, ffi::AnyBuffer, ffi::AnyBuffer,
+ffi::Error GluMatmul(ffi::ThreadPool, ffi::AnyBuffer, ffi::AnyBuffer, ffi::AnyBuffer,
                      ffi::Result<ffi::AnyBuffer>) {
   return ffi::Error::Internal("packed_matmul: built for a CPU without AVX-512 BF16");
 }
@@ -219,6 +299,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxserveCpuPackedMatmul, Matmul,
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::AnyBuffer>()  // x [T, K]
                                   .Arg<ffi::AnyBuffer>()  // wp [ceil(N/16), ceil(K/2), 32]
+                                  .Arg<ffi::AnyBuffer>()  // s [ceil(N/16), 16] | [0]
                                   .Ret<ffi::AnyBuffer>());  // y [T, N]
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxserveCpuPackedGluMatmul, GluMatmul,
@@ -226,4 +307,5 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxserveCpuPackedGluMatmul, GluMatmul,
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::AnyBuffer>()  // x [T, K]
                                   .Arg<ffi::AnyBuffer>()  // wp [2 ceil(M/16), ceil(K/2), 32]
+                                  .Arg<ffi::AnyBuffer>()  // s [2 ceil(M/16), 16] | [0]
                                   .Ret<ffi::AnyBuffer>());  // y [T, M]

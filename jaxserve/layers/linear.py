@@ -130,12 +130,13 @@ def packed_param(weight: jax.Array) -> nnx.Param:
     return nnx.Param(jax.device_put(cpu_packed.pack(weight), weight.sharding))
 
 
-def pack_weights(model: nnx.Module) -> int:
-    """Pack, in place, every bf16 / f32 Linear and Embedding of model that runs the CPU
-    kernels, once after loading (one tensor at a time); returns how many were packed."""
+def pack_weights(model: nnx.Module, kinds: tuple[type, ...]) -> int:
+    """Pack, in place, every module of model of one of `kinds` (classes with a pack() method:
+    Linear, Embedding, QuantizedLinear) that runs the CPU kernels, once after loading (one
+    tensor at a time); returns how many were packed."""
     count = 0
     for _, node in nnx.iter_graph(model):
-        if isinstance(node, (Linear, Embedding)) and node.pack():
+        if isinstance(node, kinds) and node.pack():
             count += 1
     return count
 
@@ -180,6 +181,10 @@ class Linear(nnx.Module):
         """The packed weight (after pack)."""
         return (self.weight if self.rows_major else self.kernel)[...]
 
+    def panel_scales(self) -> None:
+        """Float panels carry no scales (an int8 QuantizedLinear's do)."""
+        return None
+
     def __call__(self, x: jax.Array) -> jax.Array:
         if self.packed:
             y = cpu_packed.packed_matmul(x, self.panels(), self.out_dim,
@@ -198,23 +203,29 @@ class Linear(nnx.Module):
 
 class PackedGateUp(nnx.Module):
     """silu(h @ Wg^T) * (h @ Wu^T) of a gated MLP in one call of the packed kernel, from two
-    packed Linears (no bias): their panels interleaved, gate panel i then up panel i."""
+    packed projections (no bias), both Linear or both int8 QuantizedLinear: their panels
+    interleaved, gate panel i then up panel i (and so their int8 scales)."""
 
-    def __init__(self, gate: Linear, up: Linear):
+    def __init__(self, gate: nnx.Module, up: nnx.Module):
+        sharding = gate.panels().sharding
         self.weight = nnx.Param(jax.device_put(
-            cpu_packed.interleave(gate.panels(), up.panels()), gate.panels().sharding))
+            cpu_packed.interleave(gate.panels(), up.panels()), sharding))
+        scales = gate.panel_scales()
+        self.scales = None if scales is None else nnx.Param(jax.device_put(
+            cpu_packed.interleave(scales, up.panel_scales()), sharding))  # [2P, 16]
         self.out_dim = gate.out_dim
 
     @staticmethod
     def fusable(gate: nnx.Module, up: nnx.Module, act_name: str) -> bool:
-        """Packed, bias-free, same-shaped gate and up under a silu activation."""
-        return (act_name in ("silu", "swish") and isinstance(gate, Linear)
-                and isinstance(up, Linear) and gate.packed and up.packed
+        """Packed, bias-free, same-shaped, same-kind gate and up under a silu activation."""
+        return (act_name in ("silu", "swish") and type(gate) is type(up)
+                and getattr(gate, "packed", False) and getattr(up, "packed", False)
                 and gate.bias is None and up.bias is None
                 and (gate.in_dim, gate.out_dim) == (up.in_dim, up.out_dim))
 
     def __call__(self, h: jax.Array) -> jax.Array:
-        return cpu_packed.packed_glu_matmul(h, self.weight[...], self.out_dim)  # [T, out]
+        scales = None if self.scales is None else self.scales[...]
+        return cpu_packed.packed_glu_matmul(h, self.weight[...], self.out_dim, scales)  # [T, out]
 
 
 class Embedding(nnx.Module):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from jaxserve.cpu_kernels import packed_matmul as cpu_packed
 from jaxserve.layers.quantized_linear import QuantizedLinear
 
 
@@ -25,6 +26,13 @@ class QuantizedEmbedding(QuantizedLinear):
 
     def __call__(self, token_ids: jax.Array) -> jax.Array:
         """token_ids int32 [T] -> [T, hidden] in the model's dtype."""
+        if self.packed:  # token v is column v % 16 of panel v // 16: [P, K2, 16, 2]
+            panels, panel = self.panels(), cpu_packed.PANEL
+            table = panels.reshape(panels.shape[0], panels.shape[1], panel, 2)
+            q = table[token_ids // panel, :, token_ids % panel, :]  # [T, K2, 2]
+            q = q.reshape(token_ids.shape[0], -1)[:, : self.in_dim]  # [T, hidden]
+            scales = self.panel_scales().reshape(-1)[token_ids][:, None]  # [T, 1]
+            return self.dequantize_rows(q, scales, None, self.dtype)  # [T, hidden]
         q = jnp.take(self.qweight[...], token_ids, axis=0)  # [T, in(/2)]
         scales = jnp.take(self.scales[...], token_ids, axis=0)  # [T, G]
         zeros = None if self.zeros is None else jnp.take(self.zeros[...], token_ids, axis=0)

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxserve.cpu_kernels import matvec_quant as cpu_matvec_quant
+from jaxserve.cpu_kernels import packed_matmul as cpu_packed
 from jaxserve.layers.linear import Linear, cpu_matmul
 from jaxserve.layers.quant_scheme import QWEIGHT_DTYPES, QuantConfig
 
@@ -34,6 +35,10 @@ class QuantizedLinear(nnx.Module):
 
     qweight: int8 [out, in] | uint8 [out, in / 2] (int4 pairs) | uint8 [out, in] (fp8 bits)
     scales: float32 [out, G] (G = in / group); zeros: float32 [out, G] when asymmetric.
+    Symmetric per-channel int8 with the CPU kernels on a CPU that takes the packed-weight kernel
+    is packed after loading (pack), under the same names: qweight int8 [ceil(out/16),
+    ceil(in/2), 32] and scales f32 [ceil(out/16), 16] (cpu_kernels/packed_matmul.py); every
+    row count then runs that kernel, reading the int8 bytes as stored.
     """
 
     def __init__(self, in_dim: int, out_dim: int, *, bias: bool, dtype, quant: QuantConfig,
@@ -49,6 +54,36 @@ class QuantizedLinear(nnx.Module):
         self.zeros = (None if quant.symmetric
                       else nnx.Param(jnp.zeros((out_dim, groups), jnp.float32)))  # [out, G]
         self.bias = nnx.Param(jnp.zeros((out_dim,), dtype=dtype)) if bias else None  # [out]
+        self.in_dim, self.out_dim = in_dim, out_dim
+        self.packed = False
+        self.f32_out = False  # packed only: y in f32, not rounded (an lm_head's logits)
+
+    def packable(self) -> bool:
+        """Whether pack applies: symmetric per-output-channel int8 weights with bf16 activations
+        (W8A16), the CPU kernels on (matvec), and a CPU that takes the packed-weight kernel."""
+        return (self.matvec and self.method == "int8" and not self.int8_activations
+                and self.zeros is None and self.group == self.in_dim
+                and cpu_packed.available())
+
+    def pack(self) -> bool:
+        """Replace qweight and scales by their packed panels (see the class), once, where
+        packable."""
+        if self.packed or not self.packable():
+            return False
+        q = self.qweight[...]
+        self.qweight = nnx.Param(jax.device_put(cpu_packed.pack(q), q.sharding))
+        self.scales = nnx.Param(jax.device_put(cpu_packed.pack_scales(self.scales[...][:, 0]),
+                                               q.sharding))
+        self.packed = True
+        return True
+
+    def panels(self) -> jax.Array:
+        """The packed int8 weight (after pack)."""
+        return self.qweight[...]
+
+    def panel_scales(self) -> jax.Array:
+        """The packed per-column scales [ceil(out/16), 16] (after pack)."""
+        return self.scales[...]
 
     def values(self, q: jax.Array | None = None,
                scales: jax.Array | None = None) -> tuple[tuple[jax.Array, ...], float]:
@@ -77,6 +112,11 @@ class QuantizedLinear(nnx.Module):
         return (v.reshape(out_dim, -1, self.group),), 0.0
 
     def __call__(self, x: jax.Array) -> jax.Array:
+        if self.packed:  # bf16 x, every row count: the packed int8 kernel
+            f32 = self.f32_out or self.bias is not None
+            y = cpu_packed.packed_matmul(x, self.panels(), self.out_dim,
+                                         jnp.float32 if f32 else None, self.panel_scales())
+            return y if self.f32_out else self._finish(y, x.dtype)  # [T, out]
         if self.int8_activations:
             return self._w8a8(x)
         t = x.shape[0]
@@ -121,6 +161,7 @@ class QuantizedLinear(nnx.Module):
         return y.astype(x.dtype)
 
     def dequantized(self, dtype, after: jax.Array | None = None) -> jax.Array:
+        # (never called once packed: __call__ runs the packed kernel for every row count)
         """The weight [out, in] in `dtype`, (value - offset - zero) * scale rounded once.
 
         With the CPU kernels on (matvec) a bf16 copy is written by matvec_quant.cc's dequant

@@ -18,7 +18,7 @@ from jaxserve.layers.linear import Embedding, Linear, PackedGateUp, pack_weights
 from jaxserve.layers.norms import RMSNorm
 from jaxserve.layers.quant_scheme import QuantConfig
 from jaxserve.layers.quantized_embedding import QuantizedEmbedding
-from jaxserve.layers.quantized_linear import kernel_plan, make_linear
+from jaxserve.layers.quantized_linear import QuantizedLinear, kernel_plan, make_linear
 from jaxserve.layers.rotary import apply_rotary, inverse_frequencies
 
 KVCache = tuple[tuple[jax.Array, jax.Array], ...]  # per layer: (k_pages, v_pages)
@@ -153,9 +153,10 @@ class DecoderForCausalLM(nnx.Module):
     def pack_for_cpu(self) -> tuple[int, int]:
         """Once after loading, with the CPU kernels on: pack the float weights they read and
         fuse each layer's gate and up; returns (weights packed, layers fused)."""
-        packed = pack_weights(self)
-        if isinstance(self.lm_head, Linear) and self.lm_head.packed:
-            self.lm_head.f32_out = True  # logits straight from the f32 sums
+        packed = pack_weights(self, (Linear, Embedding, QuantizedLinear))
+        head = self.embed_tokens if self.tied else self.lm_head
+        if isinstance(head, (Linear, QuantizedLinear)) and head.packed:
+            head.f32_out = True  # logits straight from the f32 sums
         return packed, sum(layer.fuse_gate_up() for layer in self.layers)
 
     def compute_logits(self, hidden: jax.Array) -> jax.Array:

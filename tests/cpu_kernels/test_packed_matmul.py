@@ -167,3 +167,71 @@ def test_glu_keeps_nan_in_its_row():
     w = pm.pack(np.full((20, 32), 0.01, ml_dtypes.bfloat16))
     y = np.asarray(pm.packed_glu_matmul(x, pm.interleave(w, w), 20), np.float32)
     assert np.isnan(y[3]).all() and np.isfinite(np.delete(y, 3, axis=0)).all()
+
+
+def _int8_weight(rng, n, k):
+    """q int8 [n, k] over the full range and per-column scales f32 [n] spanning 2^6."""
+    q = rng.integers(-128, 128, (n, k)).astype(np.int8)
+    scales = (2.0 ** rng.uniform(-12, -6, n)).astype(np.float32)
+    return q, scales
+
+
+def test_int8_panels_and_scales_layout():
+    n, k = 37, 9
+    q = np.arange(n * k).reshape(n, k).astype(np.int8)
+    wp = np.asarray(pm.pack(jnp.asarray(q)))
+    assert wp.dtype == np.int8 and wp.shape == pm.packed_shape(n, k, jnp.int8) == (3, 5, 32)
+    np.testing.assert_array_equal(pm.unpack(wp, n, k), q)
+    scales = np.arange(n, dtype=np.float32) + 1
+    sp = np.asarray(pm.pack_scales(jnp.asarray(scales)))
+    assert sp.shape == (3, 16)
+    np.testing.assert_array_equal(sp.reshape(-1), np.concatenate([scales, np.zeros(11)]))
+
+
+# rows 1-8: one register block per tile, the int8 pairs widened in registers; 9 on: the tile's
+# panels widened to bf16 once into a per-thread buffer
+@needs_packed
+@pytest.mark.parametrize("rows", [1, 2, 5, 8, 9, 16, 64, 65, 300])
+@pytest.mark.parametrize("k,n", [(896, 1152), (7, 13), (289, 101), (4864, 50)])
+def test_int8_matches_float_math(rows, k, n):
+    """y = (x @ q^T) * scale: bf16 x times the integers are exact products, f32 sums scaled
+    once, so against float64 only summation order differs (f32 out: no rounding)."""
+    rng = np.random.default_rng(rows * 13 + k)
+    x = jnp.asarray(rng.standard_normal((rows, k)), jnp.bfloat16)
+    q, scales = _int8_weight(rng, n, k)
+    y = np.asarray(jax.jit(pm.packed_matmul, static_argnums=(2, 3))(
+        x, pm.pack(jnp.asarray(q)), n, jnp.float32, pm.pack_scales(jnp.asarray(scales))))
+    exact = np.asarray(x, np.float64) @ q.T.astype(np.float64)  # [rows, n], integer weights
+    bound = 2e-7 * np.sqrt(k) * (np.abs(np.asarray(x, np.float64)) @ np.abs(q.T) + 1)
+    np.testing.assert_array_less(np.abs(y - exact * scales), bound * scales)
+    bf16 = np.asarray(pm.packed_matmul(x, pm.pack(jnp.asarray(q)), n, None,
+                                       pm.pack_scales(jnp.asarray(scales))), np.float32)
+    np.testing.assert_array_less(np.abs(bf16 - y), 2**-8 * np.abs(y) + 1e-30)  # one rounding
+
+
+@needs_packed
+@pytest.mark.parametrize("rows", [1, 6, 7, 13, 65])
+@pytest.mark.parametrize("k,m", [(896, 4864), (33, 40)])
+def test_int8_glu_matches_float_math(rows, k, m):
+    """Gate and up each keep their own scales through the interleaving."""
+    rng = np.random.default_rng(rows + 3 * k)
+    x = jnp.asarray(rng.standard_normal((rows, k)), jnp.bfloat16)
+    (qg, sg), (qu, su) = _int8_weight(rng, m, k), _int8_weight(rng, m, k)
+    wp = pm.interleave(pm.pack(jnp.asarray(qg)), pm.pack(jnp.asarray(qu)))
+    sp = pm.interleave(pm.pack_scales(jnp.asarray(sg)), pm.pack_scales(jnp.asarray(su)))
+    y = np.asarray(jax.jit(pm.packed_glu_matmul, static_argnums=2)(x, wp, m, sp), np.float32)
+    xf = np.asarray(x, np.float64)
+    g, u = (xf @ qg.T.astype(np.float64)) * sg, (xf @ qu.T.astype(np.float64)) * su
+    tol = 1e-6 * np.sqrt(k) * (np.abs(g) + np.abs(u) + 1e-3)
+    np.testing.assert_array_less(np.abs(y - _silu(g) * u), 2**-8 * np.abs(_silu(g) * u) + tol)
+
+
+@needs_packed
+def test_int8_panels_refuse_missing_scales_and_f32_x():
+    q = pm.pack(jnp.ones((32, 16), jnp.int8))
+    x = jnp.ones((2, 16), jnp.bfloat16)
+    with pytest.raises(Exception, match="s must be float32"):
+        jax.block_until_ready(pm.packed_matmul(x, q, 32))  # no scales
+    with pytest.raises(Exception, match="x bfloat16 and wp int8"):
+        jax.block_until_ready(pm.packed_matmul(x.astype(jnp.float32), q, 32, None,
+                                               pm.pack_scales(jnp.ones((32,)))))

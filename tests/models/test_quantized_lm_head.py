@@ -45,25 +45,39 @@ def test_quantized_lm_head_equals_float_model_on_dequantized_lm_head(arch, metho
 
 
 @pytest.mark.parametrize("arch", ["Qwen2ForCausalLM", "LlamaForCausalLM"])
-def test_decode_logits_run_the_quantized_kernel(arch, tiny_checkpoints):
-    """bf16 with the CPU kernels: a decode step's logits are the matvec_quant kernel's, equal
-    to the dequantized weight's float product up to bf16 rounding of the logits."""
+@pytest.mark.parametrize("method", ["int8", "int4"])
+def test_decode_logits_run_the_quantized_kernel(arch, method, tiny_checkpoints):
+    """bf16 with the CPU kernels: a decode step's logits come from the C++ kernel (int8 on a CPU
+    that takes the packed-weight kernel: that one, on the packed head; else matvec_quant.cc) and
+    equal the dequantized weight's float product."""
+    from jaxserve.cpu_kernels import packed_matmul
     from jaxserve.layers.linear import select_cpu_matvec
 
     if not select_cpu_matvec("auto"):
         pytest.skip("the CPU kernels do not build here")
-    loaded = load_model(tiny_checkpoints(arch), dtype="bfloat16", quantization="int8",
+    loaded = load_model(tiny_checkpoints(arch), dtype="bfloat16", quantization=method,
                         quantize_lm_head=True, cpu_matvec=True)
     model = loaded.model
     head = model.embed_tokens if loaded.config.tie_word_embeddings else model.lm_head
     hidden = jax.random.normal(jax.random.key(0), (3, loaded.config.hidden_size), jnp.bfloat16)
     jaxpr = str(jax.make_jaxpr(model.compute_logits)(hidden))
-    assert "jaxserve_cpu_matvec_quant" in jaxpr
+    packed = method == "int8" and packed_matmul.available()
+    assert head.packed == packed
+    assert ("jaxserve_cpu_packed_matmul" if packed else "jaxserve_cpu_matvec_quant") in jaxpr
     logits = np.asarray(jax.jit(model.compute_logits)(hidden))  # [3, vocab] f32
-    w = dequantize("int8", np.asarray(head.qweight[...]), np.asarray(head.scales[...]))
+    vocab, dim = loaded.config.vocab_size, loaded.config.hidden_size
+    if packed:
+        q = packed_matmul.unpack(np.asarray(head.qweight[...]), vocab, dim)  # [vocab, hidden]
+        scales = np.asarray(head.scales[...]).reshape(-1)[:vocab, None]  # [vocab, 1]
+    else:
+        q, scales = np.asarray(head.qweight[...]), np.asarray(head.scales[...])
+    w = dequantize(method, q, scales)
     want = np.asarray(hidden, np.float32) @ w.T  # [3, vocab]
     assert logits.shape == want.shape
-    assert np.abs(logits - want).max() <= 1e-2 * np.abs(want).max()
+    # packed: exact products of the bf16 hidden state and the integers, f32 sums scaled once,
+    # never rounded, so only summation order differs
+    bound = 1e-5 if packed else 1e-2
+    assert np.abs(logits - want).max() <= bound * np.abs(want).max()
 
 
 def test_weight_bytes_include_the_quantized_lm_head(tiny_checkpoints, caplog):
