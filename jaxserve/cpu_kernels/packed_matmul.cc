@@ -29,10 +29,10 @@
 // Every int8 value is exact in bf16: a pair vector is widened to f32 (vpmovsxbd, vcvtdq2ps)
 // and narrowed to bf16 (vcvtne2ps2bf16) in registers, so the sums are those of the bf16 kernel
 // on the integer weights, exact products in f32, and each column's sum is scaled once before
-// the one rounding: the weight streams from memory at 1 byte per element. Where a tile has
-// more rows than one register block, its panels are first widened to bf16 once into a per-
-// thread buffer (held in L2) that all its row blocks read, so prefill converts each weight
-// once per 64 rows.
+// the one rounding: the weight streams from memory at 1 byte per element. Each register block
+// widens its panels again (five instructions per 32 weights, against MR * NV vdpbf16ps): on
+// the small model's projections, widening a tile's panels once into an L2 buffer for all its
+// row blocks was slower (86.9 vs 76.0 ms at 64 rows, 511 vs 508 ms at 512).
 //
 // Shapes: x [T, K] bf16; wp [P, K2, 32] bf16 | s8; s [P, 16] f32 (int8) | [0]; y [T, N] bf16
 // (f32 x: wp [P, K, 16], y f32).
@@ -43,7 +43,6 @@
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
-#include <vector>
 
 #include "parallel.h"
 #include "vec_math.h"
@@ -57,21 +56,18 @@ namespace {
 constexpr int64_t kRowTile = 64;  // rows per work item
 constexpr int64_t kPrefetchBytes = 2048;  // how far ahead each panel stream is prefetched
 
-// kInt8Wide: int8 panels already widened to bf16 vectors (widen_panels), scaled as int8.
-enum class Weights { kBf16, kF32, kInt8, kInt8Wide };
+enum class Weights { kBf16, kF32, kInt8 };
 
 // Bytes per panel vector: 16 columns of a bf16 pair or an f32 value (64), an int8 pair (32).
 constexpr int64_t vector_bytes(Weights kind) { return kind == Weights::kInt8 ? 32 : 64; }
-constexpr bool scaled(Weights kind) { return kind == Weights::kInt8 || kind == Weights::kInt8Wide; }
 
 struct Problem {
   const void* x;  // [T, K], bf16 or f32
-  const char* w;  // panels [first_panel, ...) of [P, steps, vector_bytes]
+  const char* w;  // [P, steps, vector_bytes]
   const float* scale;  // int8: [P, 16], the scale of each panel's columns; else null
   void* y;  // [T, N], bf16 or (f32_out) f32
   bool f32_out;
   int64_t T, K, N, steps;  // steps: vectors per panel, ceil(K / 2) for bf16 / int8, K for f32
-  int64_t first_panel;  // the panel w starts at (0, or a tile's own bf16 copy: widen_panels)
 };
 
 // The pair (x[t, 2j], x[t, 2j + 1]) of a row as one 32-bit word (rows of an odd K start
@@ -107,7 +103,7 @@ void block(const Problem& pr, int64_t t0, int64_t p0, bool prefetch) {
   for (int m = 0; m < MR; ++m)
     for (int v = 0; v < NV; ++v) acc[m][v] = _mm512_setzero_ps();
   const char* panel[NV];
-  for (int v = 0; v < NV; ++v) panel[v] = pr.w + (p0 + v - pr.first_panel) * pr.steps * kBytes;
+  for (int v = 0; v < NV; ++v) panel[v] = pr.w + (p0 + v) * pr.steps * kBytes;
   const X* row[MR];
   for (int m = 0; m < MR; ++m) row[m] = static_cast<const X*>(pr.x) + (t0 + m) * pr.K;
   const int64_t full = F32 ? pr.K : pr.K / 2;  // whole vectors (an odd K's last pair aside)
@@ -142,11 +138,11 @@ void block(const Problem& pr, int64_t t0, int64_t p0, bool prefetch) {
     const int64_t n = (p0 + v) / kStep * 16, live = std::min<int64_t>(16, pr.N - n);
     const __mmask16 mask = static_cast<__mmask16>((1u << live) - 1);
     __m512 scale[kStep];
-    if constexpr (scaled(W))
+    if constexpr (W == Weights::kInt8)
       for (int i = 0; i < kStep; ++i) scale[i] = _mm512_loadu_ps(pr.scale + (p0 + v + i) * 16);
     for (int m = 0; m < MR; ++m) {
       __m512 out = acc[m][v], up = acc[m][v + kStep - 1];
-      if constexpr (scaled(W)) {
+      if constexpr (W == Weights::kInt8) {
         out = _mm512_mul_ps(out, scale[0]);
         up = _mm512_mul_ps(up, scale[kStep - 1]);
       }
@@ -192,35 +188,17 @@ void block_any(const Problem& pr, int64_t t0, int mr, int64_t p0, int nv, bool p
   }
 }
 
-// Panels [p0, p0 + nv) of int8 pr widened to bf16 pair vectors in buf: the same sums as
-// reading them in place, for a tile whose row blocks all read them.
-Problem widen_panels(const Problem& pr, int64_t p0, int nv, std::vector<__m512>& buf) {
-  buf.resize(static_cast<size_t>(nv * pr.steps));
-  const char* src = pr.w + p0 * pr.steps * vector_bytes(Weights::kInt8);
-  for (int64_t i = 0; i < nv * pr.steps; ++i) buf[i] = widen_int8_pairs(src + i * 32);
-  Problem wide = pr;
-  wide.w = reinterpret_cast<const char*>(buf.data());
-  wide.first_panel = p0;
-  return wide;
-}
-
 // The row blocks of one work item: rows [t_begin, t_end) x panels [p0, p0 + nv).
 template <bool GLU>
 void run_tile(const Problem& pr, Weights kind, int mr, int64_t p0, int nv, int64_t t_begin,
               int64_t t_end) {
-  thread_local std::vector<__m512> wide_buf;
-  const bool widen = kind == Weights::kInt8 && t_end - t_begin > mr;  // several row blocks
-  const Problem use = widen ? widen_panels(pr, p0, nv, wide_buf) : pr;
   for (int64_t t0 = t_begin; t0 < t_end; t0 += mr) {
     const int rows = static_cast<int>(std::min<int64_t>(mr, t_end - t0));
     const bool prefetch = t0 == t_begin;
-    switch (widen ? Weights::kInt8Wide : kind) {
-      case Weights::kBf16: block_any<GLU, Weights::kBf16>(use, t0, rows, p0, nv, prefetch); break;
-      case Weights::kF32: block_any<GLU, Weights::kF32>(use, t0, rows, p0, nv, prefetch); break;
-      case Weights::kInt8: block_any<GLU, Weights::kInt8>(use, t0, rows, p0, nv, prefetch); break;
-      case Weights::kInt8Wide:
-        block_any<GLU, Weights::kInt8Wide>(use, t0, rows, p0, nv, prefetch);
-        break;
+    switch (kind) {
+      case Weights::kBf16: block_any<GLU, Weights::kBf16>(pr, t0, rows, p0, nv, prefetch); break;
+      case Weights::kF32: block_any<GLU, Weights::kF32>(pr, t0, rows, p0, nv, prefetch); break;
+      case Weights::kInt8: block_any<GLU, Weights::kInt8>(pr, t0, rows, p0, nv, prefetch); break;
     }
   }
 }
@@ -260,7 +238,7 @@ ffi::Error Run(ffi::ThreadPool& pool, ffi::AnyBuffer& x, ffi::AnyBuffer& w, ffi:
     return ffi::Error::InvalidArgument("packed_matmul: 1 <= T, K, N and T * K < 2^31");
   const Problem pr{x.untyped_data(), static_cast<const char*>(w.untyped_data()),
                    int8 ? static_cast<const float*>(s.untyped_data()) : nullptr,
-                   y.untyped_data(), f32_out, T, K, N, steps, 0};
+                   y.untyped_data(), f32_out, T, K, N, steps};
   const int mr = static_cast<int>(std::min<int64_t>(T, GLU ? 6 : 8));  // GLU: 4 panels
   const int nv = panels_for(mr);
   const int64_t groups = (wd[0] + nv - 1) / nv, tiles = (T + kRowTile - 1) / kRowTile;
