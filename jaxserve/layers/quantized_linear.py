@@ -27,6 +27,7 @@ REDUCE_MAX_TOKENS = {"int8": 64, "int4": 8, "fp8": 8}
 # byte once for all rows, its work growing with the rows; past these the bf16 dot on the weight
 # dequantized in the step was faster over all the small model's projections
 # (benchmarks/quant_matvec_probe.py --model --rows 8 16 32, with and without --kernel-max-rows).
+# Packed int8 layers (see QuantizedLinear) skip all of this: one kernel for every row count.
 KERNEL_MAX_ROWS = {"int8": 16, "int4": 8, "fp8": 4}
 
 
@@ -63,7 +64,7 @@ class QuantizedLinear(nnx.Module):
         (W8A16), the CPU kernels on (matvec), and a CPU that takes the packed-weight kernel."""
         return (self.matvec and self.method == "int8" and not self.int8_activations
                 and self.zeros is None and self.group == self.in_dim
-                and cpu_packed.available())
+                and cpu_packed.available())  # (packs_int8 says the same for the whole scheme)
 
     def pack(self) -> bool:
         """Replace qweight and scales by their packed panels (see the class), once, where
@@ -257,11 +258,23 @@ def kernel_plan(quant: QuantConfig, dtype, matvec: bool) -> bool:
     return matvec and not quant.int8_activations and jnp.dtype(dtype) == jnp.bfloat16
 
 
+def packs_int8(quant: QuantConfig) -> bool:
+    """Whether this scheme's projections are packed for the packed-weight kernel (with the CPU
+    kernels on and bf16 activations): symmetric per-channel int8 weights on a CPU that takes
+    it (the per-layer test is QuantizedLinear.packable)."""
+    return (quant.method == "int8" and quant.symmetric and quant.group_size is None
+            and not quant.int8_activations and cpu_packed.available())
+
+
 def log_kernel_plan(quant: QuantConfig | None, dtype, matvec: bool) -> None:
     """Say once at start-up which path the quantized projections' decode steps take."""
     if quant is None:
         return
-    if kernel_plan(quant, dtype, matvec):
+    if kernel_plan(quant, dtype, matvec) and packs_int8(quant):
+        logger.info("quantized linear: int8 projections are packed at load into 16-column "
+                    "panels; steps of every row count (decode and prefill) run the packed-weight "
+                    "AVX-512 kernel on the int8 bytes")
+    elif kernel_plan(quant, dtype, matvec):
         logger.info("quantized linear: %s projections of up to %d bf16 rows run the CPU decode "
                     "kernel; more rows dequantize the weight to bf16 per step for the bf16 "
                     "matmul (the AMX kernel up to 64 rows where the CPU has it, else XLA's)",
