@@ -6,8 +6,10 @@ Workloads (greedy, ignore_eos, fixed output length):
          --model trained, real held-out Python source (a snippet repeated); otherwise random ids.
   code   (--model trained only) held-out Python source the fixture was not trained on.
 Measures 1-request decode speed (each prompt alone) and a batch of --batch, as output tokens/s
-medians over repeats, the speed-up over the plain engine, the acceptance rate and mean
-acceptance length from LLM.stats(), and whether the greedy outputs are equal.
+medians over repeats; the plain engine and every method alternate pass by pass, and each
+speed-up is the median over repeats of a method's pass over the plain pass just before it.
+Also the acceptance rate and mean acceptance length from LLM.stats(), and whether the greedy
+outputs are equal.
 
   python benchmarks/spec_decode.py --model trained --methods ngram,draft_model \\
       --workloads copy,code --output-json benchmarks/results/cpu_spec_decode_trained.json
@@ -106,34 +108,41 @@ def timed(llm, prompts, params) -> tuple[float, list]:
     return time.perf_counter() - start, outs
 
 
-def measure(llm, prompts, batch_prompts, params, repeats: int) -> dict:
-    """Output tok/s medians: each prompt alone (b1) and the batch together, plus the
-    speculation counters over these runs."""
-    before = llm.stats().spec_decoding
-    before = before.copy() if before is not None else None
-    b1, bn, outputs = [], [], None
-    for _ in range(repeats):
-        for p in prompts:
-            t, outs = timed(llm, [p], params)
-            b1.append(sum(len(c.token_ids) for o in outs for c in o.outputs) / t)
-        t, outputs = timed(llm, batch_prompts, params)
-        bn.append(sum(len(c.token_ids) for o in outputs for c in o.outputs) / t)
-    res = {"b1_tok_s": statistics.median(b1), "batch_tok_s": statistics.median(bn),
-           "outputs": [o.outputs[0].token_ids for o in outputs]}
-    after = llm.stats().spec_decoding
-    if before is not None:
-        drafts = after.num_drafts - before.num_drafts
-        drafted = after.num_draft_tokens - before.num_draft_tokens
-        accepted = after.num_accepted_tokens - before.num_accepted_tokens
-        per_pos = [a - b for a, b in zip(after.num_accepted_tokens_per_pos,
-                                         before.num_accepted_tokens_per_pos)]
-        res.update(
-            gated_by_acceptance=after.num_gated_by_acceptance - before.num_gated_by_acceptance,
-            gated_by_batch_size=after.num_gated_by_batch_size - before.num_gated_by_batch_size,
-            acceptance_rate=round(accepted / drafted, 4) if drafted else 0.0,
-            mean_acceptance_length=round(1 + accepted / drafts, 3) if drafts else 0.0,
-            accepted_per_pos=[round(a / drafts, 3) for a in per_pos] if drafts else [])
-    return res
+def timed_pass(llm, prompts, batch_prompts, params) -> dict:
+    """One pass: output tok/s of each prompt alone (median: b1) and of the batch together."""
+    b1 = []
+    for p in prompts:
+        t, outs = timed(llm, [p], params)
+        b1.append(sum(len(c.token_ids) for o in outs for c in o.outputs) / t)
+    t, outputs = timed(llm, batch_prompts, params)
+    return {"b1_tok_s": statistics.median(b1),
+            "batch_tok_s": sum(len(c.token_ids) for o in outputs for c in o.outputs) / t,
+            "outputs": [o.outputs[0].token_ids for o in outputs]}
+
+
+def spec_counters(before, after) -> dict:
+    """Speculation counters between two LLM.stats().spec_decoding snapshots."""
+    drafts = after.num_drafts - before.num_drafts
+    drafted = after.num_draft_tokens - before.num_draft_tokens
+    accepted = after.num_accepted_tokens - before.num_accepted_tokens
+    per_pos = [a - b for a, b in zip(after.num_accepted_tokens_per_pos,
+                                     before.num_accepted_tokens_per_pos)]
+    return dict(
+        gated_by_acceptance=after.num_gated_by_acceptance - before.num_gated_by_acceptance,
+        gated_by_batch_size=after.num_gated_by_batch_size - before.num_gated_by_batch_size,
+        acceptance_rate=round(accepted / drafted, 4) if drafted else 0.0,
+        mean_acceptance_length=round(1 + accepted / drafts, 3) if drafts else 0.0,
+        accepted_per_pos=[round(a / drafts, 3) for a in per_pos] if drafts else [])
+
+
+def median_of(passes: list[dict], key: str) -> float:
+    return statistics.median(p[key] for p in passes)
+
+
+def median_ratio(spec: list[dict], plain: list[dict], key: str) -> float:
+    """Median over repeats of spec / plain, each pair measured back to back (a shared
+    machine's speed drifts between passes more than within one)."""
+    return statistics.median(a[key] / b[key] for a, b in zip(spec, plain))
 
 
 def _spec_configs(args, draft_path):
@@ -218,26 +227,28 @@ def main(argv=None) -> list[dict]:
     load = os.getloadavg()
     rows, b = [], args.batch
     for wname, (prompts, batch_prompts) in workloads.items():
-        base = measure(plain, prompts, batch_prompts, params, args.repeats)
+        snapshots = {m: llm.stats().spec_decoding.copy() for m, llm in engines.items()}
+        passes = {name: [] for name in ("plain", *engines)}
+        for _ in range(args.repeats):  # plain and every method alternate, pass by pass
+            for name, llm in (("plain", plain), *engines.items()):
+                passes[name].append(timed_pass(llm, prompts, batch_prompts, params))
+        base = passes["plain"]
         for method, llm in engines.items():
-            res = measure(llm, prompts, batch_prompts, params, args.repeats)
+            res = passes[method]
+            counters = spec_counters(snapshots[method], llm.stats().spec_decoding)
             row = {
                 "label": method,
                 "workload": f"{wname}-{args.output_len}-greedy", "model": args.model,
                 "device": jax.devices()[0].device_kind, "jax": jax.__version__,
                 "speculative_config": llm.engine.config.speculative.__dict__,
-                "b1_tok_s_plain": round(base["b1_tok_s"], 2),
-                "b1_tok_s_spec": round(res["b1_tok_s"], 2),
-                "b1_speedup": round(res["b1_tok_s"] / base["b1_tok_s"], 3),
-                f"b{b}_tok_s_plain": round(base["batch_tok_s"], 2),
-                f"b{b}_tok_s_spec": round(res["batch_tok_s"], 2),
-                f"b{b}_speedup": round(res["batch_tok_s"] / base["batch_tok_s"], 3),
-                "acceptance_rate": res["acceptance_rate"],
-                "mean_acceptance_length": res["mean_acceptance_length"],
-                "accepted_per_pos": res["accepted_per_pos"],
-                "greedy_outputs_equal": base["outputs"] == res["outputs"],
-                "gated_by_acceptance": res["gated_by_acceptance"],
-                "gated_by_batch_size": res["gated_by_batch_size"],
+                "b1_tok_s_plain": round(median_of(base, "b1_tok_s"), 2),
+                "b1_tok_s_spec": round(median_of(res, "b1_tok_s"), 2),
+                "b1_speedup": round(median_ratio(res, base, "b1_tok_s"), 3),
+                f"b{b}_tok_s_plain": round(median_of(base, "batch_tok_s"), 2),
+                f"b{b}_tok_s_spec": round(median_of(res, "batch_tok_s"), 2),
+                f"b{b}_speedup": round(median_ratio(res, base, "batch_tok_s"), 3),
+                **counters,
+                "greedy_outputs_equal": base[-1]["outputs"] == res[-1]["outputs"],
                 "repeats": args.repeats,
                 "trained_fixture": fixture,
                 "loadavg_at_start": [round(x, 2) for x in load],
