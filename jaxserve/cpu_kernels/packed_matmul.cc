@@ -24,15 +24,16 @@
 // f32 models take the same kernel on f32 panels, wp[P, K, 16] (16 columns of one k per
 // vector, vfmadd instead of vdpbf16ps), y in f32.
 //
-// int8 weights (W8A16, symmetric, one scale per output column) take int8 panels laid out as
-// the bf16 ones, wp[P, K2, 32] s8 (32 bytes per pair vector), and their scales s[P, 16] f32.
-// Every int8 value is exact in bf16: a pair vector is widened to f32 (vpmovsxbd, vcvtdq2ps)
-// and narrowed to bf16 (vcvtne2ps2bf16) in registers, so the sums are those of the bf16 kernel
-// on the integer weights, exact products in f32, and each column's sum is scaled once before
-// the one rounding: the weight streams from memory at 1 byte per element. Each register block
-// widens its panels again (five instructions per 32 weights, against MR * NV vdpbf16ps): on
-// the small model's projections, widening a tile's panels once into an L2 buffer for all its
-// row blocks was slower (86.9 vs 76.0 ms at 64 rows, 511 vs 508 ms at 512).
+// int8 and fp8 weights (W8A16, symmetric, one scale per output column) take byte panels laid
+// out as the bf16 ones, wp[P, K2, 32] s8 | u8 (float8_e4m3fn bits; 32 bytes per pair vector),
+// and their scales s[P, 16] f32. Every int8 and e4m3 value is exact in bf16: a pair vector is
+// decoded to bf16 in registers (quant_decode.h: int8 through f32, vpmovsxbd / vcvtdq2ps /
+// vcvtne2ps2bf16; e4m3 by moving its bits), so the sums are those of the bf16 kernel on the
+// unscaled weights, exact products in f32, and each column's sum is scaled once before the
+// one rounding: the weight streams from memory at 1 byte per element. Each register block
+// decodes its panels again (a few instructions per 32 weights, against MR * NV vdpbf16ps): on
+// the small model's int8 projections, widening a tile's panels once into an L2 buffer for all
+// its row blocks was slower (86.9 vs 76.0 ms at 64 rows, 511 vs 508 ms at 512).
 //
 // Shapes: x [T, K] bf16; wp [P, K2, 32] bf16 | s8; s [P, 16] f32 (int8) | [0]; y [T, N] bf16
 // (f32 x: wp [P, K, 16], y f32).
@@ -45,21 +46,25 @@
 #include <type_traits>
 
 #include "parallel.h"
+#include "quant_decode.h"
 #include "vec_math.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
+namespace quant = jaxserve::quant;
 
 namespace {
 
-#if defined(__AVX512BF16__)
+#if defined(JAXSERVE_QUANT_AVX512)  // AVX-512 BF16 (with BW, VL, VNNI, F16C: every such CPU)
 constexpr int64_t kRowTile = 64;  // rows per work item
 constexpr int64_t kPrefetchBytes = 2048;  // how far ahead each panel stream is prefetched
 
-enum class Weights { kBf16, kF32, kInt8 };
+enum class Weights { kBf16, kF32, kInt8, kFp8 };
 
-// Bytes per panel vector: 16 columns of a bf16 pair or an f32 value (64), an int8 pair (32).
-constexpr int64_t vector_bytes(Weights kind) { return kind == Weights::kInt8 ? 32 : 64; }
+// One byte per weight, a scale per column.
+constexpr bool quantized(Weights kind) { return kind == Weights::kInt8 || kind == Weights::kFp8; }
+// Bytes per panel vector: 16 columns of a bf16 pair or an f32 value (64), a byte pair (32).
+constexpr int64_t vector_bytes(Weights kind) { return quantized(kind) ? 32 : 64; }
 
 struct Problem {
   const void* x;  // [T, K], bf16 or f32
@@ -78,25 +83,20 @@ inline uint32_t x_pair(const uint16_t* row, int64_t j) {
   return pair;
 }
 
-// 32 int8 weights (a pair vector of 16 columns) as 32 bf16, exactly, in pair order.
-inline __m512 widen_int8_pairs(const char* at) {
-  const __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)at)));
-  const __m512 hi =
-      _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(at + 16))));
-  return (__m512)_mm512_cvtne2ps_pbh(hi, lo);  // lo -> elements 0..15, hi -> 16..31
-}
-
 // Rows [t0, t0 + MR) x panels [p0, p0 + NV). prefetch: the first rows to read these panels.
 // GLU: panels are (gate, up) pairs, output columns 16 * (p0 + v) / 2 + [0, 16). kF32: x and the
-// panels are f32 (one k per vector, vfmadd) instead of bf16 pairs (vdpbf16ps); kInt8: int8
-// pairs widened to bf16 as they are read, each column scaled before the store.
+// panels are f32 (one k per vector, vfmadd) instead of bf16 pairs (vdpbf16ps); kInt8 / kFp8:
+// byte pairs decoded to bf16 as they are read (quant_decode.h), each column scaled before the
+// store.
 template <int MR, int NV, bool GLU, Weights W>
 void block(const Problem& pr, int64_t t0, int64_t p0, bool prefetch) {
   constexpr bool F32 = W == Weights::kF32;
   constexpr int64_t kBytes = vector_bytes(W);
   using X = std::conditional_t<F32, float, uint16_t>;
   auto load = [](const char* at) {
-    if constexpr (W == Weights::kInt8) return widen_int8_pairs(at);
+    const auto* bytes = reinterpret_cast<const uint8_t*>(at);
+    if constexpr (W == Weights::kInt8) return (__m512)quant::decode<quant::kInt8>(bytes, 0, 32);
+    else if constexpr (W == Weights::kFp8) return (__m512)quant::decode<quant::kFp8>(bytes, 0, 32);
     else return _mm512_loadu_ps(at);
   };
   __m512 acc[MR][NV];
@@ -138,11 +138,11 @@ void block(const Problem& pr, int64_t t0, int64_t p0, bool prefetch) {
     const int64_t n = (p0 + v) / kStep * 16, live = std::min<int64_t>(16, pr.N - n);
     const __mmask16 mask = static_cast<__mmask16>((1u << live) - 1);
     __m512 scale[kStep];
-    if constexpr (W == Weights::kInt8)
+    if constexpr (quantized(W))
       for (int i = 0; i < kStep; ++i) scale[i] = _mm512_loadu_ps(pr.scale + (p0 + v + i) * 16);
     for (int m = 0; m < MR; ++m) {
       __m512 out = acc[m][v], up = acc[m][v + kStep - 1];
-      if constexpr (W == Weights::kInt8) {
+      if constexpr (quantized(W)) {
         out = _mm512_mul_ps(out, scale[0]);
         up = _mm512_mul_ps(up, scale[kStep - 1]);
       }
@@ -199,6 +199,7 @@ void run_tile(const Problem& pr, Weights kind, int mr, int64_t p0, int nv, int64
       case Weights::kBf16: block_any<GLU, Weights::kBf16>(pr, t0, rows, p0, nv, prefetch); break;
       case Weights::kF32: block_any<GLU, Weights::kF32>(pr, t0, rows, p0, nv, prefetch); break;
       case Weights::kInt8: block_any<GLU, Weights::kInt8>(pr, t0, rows, p0, nv, prefetch); break;
+      case Weights::kFp8: block_any<GLU, Weights::kFp8>(pr, t0, rows, p0, nv, prefetch); break;
     }
   }
 }
@@ -211,8 +212,10 @@ ffi::Error Run(ffi::ThreadPool& pool, ffi::AnyBuffer& x, ffi::AnyBuffer& w, ffi:
                ffi::AnyBuffer& y) {
   auto xd = x.dimensions(), wd = w.dimensions(), yd = y.dimensions();
   const bool f32 = x.element_type() == ffi::DataType::F32;
-  const bool int8 = w.element_type() == ffi::DataType::S8;
-  const Weights kind = f32 ? Weights::kF32 : int8 ? Weights::kInt8 : Weights::kBf16;
+  const bool fp8 = w.element_type() == ffi::DataType::U8;  // float8_e4m3fn bits
+  const bool int8 = w.element_type() == ffi::DataType::S8 || fp8;  // one byte per weight
+  const Weights kind = f32 ? Weights::kF32 : fp8 ? Weights::kFp8
+                       : int8 ? Weights::kInt8 : Weights::kBf16;
   const auto elem = f32 ? ffi::DataType::F32 : ffi::DataType::BF16;
   const bool f32_out = f32 || (!GLU && y.element_type() == ffi::DataType::F32);
   if ((!f32 && x.element_type() != ffi::DataType::BF16) || (w.element_type() != elem && !int8) ||
@@ -220,7 +223,7 @@ ffi::Error Run(ffi::ThreadPool& pool, ffi::AnyBuffer& x, ffi::AnyBuffer& w, ffi:
       y.element_type() != (f32_out ? ffi::DataType::F32 : ffi::DataType::BF16))
     return ffi::Error::InvalidArgument(
         "packed_matmul: x and wp both bfloat16 (y bfloat16, or float32 ungated), x bfloat16 "
-        "and wp int8, or both float32 (y float32)");
+        "and wp int8 or uint8 (fp8 bits), or both float32 (y float32)");
   if (xd.size() != 2 || wd.size() != 3 || yd.size() != 2 || yd[0] != xd[0] ||
       wd[2] != (f32 ? 16 : 32))
     return ffi::Error::InvalidArgument(
@@ -233,7 +236,7 @@ ffi::Error Run(ffi::ThreadPool& pool, ffi::AnyBuffer& x, ffi::AnyBuffer& w, ffi:
   if (s.element_type() != ffi::DataType::F32 ||
       static_cast<int64_t>(s.element_count()) != (int8 ? wd[0] * 16 : 0))
     return ffi::Error::InvalidArgument(
-        "packed_matmul: s must be float32 [P, 16] for int8 panels, else empty");
+        "packed_matmul: s must be float32 [P, 16] for int8 / fp8 panels, else empty");
   if (T < 1 || K < 1 || N < 1 || T * K >= (int64_t{1} << 31))
     return ffi::Error::InvalidArgument("packed_matmul: 1 <= T, K, N and T * K < 2^31");
   const Problem pr{x.untyped_data(), static_cast<const char*>(w.untyped_data()),

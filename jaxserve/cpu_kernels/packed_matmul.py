@@ -1,6 +1,6 @@
 """The packed-weight matmul (packed_matmul.cc): y = x @ W^T for any row count, bf16 or f32, or
-int8 weights with a scale per output column (W8A16), with W packed once at load into panels of
-16 output columns (CPUs with AVX-512 BF16 but no AMX)."""
+int8 / fp8 weights with a scale per output column (W8A16), with W packed once at load into
+panels of 16 output columns (CPUs with AVX-512 BF16 but no AMX)."""
 
 from __future__ import annotations
 
@@ -46,8 +46,8 @@ def available() -> bool:
 
 
 def packed_shape(n: int, k: int, dtype=jnp.bfloat16) -> tuple[int, int, int]:
-    """The packed layout of a [n, k] weight: bf16 and int8 [ceil(n / 16), ceil(k / 2), 32]
-    (pairs of k), f32 [ceil(n / 16), k, 16]."""
+    """The packed layout of a [n, k] weight: bf16, int8 and fp8 bits (uint8) [ceil(n / 16),
+    ceil(k / 2), 32] (pairs of k), f32 [ceil(n / 16), k, 16]."""
     if jnp.dtype(dtype) == jnp.float32:
         return (-(-n // PANEL), k, PANEL)
     return (-(-n // PANEL), -(-k // 2), 2 * PANEL)
@@ -55,8 +55,8 @@ def packed_shape(n: int, k: int, dtype=jnp.bfloat16) -> tuple[int, int, int]:
 
 @jax.jit
 def pack(w: jax.Array) -> jax.Array:
-    """w [N, K] (bf16, int8 or f32) -> its panels: wp[p, j, 2c:2c+2] = w[16p + c, 2j:2j+2] for
-    bf16 and int8, wp[p, k, c] = w[16p + c, k] for f32 (zero past N and K). One jitted transpose per weight
+    """w [N, K] (bf16, int8, uint8 fp8 bits or f32) -> its panels: wp[p, j, 2c:2c+2] =
+    w[16p + c, 2j:2j+2] (pairs), wp[p, k, c] = w[16p + c, k] for f32 (zero past N and K). One jitted transpose per weight
     shape: the small model's 85 weights pack (and its gate/up fuse) in 0.49 s with their
     compiles, 1.46 s in numpy."""
     n, k = w.shape
@@ -84,8 +84,8 @@ def interleave(gate: jax.Array, up: jax.Array) -> jax.Array:
 
 @jax.jit
 def pack_scales(scales: jax.Array) -> jax.Array:
-    """An int8 weight's per-column scales f32 [N] -> [ceil(N / 16), 16], a panel's scales per row
-    (zero past N)."""
+    """An int8 / fp8 weight's per-column scales f32 [N] -> [ceil(N / 16), 16], a panel's scales
+    per row (zero past N)."""
     p = -(-scales.shape[0] // PANEL)
     return jnp.pad(scales.astype(jnp.float32), (0, p * PANEL - scales.shape[0])).reshape(p, PANEL)
 
@@ -97,8 +97,9 @@ def _scales_arg(scales: jax.Array | None) -> jax.Array:
 def packed_matmul(x: jax.Array, wp: jax.Array, n: int, out_dtype=None,
                   scales: jax.Array | None = None) -> jax.Array:
     """x [T, K], wp = pack(w [n, K]) -> [T, n] (f32 accumulation) in out_dtype: x's dtype (the
-    default) or, for bf16 x, f32 (no rounding: logits). w is of x's dtype, or int8 for bf16 x
-    with scales = pack_scales(per-column scales [n]): y = (x @ w^T) * scales."""
+    default) or, for bf16 x, f32 (no rounding: logits). w is of x's dtype, or int8 / uint8
+    (float8_e4m3fn bits) for bf16 x with scales = pack_scales(per-column scales [n]):
+    y = (x @ w^T) * scales."""
     ensure_built()
     out = jnp.dtype(out_dtype or x.dtype)
     call = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct((x.shape[0], n), out))
@@ -108,7 +109,7 @@ def packed_matmul(x: jax.Array, wp: jax.Array, n: int, out_dtype=None,
 def packed_glu_matmul(x: jax.Array, wp: jax.Array, m: int,
                       scales: jax.Array | None = None) -> jax.Array:
     """x [T, K], wp = interleave(pack(gate [m, K]), pack(up [m, K])) -> [T, m] in x's dtype:
-    silu(x @ gate^T) * (x @ up^T), in f32 until the one rounding. int8 gate and up take
+    silu(x @ gate^T) * (x @ up^T), in f32 until the one rounding. int8 / fp8 gate and up take
     scales = interleave(pack_scales(gate's), pack_scales(up's)) [2 ceil(m / 16), 16]."""
     ensure_built()
     call = jax.ffi.ffi_call(GLU_TARGET, jax.ShapeDtypeStruct((x.shape[0], m), x.dtype))

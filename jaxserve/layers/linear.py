@@ -182,7 +182,7 @@ class Linear(nnx.Module):
         return (self.weight if self.rows_major else self.kernel)[...]
 
     def panel_scales(self) -> None:
-        """Float panels carry no scales (an int8 QuantizedLinear's do)."""
+        """Float panels carry no scales (an int8 / fp8 QuantizedLinear's do)."""
         return None
 
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -203,8 +203,8 @@ class Linear(nnx.Module):
 
 class PackedGateUp(nnx.Module):
     """silu(h @ Wg^T) * (h @ Wu^T) of a gated MLP in one call of the packed kernel, from two
-    packed projections (no bias), both Linear or both int8 QuantizedLinear: their panels
-    interleaved, gate panel i then up panel i (and so their int8 scales)."""
+    packed projections (no bias), both Linear or both int8 / fp8 QuantizedLinear: their panels
+    interleaved, gate panel i then up panel i (and so their scales)."""
 
     def __init__(self, gate: nnx.Module, up: nnx.Module):
         sharding = gate.panels().sharding

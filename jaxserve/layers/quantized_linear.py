@@ -27,8 +27,10 @@ REDUCE_MAX_TOKENS = {"int8": 64, "int4": 8, "fp8": 8}
 # byte once for all rows, its work growing with the rows; past these the bf16 dot on the weight
 # dequantized in the step was faster over all the small model's projections
 # (benchmarks/quant_matvec_probe.py --model --rows 8 16 32, with and without --kernel-max-rows).
-# Packed int8 layers (see QuantizedLinear) skip all of this: one kernel for every row count.
+# Packed int8 / fp8 layers (see QuantizedLinear) skip all of this: one kernel for every row count.
 KERNEL_MAX_ROWS = {"int8": 16, "int4": 8, "fp8": 4}
+# Methods whose per-channel symmetric weights the packed-weight kernel reads (one byte each).
+PACKED_METHODS = ("int8", "fp8")
 
 
 class QuantizedLinear(nnx.Module):
@@ -36,10 +38,10 @@ class QuantizedLinear(nnx.Module):
 
     qweight: int8 [out, in] | uint8 [out, in / 2] (int4 pairs) | uint8 [out, in] (fp8 bits)
     scales: float32 [out, G] (G = in / group); zeros: float32 [out, G] when asymmetric.
-    Symmetric per-channel int8 with the CPU kernels on a CPU that takes the packed-weight kernel
-    is packed after loading (pack), under the same names: qweight int8 [ceil(out/16),
-    ceil(in/2), 32] and scales f32 [ceil(out/16), 16] (cpu_kernels/packed_matmul.py); every
-    row count then runs that kernel, reading the int8 bytes as stored.
+    Per-channel int8 and fp8 (symmetric) with the CPU kernels on a CPU that takes the
+    packed-weight kernel are packed after loading (pack), under the same names: qweight int8 |
+    uint8 [ceil(out/16), ceil(in/2), 32] and scales f32 [ceil(out/16), 16]
+    (cpu_kernels/packed_matmul.py); every row count then runs that kernel on the bytes.
     """
 
     def __init__(self, in_dim: int, out_dim: int, *, bias: bool, dtype, quant: QuantConfig,
@@ -60,11 +62,12 @@ class QuantizedLinear(nnx.Module):
         self.f32_out = False  # packed only: y in f32, not rounded (an lm_head's logits)
 
     def packable(self) -> bool:
-        """Whether pack applies: symmetric per-output-channel int8 weights with bf16 activations
-        (W8A16), the CPU kernels on (matvec), and a CPU that takes the packed-weight kernel."""
-        return (self.matvec and self.method == "int8" and not self.int8_activations
+        """Whether pack applies: symmetric per-output-channel int8 or fp8 weights with bf16
+        activations (W8A16), the CPU kernels on (matvec), and a CPU that takes the
+        packed-weight kernel."""
+        return (self.matvec and self.method in PACKED_METHODS and not self.int8_activations
                 and self.zeros is None and self.group == self.in_dim
-                and cpu_packed.available())  # (packs_int8 says the same for the whole scheme)
+                and cpu_packed.available())  # (packs_weights says the same for the scheme)
 
     def pack(self) -> bool:
         """Replace qweight and scales by their packed panels (see the class), once, where
@@ -79,7 +82,7 @@ class QuantizedLinear(nnx.Module):
         return True
 
     def panels(self) -> jax.Array:
-        """The packed int8 weight (after pack)."""
+        """The packed int8 / fp8 weight (after pack)."""
         return self.qweight[...]
 
     def panel_scales(self) -> jax.Array:
@@ -113,7 +116,7 @@ class QuantizedLinear(nnx.Module):
         return (v.reshape(out_dim, -1, self.group),), 0.0
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        if self.packed:  # bf16 x, every row count: the packed int8 kernel
+        if self.packed:  # bf16 x, every row count: the packed-weight kernel
             f32 = self.f32_out or self.bias is not None
             y = cpu_packed.packed_matmul(x, self.panels(), self.out_dim,
                                          jnp.float32 if f32 else None, self.panel_scales())
@@ -258,11 +261,11 @@ def kernel_plan(quant: QuantConfig, dtype, matvec: bool) -> bool:
     return matvec and not quant.int8_activations and jnp.dtype(dtype) == jnp.bfloat16
 
 
-def packs_int8(quant: QuantConfig) -> bool:
+def packs_weights(quant: QuantConfig) -> bool:
     """Whether this scheme's projections are packed for the packed-weight kernel (with the CPU
-    kernels on and bf16 activations): symmetric per-channel int8 weights on a CPU that takes
-    it (the per-layer test is QuantizedLinear.packable)."""
-    return (quant.method == "int8" and quant.symmetric and quant.group_size is None
+    kernels on and bf16 activations): symmetric per-channel int8 or fp8 weights on a CPU that
+    takes it (the per-layer test is QuantizedLinear.packable)."""
+    return (quant.method in PACKED_METHODS and quant.symmetric and quant.group_size is None
             and not quant.int8_activations and cpu_packed.available())
 
 
@@ -270,10 +273,10 @@ def log_kernel_plan(quant: QuantConfig | None, dtype, matvec: bool) -> None:
     """Say once at start-up which path the quantized projections' decode steps take."""
     if quant is None:
         return
-    if kernel_plan(quant, dtype, matvec) and packs_int8(quant):
-        logger.info("quantized linear: int8 projections are packed at load into 16-column "
+    if kernel_plan(quant, dtype, matvec) and packs_weights(quant):
+        logger.info("quantized linear: %s projections are packed at load into 16-column "
                     "panels; steps of every row count (decode and prefill) run the packed-weight "
-                    "AVX-512 kernel on the int8 bytes")
+                    "AVX-512 kernel on the %s bytes", quant.name, quant.name)
     elif kernel_plan(quant, dtype, matvec):
         logger.info("quantized linear: %s projections of up to %d bf16 rows run the CPU decode "
                     "kernel; more rows dequantize the weight to bf16 per step for the bf16 "

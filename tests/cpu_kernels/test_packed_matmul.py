@@ -235,3 +235,22 @@ def test_int8_panels_refuse_missing_scales_and_f32_x():
     with pytest.raises(Exception, match="x bfloat16 and wp int8"):
         jax.block_until_ready(pm.packed_matmul(x.astype(jnp.float32), q, 32, None,
                                                pm.pack_scales(jnp.ones((32,)))))
+
+
+@needs_packed
+@pytest.mark.parametrize("rows", [1, 5, 9, 64, 130])
+@pytest.mark.parametrize("k,n", [(896, 1152), (7, 13), (289, 101)])
+def test_fp8_matches_float_math(rows, k, n):
+    """float8_e4m3fn bits (every finite byte, subnormals and both zeros included) decode exactly
+    to bf16: against float64 on the decoded values only summation order differs."""
+    rng = np.random.default_rng(rows * 5 + k)
+    x = jnp.asarray(rng.standard_normal((rows, k)), jnp.bfloat16)
+    bits = rng.integers(0, 256, (n, k)).astype(np.uint8)
+    bits[(bits & 0x7F) == 0x7F] = 0x01  # no NaN patterns (0x7f / 0xff): a subnormal instead
+    values = bits.view(ml_dtypes.float8_e4m3fn).astype(np.float64)  # [n, k]
+    scales = (2.0 ** rng.uniform(-8, -2, n)).astype(np.float32)
+    y = np.asarray(jax.jit(pm.packed_matmul, static_argnums=(2, 3))(
+        x, pm.pack(jnp.asarray(bits)), n, jnp.float32, pm.pack_scales(jnp.asarray(scales))))
+    xf = np.asarray(x, np.float64)
+    bound = 2e-7 * np.sqrt(k) * (np.abs(xf) @ np.abs(values.T) + 1e-6)
+    np.testing.assert_array_less(np.abs(y - (xf @ values.T) * scales), bound * scales)

@@ -198,17 +198,20 @@ def test_convert_with_quantization_loads_without_requantizing(tiny_checkpoints, 
 
 
 @pytest.mark.skipif(not packed_matmul.available(), reason="no packed-weight kernel on this CPU")
-@pytest.mark.parametrize("arch", ["LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM"])
-@pytest.mark.parametrize("lm_head", [False, True])
-def test_packed_int8_bfloat16_error_is_like_hf_bfloat16(arch, lm_head, tiny_checkpoints,
-                                                        tmp_path):
-    """bf16 int8 with the CPU kernels: every projection (and the quantized lm_head, or the tied
-    table that doubles as it) is packed once at load, gate and up fused under silu with their
-    scales, and every step runs the packed int8 kernel. Against HF on the dequantized weights,
-    our bf16 error is within 2x HF's own bf16 error (+ 1e-2 of the logit range), the bound of
-    the float bf16 models (test_bf16_and_shards)."""
+@pytest.mark.parametrize("method,arch,lm_head", [
+    ("int8", "LlamaForCausalLM", False), ("int8", "LlamaForCausalLM", True),
+    ("int8", "MistralForCausalLM", False), ("int8", "MistralForCausalLM", True),
+    ("int8", "Qwen2ForCausalLM", False), ("int8", "Qwen2ForCausalLM", True),
+    ("fp8", "Qwen2ForCausalLM", True), ("fp8", "LlamaForCausalLM", False)])
+def test_packed_int8_and_fp8_bfloat16_error_is_like_hf_bfloat16(method, arch, lm_head,
+                                                                tiny_checkpoints, tmp_path):
+    """bf16 int8 / fp8 with the CPU kernels: every projection (and the quantized lm_head, or the
+    tied table that doubles as it) is packed once at load, gate and up fused under silu with
+    their scales, and every step runs the packed-weight kernel. Against HF on the dequantized
+    weights, our bf16 error is within 2x HF's own bf16 error (+ 1e-2 of the logit range), the
+    bound of the float bf16 models (test_bf16_and_shards)."""
     path = tiny_checkpoints(arch)
-    loaded = load_model(path, dtype="bfloat16", quantization="int8", quantize_lm_head=lm_head,
+    loaded = load_model(path, dtype="bfloat16", quantization=method, quantize_lm_head=lm_head,
                         cpu_matvec=True)
     nodes = [m for _, m in nnx.iter_graph(loaded.model)]
     quantized = [m for m in nodes if isinstance(m, QuantizedLinear)]
@@ -223,7 +226,7 @@ def test_packed_int8_bfloat16_error_is_like_hf_bfloat16(arch, lm_head, tiny_chec
     if lm_head:
         assert head.packed and head.f32_out
     prompts = make_prompts(500, seed=7)[:3]
-    deq = write_dequantized_copy(path, str(tmp_path / "deq"), "int8", lm_head=lm_head)
+    deq = write_dequantized_copy(path, str(tmp_path / "deq"), method, lm_head=lm_head)
     ref = hf_logits(deq, prompts)
     hf_bf16 = hf_logits(deq, prompts, dtype=torch.bfloat16)
     ours = paged_logits(loaded, prompts)
