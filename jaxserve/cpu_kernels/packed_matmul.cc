@@ -34,9 +34,15 @@
 // decodes its panels again (a few instructions per 32 weights, against MR * NV vdpbf16ps): on
 // the small model's int8 projections, widening a tile's panels once into an L2 buffer for all
 // its row blocks was slower (86.9 vs 76.0 ms at 64 rows, 511 vs 508 ms at 512).
+// int4 weights (W4A16, symmetric, a scale per column and group of inputs) keep their stored
+// bytes, one byte per (column, pair of inputs): wp[P, K/2, 16] u8, each byte the two nibbles
+// (value + 8) of inputs 2j and 2j + 1, so a pair vector is 16 bytes; s[P, G, 16] f32. The
+// nibbles become bf16 through a 16-entry table (quant_decode.h); each group's sums are scaled
+// into totals kept in memory (the registers hold the sums) before the next group.
 //
-// Shapes: x [T, K] bf16; wp [P, K2, 32] bf16 | s8; s [P, 16] f32 (int8) | [0]; y [T, N] bf16
-// (f32 x: wp [P, K, 16], y f32).
+// Shapes: x [T, K] bf16; wp [P, K2, 32] bf16 | s8 | u8 (fp8), [P, K/2, 16] u8 (int4);
+// s [P, 16] f32 (int8, fp8) | [P, G, 16] f32 (int4) | [0]; y [T, N] bf16 (or f32);
+// f32 x: wp [P, K, 16], y f32.
 
 #include <immintrin.h>
 
@@ -59,20 +65,24 @@ namespace {
 constexpr int64_t kRowTile = 64;  // rows per work item
 constexpr int64_t kPrefetchBytes = 2048;  // how far ahead each panel stream is prefetched
 
-enum class Weights { kBf16, kF32, kInt8, kFp8 };
+enum class Weights { kBf16, kF32, kInt8, kFp8, kInt4 };
 
-// One byte per weight, a scale per column.
-constexpr bool quantized(Weights kind) { return kind == Weights::kInt8 || kind == Weights::kFp8; }
-// Bytes per panel vector: 16 columns of a bf16 pair or an f32 value (64), a byte pair (32).
-constexpr int64_t vector_bytes(Weights kind) { return quantized(kind) ? 32 : 64; }
+// Quantized weights: scales per column (int8, fp8) or per column and input group (int4).
+constexpr bool quantized(Weights kind) { return kind >= Weights::kInt8; }
+// Bytes per panel vector: 16 columns of a bf16 pair or an f32 value (64), a byte pair (32),
+// a pair of nibbles (16).
+constexpr int64_t vector_bytes(Weights kind) {
+  return kind == Weights::kInt4 ? 16 : quantized(kind) ? 32 : 64;
+}
 
 struct Problem {
   const void* x;  // [T, K], bf16 or f32
   const char* w;  // [P, steps, vector_bytes]
-  const float* scale;  // int8: [P, 16], the scale of each panel's columns; else null
+  const float* scale;  // quantized: [P, G, 16], each panel's columns per input group; else null
   void* y;  // [T, N], bf16 or (f32_out) f32
   bool f32_out;
-  int64_t T, K, N, steps;  // steps: vectors per panel, ceil(K / 2) for bf16 / int8, K for f32
+  int64_t T, K, N, steps;  // steps: vectors per panel, ceil(K / 2) (pairs), K for f32
+  int64_t G;  // scale groups along K (int4; 1 otherwise)
 };
 
 // The pair (x[t, 2j], x[t, 2j + 1]) of a row as one 32-bit word (rows of an odd K start
@@ -97,8 +107,13 @@ void block(const Problem& pr, int64_t t0, int64_t p0, bool prefetch) {
     const auto* bytes = reinterpret_cast<const uint8_t*>(at);
     if constexpr (W == Weights::kInt8) return (__m512)quant::decode<quant::kInt8>(bytes, 0, 32);
     else if constexpr (W == Weights::kFp8) return (__m512)quant::decode<quant::kFp8>(bytes, 0, 32);
+    else if constexpr (W == Weights::kInt4) return (__m512)quant::decode<quant::kInt4>(bytes, 0, 32);
     else return _mm512_loadu_ps(at);
   };
+  // int4: each input group's sums are scaled into totals (memory: the registers hold acc)
+  constexpr bool kGrouped = W == Weights::kInt4;
+  alignas(64) float total[kGrouped ? MR * NV * 16 : 1];
+  if constexpr (kGrouped) std::memset(total, 0, sizeof total);
   __m512 acc[MR][NV];
   for (int m = 0; m < MR; ++m)
     for (int v = 0; v < NV; ++v) acc[m][v] = _mm512_setzero_ps();
@@ -107,20 +122,37 @@ void block(const Problem& pr, int64_t t0, int64_t p0, bool prefetch) {
   const X* row[MR];
   for (int m = 0; m < MR; ++m) row[m] = static_cast<const X*>(pr.x) + (t0 + m) * pr.K;
   const int64_t full = F32 ? pr.K : pr.K / 2;  // whole vectors (an odd K's last pair aside)
-  for (int64_t j = 0; j < full; ++j) {
-    __m512 wv[NV];
-    for (int v = 0; v < NV; ++v) {
-      const char* at = panel[v] + j * kBytes;
-      if (prefetch && (kBytes == 64 || j % 2 == 0)) _mm_prefetch(at + kPrefetchBytes, _MM_HINT_T0);
-      wv[v] = load(at);
+  const int64_t groups = kGrouped ? pr.G : 1, group_steps = full / groups;
+  for (int64_t g = 0; g < groups; ++g) {
+    if constexpr (kGrouped)
+      for (int m = 0; m < MR; ++m)
+        for (int v = 0; v < NV; ++v) acc[m][v] = _mm512_setzero_ps();
+    for (int64_t j = g * group_steps; j < (g + 1) * group_steps; ++j) {
+      __m512 wv[NV];
+      for (int v = 0; v < NV; ++v) {
+        const char* at = panel[v] + j * kBytes;
+        if (prefetch && j % (64 / kBytes) == 0) _mm_prefetch(at + kPrefetchBytes, _MM_HINT_T0);
+        wv[v] = load(at);
+      }
+      for (int m = 0; m < MR; ++m) {
+        if constexpr (F32) {
+          const __m512 xb = _mm512_set1_ps(row[m][j]);
+          for (int v = 0; v < NV; ++v) acc[m][v] = _mm512_fmadd_ps(wv[v], xb, acc[m][v]);
+        } else {
+          const __m512bh xb =
+              (__m512bh)_mm512_set1_epi32(static_cast<int32_t>(x_pair(row[m], j)));
+          for (int v = 0; v < NV; ++v)
+            acc[m][v] = _mm512_dpbf16_ps(acc[m][v], (__m512bh)wv[v], xb);
+        }
+      }
     }
-    for (int m = 0; m < MR; ++m) {
-      if constexpr (F32) {
-        const __m512 xb = _mm512_set1_ps(row[m][j]);
-        for (int v = 0; v < NV; ++v) acc[m][v] = _mm512_fmadd_ps(wv[v], xb, acc[m][v]);
-      } else {
-        const __m512bh xb = (__m512bh)_mm512_set1_epi32(static_cast<int32_t>(x_pair(row[m], j)));
-        for (int v = 0; v < NV; ++v) acc[m][v] = _mm512_dpbf16_ps(acc[m][v], (__m512bh)wv[v], xb);
+    if constexpr (kGrouped) {
+      for (int v = 0; v < NV; ++v) {
+        const __m512 sv = _mm512_loadu_ps(pr.scale + ((p0 + v) * pr.G + g) * 16);
+        for (int m = 0; m < MR; ++m) {
+          float* t = total + (m * NV + v) * 16;
+          _mm512_store_ps(t, _mm512_fmadd_ps(acc[m][v], sv, _mm512_load_ps(t)));
+        }
       }
     }
   }
@@ -138,11 +170,14 @@ void block(const Problem& pr, int64_t t0, int64_t p0, bool prefetch) {
     const int64_t n = (p0 + v) / kStep * 16, live = std::min<int64_t>(16, pr.N - n);
     const __mmask16 mask = static_cast<__mmask16>((1u << live) - 1);
     __m512 scale[kStep];
-    if constexpr (quantized(W))
+    if constexpr (quantized(W) && !kGrouped)
       for (int i = 0; i < kStep; ++i) scale[i] = _mm512_loadu_ps(pr.scale + (p0 + v + i) * 16);
     for (int m = 0; m < MR; ++m) {
       __m512 out = acc[m][v], up = acc[m][v + kStep - 1];
-      if constexpr (quantized(W)) {
+      if constexpr (kGrouped) {  // already scaled, group by group
+        out = _mm512_load_ps(total + (m * NV + v) * 16);
+        up = _mm512_load_ps(total + (m * NV + v + kStep - 1) * 16);
+      } else if constexpr (quantized(W)) {
         out = _mm512_mul_ps(out, scale[0]);
         up = _mm512_mul_ps(up, scale[kStep - 1]);
       }
@@ -200,6 +235,7 @@ void run_tile(const Problem& pr, Weights kind, int mr, int64_t p0, int nv, int64
       case Weights::kF32: block_any<GLU, Weights::kF32>(pr, t0, rows, p0, nv, prefetch); break;
       case Weights::kInt8: block_any<GLU, Weights::kInt8>(pr, t0, rows, p0, nv, prefetch); break;
       case Weights::kFp8: block_any<GLU, Weights::kFp8>(pr, t0, rows, p0, nv, prefetch); break;
+      case Weights::kInt4: block_any<GLU, Weights::kInt4>(pr, t0, rows, p0, nv, prefetch); break;
     }
   }
 }
@@ -212,36 +248,44 @@ ffi::Error Run(ffi::ThreadPool& pool, ffi::AnyBuffer& x, ffi::AnyBuffer& w, ffi:
                ffi::AnyBuffer& y) {
   auto xd = x.dimensions(), wd = w.dimensions(), yd = y.dimensions();
   const bool f32 = x.element_type() == ffi::DataType::F32;
-  const bool fp8 = w.element_type() == ffi::DataType::U8;  // float8_e4m3fn bits
-  const bool int8 = w.element_type() == ffi::DataType::S8 || fp8;  // one byte per weight
-  const Weights kind = f32 ? Weights::kF32 : fp8 ? Weights::kFp8
-                       : int8 ? Weights::kInt8 : Weights::kBf16;
+  const bool u8 = w.element_type() == ffi::DataType::U8;
+  const bool lanes = wd.size() == 3 && wd[2] == 16;  // f32 values, or int4 nibble pairs
+  const Weights kind = f32 ? Weights::kF32
+                       : w.element_type() == ffi::DataType::S8 ? Weights::kInt8
+                       : u8 ? (lanes ? Weights::kInt4 : Weights::kFp8) : Weights::kBf16;
+  const bool bytes = quantized(kind);
   const auto elem = f32 ? ffi::DataType::F32 : ffi::DataType::BF16;
   const bool f32_out = f32 || (!GLU && y.element_type() == ffi::DataType::F32);
-  if ((!f32 && x.element_type() != ffi::DataType::BF16) || (w.element_type() != elem && !int8) ||
-      (int8 && f32) ||
+  if ((!f32 && x.element_type() != ffi::DataType::BF16) || (w.element_type() != elem && !bytes) ||
+      (bytes && f32) ||
       y.element_type() != (f32_out ? ffi::DataType::F32 : ffi::DataType::BF16))
     return ffi::Error::InvalidArgument(
         "packed_matmul: x and wp both bfloat16 (y bfloat16, or float32 ungated), x bfloat16 "
-        "and wp int8 or uint8 (fp8 bits), or both float32 (y float32)");
+        "and wp int8 or uint8 (fp8 bits, int4 nibble pairs), or both float32 (y float32)");
   if (xd.size() != 2 || wd.size() != 3 || yd.size() != 2 || yd[0] != xd[0] ||
-      wd[2] != (f32 ? 16 : 32))
+      wd[2] != (f32 || kind == Weights::kInt4 ? 16 : 32))
     return ffi::Error::InvalidArgument(
-        "packed_matmul: x [T, K], wp [ceil(N/16), ceil(K/2), 32] (f32: [ceil(N/16), K, 16]) "
-        "and y [T, N]");
+        "packed_matmul: x [T, K], wp [ceil(N/16), ceil(K/2), 32] (f32: [ceil(N/16), K, 16]; "
+        "int4: [ceil(N/16), K/2, 16]) and y [T, N]");
   const int64_t T = xd[0], K = xd[1], N = yd[1];
   const int64_t steps = f32 ? K : (K + 1) / 2;
-  if (wd[0] != (GLU ? 2 : 1) * ((N + 15) / 16) || wd[1] != steps)
+  if (wd[0] != (GLU ? 2 : 1) * ((N + 15) / 16) || wd[1] != steps ||
+      (kind == Weights::kInt4 && K % 2))
     return ffi::Error::InvalidArgument("packed_matmul: wp is not the packed [N, K] weight");
+  const int64_t n_scales = static_cast<int64_t>(s.element_count());
+  const int64_t G = bytes ? n_scales / (wd[0] * 16) : 1;
   if (s.element_type() != ffi::DataType::F32 ||
-      static_cast<int64_t>(s.element_count()) != (int8 ? wd[0] * 16 : 0))
+      (bytes ? G < 1 || n_scales != wd[0] * 16 * G || steps % G ||
+                   (kind != Weights::kInt4 && G != 1)
+             : n_scales != 0))
     return ffi::Error::InvalidArgument(
-        "packed_matmul: s must be float32 [P, 16] for int8 / fp8 panels, else empty");
+        "packed_matmul: s must be float32 [P, 16] for int8 / fp8 panels, [P, G, 16] for int4 "
+        "(G groups of an even size dividing K), else empty");
   if (T < 1 || K < 1 || N < 1 || T * K >= (int64_t{1} << 31))
     return ffi::Error::InvalidArgument("packed_matmul: 1 <= T, K, N and T * K < 2^31");
   const Problem pr{x.untyped_data(), static_cast<const char*>(w.untyped_data()),
-                   int8 ? static_cast<const float*>(s.untyped_data()) : nullptr,
-                   y.untyped_data(), f32_out, T, K, N, steps};
+                   bytes ? static_cast<const float*>(s.untyped_data()) : nullptr,
+                   y.untyped_data(), f32_out, T, K, N, steps, G};
   const int mr = static_cast<int>(std::min<int64_t>(T, GLU ? 6 : 8));  // GLU: 4 panels
   const int nv = panels_for(mr);
   const int64_t groups = (wd[0] + nv - 1) / nv, tiles = (T + kRowTile - 1) / kRowTile;

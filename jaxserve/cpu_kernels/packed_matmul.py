@@ -45,23 +45,26 @@ def available() -> bool:
     return True
 
 
-def packed_shape(n: int, k: int, dtype=jnp.bfloat16) -> tuple[int, int, int]:
+def packed_shape(n: int, k: int, dtype=jnp.bfloat16,
+                 lanes: bool = False) -> tuple[int, int, int]:
     """The packed layout of a [n, k] weight: bf16, int8 and fp8 bits (uint8) [ceil(n / 16),
-    ceil(k / 2), 32] (pairs of k), f32 [ceil(n / 16), k, 16]."""
-    if jnp.dtype(dtype) == jnp.float32:
+    ceil(k / 2), 32] (pairs of k), f32 (or any dtype with lanes: int4's bytes, each holding a
+    pair of inputs) [ceil(n / 16), k, 16]."""
+    if lanes or jnp.dtype(dtype) == jnp.float32:
         return (-(-n // PANEL), k, PANEL)
     return (-(-n // PANEL), -(-k // 2), 2 * PANEL)
 
 
-@jax.jit
-def pack(w: jax.Array) -> jax.Array:
+@functools.partial(jax.jit, static_argnames="lanes")
+def pack(w: jax.Array, lanes: bool = False) -> jax.Array:
     """w [N, K] (bf16, int8, uint8 fp8 bits or f32) -> its panels: wp[p, j, 2c:2c+2] =
-    w[16p + c, 2j:2j+2] (pairs), wp[p, k, c] = w[16p + c, k] for f32 (zero past N and K). One jitted transpose per weight
-    shape: the small model's 85 weights pack (and its gate/up fuse) in 0.49 s with their
-    compiles, 1.46 s in numpy."""
+    w[16p + c, 2j:2j+2] (pairs), wp[p, k, c] = w[16p + c, k] for f32 and with lanes (int4's
+    stored bytes [N, K / 2]); zero past N and K. One jitted transpose per weight shape: the
+    small model's 85 weights pack (and its gate/up fuse) in 0.49 s with their compiles, 1.46 s
+    in numpy."""
     n, k = w.shape
-    p, steps, width = packed_shape(n, k, w.dtype)
-    pair = width // PANEL  # k values per lane: 2 (bf16) or 1 (f32)
+    p, steps, width = packed_shape(n, k, w.dtype, lanes)
+    pair = width // PANEL  # k values per lane: 2 (pairs) or 1
     padded = jnp.pad(w, ((0, p * PANEL - n), (0, steps * pair - k)))
     # [P, 16, steps, pair] -> [P, steps, 16, pair]
     return padded.reshape(p, PANEL, steps, pair).transpose(0, 2, 1, 3).reshape(p, steps, width)
@@ -84,10 +87,22 @@ def interleave(gate: jax.Array, up: jax.Array) -> jax.Array:
 
 @jax.jit
 def pack_scales(scales: jax.Array) -> jax.Array:
-    """An int8 / fp8 weight's per-column scales f32 [N] -> [ceil(N / 16), 16], a panel's scales
-    per row (zero past N)."""
-    p = -(-scales.shape[0] // PANEL)
-    return jnp.pad(scales.astype(jnp.float32), (0, p * PANEL - scales.shape[0])).reshape(p, PANEL)
+    """A quantized weight's scales f32 [N] (one per column: int8, fp8) or [N, G] (per column and
+    input group: int4) -> [ceil(N / 16), 16] or [ceil(N / 16), G, 16]: each panel's columns
+    last (zero past N)."""
+    grouped = scales.ndim == 2
+    s = (scales if grouped else scales[:, None]).astype(jnp.float32)  # [N, G]
+    p = -(-s.shape[0] // PANEL)
+    s = jnp.pad(s, ((0, p * PANEL - s.shape[0]), (0, 0))).reshape(p, PANEL, -1)
+    s = s.transpose(0, 2, 1)  # [P, G, 16]
+    return s if grouped else s[:, 0]
+
+
+def unpack_scales(sp: np.ndarray, n: int) -> np.ndarray:
+    """The inverse of pack_scales: [P, 16] -> [n], [P, G, 16] -> [n, G]."""
+    if sp.ndim == 2:
+        return sp.reshape(-1)[:n]
+    return sp.transpose(0, 2, 1).reshape(-1, sp.shape[1])[:n]
 
 
 def _scales_arg(scales: jax.Array | None) -> jax.Array:

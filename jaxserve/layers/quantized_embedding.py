@@ -23,15 +23,20 @@ class QuantizedEmbedding(QuantizedLinear):
     def __init__(self, vocab: int, dim: int, *, dtype, quant, matvec: bool = False):
         super().__init__(dim, vocab, bias=False, dtype=dtype, quant=quant, matvec=matvec)
         self.dtype = jnp.dtype(dtype)
+        self.qweight_width = self.qweight.shape[1]  # in, or in / 2 for int4
 
     def __call__(self, token_ids: jax.Array) -> jax.Array:
         """token_ids int32 [T] -> [T, hidden] in the model's dtype."""
-        if self.packed:  # token v is column v % 16 of panel v // 16: [P, K2, 16, 2]
+        if self.packed:  # token v is column v % 16 of panel v // 16 (quantized_linear.py)
             panels, panel = self.panels(), cpu_packed.PANEL
-            table = panels.reshape(panels.shape[0], panels.shape[1], panel, 2)
-            q = table[token_ids // panel, :, token_ids % panel, :]  # [T, K2, 2]
-            q = q.reshape(token_ids.shape[0], -1)[:, : self.in_dim]  # [T, hidden]
-            scales = self.panel_scales().reshape(-1)[token_ids][:, None]  # [T, 1]
+            lanes = panels.shape[2] // panel  # 2: byte pairs [P, K2, 32]; 1: int4 [P, K/2, 16]
+            table = panels.reshape(panels.shape[0], panels.shape[1], panel, lanes)
+            q = table[token_ids // panel, :, token_ids % panel, :]  # [T, steps, lanes]
+            q = q.reshape(token_ids.shape[0], -1)[:, : self.qweight_width]  # [T, in(/2)]
+            scales = self.panel_scales()  # [P, 16] | [P, G, 16]
+            if scales.ndim == 2:
+                scales = scales[:, None, :]
+            scales = scales[token_ids // panel, :, token_ids % panel]  # [T, G]
             return self.dequantize_rows(q, scales, None, self.dtype)  # [T, hidden]
         q = jnp.take(self.qweight[...], token_ids, axis=0)  # [T, in(/2)]
         scales = jnp.take(self.scales[...], token_ids, axis=0)  # [T, G]

@@ -27,10 +27,11 @@ REDUCE_MAX_TOKENS = {"int8": 64, "int4": 8, "fp8": 8}
 # byte once for all rows, its work growing with the rows; past these the bf16 dot on the weight
 # dequantized in the step was faster over all the small model's projections
 # (benchmarks/quant_matvec_probe.py --model --rows 8 16 32, with and without --kernel-max-rows).
-# Packed int8 / fp8 layers (see QuantizedLinear) skip all of this: one kernel for every row count.
+# Packed layers (see QuantizedLinear) skip all of this: one kernel for every row count.
 KERNEL_MAX_ROWS = {"int8": 16, "int4": 8, "fp8": 4}
-# Methods whose per-channel symmetric weights the packed-weight kernel reads (one byte each).
-PACKED_METHODS = ("int8", "fp8")
+# Methods whose symmetric weights the packed-weight kernel reads as stored (int8 and fp8 per
+# channel, int4 per channel or group).
+PACKED_METHODS = ("int8", "fp8", "int4")
 
 
 class QuantizedLinear(nnx.Module):
@@ -38,9 +39,10 @@ class QuantizedLinear(nnx.Module):
 
     qweight: int8 [out, in] | uint8 [out, in / 2] (int4 pairs) | uint8 [out, in] (fp8 bits)
     scales: float32 [out, G] (G = in / group); zeros: float32 [out, G] when asymmetric.
-    Per-channel int8 and fp8 (symmetric) with the CPU kernels on a CPU that takes the
-    packed-weight kernel are packed after loading (pack), under the same names: qweight int8 |
-    uint8 [ceil(out/16), ceil(in/2), 32] and scales f32 [ceil(out/16), 16]
+    Symmetric per-channel int8 and fp8, and symmetric group-wise int4, with the CPU kernels on
+    a CPU that takes the packed-weight kernel are packed after loading (pack), under the same
+    names: qweight int8 | uint8 [ceil(out/16), ceil(in/2), 32] (int4: its bytes, [ceil(out/16),
+    in/2, 16]) and scales f32 [ceil(out/16), 16] (int4: [ceil(out/16), G, 16])
     (cpu_kernels/packed_matmul.py); every row count then runs that kernel on the bytes.
     """
 
@@ -62,11 +64,13 @@ class QuantizedLinear(nnx.Module):
         self.f32_out = False  # packed only: y in f32, not rounded (an lm_head's logits)
 
     def packable(self) -> bool:
-        """Whether pack applies: symmetric per-output-channel int8 or fp8 weights with bf16
-        activations (W8A16), the CPU kernels on (matvec), and a CPU that takes the
-        packed-weight kernel."""
+        """Whether pack applies: symmetric weights, per output channel (int8, fp8) or in even
+        input groups (int4), with bf16 activations (W*A16), the CPU kernels on (matvec), and a
+        CPU that takes the packed-weight kernel."""
+        per_channel = self.group == self.in_dim
         return (self.matvec and self.method in PACKED_METHODS and not self.int8_activations
-                and self.zeros is None and self.group == self.in_dim
+                and self.zeros is None and self.group % 2 == 0
+                and (per_channel or self.method == "int4")
                 and cpu_packed.available())  # (packs_weights says the same for the scheme)
 
     def pack(self) -> bool:
@@ -74,10 +78,11 @@ class QuantizedLinear(nnx.Module):
         packable."""
         if self.packed or not self.packable():
             return False
-        q = self.qweight[...]
-        self.qweight = nnx.Param(jax.device_put(cpu_packed.pack(q), q.sharding))
-        self.scales = nnx.Param(jax.device_put(cpu_packed.pack_scales(self.scales[...][:, 0]),
-                                               q.sharding))
+        q, scales = self.qweight[...], self.scales[...]  # [out, in(/2)], [out, G]
+        int4 = self.method == "int4"
+        self.qweight = nnx.Param(jax.device_put(cpu_packed.pack(q, lanes=int4), q.sharding))
+        self.scales = nnx.Param(jax.device_put(
+            cpu_packed.pack_scales(scales if int4 else scales[:, 0]), q.sharding))
         self.packed = True
         return True
 
@@ -86,7 +91,7 @@ class QuantizedLinear(nnx.Module):
         return self.qweight[...]
 
     def panel_scales(self) -> jax.Array:
-        """The packed per-column scales [ceil(out/16), 16] (after pack)."""
+        """The packed scales [ceil(out/16), 16] (int4: [ceil(out/16), G, 16]) (after pack)."""
         return self.scales[...]
 
     def values(self, q: jax.Array | None = None,
@@ -263,9 +268,10 @@ def kernel_plan(quant: QuantConfig, dtype, matvec: bool) -> bool:
 
 def packs_weights(quant: QuantConfig) -> bool:
     """Whether this scheme's projections are packed for the packed-weight kernel (with the CPU
-    kernels on and bf16 activations): symmetric per-channel int8 or fp8 weights on a CPU that
-    takes it (the per-layer test is QuantizedLinear.packable)."""
-    return (quant.method in PACKED_METHODS and quant.symmetric and quant.group_size is None
+    kernels on and bf16 activations): symmetric per-channel int8 or fp8 weights, or symmetric
+    group-wise int4, on a CPU that takes it (the per-layer test is QuantizedLinear.packable)."""
+    return (quant.method in PACKED_METHODS and quant.symmetric
+            and (quant.group_size is None or quant.method == "int4")
             and not quant.int8_activations and cpu_packed.available())
 
 

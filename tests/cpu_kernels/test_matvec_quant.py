@@ -13,6 +13,7 @@ import pytest
 
 from jaxserve.cpu_kernels import build
 from jaxserve.cpu_kernels import matvec_quant as mq
+from jaxserve.cpu_kernels import packed_matmul as pm
 from jaxserve.layers import quantized_linear as ql
 from jaxserve.layers.quant_scheme import QuantConfig, dequantize, quantize
 
@@ -212,10 +213,13 @@ def test_plan_keeps_xla_for_w8a8_and_float32_and_logs_why(caplog):
     assert not _uses_kernel(_layer("int8", None, True, w8a8=True), x.astype(jnp.bfloat16))
     with caplog.at_level(logging.INFO, logger="jaxserve.layers.quantized_linear"):
         ql.log_kernel_plan(QuantConfig("int4", 32), "bfloat16", True)
+        ql.log_kernel_plan(QuantConfig("int4", 32, symmetric=False), "bfloat16", True)
         ql.log_kernel_plan(QuantConfig("int4", 32), "float32", True)
         ql.log_kernel_plan(QuantConfig("int8", None, int8_activations=True), "bfloat16", True)
         ql.log_kernel_plan(QuantConfig("fp8", None), "bfloat16", False)
-    assert "run the CPU decode kernel" in caplog.text
+    # symmetric int4 is packed where the CPU takes the packed-weight kernel; asymmetric never
+    assert ("int4 projections are packed at load" in caplog.text) == pm.available()
+    assert "int4 projections of up to 8 bf16 rows run the CPU decode kernel" in caplog.text
     assert "float32 activations are not bf16" in caplog.text
     assert "w8a8 projections use XLA" in caplog.text and "kernel is off" in caplog.text
 

@@ -254,3 +254,50 @@ def test_fp8_matches_float_math(rows, k, n):
     xf = np.asarray(x, np.float64)
     bound = 2e-7 * np.sqrt(k) * (np.abs(xf) @ np.abs(values.T) + 1e-6)
     np.testing.assert_array_less(np.abs(y - (xf @ values.T) * scales), bound * scales)
+
+
+def _int4_weight(rng, n, k, group):
+    """Stored int4 bytes uint8 [n, k / 2] (inputs 2j, 2j + 1 in the low, high nibble, each
+    value + 8), their values [n, k] in -8..7 and group scales f32 [n, k / group]."""
+    values = rng.integers(-8, 8, (n, k))
+    stored = (values + 8).astype(np.uint8)
+    q = stored[:, 0::2] | (stored[:, 1::2] << 4)
+    scales = (2.0 ** rng.uniform(-8, -2, (n, k // group))).astype(np.float32)
+    return q, values, scales
+
+
+@needs_packed
+@pytest.mark.parametrize("rows", [1, 3, 8, 9, 64, 130])
+@pytest.mark.parametrize("k,n,group", [(896, 1152, 128), (64, 13, 32), (256, 101, 256),
+                                       (4864, 50, 128)])
+def test_int4_matches_float_math(rows, k, n, group):
+    """Each group of inputs summed exactly in f32 (bf16 x times small integers), then scaled by
+    its own scale: against float64, only summation order differs."""
+    rng = np.random.default_rng(rows * 11 + k + n)
+    x = jnp.asarray(rng.standard_normal((rows, k)), jnp.bfloat16)
+    q, values, scales = _int4_weight(rng, n, k, group)
+    wp, sp = pm.pack(jnp.asarray(q), lanes=True), pm.pack_scales(jnp.asarray(scales))
+    assert wp.shape == (-(-n // 16), k // 2, 16) and sp.shape == (-(-n // 16), k // group, 16)
+    np.testing.assert_array_equal(pm.unpack(np.asarray(wp), n, k // 2), q)
+    np.testing.assert_array_equal(pm.unpack_scales(np.asarray(sp), n), scales)
+    y = np.asarray(jax.jit(pm.packed_matmul, static_argnums=(2, 3))(x, wp, n, jnp.float32, sp))
+    w = (values.reshape(n, -1, group) * scales[:, :, None]).reshape(n, k)  # float64
+    xf = np.asarray(x, np.float64)
+    bound = 2e-7 * np.sqrt(k) * (np.abs(xf) @ np.abs(w.T) + 1e-6)
+    np.testing.assert_array_less(np.abs(y - xf @ w.T), bound)
+
+
+@needs_packed
+def test_int4_glu_keeps_each_projections_group_scales():
+    rng = np.random.default_rng(4)
+    k, m, group = 256, 40, 64
+    x = jnp.asarray(rng.standard_normal((5, k)), jnp.bfloat16)
+    (qg, vg, sg), (qu, vu, su) = (_int4_weight(rng, m, k, group) for _ in range(2))
+    wp = pm.interleave(pm.pack(jnp.asarray(qg), lanes=True), pm.pack(jnp.asarray(qu), lanes=True))
+    sp = pm.interleave(pm.pack_scales(jnp.asarray(sg)), pm.pack_scales(jnp.asarray(su)))
+    y = np.asarray(pm.packed_glu_matmul(x, wp, m, sp), np.float32)
+    xf = np.asarray(x, np.float64)
+    g = xf @ (vg.reshape(m, -1, group) * sg[:, :, None]).reshape(m, k).T
+    u = xf @ (vu.reshape(m, -1, group) * su[:, :, None]).reshape(m, k).T
+    np.testing.assert_array_less(np.abs(y - _silu(g) * u),
+                                 2**-8 * np.abs(_silu(g) * u) + 1e-4 * (np.abs(g) + np.abs(u)))

@@ -47,8 +47,8 @@ def test_quantized_lm_head_equals_float_model_on_dequantized_lm_head(arch, metho
 @pytest.mark.parametrize("arch", ["Qwen2ForCausalLM", "LlamaForCausalLM"])
 @pytest.mark.parametrize("method", ["int8", "int4"])
 def test_decode_logits_run_the_quantized_kernel(arch, method, tiny_checkpoints):
-    """bf16 with the CPU kernels: a decode step's logits come from the C++ kernel (int8 on a CPU
-    that takes the packed-weight kernel: that one, on the packed head; else matvec_quant.cc) and
+    """bf16 with the CPU kernels: a decode step's logits come from the C++ kernel (on a CPU that
+    takes the packed-weight kernel: that one, on the packed head; else matvec_quant.cc) and
     equal the dequantized weight's float product."""
     from jaxserve.cpu_kernels import packed_matmul
     from jaxserve.layers.linear import select_cpu_matvec
@@ -61,21 +61,23 @@ def test_decode_logits_run_the_quantized_kernel(arch, method, tiny_checkpoints):
     head = model.embed_tokens if loaded.config.tie_word_embeddings else model.lm_head
     hidden = jax.random.normal(jax.random.key(0), (3, loaded.config.hidden_size), jnp.bfloat16)
     jaxpr = str(jax.make_jaxpr(model.compute_logits)(hidden))
-    packed = method == "int8" and packed_matmul.available()
+    packed = packed_matmul.available()
     assert head.packed == packed
     assert ("jaxserve_cpu_packed_matmul" if packed else "jaxserve_cpu_matvec_quant") in jaxpr
     logits = np.asarray(jax.jit(model.compute_logits)(hidden))  # [3, vocab] f32
     vocab, dim = loaded.config.vocab_size, loaded.config.hidden_size
     if packed:
-        q = packed_matmul.unpack(np.asarray(head.qweight[...]), vocab, dim)  # [vocab, hidden]
-        scales = np.asarray(head.scales[...]).reshape(-1)[:vocab, None]  # [vocab, 1]
+        width = dim // 2 if method == "int4" else dim  # int4: two inputs per byte
+        q = packed_matmul.unpack(np.asarray(head.qweight[...]), vocab, width)  # [vocab, width]
+        scales = packed_matmul.unpack_scales(np.asarray(head.scales[...]), vocab)
+        scales = scales.reshape(vocab, -1)  # [vocab, G]
     else:
         q, scales = np.asarray(head.qweight[...]), np.asarray(head.scales[...])
     w = dequantize(method, q, scales)
     want = np.asarray(hidden, np.float32) @ w.T  # [3, vocab]
     assert logits.shape == want.shape
-    # packed: exact products of the bf16 hidden state and the integers, f32 sums scaled once,
-    # never rounded, so only summation order differs
+    # packed: exact products of the bf16 hidden state and the integers, f32 sums scaled once
+    # (int4: once per group), never rounded, so only summation order differs
     bound = 1e-5 if packed else 1e-2
     assert np.abs(logits - want).max() <= bound * np.abs(want).max()
 

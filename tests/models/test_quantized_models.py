@@ -202,10 +202,11 @@ def test_convert_with_quantization_loads_without_requantizing(tiny_checkpoints, 
     ("int8", "LlamaForCausalLM", False), ("int8", "LlamaForCausalLM", True),
     ("int8", "MistralForCausalLM", False), ("int8", "MistralForCausalLM", True),
     ("int8", "Qwen2ForCausalLM", False), ("int8", "Qwen2ForCausalLM", True),
-    ("fp8", "Qwen2ForCausalLM", True), ("fp8", "LlamaForCausalLM", False)])
-def test_packed_int8_and_fp8_bfloat16_error_is_like_hf_bfloat16(method, arch, lm_head,
-                                                                tiny_checkpoints, tmp_path):
-    """bf16 int8 / fp8 with the CPU kernels: every projection (and the quantized lm_head, or the
+    ("fp8", "Qwen2ForCausalLM", True), ("fp8", "LlamaForCausalLM", False),
+    ("int4", "Qwen2ForCausalLM", True), ("int4", "MistralForCausalLM", False)])
+def test_packed_quantized_bfloat16_error_is_like_hf_bfloat16(method, arch, lm_head,
+                                                             tiny_checkpoints, tmp_path):
+    """bf16 int8 / fp8 / int4 with the CPU kernels: every projection (and the quantized lm_head, or the
     tied table that doubles as it) is packed once at load, gate and up fused under silu with
     their scales, and every step runs the packed-weight kernel. Against HF on the dequantized
     weights, our bf16 error is within 2x HF's own bf16 error (+ 1e-2 of the logit range), the
