@@ -208,13 +208,18 @@ class PackedGateUp(nnx.Module):
 
     def __init__(self, gate: nnx.Module, up: nnx.Module):
         sharding = gate.panels().sharding
-        self.weight = nnx.Param(jax.device_put(
+        panels = nnx.Param(jax.device_put(
             cpu_packed.interleave(gate.panels(), up.panels()), sharding))
         scales = gate.panel_scales()
         self.scales = None if scales is None else nnx.Param(jax.device_put(
-            cpu_packed.interleave(scales, up.panel_scales()), sharding))  # [2P, 16]
+            cpu_packed.interleave(scales, up.panel_scales()), sharding))  # [2P, (G,) 16]
+        # named as the layers they fuse name theirs (weight reports count qweight as quantized)
+        self.quantized = scales is not None
+        if self.quantized:
+            self.qweight = panels
+        else:
+            self.weight = panels
         self.out_dim = gate.out_dim
-
     @staticmethod
     def fusable(gate: nnx.Module, up: nnx.Module, act_name: str) -> bool:
         """Packed, bias-free, same-shaped, same-kind gate and up under a silu activation."""
@@ -224,8 +229,10 @@ class PackedGateUp(nnx.Module):
                 and (gate.in_dim, gate.out_dim) == (up.in_dim, up.out_dim))
 
     def __call__(self, h: jax.Array) -> jax.Array:
-        scales = None if self.scales is None else self.scales[...]
-        return cpu_packed.packed_glu_matmul(h, self.weight[...], self.out_dim, scales)  # [T, out]
+        if self.quantized:
+            return cpu_packed.packed_glu_matmul(h, self.qweight[...], self.out_dim,
+                                                self.scales[...])  # [T, out]
+        return cpu_packed.packed_glu_matmul(h, self.weight[...], self.out_dim)  # [T, out]
 
 
 class Embedding(nnx.Module):
