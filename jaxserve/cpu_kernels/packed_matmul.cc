@@ -95,19 +95,19 @@ inline uint32_t x_pair(const uint16_t* row, int64_t j) {
 
 // Rows [t0, t0 + MR) x panels [p0, p0 + NV). prefetch: the first rows to read these panels.
 // GLU: panels are (gate, up) pairs, output columns 16 * (p0 + v) / 2 + [0, 16). kF32: x and the
-// panels are f32 (one k per vector, vfmadd) instead of bf16 pairs (vdpbf16ps); kInt8 / kFp8:
-// byte pairs decoded to bf16 as they are read (quant_decode.h), each column scaled before the
-// store.
+// panels are f32 (one k per vector, vfmadd) instead of bf16 pairs (vdpbf16ps); kInt8 / kFp8 /
+// kInt4: pairs decoded to bf16 as they are read (quant_decode.h), each column scaled before the
+// store (int4: each group's sums, into total).
 template <int MR, int NV, bool GLU, Weights W>
 void block(const Problem& pr, int64_t t0, int64_t p0, bool prefetch) {
   constexpr bool F32 = W == Weights::kF32;
   constexpr int64_t kBytes = vector_bytes(W);
   using X = std::conditional_t<F32, float, uint16_t>;
   auto load = [](const char* at) {
-    const auto* bytes = reinterpret_cast<const uint8_t*>(at);
-    if constexpr (W == Weights::kInt8) return (__m512)quant::decode<quant::kInt8>(bytes, 0, 32);
-    else if constexpr (W == Weights::kFp8) return (__m512)quant::decode<quant::kFp8>(bytes, 0, 32);
-    else if constexpr (W == Weights::kInt4) return (__m512)quant::decode<quant::kInt4>(bytes, 0, 32);
+    const auto* b = reinterpret_cast<const uint8_t*>(at);
+    if constexpr (W == Weights::kInt8) return (__m512)quant::decode<quant::kInt8>(b, 0, 32);
+    else if constexpr (W == Weights::kFp8) return (__m512)quant::decode<quant::kFp8>(b, 0, 32);
+    else if constexpr (W == Weights::kInt4) return (__m512)quant::decode<quant::kInt4>(b, 0, 32);
     else return _mm512_loadu_ps(at);
   };
   // int4: each input group's sums are scaled into totals (memory: the registers hold acc)

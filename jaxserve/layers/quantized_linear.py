@@ -87,7 +87,7 @@ class QuantizedLinear(nnx.Module):
         return True
 
     def panels(self) -> jax.Array:
-        """The packed int8 / fp8 weight (after pack)."""
+        """The packed weight: int8 / fp8 / int4 bytes (after pack)."""
         return self.qweight[...]
 
     def panel_scales(self) -> jax.Array:
@@ -170,8 +170,8 @@ class QuantizedLinear(nnx.Module):
         return y.astype(x.dtype)
 
     def dequantized(self, dtype, after: jax.Array | None = None) -> jax.Array:
-        # (never called once packed: __call__ runs the packed kernel for every row count)
-        """The weight [out, in] in `dtype`, (value - offset - zero) * scale rounded once.
+        """The weight [out, in] in `dtype`, (value - offset - zero) * scale rounded once (of an
+        unpacked layer: once packed, __call__ runs the packed kernel for every row count).
 
         With the CPU kernels on (matvec) a bf16 copy is written by matvec_quant.cc's dequant
         (XLA's fusion of the int4 decode ran several times slower in a whole model step).
