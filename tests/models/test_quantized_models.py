@@ -208,9 +208,9 @@ def test_packed_quantized_bfloat16_error_is_like_hf_bfloat16(method, arch, lm_he
                                                              tiny_checkpoints, tmp_path):
     """bf16 int8 / fp8 / int4 with the CPU kernels: every projection (and the quantized
     lm_head, or the tied table that doubles as it) is packed once at load, gate and up fused
-    under silu with their scales, and every step runs the packed-weight kernel. Against HF on the dequantized
-    weights, our bf16 error is within 2x HF's own bf16 error (+ 1e-2 of the logit range), the
-    bound of the float bf16 models (test_bf16_and_shards)."""
+    under silu with their scales, and every step runs the packed-weight kernel. Against HF on
+    the dequantized weights, our bf16 error is within 2x HF's own bf16 error (+ 1e-2 of the
+    logit range), the bound of the float bf16 models (test_bf16_and_shards)."""
     path = tiny_checkpoints(arch)
     loaded = load_model(path, dtype="bfloat16", quantization=method, quantize_lm_head=lm_head,
                         cpu_matvec=True)
