@@ -182,7 +182,7 @@ class Linear(nnx.Module):
         return (self.weight if self.rows_major else self.kernel)[...]
 
     def panel_scales(self) -> None:
-        """Float panels carry no scales (an int8 / fp8 QuantizedLinear's do)."""
+        """Float panels carry no scales (a packed QuantizedLinear's do)."""
         return None
 
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -203,7 +203,7 @@ class Linear(nnx.Module):
 
 class PackedGateUp(nnx.Module):
     """silu(h @ Wg^T) * (h @ Wu^T) of a gated MLP in one call of the packed kernel, from two
-    packed projections (no bias), both Linear or both int8 / fp8 QuantizedLinear: their panels
+    packed projections (no bias), both Linear or both quantized (QuantizedLinear): their panels
     interleaved, gate panel i then up panel i (and so their scales)."""
 
     def __init__(self, gate: nnx.Module, up: nnx.Module):
@@ -220,6 +220,7 @@ class PackedGateUp(nnx.Module):
         else:
             self.weight = panels
         self.out_dim = gate.out_dim
+
     @staticmethod
     def fusable(gate: nnx.Module, up: nnx.Module, act_name: str) -> bool:
         """Packed, bias-free, same-shaped, same-kind gate and up under a silu activation."""
