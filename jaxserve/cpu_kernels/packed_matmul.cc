@@ -240,9 +240,8 @@ void run_tile(const Problem& pr, Weights kind, int mr, int64_t p0, int nv, int64
   }
 }
 
-// y = x . W^T (GLU: silu(x . Wg^T) * (x . Wu^T)) for the packed wp; checks the shapes. bf16
-// x and wp [P, ceil(K/2), 32] bf16 or s8 with s [P, 16] (y bf16, or f32 ungated), or f32 x
-// and wp [P, K, 16] (y f32).
+// y = x . W^T (GLU: silu(x . Wg^T) * (x . Wu^T)) for the packed wp; checks the shapes (see
+// the top of the file): the weights' kind follows from wp's dtype and last dimension.
 template <bool GLU>
 ffi::Error Run(ffi::ThreadPool& pool, ffi::AnyBuffer& x, ffi::AnyBuffer& w, ffi::AnyBuffer& s,
                ffi::AnyBuffer& y) {

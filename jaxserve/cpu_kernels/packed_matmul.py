@@ -1,6 +1,7 @@
 """The packed-weight matmul (packed_matmul.cc): y = x @ W^T for any row count, bf16 or f32, or
-int8 / fp8 weights with a scale per output column (W8A16), with W packed once at load into
-panels of 16 output columns (CPUs with AVX-512 BF16 but no AMX)."""
+int8 / fp8 weights with a scale per output column and int4 with a scale per column and input
+group (W*A16), with W packed once at load into panels of 16 output columns (CPUs with AVX-512
+BF16 but no AMX)."""
 
 from __future__ import annotations
 
@@ -81,7 +82,7 @@ def unpack(wp: np.ndarray, n: int, k: int) -> np.ndarray:
 @jax.jit
 def interleave(gate: jax.Array, up: jax.Array) -> jax.Array:
     """The gated kernel's weight: packed gate and up [P, steps, width] -> [2P, steps, width]
-    with gate panel i at 2i and up panel i at 2i + 1 (and so for int8 scales [P, 16])."""
+    with gate panel i at 2i and up panel i at 2i + 1 (and so for scales [P, (G,) 16])."""
     return jnp.stack([gate, up], axis=1).reshape(2 * gate.shape[0], *gate.shape[1:])
 
 
@@ -112,9 +113,10 @@ def _scales_arg(scales: jax.Array | None) -> jax.Array:
 def packed_matmul(x: jax.Array, wp: jax.Array, n: int, out_dtype=None,
                   scales: jax.Array | None = None) -> jax.Array:
     """x [T, K], wp = pack(w [n, K]) -> [T, n] (f32 accumulation) in out_dtype: x's dtype (the
-    default) or, for bf16 x, f32 (no rounding: logits). w is of x's dtype, or int8 / uint8
-    (float8_e4m3fn bits) for bf16 x with scales = pack_scales(per-column scales [n]):
-    y = (x @ w^T) * scales."""
+    default) or, for bf16 x, f32 (no rounding: logits). w is of x's dtype, or for bf16 x int8 /
+    uint8 (float8_e4m3fn bits) with scales = pack_scales(per-column scales [n]):
+    y = (x @ w^T) * scales; or int4's stored bytes (uint8 [n, K / 2], pack(.., lanes=True))
+    with pack_scales(scales [n, G]), each group of K / G inputs scaled by its own."""
     ensure_built()
     out = jnp.dtype(out_dtype or x.dtype)
     call = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct((x.shape[0], n), out))
@@ -124,8 +126,8 @@ def packed_matmul(x: jax.Array, wp: jax.Array, n: int, out_dtype=None,
 def packed_glu_matmul(x: jax.Array, wp: jax.Array, m: int,
                       scales: jax.Array | None = None) -> jax.Array:
     """x [T, K], wp = interleave(pack(gate [m, K]), pack(up [m, K])) -> [T, m] in x's dtype:
-    silu(x @ gate^T) * (x @ up^T), in f32 until the one rounding. int8 / fp8 gate and up take
-    scales = interleave(pack_scales(gate's), pack_scales(up's)) [2 ceil(m / 16), 16]."""
+    silu(x @ gate^T) * (x @ up^T), in f32 until the one rounding. Quantized gate and up take
+    scales = interleave(pack_scales(gate's), pack_scales(up's)) [2 ceil(m / 16), (G,) 16]."""
     ensure_built()
     call = jax.ffi.ffi_call(GLU_TARGET, jax.ShapeDtypeStruct((x.shape[0], m), x.dtype))
     return call(x, wp, _scales_arg(scales))

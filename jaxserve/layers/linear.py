@@ -214,8 +214,7 @@ class PackedGateUp(nnx.Module):
         self.scales = None if scales is None else nnx.Param(jax.device_put(
             cpu_packed.interleave(scales, up.panel_scales()), sharding))  # [2P, (G,) 16]
         # named as the layers they fuse name theirs (weight reports count qweight as quantized)
-        self.quantized = scales is not None
-        if self.quantized:
+        if self.scales is not None:
             self.qweight = panels
         else:
             self.weight = panels
@@ -230,7 +229,7 @@ class PackedGateUp(nnx.Module):
                 and (gate.in_dim, gate.out_dim) == (up.in_dim, up.out_dim))
 
     def __call__(self, h: jax.Array) -> jax.Array:
-        if self.quantized:
+        if self.scales is not None:
             return cpu_packed.packed_glu_matmul(h, self.qweight[...], self.out_dim,
                                                 self.scales[...])  # [T, out]
         return cpu_packed.packed_glu_matmul(h, self.weight[...], self.out_dim)  # [T, out]

@@ -23,7 +23,6 @@ class QuantizedEmbedding(QuantizedLinear):
     def __init__(self, vocab: int, dim: int, *, dtype, quant, matvec: bool = False):
         super().__init__(dim, vocab, bias=False, dtype=dtype, quant=quant, matvec=matvec)
         self.dtype = jnp.dtype(dtype)
-        self.qweight_width = self.qweight.shape[1]  # in, or in / 2 for int4
 
     def __call__(self, token_ids: jax.Array) -> jax.Array:
         """token_ids int32 [T] -> [T, hidden] in the model's dtype."""
@@ -32,7 +31,8 @@ class QuantizedEmbedding(QuantizedLinear):
             lanes = panels.shape[2] // panel  # 2: byte pairs [P, K2, 32]; 1: int4 [P, K/2, 16]
             table = panels.reshape(panels.shape[0], panels.shape[1], panel, lanes)
             q = table[token_ids // panel, :, token_ids % panel, :]  # [T, steps, lanes]
-            q = q.reshape(token_ids.shape[0], -1)[:, : self.qweight_width]  # [T, in(/2)]
+            width = self.in_dim // 2 if self.method == "int4" else self.in_dim  # stored bytes
+            q = q.reshape(token_ids.shape[0], -1)[:, :width]  # [T, in(/2)]
             scales = self.panel_scales()  # [P, 16] | [P, G, 16]
             if scales.ndim == 2:
                 scales = scales[:, None, :]

@@ -67,11 +67,10 @@ class QuantizedLinear(nnx.Module):
         """Whether pack applies: symmetric weights, per output channel (int8, fp8) or in even
         input groups (int4), with bf16 activations (W*A16), the CPU kernels on (matvec), and a
         CPU that takes the packed-weight kernel."""
-        per_channel = self.group == self.in_dim
-        return (self.matvec and self.method in PACKED_METHODS and not self.int8_activations
-                and self.zeros is None and self.group % 2 == 0
-                and (per_channel or self.method == "int4")
-                and cpu_packed.available())  # (packs_weights says the same for the scheme)
+        return (self.matvec and self.group % 2 == 0
+                and packs_weights(self.method, symmetric=self.zeros is None,
+                                  per_channel=self.group == self.in_dim,
+                                  int8_activations=self.int8_activations))
 
     def pack(self) -> bool:
         """Replace qweight and scales by their packed panels (see the class), once, where
@@ -266,20 +265,23 @@ def kernel_plan(quant: QuantConfig, dtype, matvec: bool) -> bool:
     return matvec and not quant.int8_activations and jnp.dtype(dtype) == jnp.bfloat16
 
 
-def packs_weights(quant: QuantConfig) -> bool:
-    """Whether this scheme's projections are packed for the packed-weight kernel (with the CPU
-    kernels on and bf16 activations): symmetric per-channel int8 or fp8 weights, or symmetric
-    group-wise int4, on a CPU that takes it (the per-layer test is QuantizedLinear.packable)."""
-    return (quant.method in PACKED_METHODS and quant.symmetric
-            and (quant.group_size is None or quant.method == "int4")
-            and not quant.int8_activations and cpu_packed.available())
+def packs_weights(method: str, *, symmetric: bool, per_channel: bool,
+                  int8_activations: bool) -> bool:
+    """Whether weights of this kind are packed for the packed-weight kernel (given the CPU
+    kernels on and bf16 activations): symmetric per-channel int8 or fp8, or symmetric int4 per
+    channel or group, weight-only, on a CPU that takes that kernel."""
+    return (method in PACKED_METHODS and symmetric and not int8_activations
+            and (per_channel or method == "int4") and cpu_packed.available())
 
 
 def log_kernel_plan(quant: QuantConfig | None, dtype, matvec: bool) -> None:
     """Say once at start-up which path the quantized projections' decode steps take."""
     if quant is None:
         return
-    if kernel_plan(quant, dtype, matvec) and packs_weights(quant):
+    packed = packs_weights(quant.method, symmetric=quant.symmetric,
+                           per_channel=quant.group_size is None,
+                           int8_activations=quant.int8_activations)
+    if kernel_plan(quant, dtype, matvec) and packed:
         logger.info("quantized linear: %s projections are packed at load into 16-column "
                     "panels; steps of every row count (decode and prefill) run the packed-weight "
                     "AVX-512 kernel on the %s bytes", quant.name, quant.name)

@@ -151,8 +151,8 @@ class DecoderForCausalLM(nnx.Module):
         return self.norm(x), tuple(new_cache)
 
     def pack_for_cpu(self) -> tuple[int, int]:
-        """Once after loading, with the CPU kernels on: pack the float weights they read and
-        fuse each layer's gate and up; returns (weights packed, layers fused)."""
+        """Once after loading, with the CPU kernels on: pack the float and quantized weights
+        they read and fuse each layer's gate and up; returns (weights packed, layers fused)."""
         packed = pack_weights(self, (Linear, Embedding, QuantizedLinear))
         head = self.embed_tokens if self.tied else self.lm_head
         if isinstance(head, (Linear, QuantizedLinear)) and head.packed:

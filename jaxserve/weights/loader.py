@@ -158,7 +158,7 @@ def load_model(
 
 
 def _pack_for_cpu(model) -> None:
-    """Pack the float weights the CPU kernels read into their panels (layers/linear.py), once."""
+    """Pack the weights the CPU kernels read into their panels (layers/linear.py), once."""
     start = time.perf_counter()
     packed, fused = model.pack_for_cpu()
     if packed:
