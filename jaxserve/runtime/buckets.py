@@ -51,18 +51,24 @@ class BucketSpec:
     for the reference, which reads the whole padded width;
     decode_programs: whether a decode-only step compiles to another program than a mixed step
     of the same size (only when the attention reads the static max_query_len bound, see
-    decode_has_own_program); otherwise the two are one executable.
+    decode_has_own_program); otherwise the two are one executable;
+    few_seq_mixed: the smallest token bucket also compiles with fewer request rows (2, 4, ...)
+    than tokens. With speculation a lone request's verification step (k + 1 <= 8 tokens) is a
+    mixed step: it runs with 2 rows instead of 8, so the attention and the draft model's
+    one-token steps skip 6 padding rows.
     """
 
     tokens: tuple[int, ...]
     seqs: tuple[int, ...]
     widths: tuple[int, ...]
     decode_programs: bool = True
+    few_seq_mixed: bool = False
 
     @classmethod
     def build(cls, max_num_batched_tokens: int, max_num_seqs: int, max_blocks_per_seq: int,
               min_tokens: int = 16, bucket_widths: bool = True,
-              decode_programs: bool = True, min_seqs: int = MIN_SEQS) -> BucketSpec:
+              decode_programs: bool = True, min_seqs: int = MIN_SEQS,
+              few_seq_mixed: bool = False) -> BucketSpec:
         widths = []
         w = 4
         while bucket_widths and w < max_blocks_per_seq:  # every 4x: at most 4x over-read
@@ -74,12 +80,21 @@ class BucketSpec:
             seqs=seq_buckets(min_seqs, max(min_seqs, max_num_seqs)),
             widths=tuple(sorted(set(widths))),
             decode_programs=decode_programs,
+            few_seq_mixed=few_seq_mixed,
         )
 
     def step_key(self, shape: tuple[int, int, int, bool]) -> tuple[int, int, int, bool]:
         """The executable key of a (tokens, seqs, width, decode_only) step shape."""
         t, s, w, decode_only = shape
         return (t, s, w, decode_only and self.decode_programs)
+
+    def mixed_seqs(self, t: int) -> tuple[int, ...]:
+        """Request-row buckets of a mixed step of t tokens: min(t, the most rows); with
+        few_seq_mixed, every row bucket up to that for the smallest token bucket."""
+        top = min(t, self.seqs[-1])
+        if not self.few_seq_mixed or t != self.tokens[0]:
+            return (top,)
+        return tuple(s for s in self.seqs if s <= top)
 
     def step_shapes(self) -> list[tuple[int, int, int, bool]]:
         """Every distinct executable key the runner can ask for; all are warmed up."""
@@ -88,7 +103,8 @@ class BucketSpec:
             for s in self.seqs:
                 shapes.append(self.step_key((s, s, w, True)))
             for t in self.tokens:
-                shapes.append((t, min(t, self.seqs[-1]), w, False))
+                for s in self.mixed_seqs(t):
+                    shapes.append((t, s, w, False))
         return list(dict.fromkeys(shapes))
 
 

@@ -74,7 +74,10 @@ def _propose(graphdef, state, kv_cache, token_ids, md, last_idx, num_drafts, row
     for decodes the scheduler's gate kept from drafting); row_start i32 [S]: the request's
     first logit row of the verification step; smd: sampling metadata of [S] rows. Returns
     drafts i32 [S, k] (column j meaningful where j < num_drafts), q f32 [num_rows, V] (row
-    row_start + j holds the distribution of draft j), and the draft's KV cache.
+    row_start + j holds the distribution of draft j), the target's step tokens with the drafts
+    in place of the placeholders i32 [T], each logit row's draft i32 [num_rows] (-1 on rows
+    without one, as SpecLayout.draft_ids) and the draft's KV cache: the verification step can
+    run on the drafts without a round trip through the host.
 
     Draft step j runs only when j < max(num_drafts) (none when no request drafts, e.g. the
     scheduler's gate paused them all): each of the k unrolled steps sits under a lax.cond, so
@@ -113,7 +116,16 @@ def _propose(graphdef, state, kv_cache, token_ids, md, last_idx, num_drafts, row
     for j in range(k):
         carry = jax.lax.cond(j < num_steps, partial(draft_step, j), lambda c: c, carry)
     _, kv_cache, drafts, q_rows = carry
-    return drafts, q_rows, kv_cache
+    j = jnp.arange(k, dtype=jnp.int32)[None, :]  # [1, k]
+    live = j < num_drafts[:, None]  # [S, k]
+    # draft j of request i replaces placeholder j of the last num_drafts[i] tokens of its chunk
+    slots = jnp.where(live, md.query_start_loc[1:, None] - num_drafts[:, None] + j,
+                      token_ids.shape[0])  # [S, k]
+    filled = token_ids.at[slots.ravel()].set(drafts.ravel(), mode="drop")  # [T]
+    rows = jnp.where(live, row_start[:, None] + j, num_rows)  # [S, k]
+    draft_ids = jnp.full((num_rows,), -1, jnp.int32).at[rows.ravel()].set(
+        drafts.ravel(), mode="drop")  # [R]
+    return drafts, q_rows, filled, draft_ids, kv_cache
 
 
 class DraftModel:
@@ -133,7 +145,7 @@ class DraftModel:
             partial(_propose, self.graphdef, k=k, block_size=block_size,
                     vocab_size=loaded.config.vocab_size),
             donate_argnums=(1,), static_argnames=("num_rows",),
-            out_shardings=(replicated, replicated, kv_shardings))
+            out_shardings=(replicated, replicated, replicated, replicated, kv_shardings))
 
     def lower(self, shape, num_rows: int, smd: SamplingMetadata):
         """Lowered proposal step for step shape (t, s, w, decode_only)."""
@@ -144,7 +156,8 @@ class DraftModel:
                                    md, vec, vec, vec, smd, num_rows=num_rows)
 
     def run(self, executable, token_ids, md, layout, chunks, smd):
-        """Draft tokens (host, [S, k]) and q rows (device, [R, V]) for one step."""
+        """One proposal pass, left on device: drafts [S, k], q rows [R, V], the step's tokens
+        with the drafts in place [T] and each logit row's draft [R] (see _propose)."""
         s = md.seq_lens.shape[0]
         last_idx = np.zeros(s, np.int32)
         num_drafts = np.zeros(s, np.int32)
@@ -154,15 +167,14 @@ class DraftModel:
             last_idx[i] = layout.logits_indices[layout.row_start[i]]
             num_drafts[i] = d
             row_start[i] = layout.row_start[i]
-        drafts, q_rows, self.kv_cache = executable(
+        drafts, q_rows, filled, draft_ids, self.kv_cache = executable(
             self.state, self.kv_cache, token_ids, md, last_idx, num_drafts, row_start, smd)
-        return np.asarray(jax.device_get(drafts)), q_rows
+        return drafts, q_rows, filled, draft_ids
 
 
-def fill_drafts(chunks, token_ids: np.ndarray, query_start_loc: np.ndarray, drafts: np.ndarray):
-    """(chunks, token_ids [T]) with the draft tokens in place of their placeholders (new
-    objects; the arguments are left as they are)."""
-    token_ids = token_ids.copy()  # [T]
+def with_drafts(chunks, drafts: np.ndarray):
+    """The chunks with their drafts (host, [S, k]) in place of the placeholders (new objects;
+    the arguments are left as they are)."""
     out = []
     for i, c in enumerate(chunks):
         d = len(c.spec_token_ids)
@@ -170,7 +182,5 @@ def fill_drafts(chunks, token_ids: np.ndarray, query_start_loc: np.ndarray, draf
             out.append(c)
             continue
         real = [int(t) for t in drafts[i, :d]]
-        end = int(query_start_loc[i + 1])
-        token_ids[end - d: end] = real
         out.append(replace(c, token_ids=list(c.token_ids[:-d]) + real, spec_token_ids=real))
-    return out, token_ids
+    return out

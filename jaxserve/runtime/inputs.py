@@ -46,7 +46,8 @@ def prepare_inputs(chunks: Sequence[ChunkLike], block_size: int, buckets: Bucket
         t_pad = s_pad = pick(buckets.seqs, num_seqs)
     else:
         t_pad = pick(buckets.tokens, num_tokens)
-        s_pad = min(t_pad, buckets.seqs[-1])
+        rows = buckets.mixed_seqs(t_pad)
+        s_pad = pick(rows, num_seqs) if num_seqs <= rows[-1] else rows[-1]
         if num_seqs > s_pad:
             raise ValueError(f"{num_seqs} requests exceed the {s_pad} rows of bucket {t_pad}")
     seq_lens = starts + lens

@@ -86,7 +86,7 @@ class ModelRunner:
             cfg.max_num_batched_tokens, cfg.max_num_seqs, max_blocks, min_tokens=min_tokens,
             bucket_widths=self.attention_backend == "reference",
             decode_programs=decode_has_own_program(self.attention_backend),
-            min_seqs=1 if one_row else MIN_SEQS,
+            min_seqs=1 if one_row else MIN_SEQS, few_seq_mixed=cfg.num_speculative_tokens > 0,
         )
         self.penalty_len = 1 << (cfg.max_model_len - 1).bit_length()
         # Logits and hidden states come out replicated (gathered over `tp`): the sampler and
@@ -126,9 +126,9 @@ class ModelRunner:
             t, s = len(inp.token_ids), len(inp.seq_lens)
             layout = spec_decode.build_layout(chunks, inp.query_start_loc, self._logit_rows(t, s))
             inp = replace(inp, logits_indices=layout.logits_indices)
-        q_rows = None
+        q_rows = drafts = None
         if self.draft is not None:
-            chunks, inp, layout, q_rows = self._run_draft(chunks, inp, layout)
+            chunks, inp, layout, q_rows, drafts = self._run_draft(chunks, inp, layout)
         logits, hidden = self._run_model(inp)
         self._steps += 1
         if any(c.sampling_params.prompt_logprobs is not None for c in chunks):
@@ -137,10 +137,13 @@ class ModelRunner:
         if not sampled_rows:
             return out
         if layout is not None:
-            host = self._sample_rows(chunks, logits, len(layout.logits_indices), layout, q_rows)
+            result = self._sample_rows(chunks, logits, len(layout.logits_indices), layout, q_rows)
+            host, drafts = jax.device_get((result, drafts))  # the step's one transfer
+            if drafts is not None:  # the drafts stayed on device until now
+                chunks = draft_model.with_drafts(chunks, drafts)
             spec_decode.collect(host, chunks, layout, out)
             return out
-        host = self._sample_rows(chunks, logits, len(inp.logits_indices))
+        host = jax.device_get(self._sample_rows(chunks, logits, len(inp.logits_indices)))
         for i in sampled_rows:
             c = chunks[i]
             out.sampled[c.request_id] = int(host.token_ids[i])
@@ -154,26 +157,31 @@ class ModelRunner:
         return out
 
     def _run_draft(self, chunks, inp: StepInputs, layout):
-        """The draft model over this step's inputs, then its k drafts: the chunks, inputs and
-        layout with the drafts in place of the placeholders, and q rows [R, V] on device."""
+        """The draft model over this step's inputs, then its k drafts: (chunks, inputs, layout,
+        q rows [R, V], drafts [S, k]), the inputs' tokens and the layout's draft ids the device
+        arrays the proposal wrote. The drafts stay on device (None comes back for them once
+        they are in the chunks) unless the host needs them before verification: penalties see
+        the drafts as generated tokens and a grammar's masks follow them."""
         key = self.buckets.step_key(inp.shape_key)
         token_ids, md, _ = _step_arrays(inp, decode_only=key[3])
         s = len(inp.seq_lens)
         # the draft draws with temperature / top-k / top-p / min-p only: its q need not see
         # penalties or bias (any q keeps the output exact; closer to p accepts more)
-        smd = build_metadata(rows_for(chunks)[0], s, self._step_seed(), False, self.penalty_len)
+        rows, processed = rows_for(chunks)
+        smd = build_metadata(rows, s, self._step_seed(), False, self.penalty_len)
         smd = replace(smd, penalties=None, bias=None)
-        drafts, q_rows = self.draft.run(
+        drafts, q_rows, filled, draft_ids = self.draft.run(
             self.executables.get("draft", key), token_ids, md, layout, chunks, smd)
-        chunks, token_ids = draft_model.fill_drafts(chunks, inp.token_ids,
-                                                    inp.query_start_loc, drafts)
-        layout = spec_decode.build_layout(chunks, inp.query_start_loc,
-                                          len(layout.logits_indices))
-        return chunks, replace(inp, token_ids=token_ids), layout, q_rows
+        inp = replace(inp, token_ids=filled)  # replicated, as the step takes its tokens
+        layout = replace(layout, draft_ids=draft_ids)
+        if processed or any(c.sample and c.grammar is not None for c in chunks):
+            chunks = draft_model.with_drafts(chunks, np.asarray(jax.device_get(drafts)))
+            drafts = None
+        return chunks, inp, layout, q_rows, drafts
 
     def _sample_rows(self, chunks, logits, num_rows: int, layout=None, q_rows=None):
-        """Host copy of the sampler's output for one step (logprob rows only when asked);
-        with a speculative layout, one row per scored position, verified against the drafts."""
+        """The sampler's output for one step, on device (logprob rows only when asked); with a
+        speculative layout, one row per scored position, verified against the drafts."""
         rows, processed = rows_for(chunks)
         if layout is not None:
             rows = spec_decode.expand_rows(chunks, rows)
@@ -192,7 +200,7 @@ class ModelRunner:
         result = self.executables.get("sample", num_rows)(logits, chosen, md, *extra)
         if not any(r.num_logprobs is not None for r in rows) and layout is None:
             result = replace(result, logprob_token_ids=None, logprobs=None, ranks=None)
-        return jax.device_get(result)  # the one device -> host transfer of the step
+        return result
 
     def _grammar_bitmask(self, chunks, num_rows: int, layout=None) -> np.ndarray | None:
         """Packed allowed-token bitmask int32 [num_rows, ceil(vocab / 32)] of the rows that

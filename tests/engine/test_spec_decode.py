@@ -3,6 +3,7 @@ scheduler's draft slots and rollback, checked against a run without speculation.
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 from jaxserve.engine import EngineConfig, LLMEngine, SamplingParams
@@ -68,6 +69,30 @@ def test_ngram_proposer():
     assert prop.propose([7], 3) == []
     long_only = NgramProposer(SpeculativeConfig("ngram", 2, 3, 3))
     assert long_only.propose([1, 2, 9, 1, 2], 2) == []  # no 3-gram match, min 3
+
+
+def _lookup_by_definition(tokens: list[int], k: int, n_max: int, n_min: int) -> list[int]:
+    """Prompt lookup spelled out: for n from n_max down, every earlier window equal to the
+    last n tokens; the most recent with k tokens after it, else the earliest."""
+    for n in range(min(n_max, len(tokens) - 1), n_min - 1, -1):
+        suffix = tokens[len(tokens) - n:]
+        starts = [s for s in range(len(tokens) - n) if tokens[s: s + n] == suffix]
+        if starts:
+            full = [s for s in starts if s + n + k <= len(tokens)]
+            after = (full[-1] if full else starts[0]) + n
+            return tokens[after: after + k]
+    return []
+
+
+@pytest.mark.parametrize("n_max,n_min", [(4, 1), (3, 2), (5, 5), (2, 1)])
+def test_ngram_proposer_matches_the_definition(n_max, n_min):
+    rng = np.random.default_rng(n_max * 10 + n_min)
+    prop = NgramProposer(SpeculativeConfig("ngram", 6, n_max, n_min))
+    for _ in range(2000):
+        vocab = int(rng.integers(2, 6))  # small vocabularies: many, and long, matches
+        tokens = rng.integers(0, vocab, int(rng.integers(1, 40))).tolist()
+        k = int(rng.integers(1, 7))
+        assert prop.propose(tokens, k) == _lookup_by_definition(tokens, k, n_max, n_min), tokens
 
 
 # ---------------------------------------------------------------- engine with a fake model

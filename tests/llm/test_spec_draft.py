@@ -9,6 +9,8 @@ import numpy as np
 import pytest
 
 from jaxserve.engine import SamplingParams
+from jaxserve.runtime import spec_decode
+from jaxserve.runtime.draft_model import with_drafts
 from tests.checkpoints import write_tiny_checkpoint, write_truncated_draft
 from tests.llm.conftest import BASE_ARGS, greedy, token_prompts
 from tests.llm.test_no_recompile import _varied_params, count_backend_compiles
@@ -127,3 +129,37 @@ def test_draft_with_another_tokenizer_is_refused():
         check_draft_compatible(cfg, cfg, 64, same, {"a": 0, "b": 1, "c": 3, "d": 2})
     with pytest.raises(ValueError, match="max_position_embeddings 64 is below max_model_len"):
         check_draft_compatible(cfg, cfg, 128)
+
+
+def test_the_proposal_places_its_drafts_on_device_as_the_host_would(make_llm, draft_spec):
+    """The verification step takes the step's tokens and each logit row's draft straight from
+    the proposal (no host round trip): both equal what the host builds from the drafts, the
+    placeholders replaced in order and one draft per row after each chunk's first."""
+    spec = make_llm(speculative_config=draft_spec(k=3), num_kv_blocks=33)
+    draft = spec.engine.runner.draft
+    run, checked = draft.run, []
+
+    def checking_run(executable, token_ids, md, layout, chunks, smd):
+        drafts, q_rows, filled, draft_ids = run(executable, token_ids, md, layout, chunks, smd)
+        host_drafts = np.asarray(drafts)
+        want = np.array(token_ids)
+        qsl = np.asarray(md.query_start_loc)
+        for i, c in enumerate(chunks):
+            d = len(c.spec_token_ids)
+            want[qsl[i + 1] - d: qsl[i + 1]] = host_drafts[i, :d]
+        np.testing.assert_array_equal(np.asarray(filled), want)
+        host_layout = spec_decode.build_layout(with_drafts(chunks, host_drafts), qsl,
+                                               len(layout.logits_indices))
+        np.testing.assert_array_equal(np.asarray(draft_ids), host_layout.draft_ids)
+        checked.append(sum(len(c.spec_token_ids) for c in chunks))
+        return drafts, q_rows, filled, draft_ids
+
+    draft.run = checking_run
+    try:
+        prompts = token_prompts([[3, 4, 5, 6, 3, 4, 5, 6, 3, 4], [7, 8, 9], [11, 12, 13, 14, 15]])
+        spec.generate(prompts, greedy(10), use_tqdm=False)
+    finally:
+        del draft.run
+    assert any(n > 3 for n in checked)  # steps where several requests drafted
+    stats = spec.stats()
+    assert stats.kv_blocks_free == stats.kv_blocks_total

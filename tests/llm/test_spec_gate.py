@@ -48,9 +48,10 @@ def test_draft_model_gate_and_short_draft_loop(make_llm, draft_spec):  # noqa: F
     run = draft.run
 
     def recording_run(executable, token_ids, md, layout, chunks, smd):
-        drafts, q_rows = run(executable, token_ids, md, layout, chunks, smd)
-        seen.append((max(len(c.spec_token_ids) for c in chunks), drafts[:len(chunks)].copy()))
-        return drafts, q_rows
+        drafts, *rest = run(executable, token_ids, md, layout, chunks, smd)
+        seen.append((max(len(c.spec_token_ids) for c in chunks),
+                     np.asarray(drafts)[:len(chunks)].copy()))
+        return drafts, *rest
 
     draft.run = recording_run
     try:

@@ -64,3 +64,21 @@ def test_decode_rows_get_midpoint_buckets_from_32_on():
         chunks = [Chunk([1], 20, [1, 2]) for _ in range(rows)]
         key = spec.step_key(prepare_inputs(chunks, BLOCK, spec).shape_key)
         assert key[:2] == (want, want) and key in keys
+
+
+def test_few_seq_mixed_gives_a_lone_short_mixed_step_two_rows():
+    """With speculation a lone request's verification (k + 1 tokens) packs into (8, 2), not
+    (8, 8); larger mixed steps keep min(tokens, max rows), and every step still has a key."""
+    plain = BucketSpec.build(128, 16, 32, min_tokens=8, bucket_widths=False)
+    spec = BucketSpec.build(128, 16, 32, min_tokens=8, bucket_widths=False, few_seq_mixed=True)
+    lone = [Chunk([1] * 5, 40, [1, 2, 3, 4])]
+    assert prepare_inputs(lone, BLOCK, plain).shape_key[:2] == (8, 8)
+    assert prepare_inputs(lone, BLOCK, spec).shape_key[:2] == (8, 2)
+    three = [Chunk([1] * 2, 40, [1, 2, 3, 4]) for _ in range(3)]
+    assert prepare_inputs(three, BLOCK, spec).shape_key[:2] == (8, 4)
+    wide = [Chunk([1] * 5, 40, [1, 2, 3, 4]) for _ in range(3)]
+    assert prepare_inputs(wide, BLOCK, spec).shape_key[:2] == (16, 16)
+    keys = spec.step_shapes()
+    assert set(keys) - set(plain.step_shapes()) == {(8, 2, 32, False), (8, 4, 32, False)}
+    for chunks in _steps(np.random.default_rng(1), 128, 16, 32 * BLOCK):
+        assert spec.step_key(prepare_inputs(chunks, BLOCK, spec).shape_key) in keys
