@@ -36,8 +36,12 @@ def apply_rotary(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> ja
     """Rotate x [num_tokens, num_heads, head_dim] by its token positions [num_tokens]."""
     freqs = positions.astype(jnp.float32)[:, None] * jnp.asarray(inv_freq)[None, :]  # [T, D/2]
     angles = jnp.concatenate([freqs, freqs], axis=-1)  # [T, D]
-    cos = jnp.cos(angles).astype(x.dtype)[:, None, :]  # [T, 1, D]
-    sin = jnp.sin(angles).astype(x.dtype)[:, None, :]
+    # the barrier keeps cos / sin tables [T, D]: without it XLA fuses them into the product
+    # and evaluates both once per element of x [T, H, D], H times too many (on CPU a
+    # verification step's 8 tokens spent ~25 us per call there)
+    cos, sin = jax.lax.optimization_barrier((jnp.cos(angles), jnp.sin(angles)))
+    cos = cos.astype(x.dtype)[:, None, :]  # [T, 1, D]
+    sin = sin.astype(x.dtype)[:, None, :]
     half = x.shape[-1] // 2
     rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
     return x * cos + rotated * sin

@@ -52,35 +52,38 @@ class BucketSpec:
     decode_programs: whether a decode-only step compiles to another program than a mixed step
     of the same size (only when the attention reads the static max_query_len bound, see
     decode_has_own_program); otherwise the two are one executable;
-    few_seq_mixed: the smallest token bucket also compiles with fewer request rows (2, 4, ...)
-    than tokens. With speculation a lone request's verification step (k + 1 <= 8 tokens) is a
-    mixed step: it runs with 2 rows instead of 8, so the attention and the draft model's
-    one-token steps skip 6 padding rows.
+    verify_tokens: with speculation, k + 1: a lone request's verification step (a mixed step of
+    k + 1 tokens) gets a token bucket of exactly that size when it is below the smallest power
+    of two, and that bucket compiles with fewer request rows (2, 4, ...) as well. On the CPU
+    the projections cost grows with the padded rows (8 rows of f32 weights are compute-bound
+    on 2 cores), so k = 4 verifies 5 rows instead of 8.
     """
 
     tokens: tuple[int, ...]
     seqs: tuple[int, ...]
     widths: tuple[int, ...]
     decode_programs: bool = True
-    few_seq_mixed: bool = False
+    verify_tokens: int = 0
 
     @classmethod
     def build(cls, max_num_batched_tokens: int, max_num_seqs: int, max_blocks_per_seq: int,
               min_tokens: int = 16, bucket_widths: bool = True,
               decode_programs: bool = True, min_seqs: int = MIN_SEQS,
-              few_seq_mixed: bool = False) -> BucketSpec:
+              verify_tokens: int = 0) -> BucketSpec:
         widths = []
         w = 4
         while bucket_widths and w < max_blocks_per_seq:  # every 4x: at most 4x over-read
             widths.append(w)
             w *= 4
         widths.append(max_blocks_per_seq)
+        tokens = powers_of_two(min(min_tokens, max_num_batched_tokens), max_num_batched_tokens)
+        verify = verify_tokens if 1 < verify_tokens < tokens[0] else 0
         return cls(
-            tokens=powers_of_two(min(min_tokens, max_num_batched_tokens), max_num_batched_tokens),
+            tokens=(verify,) * bool(verify) + tokens,
             seqs=seq_buckets(min_seqs, max(min_seqs, max_num_seqs)),
             widths=tuple(sorted(set(widths))),
             decode_programs=decode_programs,
-            few_seq_mixed=few_seq_mixed,
+            verify_tokens=verify,
         )
 
     def step_key(self, shape: tuple[int, int, int, bool]) -> tuple[int, int, int, bool]:
@@ -89,12 +92,12 @@ class BucketSpec:
         return (t, s, w, decode_only and self.decode_programs)
 
     def mixed_seqs(self, t: int) -> tuple[int, ...]:
-        """Request-row buckets of a mixed step of t tokens: min(t, the most rows); with
-        few_seq_mixed, every row bucket up to that for the smallest token bucket."""
+        """Request-row buckets of a mixed step of t tokens: min(t, the most rows); for the
+        verification bucket, every row bucket below that too."""
         top = min(t, self.seqs[-1])
-        if not self.few_seq_mixed or t != self.tokens[0]:
+        if t != self.verify_tokens:
             return (top,)
-        return tuple(s for s in self.seqs if s <= top)
+        return tuple(sorted({s for s in self.seqs if s < top} | {top}))
 
     def step_shapes(self) -> list[tuple[int, int, int, bool]]:
         """Every distinct executable key the runner can ask for; all are warmed up."""

@@ -86,7 +86,8 @@ class ModelRunner:
             cfg.max_num_batched_tokens, cfg.max_num_seqs, max_blocks, min_tokens=min_tokens,
             bucket_widths=self.attention_backend == "reference",
             decode_programs=decode_has_own_program(self.attention_backend),
-            min_seqs=1 if one_row else MIN_SEQS, few_seq_mixed=cfg.num_speculative_tokens > 0,
+            min_seqs=1 if one_row else MIN_SEQS,
+            verify_tokens=cfg.num_speculative_tokens + 1 if cfg.num_speculative_tokens else 0,
         )
         self.penalty_len = 1 << (cfg.max_model_len - 1).bit_length()
         # Logits and hidden states come out replicated (gathered over `tp`): the sampler and

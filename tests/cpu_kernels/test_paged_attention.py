@@ -67,6 +67,7 @@ CASES = [  # (seq_lens, q_lens, extra padding tokens)
     ([37, 20, 200, 1], [1, 5, 40, 1], 3),  # decode rows, a short and a long prefill chunk
     ([64, 16], [64, 16], 0),  # whole prompts, block-aligned
     ([300], [1], 1),  # one long decode row
+    ([30, 9, 50], [8, 9, 3], 2),  # chunks at and past the per-token limit (kShortChunk = 8)
 ]
 
 

@@ -66,19 +66,23 @@ def test_decode_rows_get_midpoint_buckets_from_32_on():
         assert key[:2] == (want, want) and key in keys
 
 
-def test_few_seq_mixed_gives_a_lone_short_mixed_step_two_rows():
-    """With speculation a lone request's verification (k + 1 tokens) packs into (8, 2), not
-    (8, 8); larger mixed steps keep min(tokens, max rows), and every step still has a key."""
+def test_a_lone_verification_step_gets_its_own_bucket():
+    """With speculation (k = 4) a lone request's verification (5 tokens) packs into (5, 2), not
+    (8, 8); a step of two such requests into (16, 8) as before; every step has a key."""
     plain = BucketSpec.build(128, 16, 32, min_tokens=8, bucket_widths=False)
-    spec = BucketSpec.build(128, 16, 32, min_tokens=8, bucket_widths=False, few_seq_mixed=True)
+    spec = BucketSpec.build(128, 16, 32, min_tokens=8, bucket_widths=False, verify_tokens=5)
+    assert spec.tokens == (5, 8, 16, 32, 64, 128) and plain.tokens == spec.tokens[1:]
     lone = [Chunk([1] * 5, 40, [1, 2, 3, 4])]
     assert prepare_inputs(lone, BLOCK, plain).shape_key[:2] == (8, 8)
-    assert prepare_inputs(lone, BLOCK, spec).shape_key[:2] == (8, 2)
-    three = [Chunk([1] * 2, 40, [1, 2, 3, 4]) for _ in range(3)]
-    assert prepare_inputs(three, BLOCK, spec).shape_key[:2] == (8, 4)
-    wide = [Chunk([1] * 5, 40, [1, 2, 3, 4]) for _ in range(3)]
-    assert prepare_inputs(wide, BLOCK, spec).shape_key[:2] == (16, 16)
+    assert prepare_inputs(lone, BLOCK, spec).shape_key[:2] == (5, 2)
+    three = [Chunk([1] * 2, 40, [1, 2, 3, 4]), Chunk([1], 40, [1, 2, 3, 4]),
+             Chunk([1], 40, [1, 2, 3, 4])]
+    assert prepare_inputs(three, BLOCK, spec).shape_key[:2] == (5, 4)
+    two = [Chunk([1] * 5, 40, [1, 2, 3, 4]) for _ in range(2)]
+    assert prepare_inputs(two, BLOCK, spec).shape_key[:2] == (16, 16)
     keys = spec.step_shapes()
-    assert set(keys) - set(plain.step_shapes()) == {(8, 2, 32, False), (8, 4, 32, False)}
+    assert set(keys) - set(plain.step_shapes()) == {(5, s, 32, False) for s in (2, 4, 5)}
     for chunks in _steps(np.random.default_rng(1), 128, 16, 32 * BLOCK):
         assert spec.step_key(prepare_inputs(chunks, BLOCK, spec).shape_key) in keys
+    # k + 1 at or above the smallest power of two: no bucket of its own
+    assert BucketSpec.build(128, 16, 32, min_tokens=8, verify_tokens=8).tokens[0] == 8
