@@ -15,7 +15,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from jaxserve.layers.attention import AttentionMetadata
 from jaxserve.runtime.kv_cache import allocate_kv_cache
-from jaxserve.sample.categorical import sample_from_logits
+from jaxserve.sample.categorical import first_argmax, sample_from_logits
 from jaxserve.sample.filters import filter_logits
 from jaxserve.sample.metadata import GREEDY_TEMPERATURE_EPS, SamplingMetadata
 from jaxserve.sample.sampler import row_keys
@@ -51,7 +51,7 @@ def _draw(logits, smd: SamplingMetadata, keys):
     on it), the others draw from softmax(filter(logits / T)) (q that distribution)."""
     vocab = logits.shape[1]
     is_greedy = smd.temperature < GREEDY_TEMPERATURE_EPS  # [S]
-    greedy_ids = jnp.argmax(logits, axis=-1).astype(jnp.int32)  # [S]
+    greedy_ids = first_argmax(logits)  # [S]
     one_hot = jax.nn.one_hot(greedy_ids, vocab, dtype=jnp.float32)  # [S, V]
 
     def random():

@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jaxserve.sample.categorical import sample_from_logits
+from jaxserve.sample.categorical import first_argmax, sample_from_logits
 from jaxserve.sample.filters import filter_logits
 from jaxserve.sample.metadata import GREEDY_TEMPERATURE_EPS, SamplingMetadata
 from jaxserve.sample.sampler import _logprob_rows, row_keys
@@ -104,7 +104,7 @@ def verify_step(
     with no draft behaves as the plain sampler (same key, same draw).
     """
     processed = processed.astype(jnp.float32)  # [R, V]
-    greedy_ids = jnp.argmax(processed, axis=-1).astype(jnp.int32)  # [R]
+    greedy_ids = first_argmax(processed)  # [R]
     is_greedy = md.temperature < GREEDY_TEMPERATURE_EPS  # [R]
     has_draft = draft_ids >= 0  # [R]
 
