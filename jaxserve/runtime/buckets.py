@@ -54,9 +54,10 @@ class BucketSpec:
     decode_has_own_program); otherwise the two are one executable;
     verify_tokens: with speculation, k + 1: a lone request's verification step (a mixed step of
     k + 1 tokens) gets a token bucket of exactly that size when it is below the smallest power
-    of two, and that bucket compiles with fewer request rows (2, 4, ...) as well. On the CPU
-    the projections cost grows with the padded rows (8 rows of f32 weights are compute-bound
-    on 2 cores), so k = 4 verifies 5 rows instead of 8.
+    of two, and that bucket compiles with fewer request rows (2, 4, ...) as well; token
+    buckets from 32 on get 1.5x midpoints. On the CPU the projections cost grows with the
+    padded rows (8 rows of f32 weights are compute-bound on 2 cores), so k = 4 verifies 5 rows
+    instead of 8, and 8 requests 48 instead of 64.
     """
 
     tokens: tuple[int, ...]
@@ -76,7 +77,10 @@ class BucketSpec:
             widths.append(w)
             w *= 4
         widths.append(max_blocks_per_seq)
-        tokens = powers_of_two(min(min_tokens, max_num_batched_tokens), max_num_batched_tokens)
+        # speculation: b requests verify b * (k + 1) tokens, so steps of 32 tokens and more
+        # get the 1.5x midpoints as decode rows do (k = 4: 8 requests verify 40 tokens in 48)
+        sizes = seq_buckets if verify_tokens else powers_of_two
+        tokens = sizes(min(min_tokens, max_num_batched_tokens), max_num_batched_tokens)
         verify = verify_tokens if 1 < verify_tokens < tokens[0] else 0
         return cls(
             tokens=(verify,) * bool(verify) + tokens,

@@ -66,12 +66,13 @@ def test_decode_rows_get_midpoint_buckets_from_32_on():
         assert key[:2] == (want, want) and key in keys
 
 
-def test_a_lone_verification_step_gets_its_own_bucket():
+def test_verification_steps_get_buckets_of_their_own():
     """With speculation (k = 4) a lone request's verification (5 tokens) packs into (5, 2), not
-    (8, 8); a step of two such requests into (16, 8) as before; every step has a key."""
+    (8, 8); two such requests into (16, 16) as before; eight into the midpoint bucket 48 (not
+    64); every step has a key."""
     plain = BucketSpec.build(128, 16, 32, min_tokens=8, bucket_widths=False)
     spec = BucketSpec.build(128, 16, 32, min_tokens=8, bucket_widths=False, verify_tokens=5)
-    assert spec.tokens == (5, 8, 16, 32, 64, 128) and plain.tokens == spec.tokens[1:]
+    assert spec.tokens == (5, 8, 16, 32, 48, 64, 96, 128) and plain.tokens == (8, 16, 32, 64, 128)
     lone = [Chunk([1] * 5, 40, [1, 2, 3, 4])]
     assert prepare_inputs(lone, BLOCK, plain).shape_key[:2] == (8, 8)
     assert prepare_inputs(lone, BLOCK, spec).shape_key[:2] == (5, 2)
@@ -81,7 +82,10 @@ def test_a_lone_verification_step_gets_its_own_bucket():
     two = [Chunk([1] * 5, 40, [1, 2, 3, 4]) for _ in range(2)]
     assert prepare_inputs(two, BLOCK, spec).shape_key[:2] == (16, 16)
     keys = spec.step_shapes()
-    assert set(keys) - set(plain.step_shapes()) == {(5, s, 32, False) for s in (2, 4, 5)}
+    assert set(keys) - set(plain.step_shapes()) == {
+        *((5, s, 32, False) for s in (2, 4, 5)), (48, 16, 32, False), (96, 16, 32, False)}
+    eight = [Chunk([1] * 5, 40, [1, 2, 3, 4]) for _ in range(8)]
+    assert prepare_inputs(eight, BLOCK, spec).shape_key[:2] == (48, 16)
     for chunks in _steps(np.random.default_rng(1), 128, 16, 32 * BLOCK):
         assert spec.step_key(prepare_inputs(chunks, BLOCK, spec).shape_key) in keys
     # k + 1 at or above the smallest power of two: no bucket of its own
