@@ -20,23 +20,35 @@ class NgramProposer:
         self.n_min = cfg.prompt_lookup_min
 
     def propose(self, token_ids: list[int], k: int) -> list[int]:
-        """Up to k draft tokens to follow `token_ids` (fewer, or none, when no match)."""
+        """Up to k draft tokens to follow `token_ids` (fewer, or none, when no match).
+
+        One pass finds every earlier occurrence of the last token; only those are extended
+        backwards to their match length with the suffix (at most n_max), rather than a window
+        slid over the whole sequence once per n (this runs on the host between device steps,
+        where the step has just evicted the host's caches: each numpy call costs)."""
         k = min(k, self.k)
         n_tokens = len(token_ids)
         if k <= 0 or n_tokens < self.n_min + 1:
             return []
         tokens = np.asarray(token_ids, dtype=np.int64)  # [N]
-        for n in range(min(self.n_max, n_tokens - 1), self.n_min - 1, -1):
-            pattern = tokens[n_tokens - n:]  # [n]
-            # windows starting at 0 .. n_tokens - n - 1: every earlier occurrence (not the suffix)
-            windows = np.lib.stride_tricks.sliding_window_view(tokens[: n_tokens - 1], n)
-            hits = np.flatnonzero(np.all(windows == pattern, axis=1))  # [num_hits]
-            if hits.size:
-                # the most recent match with k tokens after it, else the earliest (most follow)
-                full = hits[hits + n + k <= n_tokens]
-                start = int(full[-1] if full.size else hits[0]) + n
-                return tokens[start: start + k].tolist()
-        return []
+        n_top = min(self.n_max, n_tokens - 1)
+        ends = np.flatnonzero(tokens[:-1] == tokens[-1])  # [H]: earlier ends of a 1-gram match
+        if not ends.size:
+            return []
+        length = np.ones(ends.size, np.int64)  # [H]: matched suffix length ending there
+        for i in range(1, n_top):
+            live = np.flatnonzero((length == i) & (ends >= i))
+            if not live.size:
+                break
+            length[live[tokens[ends[live] - i] == tokens[-1 - i]]] += 1
+        best = min(int(length.max()), n_top)
+        if best < self.n_min:
+            return []
+        hits = ends[length >= best]  # ascending
+        # the most recent match with k tokens after it, else the earliest (most follow)
+        full = hits[hits + 1 + k <= n_tokens]
+        after = int(full[-1] if full.size else hits[0]) + 1
+        return tokens[after: after + k].tolist()
 
 
 # A draft model's tokens are unknown until the runner runs the draft: the scheduler reserves
