@@ -20,7 +20,7 @@ class ChunkLike(Protocol):
 class StepInputs:
     """Numpy arrays of one step; sizes are the bucket sizes."""
 
-    token_ids: np.ndarray  # int32 [T]
+    token_ids: np.ndarray  # int32 [T] (on device once a draft model wrote its drafts in)
     positions: np.ndarray  # int32 [T]
     slot_mapping: np.ndarray  # int32 [T]
     block_tables: np.ndarray  # int32 [S, W]
