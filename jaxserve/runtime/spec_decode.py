@@ -54,10 +54,13 @@ def expand_rows(chunks, rows: list[SamplingRow]) -> list[SamplingRow]:
     for c, row in zip(chunks, rows):
         out.append(row)
         for j in range(1, len(c.spec_token_ids) + 1):
+            # only penalties read the generated tokens (copying them costs on every step)
+            generated = (list(c.output_token_ids) + list(c.spec_token_ids[:j])
+                         if row.uses_penalties else row.output_token_ids)
             out.append(replace(
                 row,
                 output_index=row.output_index + j,
-                output_token_ids=list(c.output_token_ids) + list(c.spec_token_ids[:j]),
+                output_token_ids=generated,
                 banned_token_ids=(),  # the scheduler drafts only once min_tokens is met
             ))
     return out
