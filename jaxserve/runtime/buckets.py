@@ -53,9 +53,8 @@ class BucketSpec:
     of the same size (only when the attention reads the static max_query_len bound, see
     decode_has_own_program); otherwise the two are one executable;
     verify_tokens: with speculation, k + 1: a lone request's verification step (a mixed step of
-    k + 1 tokens) gets a token bucket of exactly that size when it is below the smallest power
-    of two, and that bucket compiles with fewer request rows (2, 4, ...) as well; token
-    buckets from 32 on get 1.5x midpoints. On the CPU the projections cost grows with the
+    k + 1 tokens) gets a token bucket of exactly that size, compiled with fewer request rows
+    (2, 4, ...) as well; token buckets from 32 on get 1.5x midpoints. On the CPU the projections cost grows with the
     padded rows (8 rows of f32 weights are compute-bound on 2 cores), so k = 4 verifies 5 rows
     instead of 8, and 8 requests 48 instead of 64.
     """
@@ -81,9 +80,9 @@ class BucketSpec:
         # get the 1.5x midpoints as decode rows do (k = 4: 8 requests verify 40 tokens in 48)
         sizes = seq_buckets if verify_tokens else powers_of_two
         tokens = sizes(min(min_tokens, max_num_batched_tokens), max_num_batched_tokens)
-        verify = verify_tokens if 1 < verify_tokens < tokens[0] else 0
+        verify = verify_tokens if 1 < verify_tokens <= max_num_batched_tokens else 0
         return cls(
-            tokens=(verify,) * bool(verify) + tokens,
+            tokens=tuple(sorted({*tokens, verify} - {0})),
             seqs=seq_buckets(min_seqs, max(min_seqs, max_num_seqs)),
             widths=tuple(sorted(set(widths))),
             decode_programs=decode_programs,

@@ -76,7 +76,8 @@ class ModelRunner:
             cfg.kv_cache_dtype,
         )
         max_blocks = -(-cfg.max_model_len // cfg.block_size)
-        # speculation: a 1-request verify step (k + 1 <= 8 tokens) gets an 8-token bucket
+        # speculation: small prefill chunks and 2-request verification steps (2 (k + 1) <= 8
+        # tokens) get an 8-token bucket; a lone verification step gets k + 1 (verify_tokens)
         min_tokens = 8 if 0 < cfg.num_speculative_tokens < 8 else 16
         # a lone request decodes in a 1-row step where the CPU kernel writes the KV cache (see
         # BucketSpec.seqs); with speculation its steps keep the 2-row minimum

@@ -88,5 +88,9 @@ def test_verification_steps_get_buckets_of_their_own():
     assert prepare_inputs(eight, BLOCK, spec).shape_key[:2] == (48, 16)
     for chunks in _steps(np.random.default_rng(1), 128, 16, 32 * BLOCK):
         assert spec.step_key(prepare_inputs(chunks, BLOCK, spec).shape_key) in keys
-    # k + 1 at or above the smallest power of two: no bucket of its own
-    assert BucketSpec.build(128, 16, 32, min_tokens=8, verify_tokens=8).tokens[0] == 8
+    # k + 1 on a power of two (k = 7) or between two (k = 10): that bucket gets the few rows
+    k7 = BucketSpec.build(128, 16, 32, min_tokens=8, bucket_widths=False, verify_tokens=8)
+    assert k7.tokens[:2] == (8, 16) and k7.mixed_seqs(8) == (2, 4, 8)
+    assert prepare_inputs([Chunk([1] * 8, 40, [1, 2, 3, 4])], BLOCK, k7).shape_key[:2] == (8, 2)
+    k10 = BucketSpec.build(128, 16, 32, min_tokens=16, bucket_widths=False, verify_tokens=11)
+    assert k10.tokens[:3] == (11, 16, 32) and k10.mixed_seqs(11) == (2, 4, 8, 11)
