@@ -67,7 +67,7 @@ class QuantizedLinear(nnx.Module):
         """Whether pack applies: symmetric weights, per output channel (int8, fp8) or in even
         input groups (int4), with bf16 activations (W*A16), the CPU kernels on (matvec), and a
         CPU that takes the packed-weight kernel."""
-        return (self.matvec and self.group % 2 == 0
+        return (self.matvec and (self.method != "int4" or self.group % 2 == 0)  # byte pairs
                 and packs_weights(self.method, symmetric=self.zeros is None,
                                   per_channel=self.group == self.in_dim,
                                   int8_activations=self.int8_activations))

@@ -47,9 +47,9 @@ def prepare_inputs(chunks: Sequence[ChunkLike], block_size: int, buckets: Bucket
     else:
         t_pad = pick(buckets.tokens, num_tokens)
         rows = buckets.mixed_seqs(t_pad)
-        s_pad = pick(rows, num_seqs) if num_seqs <= rows[-1] else rows[-1]
-        if num_seqs > s_pad:
-            raise ValueError(f"{num_seqs} requests exceed the {s_pad} rows of bucket {t_pad}")
+        if num_seqs > rows[-1]:
+            raise ValueError(f"{num_seqs} requests exceed the {rows[-1]} rows of bucket {t_pad}")
+        s_pad = pick(rows, num_seqs)
     seq_lens = starts + lens
     blocks_needed = (seq_lens + block_size - 1) // block_size
     w_pad = pick(buckets.widths, int(blocks_needed.max()))
