@@ -15,6 +15,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from jaxserve.layers.attention import AttentionMetadata
 from jaxserve.runtime.kv_cache import allocate_kv_cache
+from jaxserve.runtime.params import FlatParams
 from jaxserve.sample.categorical import first_argmax, sample_from_logits
 from jaxserve.sample.filters import filter_logits
 from jaxserve.sample.metadata import GREEDY_TEMPERATURE_EPS, SamplingMetadata
@@ -136,13 +137,13 @@ class DraftModel:
         self.config = loaded.config
         self.k = k
         self.block_size = block_size
-        self.graphdef, self.state = nnx.split(loaded.model)
+        self.params = FlatParams(loaded.model)
         self.kv_cache = allocate_kv_cache(loaded.config, num_kv_blocks, block_size,
                                           loaded.dtype, mesh)
         kv_shardings = jax.tree.map(lambda a: a.sharding, self.kv_cache)
         replicated = NamedSharding(mesh, P())
         self._propose = jax.jit(
-            partial(_propose, self.graphdef, k=k, block_size=block_size,
+            partial(self.params.bind(_propose), k=k, block_size=block_size,
                     vocab_size=loaded.config.vocab_size),
             donate_argnums=(1,), static_argnames=("num_rows",),
             out_shardings=(replicated, replicated, replicated, replicated, kv_shardings))
@@ -152,7 +153,7 @@ class DraftModel:
         t, s, _, _ = shape
         md = AttentionMetadata.abstract(*shape)
         vec = jax.ShapeDtypeStruct((s,), jnp.int32)
-        return self._propose.lower(self.state, self.kv_cache, jax.ShapeDtypeStruct((t,), jnp.int32),
+        return self._propose.lower(self.params.leaves, self.kv_cache, jax.ShapeDtypeStruct((t,), jnp.int32),
                                    md, vec, vec, vec, smd, num_rows=num_rows)
 
     def run(self, executable, token_ids, md, layout, chunks, smd):
@@ -168,7 +169,7 @@ class DraftModel:
             num_drafts[i] = d
             row_start[i] = layout.row_start[i]
         drafts, q_rows, filled, draft_ids, self.kv_cache = executable(
-            self.state, self.kv_cache, token_ids, md, last_idx, num_drafts, row_start, smd)
+            self.params.leaves, self.kv_cache, token_ids, md, last_idx, num_drafts, row_start, smd)
         return drafts, q_rows, filled, draft_ids
 
 

@@ -18,6 +18,7 @@ from jaxserve.runtime.compile_counter import CompileCounter
 from jaxserve.runtime.executables import ExecutableTable, WarmupReport
 from jaxserve.runtime.inputs import StepInputs, prepare_inputs
 from jaxserve.runtime.kv_cache import allocate_kv_cache
+from jaxserve.runtime.params import FlatParams
 from jaxserve.runtime.runner_output import LogprobsRow, ModelRunnerOutput
 from jaxserve.runtime.sampling_rows import build_metadata, rows_for
 from jaxserve.runtime import draft_model, spec_decode
@@ -70,7 +71,8 @@ class ModelRunner:
         self.cfg = cfg
         self.model_config = loaded.config
         self.model_dtype = jnp.dtype(loaded.dtype)
-        self.graphdef, self.state = nnx.split(loaded.model)
+        self.params = FlatParams(loaded.model)
+        self.state = self.params.state  # the same arrays (weight reports)
         self.kv_cache = allocate_kv_cache(
             loaded.config, cfg.num_kv_blocks, cfg.block_size, loaded.dtype, mesh,
             cfg.kv_cache_dtype,
@@ -96,7 +98,7 @@ class ModelRunner:
         self.replicated = NamedSharding(mesh, P())
         kv_shardings = jax.tree.map(lambda a: a.sharding, self.kv_cache)
         self._step = jax.jit(
-            partial(_forward, self.graphdef), donate_argnums=(1,),
+            self.params.bind(_forward), donate_argnums=(1,),
             out_shardings=(self.replicated, self.replicated, kv_shardings),
         )
         self.spec_k = cfg.num_speculative_tokens
@@ -106,7 +108,7 @@ class ModelRunner:
         self._mask = jax.jit(apply_token_bitmask, out_shardings=self.replicated)
         self.mask_words = (loaded.config.vocab_size + 31) // 32  # packed bitmask row width
         self._prompt_lp = jax.jit(
-            partial(_prompt_logprobs, self.graphdef), static_argnames=("num_logprobs",)
+            self.params.bind(_prompt_logprobs), static_argnames=("num_logprobs",)
         )
         self.executables = ExecutableTable()
         self.warmup_report: WarmupReport | None = None  # set by warmup()
@@ -223,7 +225,7 @@ class ModelRunner:
         key = self.buckets.step_key(inp.shape_key)
         args = _step_arrays(inp, decode_only=key[3])
         step = self.executables.get("step", key)
-        logits, hidden, self.kv_cache = step(self.state, self.kv_cache, *args)
+        logits, hidden, self.kv_cache = step(self.params.leaves, self.kv_cache, *args)
         return logits, hidden
 
     def _step_seed(self) -> int:
@@ -241,7 +243,7 @@ class ModelRunner:
                 if p + 1 < len(c.prompt_token_ids):
                     targets[lo + j] = c.prompt_token_ids[p + 1]
         run = self.executables.get("prompt_logprobs", len(targets))
-        res = jax.device_get(run(self.state, hidden, targets))
+        res = jax.device_get(run(self.params.leaves, hidden, targets))
         for i, c in enumerate(chunks):
             k = c.sampling_params.prompt_logprobs
             if k is None:
@@ -290,7 +292,7 @@ class ModelRunner:
             hidden = jax.ShapeDtypeStruct((t, d), hidden_dtype, sharding=self.replicated)
             targets = jax.ShapeDtypeStruct((t,), jnp.int32)
             jobs.append(("prompt_logprobs", t, partial(
-                self._prompt_lp.lower, self.state, hidden, targets,
+                self._prompt_lp.lower, self.params.leaves, hidden, targets,
                 num_logprobs=self.cfg.max_logprobs)))
         self.warmup_report = self.executables.compile_all(jobs, progress)
         return self.warmup_report
@@ -300,7 +302,7 @@ class ModelRunner:
         md = AttentionMetadata.abstract(*shape)
         tokens = jax.ShapeDtypeStruct((t,), jnp.int32)
         rows = jax.ShapeDtypeStruct((self._logit_rows(t, s),), jnp.int32)
-        return self._step.lower(self.state, self.kv_cache, tokens, md, rows)
+        return self._step.lower(self.params.leaves, self.kv_cache, tokens, md, rows)
 
     def _logit_rows(self, t: int, s: int) -> int:
         return max(MIN_LOGIT_ROWS, spec_decode.logit_rows(t, s, self.spec_k))
