@@ -40,8 +40,13 @@
 // nibbles become bf16 through a 16-entry table (quant_decode.h); each group's sums are scaled
 // into totals kept in memory (the registers hold the sums) before the next group.
 //
+// Asymmetric weights, w = s * (q - z), add zero points z shaped as the scales: each row's
+// sum of x over each input group (the whole row for int8 and fp8) is taken once per call,
+// and z times it leaves each group's sums before they are scaled: s * (sum q x - z sum x).
+//
 // Shapes: x [T, K] bf16; wp [P, K2, 32] bf16 | s8 | u8 (fp8), [P, K/2, 16] u8 (int4);
-// s [P, 16] f32 (int8, fp8) | [P, G, 16] f32 (int4) | [0]; y [T, N] bf16 (or f32);
+// s [P, 16] f32 (int8, fp8) | [P, G, 16] f32 (int4) | [0]; z like s (asymmetric) | [0];
+// y [T, N] bf16 (or f32);
 // f32 x: wp [P, K, 16], y f32.
 
 #include <immintrin.h>
@@ -50,6 +55,7 @@
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
+#include <vector>
 
 #include "parallel.h"
 #include "quant_decode.h"
@@ -79,6 +85,8 @@ struct Problem {
   const void* x;  // [T, K], bf16 or f32
   const char* w;  // [P, steps, vector_bytes]
   const float* scale;  // quantized: [P, G, 16], each panel's columns per input group; else null
+  const float* zero;  // asymmetric: zero points shaped as scale; else null
+  const float* xsum;  // asymmetric: [T, G], the sum of each row's x over each input group
   void* y;  // [T, N], bf16 or (f32_out) f32
   bool f32_out;
   int64_t T, K, N, steps;  // steps: vectors per panel, ceil(K / 2) (pairs), K for f32
@@ -91,6 +99,38 @@ inline uint32_t x_pair(const uint16_t* row, int64_t j) {
   uint32_t pair;
   std::memcpy(&pair, row + 2 * j, sizeof pair);
   return pair;
+}
+
+// Asymmetric weights: acc[m][v] -= z * (row t0 + m's sum of x over input group g), before
+// the group's sums are scaled (z of panel p0 + v, group g).
+template <int MR, int NV>
+inline void subtract_zeros(const Problem& pr, int64_t t0, int64_t p0, int64_t g,
+                           __m512 (&acc)[MR][NV]) {
+  for (int v = 0; v < NV; ++v) {
+    const __m512 zv = _mm512_loadu_ps(pr.zero + ((p0 + v) * pr.G + g) * 16);
+    for (int m = 0; m < MR; ++m)
+      acc[m][v] = _mm512_fnmadd_ps(zv, _mm512_set1_ps(pr.xsum[(t0 + m) * pr.G + g]), acc[m][v]);
+  }
+}
+
+// Each row's sum of x over each of G equal input groups: xsum[t, g] (f32 sums of bf16).
+void row_group_sums(ffi::ThreadPool& pool, const uint16_t* x, int64_t T, int64_t K, int64_t G,
+                    float* xsum) {
+  const int64_t size = K / G;  // K when G == 1 (int8, fp8: any K); int4 groups divide K
+  jaxserve::ParallelFor(pool, T, [&](int64_t t) {
+    for (int64_t g = 0; g < G; ++g) {
+      const uint16_t* at = x + t * K + g * size;
+      __m512 sum = _mm512_setzero_ps();
+      for (int64_t k = 0; k < size; k += 16) {
+        const __mmask16 m = static_cast<__mmask16>(size - k >= 16 ? 0xffff
+                                                                   : (1u << (size - k)) - 1);
+        sum = _mm512_add_ps(sum, _mm512_castsi512_ps(_mm512_slli_epi32(
+                                     _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, at + k)),
+                                     16)));
+      }
+      xsum[t * G + g] = _mm512_reduce_add_ps(sum);
+    }
+  });
 }
 
 // Rows [t0, t0 + MR) x panels [p0, p0 + NV). prefetch: the first rows to read these panels.
@@ -147,6 +187,7 @@ void block(const Problem& pr, int64_t t0, int64_t p0, bool prefetch) {
       }
     }
     if constexpr (kGrouped) {
+      if (pr.zero) subtract_zeros<MR, NV>(pr, t0, p0, g, acc);
       for (int v = 0; v < NV; ++v) {
         const __m512 sv = _mm512_loadu_ps(pr.scale + ((p0 + v) * pr.G + g) * 16);
         for (int m = 0; m < MR; ++m) {
@@ -164,6 +205,9 @@ void block(const Problem& pr, int64_t t0, int64_t p0, bool prefetch) {
         acc[m][v] = _mm512_dpbf16_ps(acc[m][v], wl, xb);
       }
     }
+  }
+  if constexpr (quantized(W) && !kGrouped) {
+    if (pr.zero) subtract_zeros<MR, NV>(pr, t0, p0, 0, acc);
   }
   constexpr int kStep = GLU ? 2 : 1;  // panels per 16 output columns
   for (int v = 0; v < NV; v += kStep) {
@@ -244,7 +288,7 @@ void run_tile(const Problem& pr, Weights kind, int mr, int64_t p0, int nv, int64
 // the top of the file): the weights' kind follows from wp's dtype and last dimension.
 template <bool GLU>
 ffi::Error Run(ffi::ThreadPool& pool, ffi::AnyBuffer& x, ffi::AnyBuffer& w, ffi::AnyBuffer& s,
-               ffi::AnyBuffer& y) {
+               ffi::AnyBuffer& z, ffi::AnyBuffer& y) {
   auto xd = x.dimensions(), wd = w.dimensions(), yd = y.dimensions();
   const bool f32 = x.element_type() == ffi::DataType::F32;
   const bool u8 = w.element_type() == ffi::DataType::U8;
@@ -280,10 +324,21 @@ ffi::Error Run(ffi::ThreadPool& pool, ffi::AnyBuffer& x, ffi::AnyBuffer& w, ffi:
     return ffi::Error::InvalidArgument(
         "packed_matmul: s must be float32 [P, 16] for int8 / fp8 panels, [P, G, 16] for int4 "
         "(G groups of an even size dividing K), else empty");
+  const bool asymmetric = z.element_count() != 0;
+  if (asymmetric && (!bytes || z.element_type() != ffi::DataType::F32 ||
+                     static_cast<int64_t>(z.element_count()) != n_scales))
+    return ffi::Error::InvalidArgument(
+        "packed_matmul: z (zero points) must be empty, or float32 shaped as s for quantized "
+        "panels");
   if (T < 1 || K < 1 || N < 1 || T * K >= (int64_t{1} << 31))
     return ffi::Error::InvalidArgument("packed_matmul: 1 <= T, K, N and T * K < 2^31");
+  std::vector<float> xsum(asymmetric ? T * G : 0);  // [T, G]
+  if (asymmetric)
+    row_group_sums(pool, static_cast<const uint16_t*>(x.untyped_data()), T, K, G, xsum.data());
   const Problem pr{x.untyped_data(), static_cast<const char*>(w.untyped_data()),
                    bytes ? static_cast<const float*>(s.untyped_data()) : nullptr,
+                   asymmetric ? static_cast<const float*>(z.untyped_data()) : nullptr,
+                   asymmetric ? xsum.data() : nullptr,
                    y.untyped_data(), f32_out, T, K, N, steps, G};
   const int mr = static_cast<int>(std::min<int64_t>(T, GLU ? 6 : 8));  // GLU: 4 panels
   const int nv = panels_for(mr);
@@ -297,21 +352,21 @@ ffi::Error Run(ffi::ThreadPool& pool, ffi::AnyBuffer& x, ffi::AnyBuffer& w, ffi:
 }
 
 ffi::Error Matmul(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::AnyBuffer s,
-                  ffi::Result<ffi::AnyBuffer> y) {
-  return Run<false>(pool, x, w, s, *y);
+                  ffi::AnyBuffer z, ffi::Result<ffi::AnyBuffer> y) {
+  return Run<false>(pool, x, w, s, z, *y);
 }
 
 ffi::Error GluMatmul(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::AnyBuffer s,
-                     ffi::Result<ffi::AnyBuffer> y) {
-  return Run<true>(pool, x, w, s, *y);
+                     ffi::AnyBuffer z, ffi::Result<ffi::AnyBuffer> y) {
+  return Run<true>(pool, x, w, s, z, *y);
 }
 #else
 ffi::Error Matmul(ffi::ThreadPool, ffi::AnyBuffer, ffi::AnyBuffer, ffi::AnyBuffer,
-                  ffi::Result<ffi::AnyBuffer>) {
+                  ffi::AnyBuffer, ffi::Result<ffi::AnyBuffer>) {
   return ffi::Error::Internal("packed_matmul: built for a CPU without AVX-512 BF16");
 }
 ffi::Error GluMatmul(ffi::ThreadPool, ffi::AnyBuffer, ffi::AnyBuffer, ffi::AnyBuffer,
-                     ffi::Result<ffi::AnyBuffer>) {
+                     ffi::AnyBuffer, ffi::Result<ffi::AnyBuffer>) {
   return ffi::Error::Internal("packed_matmul: built for a CPU without AVX-512 BF16");
 }
 #endif
@@ -324,6 +379,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxserveCpuPackedMatmul, Matmul,
                                   .Arg<ffi::AnyBuffer>()  // x [T, K]
                                   .Arg<ffi::AnyBuffer>()  // wp [ceil(N/16), ceil(K/2), 32]
                                   .Arg<ffi::AnyBuffer>()  // s [ceil(N/16), 16] | [0]
+                                  .Arg<ffi::AnyBuffer>()  // z (zero points) like s | [0]
                                   .Ret<ffi::AnyBuffer>());  // y [T, N]
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxserveCpuPackedGluMatmul, GluMatmul,
@@ -332,4 +388,5 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxserveCpuPackedGluMatmul, GluMatmul,
                                   .Arg<ffi::AnyBuffer>()  // x [T, K]
                                   .Arg<ffi::AnyBuffer>()  // wp [2 ceil(M/16), ceil(K/2), 32]
                                   .Arg<ffi::AnyBuffer>()  // s [2 ceil(M/16), 16] | [0]
+                                  .Arg<ffi::AnyBuffer>()  // z (zero points) like s | [0]
                                   .Ret<ffi::AnyBuffer>());  // y [T, M]

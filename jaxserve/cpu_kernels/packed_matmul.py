@@ -1,7 +1,7 @@
 """The packed-weight matmul (packed_matmul.cc): y = x @ W^T for any row count, bf16 or f32, or
 int8 / fp8 weights with a scale per output column and int4 with a scale per column and input
-group (W*A16), with W packed once at load into panels of 16 output columns (CPUs with AVX-512
-BF16 but no AMX)."""
+group (W*A16), symmetric or with zero points shaped as the scales, with W packed once at load
+into panels of 16 output columns (CPUs with AVX-512 BF16 but no AMX)."""
 
 from __future__ import annotations
 
@@ -106,28 +106,31 @@ def unpack_scales(sp: np.ndarray, n: int) -> np.ndarray:
     return sp.transpose(0, 2, 1).reshape(-1, sp.shape[1])[:n]
 
 
-def _scales_arg(scales: jax.Array | None) -> jax.Array:
+def _scales_arg(scales: jax.Array | None) -> jax.Array:  # scales or zero points
     return jnp.zeros((0,), jnp.float32) if scales is None else scales
 
 
 def packed_matmul(x: jax.Array, wp: jax.Array, n: int, out_dtype=None,
-                  scales: jax.Array | None = None) -> jax.Array:
+                  scales: jax.Array | None = None, zeros: jax.Array | None = None) -> jax.Array:
     """x [T, K], wp = pack(w [n, K]) -> [T, n] (f32 accumulation) in out_dtype: x's dtype (the
     default) or, for bf16 x, f32 (no rounding: logits). w is of x's dtype, or for bf16 x int8 /
     uint8 (float8_e4m3fn bits) with scales = pack_scales(per-column scales [n]):
     y = (x @ w^T) * scales; or int4's stored bytes (uint8 [n, K / 2], pack(.., lanes=True))
-    with pack_scales(scales [n, G]), each group of K / G inputs scaled by its own."""
+    with pack_scales(scales [n, G]), each group of K / G inputs scaled by its own. Asymmetric
+    weights, w = (q - zero) * scale, add zeros = pack_scales(zero points), shaped as scales."""
     ensure_built()
     out = jnp.dtype(out_dtype or x.dtype)
     call = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct((x.shape[0], n), out))
-    return call(x, wp, _scales_arg(scales))
+    return call(x, wp, _scales_arg(scales), _scales_arg(zeros))
 
 
 def packed_glu_matmul(x: jax.Array, wp: jax.Array, m: int,
-                      scales: jax.Array | None = None) -> jax.Array:
+                      scales: jax.Array | None = None,
+                      zeros: jax.Array | None = None) -> jax.Array:
     """x [T, K], wp = interleave(pack(gate [m, K]), pack(up [m, K])) -> [T, m] in x's dtype:
     silu(x @ gate^T) * (x @ up^T), in f32 until the one rounding. Quantized gate and up take
-    scales = interleave(pack_scales(gate's), pack_scales(up's)) [2 ceil(m / 16), (G,) 16]."""
+    scales = interleave(pack_scales(gate's), pack_scales(up's)) [2 ceil(m / 16), (G,) 16]
+    (and zeros, interleaved alike, when asymmetric)."""
     ensure_built()
     call = jax.ffi.ffi_call(GLU_TARGET, jax.ShapeDtypeStruct((x.shape[0], m), x.dtype))
-    return call(x, wp, _scales_arg(scales))
+    return call(x, wp, _scales_arg(scales), _scales_arg(zeros))

@@ -185,6 +185,10 @@ class Linear(nnx.Module):
         """Float panels carry no scales (a packed QuantizedLinear's do)."""
         return None
 
+    def panel_zeros(self) -> None:
+        """Float panels carry no zero points (an asymmetric QuantizedLinear's do)."""
+        return None
+
     def __call__(self, x: jax.Array) -> jax.Array:
         if self.packed:
             y = cpu_packed.packed_matmul(x, self.panels(), self.out_dim,
@@ -204,7 +208,7 @@ class Linear(nnx.Module):
 class PackedGateUp(nnx.Module):
     """silu(h @ Wg^T) * (h @ Wu^T) of a gated MLP in one call of the packed kernel, from two
     packed projections (no bias), both Linear or both quantized (QuantizedLinear): their panels
-    interleaved, gate panel i then up panel i (and so their scales)."""
+    interleaved, gate panel i then up panel i (and so their scales and zero points)."""
 
     def __init__(self, gate: nnx.Module, up: nnx.Module):
         sharding = gate.panels().sharding
@@ -213,6 +217,9 @@ class PackedGateUp(nnx.Module):
         scales = gate.panel_scales()
         self.scales = None if scales is None else nnx.Param(jax.device_put(
             cpu_packed.interleave(scales, up.panel_scales()), sharding))  # [2P, (G,) 16]
+        zeros = gate.panel_zeros()
+        self.zeros = None if zeros is None else nnx.Param(jax.device_put(
+            cpu_packed.interleave(zeros, up.panel_zeros()), sharding))  # like scales
         # named as the layers they fuse name theirs (weight reports count qweight as quantized)
         if self.scales is not None:
             self.qweight = panels
@@ -222,16 +229,19 @@ class PackedGateUp(nnx.Module):
 
     @staticmethod
     def fusable(gate: nnx.Module, up: nnx.Module, act_name: str) -> bool:
-        """Packed, bias-free, same-shaped, same-kind gate and up under a silu activation."""
+        """Packed, bias-free, same-shaped, same-kind gate and up under a silu activation (both
+        symmetric or both with zero points)."""
         return (act_name in ("silu", "swish") and type(gate) is type(up)
+                and (gate.panel_zeros() is None) == (up.panel_zeros() is None)
                 and getattr(gate, "packed", False) and getattr(up, "packed", False)
                 and gate.bias is None and up.bias is None
                 and (gate.in_dim, gate.out_dim) == (up.in_dim, up.out_dim))
 
     def __call__(self, h: jax.Array) -> jax.Array:
         if self.scales is not None:
+            zeros = None if self.zeros is None else self.zeros[...]
             return cpu_packed.packed_glu_matmul(h, self.qweight[...], self.out_dim,
-                                                self.scales[...])  # [T, out]
+                                                self.scales[...], zeros)  # [T, out]
         return cpu_packed.packed_glu_matmul(h, self.weight[...], self.out_dim)  # [T, out]
 
 

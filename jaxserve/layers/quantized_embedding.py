@@ -33,11 +33,15 @@ class QuantizedEmbedding(QuantizedLinear):
             q = table[token_ids // panel, :, token_ids % panel, :]  # [T, steps, lanes]
             width = self.in_dim // 2 if self.method == "int4" else self.in_dim  # stored bytes
             q = q.reshape(token_ids.shape[0], -1)[:, :width]  # [T, in(/2)]
-            scales = self.panel_scales()  # [P, 16] | [P, G, 16]
-            if scales.ndim == 2:
-                scales = scales[:, None, :]
-            scales = scales[token_ids // panel, :, token_ids % panel]  # [T, G]
-            return self.dequantize_rows(q, scales, None, self.dtype)  # [T, hidden]
+            def rows_of(per_panel):  # [P, 16] | [P, G, 16] -> the tokens' [T, G]
+                if per_panel.ndim == 2:
+                    per_panel = per_panel[:, None, :]
+                return per_panel[token_ids // panel, :, token_ids % panel]
+
+            zeros = self.panel_zeros()
+            return self.dequantize_rows(q, rows_of(self.panel_scales()),
+                                        None if zeros is None else rows_of(zeros),
+                                        self.dtype)  # [T, hidden]
         q = jnp.take(self.qweight[...], token_ids, axis=0)  # [T, in(/2)]
         scales = jnp.take(self.scales[...], token_ids, axis=0)  # [T, G]
         zeros = None if self.zeros is None else jnp.take(self.zeros[...], token_ids, axis=0)

@@ -29,8 +29,8 @@ REDUCE_MAX_TOKENS = {"int8": 64, "int4": 8, "fp8": 8}
 # (benchmarks/quant_matvec_probe.py --model --rows 8 16 32, with and without --kernel-max-rows).
 # Packed layers (see QuantizedLinear) skip all of this: one kernel for every row count.
 KERNEL_MAX_ROWS = {"int8": 16, "int4": 8, "fp8": 4}
-# Methods whose symmetric weights the packed-weight kernel reads as stored (int8 and fp8 per
-# channel, int4 per channel or group).
+# Methods whose weights (symmetric or with zero points) the packed-weight kernel reads as stored
+# (int8 and fp8 per channel, int4 per channel or group).
 PACKED_METHODS = ("int8", "fp8", "int4")
 
 
@@ -39,11 +39,11 @@ class QuantizedLinear(nnx.Module):
 
     qweight: int8 [out, in] | uint8 [out, in / 2] (int4 pairs) | uint8 [out, in] (fp8 bits)
     scales: float32 [out, G] (G = in / group); zeros: float32 [out, G] when asymmetric.
-    Symmetric per-channel int8 and fp8, and symmetric group-wise int4, with the CPU kernels on
-    a CPU that takes the packed-weight kernel are packed after loading (pack), under the same
+    Per-channel int8 and fp8, and group-wise int4, symmetric or not, with the CPU kernels on a
+    CPU that takes the packed-weight kernel are packed after loading (pack), under the same
     names: qweight int8 | uint8 [ceil(out/16), ceil(in/2), 32] (int4: its bytes, [ceil(out/16),
-    in/2, 16]) and scales f32 [ceil(out/16), 16] (int4: [ceil(out/16), G, 16])
-    (cpu_kernels/packed_matmul.py); every row count then runs that kernel on the bytes.
+    in/2, 16]), scales f32 [ceil(out/16), 16] (int4: [ceil(out/16), G, 16]) and zeros like
+    scales (cpu_kernels/packed_matmul.py); every row count then runs that kernel on the bytes.
     """
 
     def __init__(self, in_dim: int, out_dim: int, *, bias: bool, dtype, quant: QuantConfig,
@@ -64,12 +64,11 @@ class QuantizedLinear(nnx.Module):
         self.f32_out = False  # packed only: y in f32, not rounded (an lm_head's logits)
 
     def packable(self) -> bool:
-        """Whether pack applies: symmetric weights, per output channel (int8, fp8) or in even
-        input groups (int4), with bf16 activations (W*A16), the CPU kernels on (matvec), and a
-        CPU that takes the packed-weight kernel."""
+        """Whether pack applies: weights per output channel (int8, fp8) or in even input groups
+        (int4), with bf16 activations (W*A16), the CPU kernels on (matvec), and a CPU that
+        takes the packed-weight kernel."""
         return (self.matvec and (self.method != "int4" or self.group % 2 == 0)  # byte pairs
-                and packs_weights(self.method, symmetric=self.zeros is None,
-                                  per_channel=self.group == self.in_dim,
+                and packs_weights(self.method, per_channel=self.group == self.in_dim,
                                   int8_activations=self.int8_activations))
 
     def pack(self) -> bool:
@@ -77,11 +76,17 @@ class QuantizedLinear(nnx.Module):
         packable."""
         if self.packed or not self.packable():
             return False
-        q, scales = self.qweight[...], self.scales[...]  # [out, in(/2)], [out, G]
+        q = self.qweight[...]  # [out, in(/2)]
         int4 = self.method == "int4"
+
+        def panels_of(per_group):  # [out, G] -> [ceil(out/16), (G,) 16]
+            return nnx.Param(jax.device_put(
+                cpu_packed.pack_scales(per_group if int4 else per_group[:, 0]), q.sharding))
+
         self.qweight = nnx.Param(jax.device_put(cpu_packed.pack(q, lanes=int4), q.sharding))
-        self.scales = nnx.Param(jax.device_put(
-            cpu_packed.pack_scales(scales if int4 else scales[:, 0]), q.sharding))
+        self.scales = panels_of(self.scales[...])
+        if self.zeros is not None:
+            self.zeros = panels_of(self.zeros[...])
         self.packed = True
         return True
 
@@ -92,6 +97,10 @@ class QuantizedLinear(nnx.Module):
     def panel_scales(self) -> jax.Array:
         """The packed scales [ceil(out/16), 16] (int4: [ceil(out/16), G, 16]) (after pack)."""
         return self.scales[...]
+
+    def panel_zeros(self) -> jax.Array | None:
+        """The packed zero points, shaped as panel_scales (after pack), or None: symmetric."""
+        return None if self.zeros is None else self.zeros[...]
 
     def values(self, q: jax.Array | None = None,
                scales: jax.Array | None = None) -> tuple[tuple[jax.Array, ...], float]:
@@ -123,7 +132,8 @@ class QuantizedLinear(nnx.Module):
         if self.packed:  # bf16 x, every row count: the packed-weight kernel
             f32 = self.f32_out or self.bias is not None
             y = cpu_packed.packed_matmul(x, self.panels(), self.out_dim,
-                                         jnp.float32 if f32 else None, self.panel_scales())
+                                         jnp.float32 if f32 else None, self.panel_scales(),
+                                         self.panel_zeros())
             return y if self.f32_out else self._finish(y, x.dtype)  # [T, out]
         if self.int8_activations:
             return self._w8a8(x)
@@ -265,12 +275,11 @@ def kernel_plan(quant: QuantConfig, dtype, matvec: bool) -> bool:
     return matvec and not quant.int8_activations and jnp.dtype(dtype) == jnp.bfloat16
 
 
-def packs_weights(method: str, *, symmetric: bool, per_channel: bool,
-                  int8_activations: bool) -> bool:
+def packs_weights(method: str, *, per_channel: bool, int8_activations: bool) -> bool:
     """Whether weights of this kind are packed for the packed-weight kernel (given the CPU
-    kernels on and bf16 activations): symmetric per-channel int8 or fp8, or symmetric int4 per
-    channel or group, weight-only, on a CPU that takes that kernel."""
-    return (method in PACKED_METHODS and symmetric and not int8_activations
+    kernels on and bf16 activations): per-channel int8 or fp8, or int4 per channel or group,
+    symmetric or with zero points, weight-only, on a CPU that takes that kernel."""
+    return (method in PACKED_METHODS and not int8_activations
             and (per_channel or method == "int4") and cpu_packed.available())
 
 
@@ -278,8 +287,7 @@ def log_kernel_plan(quant: QuantConfig | None, dtype, matvec: bool) -> None:
     """Say once at start-up which path the quantized projections' decode steps take."""
     if quant is None:
         return
-    packed = packs_weights(quant.method, symmetric=quant.symmetric,
-                           per_channel=quant.group_size is None,
+    packed = packs_weights(quant.method, per_channel=quant.group_size is None,
                            int8_activations=quant.int8_activations)
     if kernel_plan(quant, dtype, matvec) and packed:
         logger.info("quantized linear: %s projections are packed at load into 16-column "

@@ -214,12 +214,14 @@ def test_plan_keeps_xla_for_w8a8_and_float32_and_logs_why(caplog):
     with caplog.at_level(logging.INFO, logger="jaxserve.layers.quantized_linear"):
         ql.log_kernel_plan(QuantConfig("int4", 32), "bfloat16", True)
         ql.log_kernel_plan(QuantConfig("int4", 32, symmetric=False), "bfloat16", True)
+        ql.log_kernel_plan(QuantConfig("int8", 32), "bfloat16", True)
         ql.log_kernel_plan(QuantConfig("int4", 32), "float32", True)
         ql.log_kernel_plan(QuantConfig("int8", None, int8_activations=True), "bfloat16", True)
         ql.log_kernel_plan(QuantConfig("fp8", None), "bfloat16", False)
-    # symmetric int4 is packed where the CPU takes the packed-weight kernel; asymmetric never
-    assert ("int4 projections are packed at load" in caplog.text) == pm.available()
-    assert "int4 projections of up to 8 bf16 rows run the CPU decode kernel" in caplog.text
+    # int4, symmetric or with zero points, is packed where the CPU takes the packed-weight
+    # kernel; group-wise int8 never (the kernel scales int8 per column)
+    assert caplog.text.count("int4 projections are packed at load") == 2 * pm.available()
+    assert "int8 projections of up to 16 bf16 rows run the CPU decode kernel" in caplog.text
     assert "float32 activations are not bf16" in caplog.text
     assert "w8a8 projections use XLA" in caplog.text and "kernel is off" in caplog.text
 

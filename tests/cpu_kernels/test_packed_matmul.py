@@ -301,3 +301,75 @@ def test_int4_glu_keeps_each_projections_group_scales():
     u = xf @ (vu.reshape(m, -1, group) * su[:, :, None]).reshape(m, k).T
     np.testing.assert_array_less(np.abs(y - _silu(g) * u),
                                  2**-8 * np.abs(_silu(g) * u) + 1e-4 * (np.abs(g) + np.abs(u)))
+
+
+def _asymmetric(kind, rng, n, k, group):
+    """(stored bytes, lanes, values [n, k] as the kernel reads them (int4: nibble - 8), scales
+    [n, G], zero points [n, G] in value units) of an asymmetric weight w = (value - z) * s."""
+    if kind == "int8":
+        q = rng.integers(-128, 128, (n, k)).astype(np.int8)
+        zeros = rng.integers(-128, 128, (n, 1)).astype(np.float32)
+        return q, False, q.astype(np.float64), (2.0 ** rng.uniform(-12, -6, (n, 1))), zeros
+    q, values, scales = _int4_weight(rng, n, k, group)
+    zeros = rng.integers(-8, 8, scales.shape).astype(np.float32)
+    return q, True, values.astype(np.float64), scales, zeros
+
+
+@needs_packed
+@pytest.mark.parametrize("rows", [1, 2, 9, 65])
+@pytest.mark.parametrize("kind,k,n,group", [("int8", 896, 1152, None), ("int8", 7, 13, None),
+                                            ("int8", 289, 101, None), ("int4", 896, 1152, 128),
+                                            ("int4", 64, 13, 32)])
+def test_asymmetric_weights_match_float_math(rows, kind, k, n, group):
+    """w = (value - z) * s: the kernel takes z times each row's sum of x over the group from the
+    group's sums before scaling them; against float64 on the dequantized weight, the error is
+    f32 summation's over both terms."""
+    rng = np.random.default_rng(rows * 7 + k + n)
+    x = jnp.asarray(rng.standard_normal((rows, k)), jnp.bfloat16)
+    q, lanes, values, scales, zeros = _asymmetric(kind, rng, n, k, group)
+    scales = scales.astype(np.float32)
+    per_col = (lambda a: a[:, 0]) if kind == "int8" else (lambda a: a)
+    y = np.asarray(jax.jit(pm.packed_matmul, static_argnums=(2, 3))(
+        x, pm.pack(jnp.asarray(q), lanes=lanes), n, jnp.float32,
+        pm.pack_scales(jnp.asarray(per_col(scales))), pm.pack_scales(jnp.asarray(per_col(zeros)))))
+    g = scales.shape[1]
+    w = ((values.reshape(n, g, -1) - zeros[:, :, None]) * scales[:, :, None]).reshape(n, k)
+    xf = np.asarray(x, np.float64)
+    magnitude = (np.abs(values.reshape(n, g, -1)) + np.abs(zeros[:, :, None])) * scales[:, :, None]
+    bound = 2e-7 * np.sqrt(k) * (np.abs(xf) @ magnitude.reshape(n, k).T + 1e-6)
+    np.testing.assert_array_less(np.abs(y - xf @ w.T), bound)
+
+
+@needs_packed
+@pytest.mark.parametrize("kind,group", [("int8", None), ("int4", 64)])
+def test_asymmetric_glu_keeps_each_projections_zero_points(kind, group):
+    rng = np.random.default_rng(9)
+    k, m = 256, 40
+    x = jnp.asarray(rng.standard_normal((5, k)), jnp.bfloat16)
+    per_col = (lambda a: a[:, 0]) if kind == "int8" else (lambda a: a)
+    parts, ref = [], []
+    for _ in range(2):
+        q, lanes, values, scales, zeros = _asymmetric(kind, rng, m, k, group)
+        scales = scales.astype(np.float32)
+        parts.append((pm.pack(jnp.asarray(q), lanes=lanes),
+                      pm.pack_scales(jnp.asarray(per_col(scales))),
+                      pm.pack_scales(jnp.asarray(per_col(zeros)))))
+        g = scales.shape[1]
+        w = ((values.reshape(m, g, -1) - zeros[:, :, None]) * scales[:, :, None]).reshape(m, k)
+        ref.append(np.asarray(x, np.float64) @ w.T)
+    (wg, sg, zg), (wu, su, zu) = parts
+    y = np.asarray(pm.packed_glu_matmul(x, pm.interleave(wg, wu), m, pm.interleave(sg, su),
+                                        pm.interleave(zg, zu)), np.float32)
+    gate, up = ref
+    np.testing.assert_array_less(np.abs(y - _silu(gate) * up),
+                                 2**-8 * np.abs(_silu(gate) * up)
+                                 + 1e-4 * (np.abs(gate) + np.abs(up)))
+
+
+@needs_packed
+def test_zero_points_must_be_shaped_as_the_scales():
+    q = pm.pack(jnp.ones((32, 16), jnp.int8))
+    x = jnp.ones((2, 16), jnp.bfloat16)
+    s = pm.pack_scales(jnp.ones((32,)))
+    with pytest.raises(Exception, match="z \\(zero points\\) must be"):
+        jax.block_until_ready(pm.packed_matmul(x, q, 32, None, s, jnp.zeros((3,), jnp.float32)))

@@ -10,6 +10,8 @@ parity bound (1e-4 of the largest logit) applies, and the greedy token at every 
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -95,6 +97,8 @@ CT_CASES = {
     "int4-channel-pack-asym": (dict(num_bits=4, type="int", strategy="channel",
                                     fmt="pack-quantized", symmetric=False), False),
     "int8-group-pack-asym": (dict(num_bits=8, type="int", strategy="group", group_size=32,
+                                  fmt="pack-quantized", symmetric=False), False),
+    "int4-group-pack-asym": (dict(num_bits=4, type="int", strategy="group", group_size=32,
                                   fmt="pack-quantized", symmetric=False), False),
 }
 
@@ -234,3 +238,35 @@ def test_packed_quantized_bfloat16_error_is_like_hf_bfloat16(method, arch, lm_he
     err = max(np.abs(a - b).max() / np.abs(b).max() for a, b in zip(ours, ref))
     hf_err = max(np.abs(a - b).max() / np.abs(b).max() for a, b in zip(hf_bf16, ref))
     assert err <= 2 * hf_err + 1e-2, (err, hf_err)
+
+
+@pytest.mark.skipif(not packed_matmul.available(), reason="no packed-weight kernel on this CPU")
+@pytest.mark.parametrize("case,arch", [("int8-channel-int-asym", "Qwen2ForCausalLM"),
+                                       ("int4-group-pack-asym", "Qwen2ForCausalLM"),
+                                       ("int4-channel-pack-asym", "LlamaForCausalLM")])
+def test_packed_asymmetric_checkpoint_error_is_like_the_oracles_bfloat16(case, arch, compressed):
+    """Asymmetric compressed-tensors checkpoints in bf16 with the CPU kernels: every projection
+    is packed with its zero points (gate and up fused where fusable), and against the float32 oracle (HF, or
+    the library's own decompressing model where HF cannot load the format) our error is within
+    2x the oracle's own bf16 error (+ 1e-2 of the logit range), as for symmetric weights."""
+    path, memory_model = compressed(case, arch)
+    loaded = load_model(path, dtype="bfloat16", cpu_matvec=True)
+    nodes = [m for _, m in nnx.iter_graph(loaded.model)]
+    quantized = [m for m in nodes if isinstance(m, QuantizedLinear)]
+    assert quantized and all(m.packed and m.zeros is not None for m in quantized)
+    fused = [m for m in nodes if isinstance(m, PackedGateUp)]
+    fusable = loaded.config.hidden_act in ("silu", "swish") and not loaded.config.mlp_bias
+    assert len(fused) == (loaded.config.num_layers if fusable else 0)
+    assert all(m.zeros is not None for m in fused)
+    prompts = make_prompts(500, seed=7)[:3]
+    if CT_CASES[case][1]:
+        ref, ref_bf16 = hf_logits(path, prompts), hf_logits(path, prompts, dtype=torch.bfloat16)
+    else:
+        bf16_model = copy.deepcopy(memory_model).to(torch.bfloat16)
+        with torch.no_grad():
+            ref = [memory_model(torch.tensor([p])).logits[0].float().numpy() for p in prompts]
+            ref_bf16 = [bf16_model(torch.tensor([p])).logits[0].float().numpy() for p in prompts]
+    ours = paged_logits(loaded, prompts)
+    err = max(np.abs(a - b).max() / np.abs(b).max() for a, b in zip(ours, ref))
+    ref_err = max(np.abs(a - b).max() / np.abs(b).max() for a, b in zip(ref_bf16, ref))
+    assert err <= 2 * ref_err + 1e-2, (err, ref_err)
