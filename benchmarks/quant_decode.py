@@ -7,6 +7,10 @@ last with each run's speed-up over bf16 and its weight bytes over bf16's.
 
   PYTHONPATH=. python benchmarks/quant_decode.py --methods none int8 int4 fp8 --mixed-prompts 64
   PYTHONPATH=. python benchmarks/quant_decode.py --methods none int8 int8+head  # lm_head too
+  PYTHONPATH=. python benchmarks/quant_decode.py --methods none ct:int4-asym ct:int8-asym
+
+`ct:<case>` loads a compressed-tensors checkpoint that the library's own compressors write from
+the same model (asymmetric: int4 group 128 pack-quantized, int8 per channel int-quantized).
 
 On a shared machine, --interleave --kv-cache-mb 512 alternates the methods' decode runs.
 """
@@ -26,9 +30,23 @@ import numpy as np
 from benchmarks.decode_probe import measure_bandwidth, run_decode, run_mixed, write_small_checkpoint
 
 
+# compressed-tensors checkpoints written from the small model (tests/quant_checkpoints.py)
+CT_CASES = {
+    "int4-asym": dict(num_bits=4, type="int", strategy="group", group_size=128,
+                      fmt="pack-quantized", symmetric=False),
+    "int8-asym": dict(num_bits=8, type="int", strategy="channel", fmt="int-quantized",
+                      symmetric=False),
+}
+
+
 def parse_method(name: str) -> tuple[str | None, bool]:
     """'none' -> (None, False); 'int8' -> ('int8', False); 'int8+head' -> ('int8', True): the
-    lm_head quantized too (quantize_lm_head)."""
+    lm_head quantized too (quantize_lm_head); 'ct:int4-asym' -> ('ct:int4-asym', False)."""
+    if name.startswith("ct:"):
+        if name[3:] not in CT_CASES:
+            raise SystemExit(f"--methods: {name!r}: compressed-tensors cases are "
+                             f"{', '.join('ct:' + c for c in CT_CASES)}")
+        return name, False
     method, plus, rest = name.partition("+")
     if plus and rest != "head":
         raise SystemExit(f"--methods: {name!r}: the only suffix is '+head'")
@@ -44,10 +62,13 @@ def start(path: str, spec: tuple[str | None, bool], args):
     quantized)."""
     from jaxserve import LLM
     from jaxserve.layers.quant_scheme import QuantConfig
-    from jaxserve.weights.quant_loading import log_weight_bytes
+    from jaxserve.weights.loader import read_raw_config
+    from jaxserve.weights.quant_loading import log_weight_bytes, resolve_quantization
 
     method, head = spec
     kv = dict(kv_cache_memory_bytes=args.kv_cache_mb << 20) if args.kv_cache_mb else {}
+    if method and method.startswith("ct:"):  # pre-quantized: the checkpoint says how
+        path, method = compressed_checkpoint(path, method[3:]), None
     t = time.perf_counter()
     llm = LLM(path, dtype="bfloat16", quantization=method, quantize_lm_head=head,
               cpu_matvec=args.cpu_matvec,
@@ -55,8 +76,21 @@ def start(path: str, spec: tuple[str | None, bool], args):
               max_model_len=args.max_model_len, max_num_batched_tokens=512,
               use_tqdm_on_load=False, **kv)
     startup = time.perf_counter() - t
-    quant = QuantConfig.online(method, head) if method else None
+    if method:
+        quant = QuantConfig.online(method, head)
+    else:
+        quant = resolve_quantization(read_raw_config(path), None, False)  # the checkpoint's
     return llm, startup, log_weight_bytes(llm.engine.runner.state, quant, "bfloat16")
+
+
+def compressed_checkpoint(src: str, case: str) -> str:
+    """The compressed-tensors checkpoint of `case` written from src (once; kept beside it)."""
+    from tests.quant_checkpoints import write_compressed
+
+    out = f"{src}-ct-{case}"
+    if not os.path.exists(os.path.join(out, "config.json")):
+        write_compressed(src, out, **CT_CASES[case])
+    return out
 
 
 def summary(spec: tuple[str | None, bool], steps, cpu, startup: float, report: dict,
