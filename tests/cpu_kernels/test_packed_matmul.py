@@ -287,11 +287,13 @@ def test_int4_matches_float_math(rows, k, n, group):
     np.testing.assert_array_less(np.abs(y - xf @ w.T), bound)
 
 
+# 5 rows: a 5 x 4 block; 30: two 12 x 2 blocks (quantized gated steps of 12 rows on) + 6 rows
 @needs_packed
-def test_int4_glu_keeps_each_projections_group_scales():
+@pytest.mark.parametrize("rows", [5, 30])
+def test_int4_glu_keeps_each_projections_group_scales(rows):
     rng = np.random.default_rng(4)
     k, m, group = 256, 40, 64
-    x = jnp.asarray(rng.standard_normal((5, k)), jnp.bfloat16)
+    x = jnp.asarray(rng.standard_normal((rows, k)), jnp.bfloat16)
     (qg, vg, sg), (qu, vu, su) = (_int4_weight(rng, m, k, group) for _ in range(2))
     wp = pm.interleave(pm.pack(jnp.asarray(qg), lanes=True), pm.pack(jnp.asarray(qu), lanes=True))
     sp = pm.interleave(pm.pack_scales(jnp.asarray(sg)), pm.pack_scales(jnp.asarray(su)))
@@ -373,3 +375,26 @@ def test_zero_points_must_be_shaped_as_the_scales():
     s = pm.pack_scales(jnp.ones((32,)))
     with pytest.raises(Exception, match="z \\(zero points\\) must be"):
         jax.block_until_ready(pm.packed_matmul(x, q, 32, None, s, jnp.zeros((3,), jnp.float32)))
+
+
+@needs_packed
+@pytest.mark.parametrize("rows", [5, 30])
+def test_fp8_glu_keeps_each_projections_scales(rows):
+    rng = np.random.default_rng(rows)
+    k, m = 96, 40
+    x = jnp.asarray(rng.standard_normal((rows, k)), jnp.bfloat16)
+    parts, ref = [], []
+    for _ in range(2):
+        bits = rng.integers(0, 256, (m, k)).astype(np.uint8)
+        bits[(bits & 0x7F) == 0x7F] = 0x01  # no NaN patterns
+        scales = (2.0 ** rng.uniform(-8, -2, m)).astype(np.float32)
+        parts.append((pm.pack(jnp.asarray(bits)), pm.pack_scales(jnp.asarray(scales))))
+        values = bits.view(ml_dtypes.float8_e4m3fn).astype(np.float64)
+        ref.append((np.asarray(x, np.float64) @ values.T) * scales)
+    (wg, sg), (wu, su) = parts
+    y = np.asarray(pm.packed_glu_matmul(x, pm.interleave(wg, wu), m, pm.interleave(sg, su)),
+                   np.float32)
+    gate, up = ref
+    np.testing.assert_array_less(np.abs(y - _silu(gate) * up),
+                                 2**-8 * np.abs(_silu(gate) * up)
+                                 + 1e-4 * (np.abs(gate) + np.abs(up)))
