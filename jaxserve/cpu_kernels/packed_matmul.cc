@@ -244,6 +244,7 @@ void block(const Problem& pr, int64_t t0, int64_t p0, bool prefetch) {
 // (int4: 1.02-1.08x). Ungated projections keep 8 x 3: 12 x 2 was 3-14% slower there (more
 // activation rows streamed per panel, for fewer decodes saved).
 constexpr int kTallRows = 12;
+constexpr int kGluRows = 6;  // rows of every other gated block (4 panels: two gate/up pairs)
 
 // Panels per block of mr rows: at most 24 accumulators; 4 panels (two gate/up pairs) up to 6
 // rows, 3 from 7 rows on (a decode row reads at memory speed with any of these).
@@ -269,7 +270,11 @@ void block_any(const Problem& pr, int64_t t0, int mr, int64_t p0, int nv, bool p
     case 5: return block_nv<5, GLU, W>(pr, t0, p0, nv, prefetch);
     case 6: return block_nv<6, GLU, W>(pr, t0, p0, nv, prefetch);
     default:
-      if constexpr (!GLU) {  // GLU blocks have at most 6 rows (Run)
+      if constexpr (GLU) {  // gated blocks hold at most 6 rows: the rows of a tall step's
+        // last block of a tile (7 to 11) go as 6 + the rest
+        block_nv<kGluRows, GLU, W>(pr, t0, p0, nv, prefetch);
+        return block_any<GLU, W>(pr, t0 + kGluRows, mr - kGluRows, p0, nv, false);
+      } else {
         if (mr == 7) return block_nv<7, GLU, W>(pr, t0, p0, nv, prefetch);
         return block_nv<8, GLU, W>(pr, t0, p0, nv, prefetch);
       }
@@ -362,7 +367,7 @@ ffi::Error Run(ffi::ThreadPool& pool, ffi::AnyBuffer& x, ffi::AnyBuffer& w, ffi:
                    asymmetric ? xsum.data() : nullptr,
                    y.untyped_data(), f32_out, T, K, N, steps, G};
   const bool tall = GLU && bytes && T >= kTallRows;
-  const int mr = tall ? kTallRows : static_cast<int>(std::min<int64_t>(T, GLU ? 6 : 8));
+  const int mr = tall ? kTallRows : static_cast<int>(std::min<int64_t>(T, GLU ? kGluRows : 8));
   const int nv = tall ? 2 : panels_for(mr);
   const int64_t groups = (wd[0] + nv - 1) / nv, tiles = (T + kRowTile - 1) / kRowTile;
   jaxserve::ParallelFor(pool, groups * tiles, [&](int64_t i) {

@@ -209,8 +209,9 @@ def test_int8_matches_float_math(rows, k, n):
     np.testing.assert_array_less(np.abs(bf16 - y), 2**-8 * np.abs(y) + 1e-30)  # one rounding
 
 
+# 1-7: 6 x 4 blocks; from 12 rows: 12 x 2 blocks, and a tail of 1-11 rows (20: 8, 23: 11)
 @needs_packed
-@pytest.mark.parametrize("rows", [1, 6, 7, 13, 65])
+@pytest.mark.parametrize("rows", [1, 6, 7, 13, 20, 23, 65])
 @pytest.mark.parametrize("k,m", [(896, 4864), (33, 40)])
 def test_int8_glu_matches_float_math(rows, k, m):
     """Gate and up each keep their own scales through the interleaving."""
@@ -287,9 +288,10 @@ def test_int4_matches_float_math(rows, k, n, group):
     np.testing.assert_array_less(np.abs(y - xf @ w.T), bound)
 
 
-# 5 rows: a 5 x 4 block; 30: two 12 x 2 blocks (quantized gated steps of 12 rows on) + 6 rows
+# 5 rows: a 5 x 4 block; 30: two 12 x 2 blocks (quantized gated steps of 12 rows on) + 6 rows;
+# 21: one 12 x 2 block + 9 rows (6 + 3)
 @needs_packed
-@pytest.mark.parametrize("rows", [5, 30])
+@pytest.mark.parametrize("rows", [5, 21, 30])
 def test_int4_glu_keeps_each_projections_group_scales(rows):
     rng = np.random.default_rng(4)
     k, m, group = 256, 40, 64
@@ -378,7 +380,7 @@ def test_zero_points_must_be_shaped_as_the_scales():
 
 
 @needs_packed
-@pytest.mark.parametrize("rows", [5, 30])
+@pytest.mark.parametrize("rows", [5, 21, 30])
 def test_fp8_glu_keeps_each_projections_scales(rows):
     rng = np.random.default_rng(rows)
     k, m = 96, 40
