@@ -345,11 +345,12 @@ def test_asymmetric_weights_match_float_math(rows, kind, k, n, group):
 
 
 @needs_packed
+@pytest.mark.parametrize("rows", [5, 21])  # 21: a 12 x 2 block, then 6 + 3 rows
 @pytest.mark.parametrize("kind,group", [("int8", None), ("int4", 64)])
-def test_asymmetric_glu_keeps_each_projections_zero_points(kind, group):
+def test_asymmetric_glu_keeps_each_projections_zero_points(kind, group, rows):
     rng = np.random.default_rng(9)
     k, m = 256, 40
-    x = jnp.asarray(rng.standard_normal((5, k)), jnp.bfloat16)
+    x = jnp.asarray(rng.standard_normal((rows, k)), jnp.bfloat16)
     per_col = (lambda a: a[:, 0]) if kind == "int8" else (lambda a: a)
     parts, ref = [], []
     for _ in range(2):
