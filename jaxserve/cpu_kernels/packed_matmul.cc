@@ -269,9 +269,12 @@ void block_any(const Problem& pr, int64_t t0, int mr, int64_t p0, int nv, bool p
     case 4: return block_nv<4, GLU, W>(pr, t0, p0, nv, prefetch);
     case 5: return block_nv<5, GLU, W>(pr, t0, p0, nv, prefetch);
     case 6: return block_nv<6, GLU, W>(pr, t0, p0, nv, prefetch);
+    case kTallRows:  // a tall step's whole block: one (gate, up) pair of panels (see Run)
+      if constexpr (GLU && quantized(W)) return block<kTallRows, 2, GLU, W>(pr, t0, p0, prefetch);
+      [[fallthrough]];
     default:
-      if constexpr (GLU) {  // gated blocks hold at most 6 rows: the rows of a tall step's
-        // last block of a tile (7 to 11) go as 6 + the rest
+      if constexpr (GLU) {  // other gated blocks hold at most 6 rows: the rows of a tall
+        // step's last block of a tile (7 to 11) go as 6 + the rest
         block_nv<kGluRows, GLU, W>(pr, t0, p0, nv, prefetch);
         return block_any<GLU, W>(pr, t0 + kGluRows, mr - kGluRows, p0, nv, false);
       } else {
@@ -288,18 +291,6 @@ void run_tile(const Problem& pr, Weights kind, int mr, int64_t p0, int nv, int64
   for (int64_t t0 = t_begin; t0 < t_end; t0 += mr) {
     const int rows = static_cast<int>(std::min<int64_t>(mr, t_end - t0));
     const bool prefetch = t0 == t_begin;
-    if constexpr (GLU) {
-      if (rows == kTallRows && quantized(kind)) {  // a tall step's whole block (see Run)
-        constexpr int kPair = 2;  // panels: one (gate, up) pair
-        if (kind == Weights::kInt8)
-          block<kTallRows, kPair, true, Weights::kInt8>(pr, t0, p0, prefetch);
-        else if (kind == Weights::kFp8)
-          block<kTallRows, kPair, true, Weights::kFp8>(pr, t0, p0, prefetch);
-        else
-          block<kTallRows, kPair, true, Weights::kInt4>(pr, t0, p0, prefetch);
-        continue;
-      }
-    }
     switch (kind) {
       case Weights::kBf16: block_any<GLU, Weights::kBf16>(pr, t0, rows, p0, nv, prefetch); break;
       case Weights::kF32: block_any<GLU, Weights::kF32>(pr, t0, rows, p0, nv, prefetch); break;

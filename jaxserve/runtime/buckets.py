@@ -54,9 +54,9 @@ class BucketSpec:
     decode_has_own_program); otherwise the two are one executable;
     verify_tokens: with speculation, k + 1: a lone request's verification step (a mixed step of
     k + 1 tokens) gets a token bucket of exactly that size, compiled with fewer request rows
-    (2, 4, ...) as well; token buckets from 32 on get 1.5x midpoints. On the CPU the projections cost grows with the
-    padded rows (8 rows of f32 weights are compute-bound on 2 cores), so k = 4 verifies 5 rows
-    instead of 8, and 8 requests 48 instead of 64.
+    (2, 4, ...) as well; token buckets from 32 on get 1.5x midpoints. On the CPU the
+    projections cost grows with the padded rows (8 rows of f32 weights are compute-bound on 2
+    cores), so k = 4 verifies 5 rows instead of 8, and 8 requests 48 instead of 64.
     """
 
     tokens: tuple[int, ...]

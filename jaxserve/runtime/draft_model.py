@@ -153,8 +153,9 @@ class DraftModel:
         t, s, _, _ = shape
         md = AttentionMetadata.abstract(*shape)
         vec = jax.ShapeDtypeStruct((s,), jnp.int32)
-        return self._propose.lower(self.params.leaves, self.kv_cache, jax.ShapeDtypeStruct((t,), jnp.int32),
-                                   md, vec, vec, vec, smd, num_rows=num_rows)
+        tokens = jax.ShapeDtypeStruct((t,), jnp.int32)
+        return self._propose.lower(self.params.leaves, self.kv_cache, tokens, md, vec, vec, vec,
+                                   smd, num_rows=num_rows)
 
     def run(self, executable, token_ids, md, layout, chunks, smd):
         """One proposal pass, left on device: drafts [S, k], q rows [R, V], the step's tokens

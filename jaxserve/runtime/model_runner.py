@@ -72,7 +72,6 @@ class ModelRunner:
         self.model_config = loaded.config
         self.model_dtype = jnp.dtype(loaded.dtype)
         self.params = FlatParams(loaded.model)
-        self.state = self.params.state  # the same arrays (weight reports)
         self.kv_cache = allocate_kv_cache(
             loaded.config, cfg.num_kv_blocks, cfg.block_size, loaded.dtype, mesh,
             cfg.kv_cache_dtype,
@@ -113,6 +112,11 @@ class ModelRunner:
         self.executables = ExecutableTable()
         self.warmup_report: WarmupReport | None = None  # set by warmup()
         self._steps = 0
+
+    @property
+    def state(self):
+        """The parameters as an nnx.State (weight reports; the steps take params.leaves)."""
+        return self.params.state
 
     @property
     def num_compilations(self) -> int:
