@@ -71,8 +71,45 @@ def pack(w: jax.Array, lanes: bool = False) -> jax.Array:
     return padded.reshape(p, PANEL, steps, pair).transpose(0, 2, 1, 3).reshape(p, steps, width)
 
 
+# Short quantized panels (under SHORT_PANEL_BYTES) are stored in groups of GROUP
+# (group_panels) where P divides into at least MIN_GROUPS of them: a decode row reads a group as
+# one stream, where plain panels are as many short streams (packed_matmul.cc). Long panels read
+# fast as they are (and their 4-16-row steps slower grouped); fewer than MIN_GROUPS groups would
+# share out badly over the cores (k and v projections of a few panels stay plain).
+GROUP = 8
+SHORT_PANEL_BYTES = 32 << 10
+MIN_GROUPS = 4
+
+
+def panel_group(shape: tuple[int, int, int]) -> int:
+    """Panels per group for quantized (one byte per element) plain panels [P, steps, width]:
+    GROUP, or 1 to keep them plain."""
+    p, steps, width = shape
+    short = steps * width < SHORT_PANEL_BYTES
+    return GROUP if short and p % GROUP == 0 and p >= MIN_GROUPS * GROUP else 1
+
+
+@functools.partial(jax.jit, static_argnames="group")
+def group_panels(wp: jax.Array, group: int) -> jax.Array:
+    """Plain quantized panels [P, steps, width] -> [P / group, steps, group, width]: each
+    group's vectors pair step by pair step (group 1: wp as it is; else GROUP)."""
+    if group == 1:
+        return wp
+    p, steps, width = wp.shape
+    return wp.reshape(p // group, group, steps, width).transpose(0, 2, 1, 3)
+
+
+def ungroup_panels(wp):
+    """The inverse of group_panels: plain panels [P, steps, width] from either layout."""
+    if wp.ndim == 3:
+        return wp
+    groups, steps, group, width = wp.shape
+    return wp.transpose(0, 2, 1, 3).reshape(groups * group, steps, width)
+
+
 def unpack(wp: np.ndarray, n: int, k: int) -> np.ndarray:
-    """The inverse of pack: wp [ceil(N/16), steps, 16 * pair] -> w [n, k]."""
+    """The inverse of pack (and group_panels): wp [ceil(N/16), steps, 16 * pair] -> w [n, k]."""
+    wp = ungroup_panels(wp)
     p, steps, width = wp.shape
     pair = width // PANEL
     return wp.reshape(p, steps, PANEL, pair).transpose(0, 2, 1, 3).reshape(
@@ -117,7 +154,8 @@ def packed_matmul(x: jax.Array, wp: jax.Array, n: int, out_dtype=None,
     uint8 (float8_e4m3fn bits) with scales = pack_scales(per-column scales [n]):
     y = (x @ w^T) * scales; or int4's stored bytes (uint8 [n, K / 2], pack(.., lanes=True))
     with pack_scales(scales [n, G]), each group of K / G inputs scaled by its own. Asymmetric
-    weights, w = (q - zero) * scale, add zeros = pack_scales(zero points), shaped as scales."""
+    weights, w = (q - zero) * scale, add zeros = pack_scales(zero points), shaped as scales.
+    Quantized panels may be grouped (group_panels)."""
     ensure_built()
     out = jnp.dtype(out_dtype or x.dtype)
     call = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct((x.shape[0], n), out))

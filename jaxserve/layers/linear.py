@@ -212,9 +212,12 @@ class PackedGateUp(nnx.Module):
 
     def __init__(self, gate: nnx.Module, up: nnx.Module):
         sharding = gate.panels().sharding
-        panels = nnx.Param(jax.device_put(
-            cpu_packed.interleave(gate.panels(), up.panels()), sharding))
+        panels = cpu_packed.interleave(cpu_packed.ungroup_panels(gate.panels()),
+                                       cpu_packed.ungroup_panels(up.panels()))
         scales = gate.panel_scales()
+        if scales is not None:  # quantized: grouped as one weight of 2P panels
+            panels = cpu_packed.group_panels(panels, cpu_packed.panel_group(panels.shape))
+        panels = nnx.Param(jax.device_put(panels, sharding))
         self.scales = None if scales is None else nnx.Param(jax.device_put(
             cpu_packed.interleave(scales, up.panel_scales()), sharding))  # [2P, (G,) 16]
         zeros = gate.panel_zeros()

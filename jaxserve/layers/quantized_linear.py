@@ -83,7 +83,9 @@ class QuantizedLinear(nnx.Module):
             return nnx.Param(jax.device_put(
                 cpu_packed.pack_scales(per_group if int4 else per_group[:, 0]), q.sharding))
 
-        self.qweight = nnx.Param(jax.device_put(cpu_packed.pack(q, lanes=int4), q.sharding))
+        panels = cpu_packed.pack(q, lanes=int4)
+        panels = cpu_packed.group_panels(panels, cpu_packed.panel_group(panels.shape))
+        self.qweight = nnx.Param(jax.device_put(panels, q.sharding))
         self.scales = panels_of(self.scales[...])
         if self.zeros is not None:
             self.zeros = panels_of(self.zeros[...])
@@ -91,7 +93,8 @@ class QuantizedLinear(nnx.Module):
         return True
 
     def panels(self) -> jax.Array:
-        """The packed weight: int8 / fp8 / int4 bytes (after pack)."""
+        """The packed weight: int8 / fp8 / int4 bytes (after pack), plain [P, steps, width] or
+        grouped [P / 8, steps, 8, width] (cpu_kernels/packed_matmul.py: group_panels)."""
         return self.qweight[...]
 
     def panel_scales(self) -> jax.Array:

@@ -401,3 +401,76 @@ def test_fp8_glu_keeps_each_projections_scales(rows):
     np.testing.assert_array_less(np.abs(y - _silu(gate) * up),
                                  2**-8 * np.abs(_silu(gate) * up)
                                  + 1e-4 * (np.abs(gate) + np.abs(up)))
+
+
+def test_group_panels_layout_and_when_weights_are_grouped():
+    """grouped[g, j, i] is plain panel 8g + i's vector j; ungroup_panels and unpack undo it."""
+    n, k = 512, 9  # 32 panels: 4 groups
+    q = np.arange(n * k).reshape(n, k).astype(np.int8)
+    plain = np.asarray(pm.pack(jnp.asarray(q)))  # [32, 5, 32]
+    grouped = np.asarray(pm.group_panels(jnp.asarray(plain), pm.GROUP))
+    assert grouped.shape == (4, 5, 8, 32)
+    for g in range(4):
+        for j in range(5):
+            for i in range(8):
+                np.testing.assert_array_equal(grouped[g, j, i], plain[8 * g + i, j])
+    np.testing.assert_array_equal(pm.ungroup_panels(grouped), plain)
+    np.testing.assert_array_equal(pm.unpack(grouped, n, k), q)
+    assert pm.panel_group((32, 448, 32)) == 8  # int8 [512, 896]: 14 KB panels
+    assert pm.panel_group((608, 448, 16)) == 8  # int4 [9728, 896]
+    assert pm.panel_group((56, 2432, 32)) == 1  # [896, 4864]: 76 KB panels read fast as they are
+    assert pm.panel_group((24, 448, 32)) == 1  # 3 groups: too few to share out
+    assert pm.panel_group((36, 448, 32)) == 1  # not whole groups
+
+
+def _quantized_case(kind, rng, n, k):
+    """(packed panels, panel scales, panel zeros or None) of a random weight of `kind`."""
+    if kind in ("int8", "int8-asym", "int4", "int4-asym"):
+        q, lanes, _, scales, zeros = _asymmetric(kind[:4], rng, n, k, 32)
+        per_col = (lambda a: a[:, 0]) if kind.startswith("int8") else (lambda a: a)
+        z = pm.pack_scales(jnp.asarray(per_col(zeros))) if kind.endswith("asym") else None
+        return (pm.pack(jnp.asarray(q), lanes=lanes),
+                pm.pack_scales(jnp.asarray(per_col(scales).astype(np.float32))), z)
+    bits = rng.integers(0, 256, (n, k)).astype(np.uint8)  # fp8
+    bits[(bits & 0x7F) == 0x7F] = 0x01
+    return pm.pack(jnp.asarray(bits)), pm.pack_scales(jnp.asarray(rng.uniform(0.1, 1, n))), None
+
+
+# 1-3 rows: one block per group; 4-6: two 4-panel blocks, the first prefetching the group; 7-8
+# (ungated): 8 x 3, 8 x 3, 8 x 2 blocks across the group; from 12 rows (gated): 12 x 2 blocks
+@needs_packed
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 6, 7, 8, 9, 13, 21, 65])
+@pytest.mark.parametrize("glu", [False, True])
+@pytest.mark.parametrize("kind", ["int8", "int8-asym", "fp8", "int4", "int4-asym"])
+def test_grouped_panels_compute_what_plain_panels_do_bit_for_bit(kind, glu, rows):
+    """Every output column sums its pairs in the same order in both layouts; the plain layout
+    is checked against float math above."""
+    rng = np.random.default_rng(rows + 7 * glu)
+    k = 128 if kind.startswith("int4") else 97  # int8 / fp8: an odd K (a half-empty last pair)
+    n = 256 if glu else 512  # 32 panels (gated: 16 gate + 16 up), 4 groups of 8
+    x = jnp.asarray(rng.standard_normal((rows, k)), jnp.bfloat16)
+    if glu:
+        (wg, sg, zg), (wu, su, zu) = (_quantized_case(kind, rng, n, k) for _ in range(2))
+        plain, scales = pm.interleave(wg, wu), pm.interleave(sg, su)
+        zeros = None if zg is None else pm.interleave(zg, zu)
+        run = lambda wp: pm.packed_glu_matmul(x, wp, n, scales, zeros)  # noqa: E731
+    else:
+        plain, scales, zeros = _quantized_case(kind, rng, n, k)
+        run = lambda wp: pm.packed_matmul(x, wp, n, jnp.float32, scales, zeros)  # noqa: E731
+    assert pm.panel_group(plain.shape) == pm.GROUP
+    want = np.asarray(run(plain))
+    got = np.asarray(run(pm.group_panels(plain, pm.GROUP)))
+    assert np.isfinite(want).all() and np.abs(want).max() > 0
+    np.testing.assert_array_equal(got, want)
+
+
+@needs_packed
+def test_grouped_panels_hold_quantized_weights_in_groups_of_8():
+    x = jnp.ones((2, 16), jnp.bfloat16)
+    s = pm.pack_scales(jnp.ones((512,)))
+    q = pm.pack(jnp.ones((512, 16), jnp.int8))  # [32, 8, 32]
+    with pytest.raises(Exception, match="grouped panels"):
+        jax.block_until_ready(pm.packed_matmul(x, pm.group_panels(q, 4), 512, None, s))
+    bf16 = pm.group_panels(pm.pack(jnp.ones((512, 16), jnp.bfloat16)), 8)
+    with pytest.raises(Exception, match="grouped panels"):
+        jax.block_until_ready(pm.packed_matmul(x, bf16, 512))

@@ -82,6 +82,31 @@ def test_decode_logits_run_the_quantized_kernel(arch, method, tiny_checkpoints):
     assert np.abs(logits - want).max() <= bound * np.abs(want).max()
 
 
+@pytest.mark.parametrize("method", ["int8", "int4", "fp8"])
+def test_packed_tied_table_looks_up_the_dequantized_rows(method, tiny_checkpoints):
+    """The tied table packed for the kernel (vocab 500: 32 panels, stored in groups of 8)
+    serves token lookups: each row is its dequantized weight row, rounded once to bf16."""
+    import ml_dtypes
+
+    from jaxserve.cpu_kernels import packed_matmul
+    from jaxserve.layers.linear import select_cpu_matvec
+
+    if not (select_cpu_matvec("auto") and packed_matmul.available()):
+        pytest.skip("this CPU does not take the packed-weight kernel")
+    loaded = load_model(tiny_checkpoints("Qwen2ForCausalLM"), dtype="bfloat16",
+                        quantization=method, quantize_lm_head=True, cpu_matvec=True)
+    table = loaded.model.embed_tokens
+    assert table.packed and table.qweight[...].ndim == 4  # grouped panels
+    vocab, dim = loaded.config.vocab_size, loaded.config.hidden_size
+    width = dim // 2 if method == "int4" else dim
+    q = packed_matmul.unpack(np.asarray(table.qweight[...]), vocab, width)
+    scales = packed_matmul.unpack_scales(np.asarray(table.scales[...]), vocab).reshape(vocab, -1)
+    want = dequantize(method, q, scales).astype(ml_dtypes.bfloat16)  # [vocab, dim]
+    ids = np.array([0, 1, 15, 16, 127, 128, 255, 256, 383, 499])  # across panels and groups
+    got = np.asarray(jax.jit(table)(jnp.asarray(ids, jnp.int32)))
+    np.testing.assert_array_equal(got, want[ids])
+
+
 def test_weight_bytes_include_the_quantized_lm_head(tiny_checkpoints, caplog):
     """A model where the tied table is ~10% of the weights: int8 with the lm_head is at most
     0.52x bf16 (one table, no float copy); without it, above."""
