@@ -14,7 +14,8 @@ from jaxserve.layers.attention import (
     AttentionMetadata,
     write_and_attend,
 )
-from jaxserve.layers.linear import Embedding, Linear, PackedGateUp, pack_weights
+from jaxserve.layers.linear import (Embedding, Linear, PackedGateUp, PackedProjections,
+                                    pack_weights)
 from jaxserve.layers.norms import RMSNorm
 from jaxserve.layers.quant_scheme import QuantConfig
 from jaxserve.layers.quantized_embedding import QuantizedEmbedding
@@ -66,7 +67,8 @@ class DecoderLayer(nnx.Module):
         self.gate_proj = lin(d, m, mb)
         self.up_proj = lin(d, m, mb)
         self.down_proj = lin(m, d, mb)
-        self.gate_up = None  # PackedGateUp in their place after fuse_gate_up
+        self.gate_up = None  # PackedGateUp in their place after fuse
+        self.qkv = None  # PackedProjections of q, k and v in their place after fuse
         if cfg.hidden_act not in _ACTIVATIONS:
             raise ValueError(f"hidden_act {cfg.hidden_act!r} is not supported: {sorted(_ACTIVATIONS)}")
         self.act_name = cfg.hidden_act
@@ -77,9 +79,13 @@ class DecoderLayer(nnx.Module):
     def __call__(self, x, md: AttentionMetadata, kv: tuple[jax.Array, jax.Array]):
         num_heads, num_kv_heads, head_dim = self.shape
         h = self.input_layernorm(x)  # [T, hidden]
-        q = self.q_proj(h).reshape(-1, num_heads, head_dim)  # [T, Hq, D]
-        k = self.k_proj(h).reshape(-1, num_kv_heads, head_dim)  # [T, Hkv, D]
-        v = self.v_proj(h).reshape(-1, num_kv_heads, head_dim)
+        if self.qkv is not None:
+            q, k, v = self.qkv(h)  # [T, q_size], [T, kv_size] x 2
+        else:
+            q, k, v = self.q_proj(h), self.k_proj(h), self.v_proj(h)
+        q = q.reshape(-1, num_heads, head_dim)  # [T, Hq, D]
+        k = k.reshape(-1, num_kv_heads, head_dim)  # [T, Hkv, D]
+        v = v.reshape(-1, num_kv_heads, head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         inv_freq = inverse_frequencies(self.rope, head_dim)  # numpy, folded in at trace time
@@ -95,13 +101,17 @@ class DecoderLayer(nnx.Module):
         x = x + self.down_proj(gated)
         return x, kv
 
-    def fuse_gate_up(self) -> bool:
-        """After packing: gate and up become one PackedGateUp where they can (silu)."""
-        if not PackedGateUp.fusable(self.gate_proj, self.up_proj, self.act_name):
-            return False
-        self.gate_up = nnx.data(PackedGateUp(self.gate_proj, self.up_proj))
-        self.gate_proj = self.up_proj = None
-        return True
+    def fuse(self) -> tuple[bool, bool]:
+        """After packing: q, k and v become one PackedProjections, gate and up one
+        PackedGateUp (silu), where they can; returns which of the two were fused."""
+        qkv = [self.q_proj, self.k_proj, self.v_proj]
+        if fused_qkv := PackedProjections.fusable(qkv):
+            self.qkv = nnx.data(PackedProjections(qkv))
+            self.q_proj = self.k_proj = self.v_proj = None
+        if fused_mlp := PackedGateUp.fusable(self.gate_proj, self.up_proj, self.act_name):
+            self.gate_up = nnx.data(PackedGateUp(self.gate_proj, self.up_proj))
+            self.gate_proj = self.up_proj = None
+        return fused_qkv, fused_mlp
 
 
 class DecoderForCausalLM(nnx.Module):
@@ -150,14 +160,16 @@ class DecoderForCausalLM(nnx.Module):
             new_cache.append(kv)
         return self.norm(x), tuple(new_cache)
 
-    def pack_for_cpu(self) -> tuple[int, int]:
+    def pack_for_cpu(self) -> tuple[int, int, int]:
         """Once after loading, with the CPU kernels on: pack the float and quantized weights
-        they read and fuse each layer's gate and up; returns (weights packed, layers fused)."""
+        they read and fuse each layer's q, k, v and its gate, up; returns (weights packed,
+        layers whose q, k, v were fused, layers whose gate and up were)."""
         packed = pack_weights(self, (Linear, Embedding, QuantizedLinear))
         head = self.embed_tokens if self.tied else self.lm_head
         if isinstance(head, (Linear, QuantizedLinear)) and head.packed:
             head.f32_out = True  # logits straight from the f32 sums
-        return packed, sum(layer.fuse_gate_up() for layer in self.layers)
+        fused = [layer.fuse() for layer in self.layers]
+        return packed, sum(qkv for qkv, _ in fused), sum(mlp for _, mlp in fused)
 
     def compute_logits(self, hidden: jax.Array) -> jax.Array:
         """hidden [N, hidden] -> float32 logits [N, vocab]."""

@@ -160,10 +160,10 @@ def load_model(
 def _pack_for_cpu(model) -> None:
     """Pack the weights the CPU kernels read into their panels (layers/linear.py), once."""
     start = time.perf_counter()
-    packed, fused = model.pack_for_cpu()
+    packed, qkv, mlp = model.pack_for_cpu()
     if packed:
-        logger.info("packed %d weights for the packed-weight CPU kernel (gate and up fused "
-                    "with silu in %d layers) in %.2fs", packed, fused,
+        logger.info("packed %d weights for the packed-weight CPU kernel (q, k and v fused in "
+                    "%d layers, gate and up with silu in %d) in %.2fs", packed, qkv, mlp,
                     time.perf_counter() - start)
 
 

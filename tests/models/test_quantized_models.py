@@ -19,7 +19,7 @@ from flax import nnx
 
 from jaxserve.config import ConfigError
 from jaxserve.cpu_kernels import packed_matmul
-from jaxserve.layers.linear import PackedGateUp
+from jaxserve.layers.linear import PackedGateUp, PackedProjections
 from jaxserve.layers.quant_scheme import QuantizationError
 from jaxserve.layers.quantized_linear import QuantizedLinear
 from jaxserve.weights.loader import load_model
@@ -211,8 +211,8 @@ def test_convert_with_quantization_loads_without_requantizing(tiny_checkpoints, 
 def test_packed_quantized_bfloat16_error_is_like_hf_bfloat16(method, arch, lm_head,
                                                              tiny_checkpoints, tmp_path):
     """bf16 int8 / fp8 / int4 with the CPU kernels: every projection (and the quantized
-    lm_head, or the tied table that doubles as it) is packed once at load, gate and up fused
-    under silu with their scales, and every step runs the packed-weight kernel. Against HF on
+    lm_head, or the tied table that doubles as it) is packed once at load, q, k and v fused
+    and gate and up under silu with their scales, and every step runs the packed-weight kernel. Against HF on
     the dequantized weights, our bf16 error is within 2x HF's own bf16 error (+ 1e-2 of the
     logit range), the bound of the float bf16 models (test_bf16_and_shards)."""
     path = tiny_checkpoints(arch)
@@ -225,6 +225,8 @@ def test_packed_quantized_bfloat16_error_is_like_hf_bfloat16(method, arch, lm_he
     fusable = loaded.config.hidden_act in ("silu", "swish") and not loaded.config.mlp_bias
     assert len(fused) == (loaded.config.num_layers if fusable else 0)
     assert all(m.scales is not None for m in fused)
+    qkv = [m for m in nodes if isinstance(m, PackedProjections)]
+    assert len(qkv) == loaded.config.num_layers and all(m.scales is not None for m in qkv)
     model = loaded.model
     head = model.embed_tokens if loaded.config.tie_word_embeddings else model.lm_head
     assert isinstance(head, QuantizedLinear) == lm_head
@@ -258,6 +260,8 @@ def test_packed_asymmetric_checkpoint_error_is_like_the_oracles_bfloat16(case, a
     fusable = loaded.config.hidden_act in ("silu", "swish") and not loaded.config.mlp_bias
     assert len(fused) == (loaded.config.num_layers if fusable else 0)
     assert all(m.zeros is not None for m in fused)
+    qkv = [m for m in nodes if isinstance(m, PackedProjections)]
+    assert len(qkv) == loaded.config.num_layers and all(m.zeros is not None for m in qkv)
     prompts = make_prompts(500, seed=7)[:3]
     if CT_CASES[case][1]:
         ref, ref_bf16 = hf_logits(path, prompts), hf_logits(path, prompts, dtype=torch.bfloat16)
