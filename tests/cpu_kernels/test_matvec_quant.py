@@ -251,7 +251,7 @@ def test_bf16_quantized_model_with_the_kernel_is_like_hf_bf16(method, chunk, tin
     hf_bf16 = hf_logits(deq, prompts, dtype=torch.bfloat16)
     loaded = load_model(path, dtype="bfloat16", quantization=method, cpu_matvec=True)
     layer = loaded.model.layers[0]
-    assert layer.q_proj.matvec and layer.down_proj.matvec
+    assert layer.o_proj.matvec and layer.down_proj.matvec
     ours = paged_logits(loaded, prompts, chunk=chunk)
     err, hf_err = _rel_err(ours, ref), _rel_err(hf_bf16, ref)
     assert err <= 2 * hf_err + 1e-2, (err, hf_err)

@@ -21,8 +21,10 @@ extra = json.loads(sys.argv[3]) if len(sys.argv) > 3 else {}
 params = SamplingParams(temperature=0.0, max_tokens=extra.pop("max_tokens", 8), ignore_eos=True)
 prompts = [{"prompt_token_ids": list(range(5, extra.pop("prompt_end", 60)))},
            {"prompt_token_ids": [9, 10, 11]}]
-def q_proj_spec(q_proj):
-    # [in, out] kernel; bf16 checkpoints keep torch's [out, in] weight; quantized: qweight
+def q_proj_spec(layer):
+    # [in, out] kernel; bf16 checkpoints keep torch's [out, in] weight; quantized: qweight;
+    # with the CPU kernels (tp 1) q, k and v are one packed weight (qkv)
+    q_proj = layer["q_proj"] if "q_proj" in layer else layer["qkv"]
     leaf = next(k for k in ("kernel", "weight", "qweight") if k in q_proj)
     return ("" if leaf == "kernel" else leaf + " ") + str(q_proj[leaf][...].sharding.spec)
 def head_spec(state):
@@ -39,7 +41,7 @@ for tp, kv in runs:
     out[f"{tp}{kv}"] = {
         "tokens": [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)],
         "kv_spec": str(runner.kv_cache[0][0].sharding.spec),
-        "q_proj_spec": q_proj_spec(runner.state["layers"][0]["q_proj"]),
+        "q_proj_spec": q_proj_spec(runner.state["layers"][0]),
         "regex": [o.outputs[0].text for o in llm.generate(
             ["Hello"] * 2, SamplingParams(temperature=0.0, max_tokens=20,
                                           structured_outputs={"regex": "[a-d]{3}-[0-9]{2}"}),
