@@ -47,7 +47,7 @@
 // streams (14 KB each for an int8 weight of K = 896), which read slowly. A work item is one
 // group: 1-3 rows in one block of 8 panels; 4-8 rows in blocks of the usual width, the first
 // prefetching the whole group so that the next ones read it from L2. Tall gated steps keep
-// their 12 x 2 blocks across the groups (every panel advances 8 vectors per pair step).
+// their 12 x 2 blocks across the groups (a panel's vectors lie 8 vectors apart).
 // 24 weights in one jit on the 2-core Zen 4, one row, plain -> grouped (GB/s, one process):
 // int8 gate/up [9728, 896] 27.6 -> 33.4, lm_head [32000, 896] 25.5 -> 30.0, o [896, 896]
 // 19.9 -> 24.3; int4 gate/up 19.4 -> 28.3; fp8 gate/up 26.1 -> 30.3. Long panels stay plain:
@@ -109,7 +109,7 @@ struct Problem {
   int64_t group;  // panels stored together, pair step by pair step (1: plain panels)
 };
 
-// The first vector of panel p, and the distance from one of its vectors to the next.
+// The first vector of panel p; its next ones follow group vectors apart.
 inline const char* panel_start(const Problem& pr, int64_t p, int64_t bytes) {
   return pr.w + ((p / pr.group) * pr.steps * pr.group + p % pr.group) * bytes;
 }
