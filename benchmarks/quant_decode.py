@@ -13,6 +13,8 @@ last with each run's speed-up over bf16 and its weight bytes over bf16's.
 the same model (asymmetric: int4 group 128 pack-quantized, int8 per channel int-quantized).
 
 On a shared machine, --interleave --kv-cache-mb 512 alternates the methods' decode runs.
+Beside each engine's ms/token, "step ms" is its compiled decode step alone (bare_step_seconds):
+the device's share of a token; the difference is the engine's host work per step.
 """
 
 from __future__ import annotations
@@ -29,6 +31,8 @@ import numpy as np
 
 from benchmarks.decode_probe import measure_bandwidth, run_decode, run_mixed, write_small_checkpoint
 
+
+BARE_CALLS = 10  # calls of the bare decode step per method and repeat (bare_step_seconds)
 
 # compressed-tensors checkpoints written from the small model (tests/quant_checkpoints.py)
 CT_CASES = {
@@ -93,11 +97,38 @@ def compressed_checkpoint(src: str, case: str) -> str:
     return out
 
 
+def bare_step_seconds(llm, position: int, calls: int) -> list[float]:
+    """Seconds of the engine's compiled 1-row decode step alone, from its call until its logits
+    are ready: the device's share of a token, without the engine's host work (scheduling,
+    inputs, sampling, outputs). The step attends `position` earlier tokens, all in the null
+    block 0, where it also writes (no request's KV is touched)."""
+    from types import SimpleNamespace
+
+    from jaxserve.runtime.inputs import prepare_inputs
+    from jaxserve.runtime.model_runner import _step_arrays
+
+    runner = llm.engine.runner
+    size = runner.cfg.block_size
+    chunk = SimpleNamespace(token_ids=[5], start_pos=position,
+                            block_table=[0] * (position // size + 1))
+    inp = prepare_inputs([chunk], size, runner.buckets)
+    key = runner.buckets.step_key(inp.shape_key)
+    step, args = runner.executables.get("step", key), _step_arrays(inp, decode_only=key[3])
+    seconds = []
+    for _ in range(calls):
+        t = time.perf_counter()
+        logits, _, runner.kv_cache = step(runner.params.leaves, runner.kv_cache, *args)
+        logits.block_until_ready()
+        seconds.append(time.perf_counter() - t)
+    return seconds
+
+
 def summary(spec: tuple[str | None, bool], steps, cpu, startup: float, report: dict,
-            args) -> dict:
+            args, bare=()) -> dict:
     import jax
 
     return {"method": label(*spec), "ms_per_token": 1e3 * statistics.median(steps),
+            "bare_step_ms": 1e3 * statistics.median(bare) if bare else None,
             "p90_ms": 1e3 * float(np.percentile(steps, 90)), "steps": len(steps),
             "cpu_ms_per_token": 1e3 * statistics.median(cpu),
             "weight_bytes": report["weight_bytes"], "layer_ratio": report.get("layer_ratio"),
@@ -106,11 +137,12 @@ def summary(spec: tuple[str | None, bool], steps, cpu, startup: float, report: d
 
 def one_run(path: str, spec: tuple[str | None, bool], args) -> dict:
     llm, startup, report = start(path, spec, args)
-    steps, cpu = [], []
+    steps, cpu, bare = [], [], []
     for rep in range(args.repeats):
         wall_s, cpu_s = run_decode(llm, args.prompt_len, args.decode_tokens, seed=1 + rep)
         steps, cpu = steps + wall_s, cpu + cpu_s
-    row = summary(spec, steps, cpu, startup, report, args)
+        bare += bare_step_seconds(llm, args.prompt_len + args.decode_tokens // 2, BARE_CALLS)
+    row = summary(spec, steps, cpu, startup, report, args, bare)
     for num in args.mixed_prompts:
         row[f"mixed_{num}_output_tok_s"] = run_mixed(llm, num, seed=2)["output_tok_s"]
     del llm
@@ -122,15 +154,16 @@ def interleaved(path: str, methods: list[tuple[str | None, bool]], args) -> list
     """Every method's engine started first, then their decode runs in turn, repeat after
     repeat: a shared machine's load swings reach every method alike."""
     engines = [start(path, m, args) for m in methods]
-    steps = [([], []) for _ in methods]
+    steps = [([], [], []) for _ in methods]
     for rep in range(args.repeats):
-        for (llm, _, _), (wall, cpu) in zip(engines, steps):
+        for (llm, _, _), (wall, cpu, bare) in zip(engines, steps):
             wall_s, cpu_s = run_decode(llm, args.prompt_len, args.decode_tokens, seed=1 + rep)
             wall += wall_s
             cpu += cpu_s
+            bare += bare_step_seconds(llm, args.prompt_len + args.decode_tokens // 2, BARE_CALLS)
     rows = []
-    for m, (llm, startup, report), (wall, cpu) in zip(methods, engines, steps):
-        rows.append(summary(m, wall, cpu, startup, report, args))
+    for m, (llm, startup, report), (wall, cpu, bare) in zip(methods, engines, steps):
+        rows.append(summary(m, wall, cpu, startup, report, args, bare))
         for num in args.mixed_prompts:
             rows[-1][f"mixed_{num}_output_tok_s"] = run_mixed(llm, num, seed=2)["output_tok_s"]
         print(json.dumps(rows[-1]), flush=True)
@@ -178,14 +211,15 @@ def main(argv=None) -> None:
     base = next((r for r in rows if r["method"] == "bf16"), None)
     print(f"\nread bandwidth {bw0['read_GBps']:.0f} / {bw1['read_GBps']:.0f} GB/s (start / end); "
           f"load average {load0[0]:.2f} / {load1[0]:.2f}")
-    print(f"{'method':<10} {'ms/token':>9} {'cpu ms':>7} {'speed-up':>9} {'weight MB':>10} "
-          f"{'x bf16':>7} {'layers x bf16':>14}")
+    print(f"{'method':<10} {'ms/token':>9} {'cpu ms':>7} {'speed-up':>9} {'step ms':>8} "
+          f"{'step x':>7} {'weight MB':>10} {'x bf16':>7} {'layers x bf16':>14}")
     for r in rows:
         speed = base["ms_per_token"] / r["ms_per_token"] if base else float("nan")
+        step = base["bare_step_ms"] / r["bare_step_ms"] if base else float("nan")
         size = r["weight_bytes"] / base["weight_bytes"] if base else float("nan")
         layers = f"{r['layer_ratio']:.3f}" if r["layer_ratio"] else "-"
         print(f"{r['method']:<10} {r['ms_per_token']:>9.2f} {r['cpu_ms_per_token']:>7.1f} "
-              f"{speed:>9.2f} "
+              f"{speed:>9.2f} {r['bare_step_ms']:>8.2f} {step:>7.2f} "
               f"{r['weight_bytes'] / 1e6:>10.1f} {size:>7.3f} {layers:>14}")
     if args.out:
         with open(args.out, "w") as f:
