@@ -124,11 +124,11 @@ def bare_step_seconds(llm, position: int, calls: int) -> list[float]:
 
 
 def summary(spec: tuple[str | None, bool], steps, cpu, startup: float, report: dict,
-            args, bare=()) -> dict:
+            args, bare) -> dict:
     import jax
 
     return {"method": label(*spec), "ms_per_token": 1e3 * statistics.median(steps),
-            "bare_step_ms": 1e3 * statistics.median(bare) if bare else None,
+            "bare_step_ms": 1e3 * statistics.median(bare),
             "p90_ms": 1e3 * float(np.percentile(steps, 90)), "steps": len(steps),
             "cpu_ms_per_token": 1e3 * statistics.median(cpu),
             "weight_bytes": report["weight_bytes"], "layer_ratio": report.get("layer_ratio"),

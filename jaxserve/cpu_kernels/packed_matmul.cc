@@ -88,6 +88,11 @@ constexpr int64_t kGroupPrefetchBytes = 8192;  // and a group's (4-16 KB: alike;
 
 enum class Weights { kBf16, kF32, kInt8, kFp8, kInt4 };
 
+// What a register block prefetches: nothing (the tile's earlier rows brought its panels to L2),
+// its own panels' lines, or every line of its group (the first of several blocks that share
+// one group of grouped panels in one work item; the next ones read the group from L2).
+enum class Prefetch { kNone, kPanels, kGroup };
+
 // Quantized weights: scales per column (int8, fp8) or per column and input group (int4).
 constexpr bool quantized(Weights kind) { return kind >= Weights::kInt8; }
 // Bytes per panel vector: 16 columns of a bf16 pair or an f32 value (64), a byte pair (32),
@@ -160,7 +165,7 @@ void row_group_sums(ffi::ThreadPool& pool, const uint16_t* x, int64_t T, int64_t
 // kInt4: pairs decoded to bf16 as they are read (quant_decode.h), each column scaled before the
 // store (int4: each group's sums, into total).
 template <int MR, int NV, bool GLU, Weights W>
-void block(const Problem& pr, int64_t t0, int64_t p0, bool prefetch) {
+void block(const Problem& pr, int64_t t0, int64_t p0, Prefetch prefetch) {
   constexpr bool F32 = W == Weights::kF32;
   constexpr int64_t kBytes = vector_bytes(W);
   using X = std::conditional_t<F32, float, uint16_t>;
@@ -181,10 +186,8 @@ void block(const Problem& pr, int64_t t0, int64_t p0, bool prefetch) {
   const char* panel[NV];
   for (int v = 0; v < NV; ++v) panel[v] = panel_start(pr, p0 + v, kBytes);
   const int64_t stride = pr.group * kBytes;  // from one pair step of a panel to the next
-  // Prefetches: once per cache line, a whole number of pair steps ahead (the same panels);
-  // the first of several blocks across one group prefetches all of the group's lines (wide),
-  // and the next blocks of the same work item read them from L2.
-  const bool wide = prefetch && pr.group > NV && p0 % pr.group == 0;
+  // prefetched once per cache line, a whole number of pair steps ahead (the same panels)
+  const bool own = prefetch == Prefetch::kPanels, wide = prefetch == Prefetch::kGroup;
   const int64_t ahead =
       pr.group == 1 ? kPrefetchBytes : std::max<int64_t>(1, kGroupPrefetchBytes / stride) * stride;
   const X* row[MR];
@@ -202,7 +205,7 @@ void block(const Problem& pr, int64_t t0, int64_t p0, bool prefetch) {
           _mm_prefetch(panel[0] + j * stride + off + ahead, _MM_HINT_T0);
       for (int v = 0; v < NV; ++v) {
         const char* at = panel[v] + j * stride;
-        if (prefetch && !wide && (reinterpret_cast<uintptr_t>(at) & 63) < kBytes)
+        if (own && (reinterpret_cast<uintptr_t>(at) & 63) < kBytes)
           _mm_prefetch(at + ahead, _MM_HINT_T0);
         wv[v] = load(at);
       }
@@ -284,7 +287,7 @@ constexpr int panels_for(int mr) { return mr <= 6 ? 4 : 3; }
 
 // The last group of panels may be narrower (nv < NV); a GLU's groups are whole pairs.
 template <int MR, bool GLU, Weights W, int NV = panels_for(MR)>
-void block_nv(const Problem& pr, int64_t t0, int64_t p0, int nv, bool prefetch) {
+void block_nv(const Problem& pr, int64_t t0, int64_t p0, int nv, Prefetch prefetch) {
   constexpr int kStep = GLU ? 2 : 1;
   if constexpr (NV > kStep) {
     if (nv < NV) return block_nv<MR, GLU, W, NV - kStep>(pr, t0, p0, nv, prefetch);
@@ -293,17 +296,21 @@ void block_nv(const Problem& pr, int64_t t0, int64_t p0, int nv, bool prefetch) 
 }
 
 template <bool GLU, Weights W>
-void block_any(const Problem& pr, int64_t t0, int mr, int64_t p0, int nv, bool prefetch) {
+void block_any(const Problem& pr, int64_t t0, int mr, int64_t p0, int nv,
+               Prefetch prefetch) {
   if constexpr (quantized(W)) {
     if (nv == kGroup) {  // one whole group of grouped panels, up to 8 rows
       switch (mr) {
         case 1: return block<1, kGroup, GLU, W>(pr, t0, p0, prefetch);
         case 2: return block<2, kGroup, GLU, W>(pr, t0, p0, prefetch);
         case 3: return block<3, kGroup, GLU, W>(pr, t0, p0, prefetch);
-        default:  // blocks of the usual width, the first prefetching the whole group
+        default: {  // blocks of the usual width, the first prefetching the whole group
+          const Prefetch first = prefetch == Prefetch::kNone ? prefetch : Prefetch::kGroup;
           for (int q = 0, w = panels_for(mr); q < kGroup; q += w)
-            block_any<GLU, W>(pr, t0, mr, p0 + q, std::min(w, kGroup - q), prefetch && q == 0);
+            block_any<GLU, W>(pr, t0, mr, p0 + q, std::min(w, kGroup - q),
+                              q == 0 ? first : Prefetch::kNone);
           return;
+        }
       }
     }
   }
@@ -321,7 +328,7 @@ void block_any(const Problem& pr, int64_t t0, int mr, int64_t p0, int nv, bool p
       if constexpr (GLU) {  // other gated blocks hold at most 6 rows: the rows of a tall
         // step's last block of a tile (7 to 11) go as 6 + the rest
         block_nv<kGluRows, GLU, W>(pr, t0, p0, nv, prefetch);
-        return block_any<GLU, W>(pr, t0 + kGluRows, mr - kGluRows, p0, nv, false);
+        return block_any<GLU, W>(pr, t0 + kGluRows, mr - kGluRows, p0, nv, Prefetch::kNone);
       } else {
         if (mr == 7) return block_nv<7, GLU, W>(pr, t0, p0, nv, prefetch);
         return block_nv<8, GLU, W>(pr, t0, p0, nv, prefetch);
@@ -335,7 +342,7 @@ void run_tile(const Problem& pr, Weights kind, int mr, int64_t p0, int nv, int64
               int64_t t_end) {
   for (int64_t t0 = t_begin; t0 < t_end; t0 += mr) {
     const int rows = static_cast<int>(std::min<int64_t>(mr, t_end - t0));
-    const bool prefetch = t0 == t_begin;
+    const Prefetch prefetch = t0 == t_begin ? Prefetch::kPanels : Prefetch::kNone;
     switch (kind) {
       case Weights::kBf16: block_any<GLU, Weights::kBf16>(pr, t0, rows, p0, nv, prefetch); break;
       case Weights::kF32: block_any<GLU, Weights::kF32>(pr, t0, rows, p0, nv, prefetch); break;

@@ -99,6 +99,11 @@ def group_panels(wp: jax.Array, group: int) -> jax.Array:
     return wp.reshape(p // group, group, steps, width).transpose(0, 2, 1, 3)
 
 
+def stored_panels(wp: jax.Array) -> jax.Array:
+    """Plain quantized panels in the layout they are kept in: grouped where panel_group says."""
+    return group_panels(wp, panel_group(wp.shape))
+
+
 def ungroup_panels(wp):
     """The inverse of group_panels: plain panels [P, steps, width] from either layout."""
     if wp.ndim == 3:

@@ -216,7 +216,7 @@ def _joined(parts: list[nnx.Module], join) -> tuple[jax.Array, jax.Array | None,
     scales = None if parts[0].panel_scales() is None else join([p.panel_scales() for p in parts])
     zeros = None if parts[0].panel_zeros() is None else join([p.panel_zeros() for p in parts])
     if scales is not None:
-        panels = cpu_packed.group_panels(panels, cpu_packed.panel_group(panels.shape))
+        panels = cpu_packed.stored_panels(panels)
     put = lambda a: None if a is None else jax.device_put(a, sharding)  # noqa: E731
     return put(panels), put(scales), put(zeros)
 

@@ -28,15 +28,13 @@ class QuantizedEmbedding(QuantizedLinear):
         """token_ids int32 [T] -> [T, hidden] in the model's dtype."""
         if self.packed:  # token v is column v % 16 of panel v // 16 (quantized_linear.py)
             panels, panel = self.panels(), cpu_packed.PANEL
-            lanes = panels.shape[-1] // panel  # 2: byte pairs (width 32); 1: int4 (width 16)
+            if panels.ndim == 3:  # plain [P, steps, width]: groups of one panel
+                panels = panels[:, :, None]
+            groups, steps, g, width = panels.shape  # [P / g, steps, g, width]
+            lanes = width // panel  # 2: byte pairs (width 32); 1: int4 (width 16)
+            table = panels.reshape(groups, steps, g, panel, lanes)
             p = token_ids // panel
-            if panels.ndim == 3:  # plain [P, steps, width]
-                table = panels.reshape(*panels.shape[:2], panel, lanes)
-                q = table[p, :, token_ids % panel, :]  # [T, steps, lanes]
-            else:  # grouped [P / g, steps, g, width]
-                g = panels.shape[2]
-                table = panels.reshape(*panels.shape[:3], panel, lanes)
-                q = table[p // g, :, p % g, token_ids % panel, :]  # [T, steps, lanes]
+            q = table[p // g, :, p % g, token_ids % panel, :]  # [T, steps, lanes]
             width = self.in_dim // 2 if self.method == "int4" else self.in_dim  # stored bytes
             q = q.reshape(token_ids.shape[0], -1)[:, :width]  # [T, in(/2)]
             def rows_of(per_panel):  # [P, 16] | [P, G, 16] -> the tokens' [T, G]

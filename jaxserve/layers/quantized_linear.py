@@ -83,8 +83,7 @@ class QuantizedLinear(nnx.Module):
             return nnx.Param(jax.device_put(
                 cpu_packed.pack_scales(per_group if int4 else per_group[:, 0]), q.sharding))
 
-        panels = cpu_packed.pack(q, lanes=int4)
-        panels = cpu_packed.group_panels(panels, cpu_packed.panel_group(panels.shape))
+        panels = cpu_packed.stored_panels(cpu_packed.pack(q, lanes=int4))
         self.qweight = nnx.Param(jax.device_put(panels, q.sharding))
         self.scales = panels_of(self.scales[...])
         if self.zeros is not None:
