@@ -30,6 +30,9 @@ class EngineConfig:
     max_biased_token_ids: int = 512
     # Speculative decoding (vLLM's speculative_config); None = off.
     speculative: SpeculativeConfig | None = None
+    # Async scheduling (vLLM's --async-scheduling): schedule and launch step N + 1 before
+    # step N's results are read, its decodes taking step N's tokens on device.
+    async_scheduling: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "eos_token_ids", tuple(int(t) for t in self.eos_token_ids))
@@ -41,6 +44,9 @@ class EngineConfig:
         if not isinstance(self.num_kv_blocks, int) or self.num_kv_blocks < 2:
             raise ValueError(f"num_kv_blocks: must be >= 2 (block 0 is reserved), got "
                              f"{self.num_kv_blocks!r}")
+        if self.async_scheduling and self.speculative is not None:
+            raise ValueError("async_scheduling: not supported with speculative decoding (its "
+                             "drafts are proposed from the tokens of the step before)")
         if self.max_blocks_per_seq > self.num_kv_blocks - 1:
             raise ValueError(
                 f"max_model_len: {self.max_model_len} tokens need {self.max_blocks_per_seq} "

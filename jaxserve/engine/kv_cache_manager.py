@@ -80,15 +80,16 @@ class KVCacheManager:
         self._blocks[seq.seq_id] = blocks
         return blocks
 
-    def cache_computed_blocks(self, seq: Sequence) -> None:
-        """Register `seq`'s full blocks whose KV is now computed in the prefix cache."""
+    def cache_computed_blocks(self, seq: Sequence, num_written: int) -> None:
+        """Register in the prefix cache `seq`'s full blocks among its first `num_written`
+        tokens, whose KV a finished step has written (and whose token ids are known)."""
         if not self.enable_caching:
             return
         blocks = self._blocks.get(seq.seq_id)
         if not blocks:
             return
         start = self._num_registered.get(seq.seq_id, 0)
-        num_full = min(seq.num_computed_tokens // self.block_size, len(blocks))
+        num_full = min(min(num_written, seq.num_tokens) // self.block_size, len(blocks))
         if num_full <= start:
             return
         hashes = self.block_hashes(seq, num_full)

@@ -6,7 +6,9 @@ import itertools
 import logging
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 from .config import EngineConfig
@@ -17,7 +19,7 @@ from .output_processor import OutputProcessor, make_request_output
 from .outputs import RequestOutput
 from .sampling_params import SamplingParams
 from .scheduler import Scheduler
-from .scheduler_output import ModelRunner, SchedulerOutput
+from .scheduler_output import ModelRunner, PipelinedRunner, SchedulerOutput
 from .sequence import RequestState, Sequence, SequenceStatus
 from .stats import EngineStats
 from ..runtime.runner_output import ModelRunnerOutput
@@ -25,10 +27,30 @@ from ..runtime.runner_output import ModelRunnerOutput
 logger = logging.getLogger(__name__)
 
 
+@dataclass(frozen=True)
+class _LaunchedStep:
+    """A step handed to the runner: its chunks, and the runner's handle of its results
+    (with async scheduling; otherwise the results themselves)."""
+
+    scheduler_output: SchedulerOutput
+    handle: Any
+
+
 class LLMEngine:
-    """Synchronous engine: `add_request`, then call `step()` until no request is unfinished."""
+    """Synchronous engine: `add_request`, then call `step()` until no request is unfinished.
+
+    With `config.async_scheduling`, step() schedules and launches step N + 1 before it waits
+    for step N's results, so the host's work (applying results, detokenizing, scheduling,
+    packing inputs) overlaps the device's; the runner must be a PipelinedRunner. A step
+    whose sampled tokens the host needs before the next step (penalties read them, grammars
+    mask with them) is waited for first.
+    """
 
     def __init__(self, runner: ModelRunner, tokenizer: Any | None, config: EngineConfig):
+        if config.async_scheduling and not all(
+                callable(getattr(runner, name, None)) for name in ("dispatch", "collect")):
+            raise ValueError(f"async_scheduling: the runner {type(runner).__name__} cannot "
+                             "launch a step before the last one's results are read")
         self.runner = runner
         self.tokenizer = tokenizer
         self.config = config
@@ -40,6 +62,8 @@ class LLMEngine:
         self._pending_outputs: list[RequestOutput] = []  # abort notices for the next step()
         self._num_steps = 0
         self._last_step_num_tokens = 0
+        self._launched: _LaunchedStep | None = None  # async scheduling: results not read yet
+        self._num_waits = 0  # async scheduling: steps that waited for the one before
         self._grammars: GrammarBackend | None = None
         self._grammars_lock = threading.Lock()  # the async engine compiles on other threads
 
@@ -142,16 +166,48 @@ class LLMEngine:
 
     # ---------------------------------------------------------------- stepping
     def step(self) -> list[RequestOutput]:
-        """Run one scheduling step; one RequestOutput per request that progressed (cumulative)."""
+        """Run one scheduling step; one RequestOutput per request that progressed (cumulative).
+
+        With async scheduling the outputs are those of the step launched by the previous call
+        (this call launches the next one first)."""
         outputs, self._pending_outputs = self._pending_outputs, []
+        previous, self._launched = self._launched, None
+        if previous is not None and _needs_host_tokens(previous.scheduler_output):
+            self._note_wait()
+            outputs += self._finish(previous)
+            previous = None
         scheduler_output = self.scheduler.schedule()
         if scheduler_output.is_empty:
-            return outputs
+            return outputs + (self._finish(previous) if previous is not None else [])
         self._num_steps += 1
         self._last_step_num_tokens = scheduler_output.num_batched_tokens
+        with self._runner_errors():
+            if self.config.async_scheduling:
+                handle = self.runner.dispatch(
+                    scheduler_output, previous.handle if previous is not None else None)
+            else:
+                handle = self.runner.execute(scheduler_output)  # the results themselves
+        launched = _LaunchedStep(scheduler_output, handle)
+        if not self.config.async_scheduling:
+            return outputs + self._finish(launched)
+        self._launched = launched
+        return outputs + (self._finish(previous) if previous is not None else [])
+
+    def _finish(self, launched: _LaunchedStep) -> list[RequestOutput]:
+        """Read a launched step's results (waiting for them) and apply them."""
+        with self._runner_errors():
+            runner_output = launched.handle
+            if self.config.async_scheduling:
+                runner_output = self.runner.collect(launched.handle)
+            _check_runner_output(launched.scheduler_output, runner_output)
+        return self._process(launched.scheduler_output, runner_output)
+
+    @contextmanager
+    def _runner_errors(self) -> Iterator[None]:
+        """A runner failure fails every request with work in flight (EngineStepError names
+        them); a FatalRunnerError is re-raised as it is."""
         try:
-            runner_output = self.runner.execute(scheduler_output)
-            _check_runner_output(scheduler_output, runner_output)
+            yield
         except FatalRunnerError:
             self._fail_in_flight()
             raise
@@ -160,7 +216,13 @@ class LLMEngine:
             raise EngineStepError(
                 f"model runner failed; failed requests: {failed}: {exc!r}", failed
             ) from exc
-        return outputs + self._process(scheduler_output, runner_output)
+
+    def _note_wait(self) -> None:
+        self._num_waits += 1
+        log = logger.info if self._num_waits == 1 else logger.debug
+        log("async scheduling: a step waits for the one before it, whose sampled tokens a "
+            "request needs on the host (penalties or structured outputs); %d such steps so far",
+            self._num_waits)
 
     def _process(
         self, scheduler_output: SchedulerOutput, runner_output: ModelRunnerOutput
@@ -202,7 +264,9 @@ class LLMEngine:
         return status
 
     def _fail_in_flight(self) -> list[str]:
-        """After a runner error: abort every request that had work in the step, freeing blocks."""
+        """After a runner error: abort every request with work in a step in flight (its
+        results not applied), freeing blocks."""
+        self._launched = None
         failed: list[str] = []
         for seq in self.scheduler.in_flight():
             req = seq.request
@@ -258,6 +322,13 @@ def _finish_text(seq: Sequence) -> SequenceStatus:
             seq.stop_reason = stop_str
         seq.text = detok.visible_text(finished=True)
     return SequenceStatus.FINISHED_STOPPED
+
+
+def _needs_host_tokens(scheduler_output: SchedulerOutput) -> bool:
+    """Whether a sequence sampling in this step needs the token on the host before it is
+    scheduled again: penalties count every generated token, grammars mask with them."""
+    return any(c.sample and (c.grammar is not None or c.sampling_params.uses_penalties)
+               for c in scheduler_output.chunks)
 
 
 def _check_runner_output(scheduler_output: SchedulerOutput, runner_output: ModelRunnerOutput) -> None:

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import bisect
 from collections import deque
+from dataclasses import dataclass
 
 from .config import EngineConfig
 from .block_pool import KVBlock
 from .kv_cache_manager import KVCacheManager
 from .proposers import make_proposer
-from .scheduler_output import ScheduledChunk, SchedulerOutput
+from .scheduler_output import PLACEHOLDER_TOKEN_ID, ScheduledChunk, SchedulerOutput
 from .sequence import Sequence, SequenceStatus
 from .spec_gate import SpecGate
 from .stats import SpecDecodingStats
@@ -29,6 +30,15 @@ class Scheduler:
     after verification the rejected tail is rolled back (computed tokens, and the blocks past
     the sequence's end go back to the pool). The gate (SpecGate) skips drafting for sequences
     whose drafts keep being rejected, and for whole steps with a large batch.
+
+    Async scheduling: a sequence's computed tokens advance when its chunk is scheduled, so the
+    next step can be scheduled before this one's results are applied. A token still in
+    flight is a placeholder (`Sequence.num_placeholders`): the next step's decode carries
+    PLACEHOLDER_TOKEN_ID, which the runner replaces on device with the token the step in
+    flight samples. A sequence whose in-flight tokens reach max_tokens is not scheduled again
+    (it finishes when they land); one that stops on EOS or a stop string has computed one
+    token more, which is dropped. Several steps may be in flight; their results are applied
+    in the order they were scheduled.
     """
 
     def __init__(self, config: EngineConfig):
@@ -39,7 +49,8 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # kept sorted by arrival_order
         self.num_preemptions = 0
-        self._in_flight: dict[str, Sequence] = {}
+        self._in_flight: deque[_InFlightStep] = deque()  # oldest first
+        self._scheduling: dict[str, Sequence] = {}
         spec = config.speculative
         self.proposer = make_proposer(spec) if spec is not None else None
         self.gate = (SpecGate(spec.disable_by_acceptance, spec.disable_by_batch_size)
@@ -61,7 +72,7 @@ class Scheduler:
         elif seq.status is SequenceStatus.WAITING and seq in self.waiting:
             self.waiting.remove(seq)
         self.kv.free(seq)
-        self._in_flight.pop(seq.seq_id, None)
+        seq.num_placeholders = 0
         if self.gate is not None:
             self.gate.forget(seq.seq_id)
         seq.status = status
@@ -75,7 +86,7 @@ class Scheduler:
         chunks: list[ScheduledChunk] = []
         scheduled: set[str] = set()
         num_preempted_before = self.num_preemptions
-        self._in_flight = {}
+        self._scheduling: dict[str, Sequence] = {}  # this step's sequences, by id
         blocked = False  # a running sequence is waiting for blocks: admit nobody new
         batch_drafts = self.gate is None or self.gate.batch_allows(len(self.running))
         for decode_pass in (True, False):
@@ -84,8 +95,8 @@ class Scheduler:
                     break
                 if seq.status is not SequenceStatus.RUNNING or seq.seq_id in scheduled:
                     continue
-                remaining = seq.num_tokens - seq.num_computed_tokens
-                if (remaining == 1) != decode_pass:
+                remaining = seq.num_tokens + seq.num_placeholders - seq.num_computed_tokens
+                if (remaining == 1) != decode_pass or self._finishes_in_flight(seq):
                     continue
                 num_new = min(remaining, budget)
                 drafts = self._propose(seq, budget, batch_drafts) if decode_pass else []
@@ -100,10 +111,18 @@ class Scheduler:
                 budget -= num_new + len(drafts)
         if not blocked and self.num_preemptions == num_preempted_before:
             budget = self._schedule_waiting(budget, chunks)
-        return SchedulerOutput(
+        out = SchedulerOutput(
             chunks=chunks,
             num_batched_tokens=self.config.max_num_batched_tokens - budget,
         )
+        if chunks:
+            self._in_flight.append(_InFlightStep(self._scheduling, out))
+        return out
+
+    @staticmethod
+    def _finishes_in_flight(seq: Sequence) -> bool:
+        """Its tokens in flight reach max_tokens: it ends when they land, nothing to compute."""
+        return seq.num_placeholders > 0 and seq.num_scheduled_output_tokens >= seq.max_tokens
 
     def _schedule_waiting(self, budget: int, chunks: list[ScheduledChunk]) -> int:
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
@@ -116,7 +135,7 @@ class Scheduler:
             self.waiting.popleft()
             if self.kv.enable_caching and not seq.skip_prefix_cache:
                 self.kv.record_prefix_query(seq.num_tokens, num_hit_tokens)
-            seq.num_computed_tokens = num_hit_tokens
+            seq.num_computed_tokens = num_hit_tokens  # _make_chunk adds the chunk
             if seq.num_cached_tokens is None:
                 seq.num_cached_tokens = num_hit_tokens
             seq.status = SequenceStatus.RUNNING
@@ -154,6 +173,7 @@ class Scheduler:
         self.running.remove(seq)
         self.kv.free(seq)
         seq.num_computed_tokens = 0
+        seq.num_placeholders = 0  # tokens in flight are dropped: recomputed, sampled again
         seq.status = SequenceStatus.WAITING
         self.waiting.appendleft(seq)
         self.num_preemptions += 1
@@ -178,28 +198,37 @@ class Scheduler:
         return self.proposer.propose(seq.all_token_ids, k)
 
     def _make_chunk(self, seq: Sequence, num_new: int, drafts: list[int] = ()) -> ScheduledChunk:
-        self._in_flight[seq.seq_id] = seq
+        """The chunk of `seq`'s next `num_new` tokens (placeholders for tokens in flight);
+        they count as computed from now on."""
+        self._scheduling[seq.seq_id] = seq
         start = seq.num_computed_tokens
         end = start + num_new
-        sample = end == seq.num_tokens
-        return ScheduledChunk(
+        known = seq.num_tokens
+        in_flight = [PLACEHOLDER_TOKEN_ID] * seq.num_placeholders
+        token_ids = seq.token_slice(start, min(end, known)) + in_flight[:end - max(start, known)]
+        sample = end == known + seq.num_placeholders
+        chunk = ScheduledChunk(
             request_id=seq.seq_id,
-            token_ids=seq.token_slice(start, end) + list(drafts),
+            token_ids=token_ids + list(drafts),
             spec_token_ids=list(drafts),
             start_pos=start,
             block_table=self.kv.get_block_ids(seq),
             sample=sample,
             sampling_params=seq.params,
             prompt_token_ids=seq.prompt_token_ids,
-            output_token_ids=list(seq.output_token_ids),
+            output_token_ids=list(seq.output_token_ids) + in_flight,
             seed=seq.seed,
             banned_token_ids=self._banned_token_ids(seq) if sample else (),
             grammar=seq.grammar if sample else None,
         )
+        seq.num_computed_tokens = end + len(drafts)  # rejected drafts roll back later
+        if sample:
+            seq.num_placeholders += 1
+        return chunk
 
     def _banned_token_ids(self, seq: Sequence) -> tuple[int, ...]:
         """EOS and stop token ids are banned until min_tokens outputs exist."""
-        if seq.num_output_tokens >= seq.params.min_tokens:
+        if seq.num_scheduled_output_tokens >= seq.params.min_tokens:
             return ()
         banned = set(seq.params.all_stop_token_ids)
         if not seq.params.ignore_eos:
@@ -210,28 +239,33 @@ class Scheduler:
     def update_from_output(
         self, scheduler_output: SchedulerOutput, runner_output: ModelRunnerOutput
     ) -> list[Sequence]:
-        """Advance computed tokens, register newly full blocks, append sampled tokens.
+        """Apply the results of the oldest step in flight (`scheduler_output`): append sampled
+        tokens (filling placeholders), register full blocks whose KV it wrote.
 
-        Returns the sequences that got a new token, in chunk order.
+        Sequences finished or preempted since it was scheduled are skipped (a preempted one
+        samples again after its recompute). Returns the sequences that got a new token, in
+        chunk order.
         """
+        if not self._in_flight or self._in_flight[0].output is not scheduler_output:
+            raise RuntimeError("results applied out of order: not the oldest step in flight")
+        seqs = self._in_flight.popleft().seqs
         sampled: list[Sequence] = []
         for chunk in scheduler_output.chunks:
-            seq = self._in_flight.get(chunk.request_id)
+            seq = seqs.get(chunk.request_id)
             if seq is None or seq.status is not SequenceStatus.RUNNING:
                 continue
             if chunk.spec_token_ids:
                 self._apply_verified(seq, chunk, runner_output)
                 sampled.append(seq)
                 continue
-            seq.num_computed_tokens += len(chunk.token_ids)
-            self.kv.cache_computed_blocks(seq)
             if chunk.sample:
                 token = runner_output.sampled.get(chunk.request_id)
                 if token is None:
                     raise RuntimeError(f"runner sampled no token for {chunk.request_id!r}")
                 seq.output_token_ids.append(int(token))
+                seq.num_placeholders -= 1
                 sampled.append(seq)
-        self._in_flight = {}
+            self.kv.cache_computed_blocks(seq, chunk.start_pos + len(chunk.token_ids))
         return sampled
 
     def _apply_verified(self, seq: Sequence, chunk: ScheduledChunk,
@@ -244,16 +278,33 @@ class Scheduler:
                                f"{num_drafts} draft tokens")
         num_accepted = len(tokens) - 1
         # KV of the last token and of the accepted drafts is right; the rejected slots are not
-        seq.num_computed_tokens += len(chunk.token_ids) - (num_drafts - num_accepted)
+        seq.num_computed_tokens -= num_drafts - num_accepted
         seq.output_token_ids.extend(int(t) for t in tokens)
-        self.kv.cache_computed_blocks(seq)  # only full blocks of accepted tokens
+        seq.num_placeholders -= 1
+        # only full blocks of accepted tokens
+        self.kv.cache_computed_blocks(seq, seq.num_computed_tokens)
         self.kv.trim(seq, seq.num_tokens)  # blocks past the accepted end back to the pool
         self.spec_stats.record(num_drafts, num_accepted)
         self.gate.record(seq.seq_id, num_drafts, num_accepted)
 
     def clear_in_flight(self) -> None:
-        self._in_flight = {}
+        self._in_flight.clear()
 
     def in_flight(self) -> list[Sequence]:
-        """Sequences scheduled in the last step whose results have not come back yet."""
-        return list(self._in_flight.values())
+        """Sequences of the steps whose results have not been applied yet."""
+        seqs: dict[str, Sequence] = {}
+        for step in self._in_flight:
+            seqs.update(step.seqs)
+        return list(seqs.values())
+
+    @property
+    def num_steps_in_flight(self) -> int:
+        return len(self._in_flight)
+
+
+@dataclass(eq=False)
+class _InFlightStep:
+    """A scheduled step whose results are not applied yet: its sequences by id."""
+
+    seqs: dict[str, Sequence]
+    output: SchedulerOutput

@@ -8,6 +8,11 @@ from typing import Any, Protocol
 from .sampling_params import SamplingParams
 from ..runtime.runner_output import ModelRunnerOutput
 
+# Async scheduling: a token the step in flight samples (its value is not on the host yet). It
+# is the last of a decode chunk's token_ids (and of output_token_ids); the runner puts the
+# sampled token in its place on device.
+PLACEHOLDER_TOKEN_ID = -2
+
 
 @dataclass
 class ScheduledChunk:
@@ -76,3 +81,18 @@ class ModelRunner(Protocol):
     """
 
     def execute(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput: ...
+
+
+class PipelinedRunner(ModelRunner, Protocol):
+    """A runner that launches a step before the one before it has been read (async
+    scheduling): `dispatch` enqueues the step's work and returns a handle at once; `collect`
+    waits for the step and returns its results, as `execute` would have.
+
+    `previous` is the handle of the step launched just before, not yet collected (None if
+    there is none): each chunk whose last token is PLACEHOLDER_TOKEN_ID takes, in its place,
+    the token that step samples for the same request id.
+    """
+
+    def dispatch(self, scheduler_output: SchedulerOutput, previous: Any | None) -> Any: ...
+
+    def collect(self, handle: Any) -> ModelRunnerOutput: ...

@@ -58,7 +58,10 @@ class Sequence:
         self.arrival_order = arrival_order  # FCFS key; preemption picks the largest
         self.prompt_token_ids: list[int] = request.prompt_token_ids
         self.output_token_ids: list[int] = []
-        self.num_computed_tokens = 0
+        self.num_computed_tokens = 0  # scheduled KV (advanced when a chunk is scheduled)
+        # async scheduling: tokens sampled by steps whose results are not applied yet; the
+        # next step already computes them (as placeholders the runner fills on device)
+        self.num_placeholders = 0
         self.num_cached_tokens: int | None = None  # prefix-cache hit at first admission
         self.block_hashes: list[bytes] = []  # hash chain of its full blocks, grown lazily
         self.status = SequenceStatus.WAITING
@@ -94,6 +97,11 @@ class Sequence:
         if start >= p:
             return self.output_token_ids[start - p:end - p]
         return self.prompt_token_ids[start:] + self.output_token_ids[:end - p]
+
+    @property
+    def num_scheduled_output_tokens(self) -> int:
+        """Output tokens including those still in flight (the output index of the next)."""
+        return len(self.output_token_ids) + self.num_placeholders
 
     @property
     def all_token_ids(self) -> list[int]:

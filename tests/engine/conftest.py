@@ -6,7 +6,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from dataclasses import dataclass, replace
+
 from jaxserve.engine import EngineConfig, LLMEngine, SamplingParams, SchedulerOutput
+from jaxserve.engine.scheduler_output import PLACEHOLDER_TOKEN_ID
 from jaxserve.engine.sequence import RequestState, Sequence
 from jaxserve.runtime.runner_output import LogprobsRow, ModelRunnerOutput
 
@@ -45,9 +48,21 @@ def reference_tokens(prompt: list[int], max_tokens: int, vocab_size: int, seed=N
     return out
 
 
+@dataclass(eq=False)
+class FakeHandle:
+    """A step the fake runner has launched (async scheduling): computed at dispatch."""
+
+    output: ModelRunnerOutput
+    collected: bool = False
+
+
 class FakeRunner:
     """Stateless w.r.t. requests; keeps a fake KV cache (token id per slot) written through the
-    block tables and samples from what it reads back, so wrong block tables change the output."""
+    block tables and samples from what it reads back, so wrong block tables change the output.
+
+    As a PipelinedRunner (async scheduling) it runs a step when it is dispatched, in order, a
+    placeholder taking the token the previous step sampled for the request, as a device
+    would; collect hands the results over once, in launch order."""
 
     def __init__(self, config: EngineConfig, avoid=(), script: list[int] | None = None):
         self.config = config
@@ -57,10 +72,31 @@ class FakeRunner:
         self.fail_next = False
         self.num_compilations = 3
         self.steps: list[SchedulerOutput] = []
+        self._launched: list[FakeHandle] = []  # not collected yet, oldest first
+        self.num_placeholders_filled = 0
 
     def _slot(self, table: list[int], pos: int) -> tuple[int, int]:
         bs = self.config.block_size
         return table[pos // bs], pos % bs
+
+    def dispatch(self, so: SchedulerOutput, previous: FakeHandle | None) -> FakeHandle:
+        if previous is None:
+            self._launched.clear()  # the engine dropped them (a runner failure)
+        assert previous is (self._launched[-1] if self._launched else None), \
+            "previous is not the step launched last"
+        filled = sum(PLACEHOLDER_TOKEN_ID in c.token_ids for c in so.chunks)
+        if filled:
+            assert previous is not None, "a placeholder without a step in flight"
+            so = replace(so, chunks=[_fill(c, previous.output) for c in so.chunks])
+        self.num_placeholders_filled += filled
+        handle = FakeHandle(self.execute(so))
+        self._launched.append(handle)
+        return handle
+
+    def collect(self, handle: FakeHandle) -> ModelRunnerOutput:
+        assert self._launched and handle is self._launched[0], "collected out of launch order"
+        self._launched.pop(0)
+        return handle.output
 
     def execute(self, so: SchedulerOutput) -> ModelRunnerOutput:
         self.steps.append(so)
@@ -116,6 +152,17 @@ class FakeRunner:
         )
 
 
+def _fill(chunk, previous: ModelRunnerOutput):
+    """The chunk with its placeholder replaced by the token `previous` sampled for it."""
+    if PLACEHOLDER_TOKEN_ID not in chunk.token_ids:
+        return chunk
+    assert chunk.token_ids == [PLACEHOLDER_TOKEN_ID], "a placeholder outside a decode"
+    assert chunk.output_token_ids[-1] == PLACEHOLDER_TOKEN_ID
+    assert PLACEHOLDER_TOKEN_ID not in chunk.output_token_ids[:-1]
+    token = previous.sampled[chunk.request_id]
+    return replace(chunk, token_ids=[token], output_token_ids=chunk.output_token_ids[:-1] + [token])
+
+
 def assert_all_free(engine: LLMEngine) -> None:
     kv = engine.scheduler.kv
     kv.pool.check_consistency()
@@ -142,13 +189,20 @@ def run_to_completion(engine: LLMEngine, max_steps: int = 10_000) -> dict[str, o
 
 
 @pytest.fixture
-def make_engine():
+def async_scheduling() -> bool:
+    """The engines' default scheduling mode (modules that test both override this)."""
+    return False
+
+
+@pytest.fixture
+def make_engine(async_scheduling):
     """Factory for engines with a FakeRunner; after the test every pool must be all free."""
     engines: list[LLMEngine] = []
 
     def factory(tokenizer=None, avoid=(), script=None, **overrides) -> LLMEngine:
         cfg = dict(block_size=4, num_kv_blocks=64, max_model_len=64, vocab_size=1000,
-                   max_num_seqs=8, max_num_batched_tokens=32, enable_prefix_caching=True)
+                   max_num_seqs=8, max_num_batched_tokens=32, enable_prefix_caching=True,
+                   async_scheduling=async_scheduling)
         cfg.update(overrides)
         config = EngineConfig(**cfg)
         engine = LLMEngine(FakeRunner(config, avoid=avoid, script=script), tokenizer, config)

@@ -9,11 +9,17 @@ from jaxserve.engine import SamplingParams
 from tests.engine.conftest import reference_tokens
 
 
+@pytest.fixture(params=[False, True], ids=["sync", "async"])
+def async_scheduling(request) -> bool:
+    return request.param
+
+
 @pytest.mark.parametrize("seed,prefix_caching", [(s, True) for s in range(6)] +
                          [(s, False) for s in range(6, 8)])
-def test_random_mix_tight_pool(make_engine, seed, prefix_caching):
+def test_random_mix_tight_pool(make_engine, seed, prefix_caching, async_scheduling):
     """Several sequences at once on a pool that cannot hold them all: the test checks that the
-    pressure happened (preemptions, and prefix-cache hits where caching is on)."""
+    pressure happened (preemptions, and prefix-cache hits where caching is on). With async
+    scheduling, preemptions and aborts also hit sequences with a step in flight."""
     rng = random.Random(seed)
     bs = rng.choice([2, 4, 8])
     engine = make_engine(
@@ -57,3 +63,5 @@ def test_random_mix_tight_pool(make_engine, seed, prefix_caching):
     stats = engine.get_stats()
     assert stats.num_preemptions > 0, "the pool was never under pressure"
     assert (stats.prefix_cache_hits > 0) == prefix_caching, stats
+    # async: decodes took the token of the step in flight
+    assert (engine.runner.num_placeholders_filled > 0) == async_scheduling

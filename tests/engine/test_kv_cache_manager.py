@@ -9,7 +9,7 @@ def _compute(kv, seq, n):
     blocks = kv.allocate_slots(seq, n)
     assert blocks is not None
     seq.num_computed_tokens += n
-    kv.cache_computed_blocks(seq)
+    kv.cache_computed_blocks(seq, seq.num_computed_tokens)
     return blocks
 
 

@@ -9,6 +9,12 @@ from tests.engine.conftest import reference_tokens, run_to_completion
 PROMPTS = [list(range(1, 4 + 3 * i)) + [i + 500] * (i % 3) for i in range(6)]
 
 
+@pytest.fixture(params=[False, True], ids=["sync", "async"])
+def async_scheduling(request) -> bool:
+    """Every test here runs with both schedulers: async scheduling must not change outputs."""
+    return request.param
+
+
 def _generate(engine, prompts, params):
     for i, p in enumerate(prompts):
         engine.add_request(f"r{i}", p, params)
@@ -333,3 +339,60 @@ def test_stop_string_in_flushed_partial_character(make_engine, tokenizer, eos_la
     out = run_to_completion(engine)["a"].outputs[0]
     assert out.text == "hello "
     assert out.finish_reason == "stop" and out.stop_reason == "na"
+
+
+def _steps_of(engine, request_id: str) -> int:
+    return sum(any(c.request_id == request_id for c in so.chunks) for so in engine.runner.steps)
+
+
+@pytest.mark.parametrize("async_scheduling", [True], ids=["async"])
+def test_async_computes_one_dropped_token_after_a_stop_and_none_after_max_tokens(make_engine):
+    """A stop is seen one step late: that step's token for the stopped sequence is dropped.
+    max_tokens is known ahead: the sequence is not scheduled past it."""
+    engine = make_engine(script=[11, 12, 2, 13, 14], eos_token_ids=(2,))
+    engine.add_request("eos", [1], SamplingParams(max_tokens=8))
+    engine.add_request("len", [1, 5], SamplingParams(max_tokens=4, ignore_eos=True))
+    final = run_to_completion(engine)
+    assert final["eos"].outputs[0].token_ids == [11, 12, 2]
+    assert final["len"].outputs[0].token_ids == [11, 12, 2, 13]
+    assert _steps_of(engine, "eos") == 4  # the prefill, 2 decodes and the dropped one
+    assert _steps_of(engine, "len") == 4  # the prefill and 3 decodes
+    assert engine.runner.num_placeholders_filled == 6  # every decode of both
+
+
+@pytest.mark.parametrize("async_scheduling", [True], ids=["async"])
+def test_async_waits_for_tokens_that_penalties_and_grammars_read(make_engine, caplog):
+    engine = make_engine()
+    engine.add_request("p", [1, 2, 3], SamplingParams(max_tokens=6, repetition_penalty=1.2))
+    with caplog.at_level("INFO", logger="jaxserve.engine.llm_engine"):
+        final = run_to_completion(engine)
+    assert final["p"].outputs[0].token_ids == reference_tokens([1, 2, 3], 6, 1000)
+    assert engine.runner.num_placeholders_filled == 0
+    assert engine._num_waits == 6  # each step after the first, and the last (empty) call
+    assert "a step waits for the one before it" in caplog.text
+
+
+@pytest.mark.parametrize("async_scheduling", [True], ids=["async"])
+def test_async_abort_with_a_step_in_flight(make_engine):
+    engine = make_engine()
+    engine.add_request("a", [1, 2, 3], SamplingParams(max_tokens=10))
+    engine.add_request("b", [4, 5], SamplingParams(max_tokens=10))
+    for _ in range(3):
+        engine.step()
+    assert engine.scheduler.num_steps_in_flight == 1
+    engine.abort_request("a")  # its blocks go back while its next token is being computed
+    engine.scheduler.kv.pool.check_consistency()
+    final = run_to_completion(engine)
+    assert final["a"].outputs[0].finish_reason == "abort"
+    assert len(final["a"].outputs[0].token_ids) == 2  # what had landed when it was aborted
+    assert final["b"].outputs[0].token_ids == reference_tokens([4, 5], 10, 1000)
+
+
+def test_async_scheduling_is_refused_with_speculative_decoding():
+    from jaxserve.engine import EngineConfig
+    from jaxserve.engine.spec_config import parse_speculative_config
+
+    spec = parse_speculative_config({"method": "ngram", "num_speculative_tokens": 2})
+    with pytest.raises(ValueError, match="async_scheduling: not supported with speculative"):
+        EngineConfig(num_kv_blocks=8, max_model_len=16, vocab_size=10, speculative=spec,
+                     async_scheduling=True)
