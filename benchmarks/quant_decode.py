@@ -13,6 +13,7 @@ last with each run's speed-up over bf16 and its weight bytes over bf16's.
 the same model (asymmetric: int4 group 128 pack-quantized, int8 per channel int-quantized).
 
 On a shared machine, --interleave --kv-cache-mb 512 alternates the methods' decode runs.
+--async-scheduling runs every engine with it (the host's work per step overlaps the device's).
 Beside each engine's ms/token, "step ms" is its compiled decode step alone (bare_step_seconds):
 the device's share of a token; the difference is the engine's host work per step.
 """
@@ -78,7 +79,7 @@ def start(path: str, spec: tuple[str | None, bool], args):
               cpu_matvec=args.cpu_matvec,
               max_num_seqs=args.max_num_seqs,
               max_model_len=args.max_model_len, max_num_batched_tokens=512,
-              use_tqdm_on_load=False, **kv)
+              async_scheduling=args.async_scheduling, use_tqdm_on_load=False, **kv)
     startup = time.perf_counter() - t
     if method:
         quant = QuantConfig.online(method, head)
@@ -114,6 +115,7 @@ def bare_step_seconds(llm, position: int, calls: int) -> list[float]:
     inp = prepare_inputs([chunk], size, runner.buckets)
     key = runner.buckets.step_key(inp.shape_key)
     step, args = runner.executables.get("step", key), _step_arrays(inp, decode_only=key[3])
+    args += runner.no_placeholders(len(inp.token_ids))
     seconds = []
     for _ in range(calls):
         t = time.perf_counter()
@@ -132,7 +134,8 @@ def summary(spec: tuple[str | None, bool], steps, cpu, startup: float, report: d
             "p90_ms": 1e3 * float(np.percentile(steps, 90)), "steps": len(steps),
             "cpu_ms_per_token": 1e3 * statistics.median(cpu),
             "weight_bytes": report["weight_bytes"], "layer_ratio": report.get("layer_ratio"),
-            "startup_s": startup, "cpu_matvec": args.cpu_matvec, "jax": jax.__version__}
+            "startup_s": startup, "cpu_matvec": args.cpu_matvec,
+            "async_scheduling": args.async_scheduling, "jax": jax.__version__}
 
 
 def one_run(path: str, spec: tuple[str | None, bool], args) -> dict:
@@ -189,6 +192,8 @@ def main(argv=None) -> None:
                    help="start every method's engine, then alternate their decode runs")
     p.add_argument("--kv-cache-mb", type=int, default=None,
                    help="KV cache per engine (default: the engine's; give one with --interleave)")
+    p.add_argument("--async-scheduling", action="store_true",
+                   help="every engine launches each step before reading the last one's results")
     p.add_argument("--out", default=None, help="also write the rows as JSON here")
     args = p.parse_args(argv)
 

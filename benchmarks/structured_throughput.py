@@ -115,10 +115,10 @@ class Instrument:
             self.times.append(time.perf_counter() - t0)
         return out
 
-    def _blocking_run(self, inp):
+    def _blocking_run(self, *args):
         import jax
 
-        logits, hidden = self.run_model(inp)
+        logits, hidden = self.run_model(*args)
         return jax.block_until_ready(logits), hidden
 
     def set_serial(self, serial: bool) -> None:

@@ -41,6 +41,10 @@ def add_engine_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="share of free accelerator memory (or available RAM on CPU) the KV "
                         "cache may take (vLLM's name also works)")
     g.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True)
+    g.add_argument("--async-scheduling", action="store_true",
+                   help="schedule and launch each step before the last one's results are read, "
+                        "overlapping the host's work with the device's (not with speculative "
+                        "decoding or several processes)")
     g.add_argument("--enable-prompt-logprobs", action=argparse.BooleanOptionalAction, default=True,
                    help="compile the prompt-logprob programs (requests may ask prompt_logprobs)")
     g.add_argument("--tensor-parallel-size", type=int, default=1)
@@ -120,6 +124,7 @@ def engine_args_from(args: argparse.Namespace, model: str | None = None) -> Engi
         kv_cache_memory_bytes=args.kv_cache_memory_bytes,
         kv_cache_memory_fraction=args.kv_cache_memory_fraction,
         enable_prefix_caching=args.enable_prefix_caching,
+        async_scheduling=args.async_scheduling,
         enable_prompt_logprobs=args.enable_prompt_logprobs,
         tensor_parallel_size=args.tensor_parallel_size,
         num_processes=args.num_processes,

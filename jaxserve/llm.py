@@ -41,6 +41,8 @@ class EngineArgs:
     kv_cache_memory_bytes: int | None = None  # KV cache budget (all layers, K and V)
     kv_cache_memory_fraction: float = 0.9  # of free accelerator memory / available RAM on CPU
     enable_prefix_caching: bool = True
+    # launch step N + 1 before reading step N's results (vLLM's --async-scheduling)
+    async_scheduling: bool = False
     seed: int = 0
     tensor_parallel_size: int = 1
     attention_backend: str = "auto"  # auto | cpu | blockwise | reference | pallas
@@ -94,6 +96,9 @@ class EngineArgs:
 
         object.__setattr__(self, "speculative_config",
                            parse_speculative_config(self.speculative_config))
+        if self.async_scheduling and self.num_processes > 1:
+            raise ValueError("async_scheduling: not supported with num_processes > 1 (the "
+                             "followers replay each step as it is scheduled)")
         if not isinstance(self.max_logprobs, int) or self.max_logprobs < 0:
             raise ValueError(f"max_logprobs: must be an int >= 0, got {self.max_logprobs!r}")
 
@@ -244,6 +249,7 @@ def _create_engine(args: EngineArgs) -> LLMEngine:
         max_biased_token_ids=BIAS_WIDTH,
         generation_defaults=_generation_defaults(args, loaded.path),
         speculative=args.speculative_config,
+        async_scheduling=args.async_scheduling,
     )
     runner = ModelRunner(
         loaded,

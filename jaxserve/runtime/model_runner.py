@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, replace
 from functools import partial
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -12,6 +13,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from jaxserve.engine.scheduler_output import PLACEHOLDER_TOKEN_ID
 from jaxserve.layers.attention import AttentionMetadata
 from jaxserve.runtime.buckets import MIN_LOGIT_ROWS, MIN_SEQS, BucketSpec, decode_has_own_program
 from jaxserve.runtime.compile_counter import CompileCounter
@@ -45,11 +47,35 @@ class RunnerConfig:
     kv_cache_dtype: str = "auto"  # auto (the model's dtype) | int8 | fp8 (layers/kv_quant.py)
 
 
-def _forward(graphdef, state, kv_cache, token_ids, md, logits_indices):
-    """token_ids int32 [T] -> (logits f32 [S, vocab] at logits_indices, hidden [T, d], kv_cache)."""
+def _forward(graphdef, state, kv_cache, token_ids, md, logits_indices, prev_tokens, prev_rows):
+    """token_ids int32 [T] -> (logits f32 [S, vocab] at logits_indices, hidden [T, d], kv_cache).
+
+    Async scheduling: where prev_rows int32 [T] is >= 0 the token is prev_tokens[prev_rows],
+    prev_tokens int32 [carry rows] being the previous step's sampled tokens, still on device."""
+    token_ids = jnp.where(prev_rows >= 0, prev_tokens[jnp.maximum(prev_rows, 0)], token_ids)
     model = nnx.merge(graphdef, state)
     hidden, kv_cache = model(token_ids, md, kv_cache)
     return model.compute_logits(hidden[logits_indices]), hidden, kv_cache
+
+
+def _sample_and_carry(logits, chosen, md, *, num_logprobs, carry_rows):
+    """The sampler, and its token ids padded to carry_rows int32 [carry_rows] (the shape every
+    step program takes them in: the next step's placeholders read them on device)."""
+    out = sample_step(logits, chosen, md, num_logprobs=num_logprobs)
+    carry = jnp.zeros(carry_rows, jnp.int32).at[: out.token_ids.shape[0]].set(out.token_ids)
+    return out, carry
+
+
+@dataclass(frozen=True)
+class StepHandle:
+    """A launched step whose results are still on device (async scheduling)."""
+
+    chunks: list
+    inp: StepInputs
+    result: Any  # SamplerOutput on device, None when no chunk samples
+    carry: jax.Array | None  # int32 [carry rows]: the sampled tokens (the next step reads them)
+    rows: dict[str, int]  # request id -> its sampler row, for the chunks that sample
+    prompt_logprobs: Any  # the prompt-logprob program's output on device, or None
 
 
 def _prompt_logprobs(graphdef, state, hidden, targets, *, num_logprobs):
@@ -101,8 +127,16 @@ class ModelRunner:
             out_shardings=(self.replicated, self.replicated, kv_shardings),
         )
         self.spec_k = cfg.num_speculative_tokens
-        self._sample = jax.jit(verify_step if self.spec_k else sample_step,
-                               static_argnames=("num_logprobs",))
+        # async scheduling: the sampled tokens reach the next step padded to one length
+        self.carry_rows = max(self._logit_rows(t, s) for t, s, _, _ in self.buckets.step_shapes())
+        self._no_carry = jax.device_put(np.zeros(self.carry_rows, np.int32), self.replicated)
+        self._no_placeholders: dict[int, np.ndarray] = {}  # T -> int32 [T] of -1
+        if self.spec_k:
+            self._sample = jax.jit(verify_step, static_argnames=("num_logprobs",))
+        else:
+            self._sample = jax.jit(partial(_sample_and_carry, carry_rows=self.carry_rows),
+                                   static_argnames=("num_logprobs",),
+                                   out_shardings=self.replicated)
         self._process = jax.jit(process_logits, out_shardings=self.replicated)
         self._mask = jax.jit(apply_token_bitmask, out_shardings=self.replicated)
         self.mask_words = (loaded.config.vocab_size + 31) // 32  # packed bitmask row width
@@ -124,44 +158,94 @@ class ModelRunner:
 
     # ------------------------------------------------------------------ one step
     def execute(self, scheduler_output) -> ModelRunnerOutput:
-        chunks = scheduler_output.chunks
-        out = ModelRunnerOutput()
-        if not chunks:
-            return out
-        inp = prepare_inputs(chunks, self.cfg.block_size, self.buckets)
-        layout = None
         if self.spec_k:
-            t, s = len(inp.token_ids), len(inp.seq_lens)
-            layout = spec_decode.build_layout(chunks, inp.query_start_loc, self._logit_rows(t, s))
-            inp = replace(inp, logits_indices=layout.logits_indices)
-        q_rows = drafts = None
-        if self.draft is not None:
-            chunks, inp, layout, q_rows, drafts = self._run_draft(chunks, inp, layout)
-        logits, hidden = self._run_model(inp)
+            return self._execute_speculative(scheduler_output.chunks)
+        return self.collect(self.dispatch(scheduler_output, None))
+
+    def dispatch(self, scheduler_output, previous: StepHandle | None) -> StepHandle:
+        """Launch one step (no speculation) and return at once: its results stay on device
+        until collect. previous: the step launched just before, not collected yet; its sampled
+        tokens fill this step's placeholders on device (async scheduling)."""
+        chunks = scheduler_output.chunks
+        inp = prepare_inputs(chunks, self.cfg.block_size, self.buckets)
+        logits, hidden = self._run_model(inp, self._placeholder_inputs(chunks, inp, previous))
         self._steps += 1
+        prompt_lp = None
         if any(c.sampling_params.prompt_logprobs is not None for c in chunks):
-            self._collect_prompt_logprobs(chunks, inp, hidden, out)
-        sampled_rows = [i for i, c in enumerate(chunks) if c.sample]
-        if not sampled_rows:
-            return out
-        if layout is not None:
-            result = self._sample_rows(chunks, logits, len(layout.logits_indices), layout, q_rows)
-            host, drafts = jax.device_get((result, drafts))  # the step's one transfer
-            if drafts is not None:  # the drafts stayed on device until now
-                chunks = draft_model.with_drafts(chunks, drafts)
-            spec_decode.collect(host, chunks, layout, out)
-            return out
-        host = jax.device_get(self._sample_rows(chunks, logits, len(inp.logits_indices)))
-        for i in sampled_rows:
-            c = chunks[i]
-            out.sampled[c.request_id] = int(host.token_ids[i])
-            k = c.sampling_params.logprobs
+            prompt_lp = self._launch_prompt_logprobs(chunks, inp, hidden)
+        rows = {c.request_id: i for i, c in enumerate(chunks) if c.sample}
+        result = carry = None
+        if rows:
+            result, carry = self._sample_rows(chunks, logits, len(inp.logits_indices))
+        return StepHandle(chunks, inp, result, carry, rows, prompt_lp)
+
+    def collect(self, handle: StepHandle) -> ModelRunnerOutput:
+        """Wait for a launched step and read its results (one transfer)."""
+        out = ModelRunnerOutput()
+        host, prompt_lp = jax.device_get((handle.result, handle.prompt_logprobs))
+        if prompt_lp is not None:
+            self._read_prompt_logprobs(handle.chunks, handle.inp, prompt_lp, out)
+        for request_id, i in handle.rows.items():
+            out.sampled[request_id] = int(host.token_ids[i])
+            k = handle.chunks[i].sampling_params.logprobs
             if k is not None:
-                out.logprobs[c.request_id] = LogprobsRow(
+                out.logprobs[request_id] = LogprobsRow(
                     host.logprob_token_ids[i, : k + 1].tolist(),
                     host.logprobs[i, : k + 1].tolist(),
                     host.ranks[i, : k + 1].tolist(),
                 )
+        return out
+
+    def _placeholder_inputs(self, chunks, inp: StepInputs, previous: StepHandle | None):
+        """(prev_tokens, prev_rows) of the step program: each placeholder's row in the previous
+        step's sampled tokens (-1 elsewhere)."""
+        t = len(inp.token_ids)
+        prev_rows = None
+        for i, c in enumerate(chunks):
+            if c.token_ids[-1] != PLACEHOLDER_TOKEN_ID:
+                continue
+            row = previous.rows.get(c.request_id) if previous is not None else None
+            if row is None:
+                raise RuntimeError(f"{c.request_id!r}: a placeholder token, but the step "
+                                   "launched before samples nothing for it")
+            if prev_rows is None:
+                prev_rows = np.full(t, -1, np.int32)
+            prev_rows[inp.query_start_loc[i + 1] - 1] = row
+        if prev_rows is None:
+            return self.no_placeholders(t)
+        return previous.carry, prev_rows
+
+    def no_placeholders(self, num_tokens: int) -> tuple[jax.Array, np.ndarray]:
+        """(prev_tokens, prev_rows) of a step of num_tokens tokens without placeholders."""
+        rows = self._no_placeholders.get(num_tokens)
+        if rows is None:
+            rows = self._no_placeholders[num_tokens] = np.full(num_tokens, -1, np.int32)
+        return self._no_carry, rows
+
+    def _execute_speculative(self, chunks) -> ModelRunnerOutput:
+        """One verification step: every scored position sampled, the drafts checked."""
+        out = ModelRunnerOutput()
+        if not chunks:
+            return out
+        inp = prepare_inputs(chunks, self.cfg.block_size, self.buckets)
+        t, s = len(inp.token_ids), len(inp.seq_lens)
+        layout = spec_decode.build_layout(chunks, inp.query_start_loc, self._logit_rows(t, s))
+        inp = replace(inp, logits_indices=layout.logits_indices)
+        q_rows = drafts = None
+        if self.draft is not None:
+            chunks, inp, layout, q_rows, drafts = self._run_draft(chunks, inp, layout)
+        logits, hidden = self._run_model(inp, self.no_placeholders(t))
+        self._steps += 1
+        if any(c.sampling_params.prompt_logprobs is not None for c in chunks):
+            lp = jax.device_get(self._launch_prompt_logprobs(chunks, inp, hidden))
+            self._read_prompt_logprobs(chunks, inp, lp, out)
+        if not any(c.sample for c in chunks):
+            return out
+        result = self._sample_rows(chunks, logits, len(layout.logits_indices), layout, q_rows)
+        host, drafts = jax.device_get((result, drafts))  # the step's one transfer
+        if drafts is not None:  # the drafts stayed on device until now
+            chunks = draft_model.with_drafts(chunks, drafts)
+        spec_decode.collect(host, chunks, layout, out)
         return out
 
     def _run_draft(self, chunks, inp: StepInputs, layout):
@@ -188,8 +272,9 @@ class ModelRunner:
         return chunks, inp, layout, q_rows, drafts
 
     def _sample_rows(self, chunks, logits, num_rows: int, layout=None, q_rows=None):
-        """The sampler's output for one step, on device (logprob rows only when asked); with a
-        speculative layout, one row per scored position, verified against the drafts."""
+        """The sampler's output for one step, on device (logprob rows only when asked), and
+        its tokens as the next step takes them (carry); with a speculative layout, the
+        verifier's output alone: one row per scored position, checked against the drafts."""
         rows, processed = rows_for(chunks)
         if layout is not None:
             rows = spec_decode.expand_rows(chunks, rows)
@@ -206,9 +291,12 @@ class ModelRunner:
         if q_rows is not None:
             extra += (q_rows,)
         result = self.executables.get("sample", num_rows)(logits, chosen, md, *extra)
-        if not any(r.num_logprobs is not None for r in rows) and layout is None:
-            result = replace(result, logprob_token_ids=None, logprobs=None, ranks=None)
-        return result
+        if layout is not None:
+            return result
+        out, carry = result
+        if not any(r.num_logprobs is not None for r in rows):
+            out = replace(out, logprob_token_ids=None, logprobs=None, ranks=None)
+        return out, carry
 
     def _grammar_bitmask(self, chunks, num_rows: int, layout=None) -> np.ndarray | None:
         """Packed allowed-token bitmask int32 [num_rows, ceil(vocab / 32)] of the rows that
@@ -225,18 +313,21 @@ class ModelRunner:
         items[0][0].backend.fill_bitmasks(items, bitmask)
         return bitmask
 
-    def _run_model(self, inp: StepInputs):
+    def _run_model(self, inp: StepInputs, placeholders):
+        """placeholders: (prev_tokens, prev_rows), see _placeholder_inputs."""
         key = self.buckets.step_key(inp.shape_key)
         args = _step_arrays(inp, decode_only=key[3])
         step = self.executables.get("step", key)
-        logits, hidden, self.kv_cache = step(self.params.leaves, self.kv_cache, *args)
+        logits, hidden, self.kv_cache = step(
+            self.params.leaves, self.kv_cache, *args, *placeholders)
         return logits, hidden
 
     def _step_seed(self) -> int:
         return (self.cfg.seed * 1_000_003 + self._steps) & 0xFFFFFFFF
 
-    def _collect_prompt_logprobs(self, chunks, inp: StepInputs, hidden, out: ModelRunnerOutput):
-        """Logprob of prompt token p + 1 at every prompt position p the step computed."""
+    def _launch_prompt_logprobs(self, chunks, inp: StepInputs, hidden):
+        """Logprob rows of prompt token p + 1 at every prompt position p the step computed
+        (launched; on device)."""
         targets = np.zeros(len(inp.token_ids), np.int32)
         for i, c in enumerate(chunks):
             if c.sampling_params.prompt_logprobs is None:
@@ -247,7 +338,10 @@ class ModelRunner:
                 if p + 1 < len(c.prompt_token_ids):
                     targets[lo + j] = c.prompt_token_ids[p + 1]
         run = self.executables.get("prompt_logprobs", len(targets))
-        res = jax.device_get(run(self.params.leaves, hidden, targets))
+        return run(self.params.leaves, hidden, targets)
+
+    def _read_prompt_logprobs(self, chunks, inp: StepInputs, res, out: ModelRunnerOutput):
+        """res: the prompt-logprob rows on the host."""
         for i, c in enumerate(chunks):
             k = c.sampling_params.prompt_logprobs
             if k is None:
@@ -306,7 +400,10 @@ class ModelRunner:
         md = AttentionMetadata.abstract(*shape)
         tokens = jax.ShapeDtypeStruct((t,), jnp.int32)
         rows = jax.ShapeDtypeStruct((self._logit_rows(t, s),), jnp.int32)
-        return self._step.lower(self.params.leaves, self.kv_cache, tokens, md, rows)
+        prev_tokens = jax.ShapeDtypeStruct((self.carry_rows,), jnp.int32,
+                                           sharding=self.replicated)
+        return self._step.lower(self.params.leaves, self.kv_cache, tokens, md, rows,
+                                prev_tokens, tokens)
 
     def _logit_rows(self, t: int, s: int) -> int:
         return max(MIN_LOGIT_ROWS, spec_decode.logit_rows(t, s, self.spec_k))

@@ -83,3 +83,79 @@ def test_prefix_caching_on_and_off(make_llm, expected, caching):
     fresh = make_llm(ARCH, enable_prefix_caching=False)
     want = [_run(fresh, [p], greedy())[0] for p in prompts]
     assert [o.outputs[0].token_ids for o in first + rest] == want
+
+
+def _count_placeholders(monkeypatch, llm) -> list[int]:
+    """Counts the decodes whose token came from the step in flight (async scheduling)."""
+    from jaxserve.engine.scheduler_output import PLACEHOLDER_TOKEN_ID
+
+    runner, count = llm.engine.runner, [0]
+    dispatch = runner.dispatch
+
+    def counting(scheduler_output, previous):
+        count[0] += sum(c.token_ids[-1] == PLACEHOLDER_TOKEN_ID for c in scheduler_output.chunks)
+        return dispatch(scheduler_output, previous)
+
+    monkeypatch.setattr(runner, "dispatch", counting)
+    return count
+
+
+@pytest.mark.parametrize("overrides", [{}, {"num_kv_blocks": 24}, {"max_num_batched_tokens": 16}],
+                         ids=["plain", "preemption", "chunked"])
+def test_async_scheduling_keeps_outputs(make_llm, expected, overrides, monkeypatch):
+    """Each decode takes the token of the step still in flight, on device: HF's greedy tokens
+    and the seeded tokens of each request alone, also under preemption and chunked prefill."""
+    llm = make_llm(ARCH, async_scheduling=True, **overrides)
+    count = _count_placeholders(monkeypatch, llm)
+    _check_all(llm, expected)
+    assert count[0] > 0
+    if "num_kv_blocks" in overrides:
+        assert llm.stats().num_preemptions > 0
+
+
+def test_async_scheduling_same_outputs_as_sync_for_each_kind_of_request(make_llm, expected,
+                                                                          monkeypatch):
+    """Logprobs, prompt logprobs, n = 2, penalties (the step before is waited for), a stop
+    token (one token computed after it is dropped) and an abort: as the synchronous engine."""
+    ref, _ = expected
+    stop = ref.greedy[0][3]
+    params = [
+        greedy(NEW_TOKENS, logprobs=2),
+        greedy(NEW_TOKENS, prompt_logprobs=1),
+        SamplingParams(n=2, temperature=1.0, seed=5, max_tokens=NEW_TOKENS, ignore_eos=True),
+        greedy(NEW_TOKENS, repetition_penalty=1.3),
+        SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, stop_token_ids=[stop]),
+    ]
+    prompts = token_prompts(ref.prompts[:1] * len(params))
+    sync_llm, async_llm = make_llm(ARCH), make_llm(ARCH, async_scheduling=True)
+    count = _count_placeholders(monkeypatch, async_llm)
+    want = sync_llm.generate(prompts, params, use_tqdm=False)
+    got = async_llm.generate(prompts, params, use_tqdm=False)
+    assert count[0] > 0
+    assert got[4].outputs[0].token_ids == ref.greedy[0][:4]
+    assert got[4].outputs[0].finish_reason == "stop"
+    for g, w in zip(got, want):
+        for gc, wc in zip(g.outputs, w.outputs, strict=True):
+            assert gc.token_ids == wc.token_ids and gc.finish_reason == wc.finish_reason
+            for glp, wlp in zip(gc.logprobs or [], wc.logprobs or [], strict=True):
+                assert glp.keys() == wlp.keys()
+                for t in glp:
+                    assert glp[t].logprob == pytest.approx(wlp[t].logprob, abs=1e-5)
+        for glp, wlp in zip(g.prompt_logprobs or [], w.prompt_logprobs or [], strict=True):
+            assert (glp is None) == (wlp is None)
+            if glp is not None:
+                assert {t: p.logprob for t, p in glp.items()} == pytest.approx(
+                    {t: p.logprob for t, p in wlp.items()}, abs=1e-5)
+    # an abort while the request's next step is in flight
+    engine = async_llm.engine
+    engine.add_request("gone", ref.prompts[0], greedy(NEW_TOKENS))
+    engine.add_request("kept", ref.prompts[1], greedy(NEW_TOKENS))
+    for _ in range(4):
+        engine.step()
+    assert engine.scheduler.num_steps_in_flight == 1
+    engine.abort_request("gone")
+    final = {}
+    while engine.has_unfinished_requests():
+        final.update((o.request_id, o) for o in engine.step() if o.finished)
+    assert final["gone"].outputs[0].finish_reason == "abort"
+    assert final["kept"].outputs[0].token_ids == ref.greedy[1]

@@ -103,6 +103,20 @@ def test_greedy_and_prefix_cached_prompts(make_llm):
     assert again.outputs[0].text == first and re.fullmatch(REGEX, first)
 
 
+def test_async_scheduling_gives_the_synchronous_outputs(make_llm):
+    """A constrained request's step is waited for before the next is scheduled (its mask
+    follows the sampled token); beside it an unconstrained request goes on."""
+    sync_llm, async_llm = make_llm(), make_llm(async_scheduling=True)
+    so = StructuredOutputsParams(json=SCHEMA)
+    params = [_params(so, seed=3), SamplingParams(temperature=1.0, seed=4, max_tokens=20)]
+    want = sync_llm.generate(PROMPTS[:2], params, use_tqdm=False)
+    before = async_llm.engine._num_waits
+    got = async_llm.generate(PROMPTS[:2], params, use_tqdm=False)
+    assert async_llm.engine._num_waits > before
+    assert [o.outputs[0].token_ids for o in got] == [o.outputs[0].token_ids for o in want]
+    jsonschema.validate(json.loads(got[0].outputs[0].text), SCHEMA)
+
+
 def test_speculative_decoding_masks_verified_positions(make_llm):
     llm = make_llm(speculative_config=SPEC)
     before = llm.engine.runner.num_compilations

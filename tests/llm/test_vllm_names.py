@@ -39,3 +39,8 @@ def test_refused_names(tiny_checkpoints):
         LLM(path, **{**BASE_ARGS, "max_model_len": 0})
     with pytest.raises(ValueError, match="num_kv_blocks: must be >= 2"):
         LLM(path, **{**BASE_ARGS, "num_kv_blocks": 1})
+    with pytest.raises(ValueError, match="async_scheduling: not supported with num_processes"):
+        LLM(path, async_scheduling=True, num_processes=2, **BASE_ARGS)
+    with pytest.raises(ValueError, match="async_scheduling: not supported with speculative"):
+        LLM(path, async_scheduling=True, **BASE_ARGS,
+            speculative_config={"method": "ngram", "num_speculative_tokens": 2})

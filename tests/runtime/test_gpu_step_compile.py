@@ -85,13 +85,17 @@ def test_engine_step_compiles_for_h100(tmp_path, raw, tp):
   graphdef, state, kv, mesh = _abstract_engine(tmp_path, raw, tp)
   token_ids, md, logits_indices, smd = _step_args(mesh)
 
-  def step(state, kv, token_ids, md, logits_indices, smd):
-    logits, _, kv = _forward(graphdef, state, kv, token_ids, md, logits_indices)
+  # async scheduling's inputs: the previous step's sampled tokens and where they go
+  prev_tokens, prev_rows = _sds((SEQS,), jnp.int32, mesh), _sds((TOKENS,), jnp.int32, mesh)
+
+  def step(state, kv, token_ids, md, logits_indices, smd, prev_tokens, prev_rows):
+    logits, _, kv = _forward(graphdef, state, kv, token_ids, md, logits_indices, prev_tokens,
+                             prev_rows)
     return sample_step(logits, logits, smd, num_logprobs=0).token_ids, kv
 
   with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
     compiled = jax.jit(step, donate_argnums=(1,)).trace(
-        state, kv, token_ids, md, logits_indices, smd).lower().compile()
+        state, kv, token_ids, md, logits_indices, smd, prev_tokens, prev_rows).lower().compile()
   text = compiled.as_text()
   assert "mosaic_gpu" in text  # the attention is the kernel, not an XLA fallback
   assert text.count("mosaic_gpu") >= raw["num_hidden_layers"]

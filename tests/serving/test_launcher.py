@@ -24,7 +24,7 @@ def test_every_flag_reaches_its_config(monkeypatch):
         "--max-num-seqs", "8", "--max-num-batched-tokens", "256", "--block-size", "32",
         "--num-kv-blocks", "100", "--kv-cache-memory-fraction", "0.5",
         "--no-enable-prefix-caching", "--tensor-parallel-size", "2", "--api-key", "k",
-        "--max-queued-requests", "3", "--seed", "5"])
+        "--max-queued-requests", "3", "--seed", "5", "--async-scheduling"])
     engine_args = engine_args_from(args)
     assert (engine_args.model, engine_args.dtype, engine_args.max_model_len) == \
         ("/models/m", "bfloat16", 512)
@@ -32,6 +32,7 @@ def test_every_flag_reaches_its_config(monkeypatch):
             engine_args.block_size, engine_args.num_kv_blocks) == (8, 256, 32, 100)
     assert engine_args.kv_cache_memory_fraction == 0.5
     assert engine_args.enable_prefix_caching is False
+    assert engine_args.async_scheduling is True
     assert (engine_args.tensor_parallel_size, engine_args.seed) == (2, 5)
     config = launcher.serve_config_from_args(args)
     assert (config.host, config.port, config.grpc_port) == ("127.0.0.1", 8001, 50052)
@@ -45,6 +46,7 @@ def test_defaults_and_api_key_from_env(monkeypatch):
     assert (config.port, config.grpc_port, config.model_name) == (8000, 50051, "m")
     assert config.api_key == "from-env"
     assert engine_args_from(args).enable_prefix_caching is True
+    assert engine_args_from(args).async_scheduling is False
 
 
 def test_vllm_serve_flag_spellings():

@@ -32,12 +32,14 @@ def _python_api(engine, prompt, params: SamplingParams) -> list[int]:
     return list(final.outputs[0].token_ids)
 
 
-@pytest.fixture(scope="module")
-def real(demo_model_path):
+@pytest.fixture(scope="module", params=[False, True], ids=["sync", "async"])
+def real(demo_model_path, request):
+    """The server over an engine that schedules synchronously, then one with async scheduling."""
     from jaxserve.llm import EngineArgs, create_engine
 
     engine = create_engine(EngineArgs(model=demo_model_path, max_model_len=128, max_num_seqs=4,
-                                      max_num_batched_tokens=64, show_progress=False))
+                                      max_num_batched_tokens=64, show_progress=False,
+                                      async_scheduling=request.param))
     expected = {name: _python_api(engine, PROMPT, SamplingParams(**kw))
                 for name, kw in CASES.items()}
     compilations = engine.get_stats().num_compilations
