@@ -13,7 +13,7 @@ last with each run's speed-up over bf16 and its weight bytes over bf16's.
 the same model (asymmetric: int4 group 128 pack-quantized, int8 per channel int-quantized).
 
 On a shared machine, --interleave --kv-cache-mb 512 alternates the methods' decode runs.
---async-scheduling runs every engine with it (the host's work per step overlaps the device's).
+--no-async-scheduling runs every engine without async scheduling (the engine's default: on).
 Beside each engine's ms/token, "step ms" is its compiled decode step alone (bare_step_seconds):
 the device's share of a token; the difference is the engine's host work per step.
 """
@@ -125,7 +125,7 @@ def bare_step_seconds(llm, position: int, calls: int) -> list[float]:
     return seconds
 
 
-def summary(spec: tuple[str | None, bool], steps, cpu, startup: float, report: dict,
+def summary(spec: tuple[str | None, bool], llm, steps, cpu, startup: float, report: dict,
             args, bare) -> dict:
     import jax
 
@@ -135,7 +135,7 @@ def summary(spec: tuple[str | None, bool], steps, cpu, startup: float, report: d
             "cpu_ms_per_token": 1e3 * statistics.median(cpu),
             "weight_bytes": report["weight_bytes"], "layer_ratio": report.get("layer_ratio"),
             "startup_s": startup, "cpu_matvec": args.cpu_matvec,
-            "async_scheduling": args.async_scheduling, "jax": jax.__version__}
+            "async_scheduling": llm.engine.config.async_scheduling, "jax": jax.__version__}
 
 
 def one_run(path: str, spec: tuple[str | None, bool], args) -> dict:
@@ -145,7 +145,7 @@ def one_run(path: str, spec: tuple[str | None, bool], args) -> dict:
         wall_s, cpu_s = run_decode(llm, args.prompt_len, args.decode_tokens, seed=1 + rep)
         steps, cpu = steps + wall_s, cpu + cpu_s
         bare += bare_step_seconds(llm, args.prompt_len + args.decode_tokens // 2, BARE_CALLS)
-    row = summary(spec, steps, cpu, startup, report, args, bare)
+    row = summary(spec, llm, steps, cpu, startup, report, args, bare)
     for num in args.mixed_prompts:
         row[f"mixed_{num}_output_tok_s"] = run_mixed(llm, num, seed=2)["output_tok_s"]
     del llm
@@ -166,7 +166,7 @@ def interleaved(path: str, methods: list[tuple[str | None, bool]], args) -> list
             bare += bare_step_seconds(llm, args.prompt_len + args.decode_tokens // 2, BARE_CALLS)
     rows = []
     for m, (llm, startup, report), (wall, cpu, bare) in zip(methods, engines, steps):
-        rows.append(summary(m, wall, cpu, startup, report, args, bare))
+        rows.append(summary(m, llm, wall, cpu, startup, report, args, bare))
         for num in args.mixed_prompts:
             rows[-1][f"mixed_{num}_output_tok_s"] = run_mixed(llm, num, seed=2)["output_tok_s"]
         print(json.dumps(rows[-1]), flush=True)
@@ -192,8 +192,9 @@ def main(argv=None) -> None:
                    help="start every method's engine, then alternate their decode runs")
     p.add_argument("--kv-cache-mb", type=int, default=None,
                    help="KV cache per engine (default: the engine's; give one with --interleave)")
-    p.add_argument("--async-scheduling", action="store_true",
-                   help="every engine launches each step before reading the last one's results")
+    p.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
+                   help="launch each step before reading the last one's results (default: the "
+                        "engine's, on)")
     p.add_argument("--out", default=None, help="also write the rows as JSON here")
     args = p.parse_args(argv)
 

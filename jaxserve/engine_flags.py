@@ -41,10 +41,10 @@ def add_engine_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="share of free accelerator memory (or available RAM on CPU) the KV "
                         "cache may take (vLLM's name also works)")
     g.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True)
-    g.add_argument("--async-scheduling", action="store_true",
+    g.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
                    help="schedule and launch each step before the last one's results are read, "
-                        "overlapping the host's work with the device's (not with speculative "
-                        "decoding or several processes)")
+                        "overlapping the host's work with the device's (default: on, except with "
+                        "speculative decoding or several processes)")
     g.add_argument("--enable-prompt-logprobs", action=argparse.BooleanOptionalAction, default=True,
                    help="compile the prompt-logprob programs (requests may ask prompt_logprobs)")
     g.add_argument("--tensor-parallel-size", type=int, default=1)

@@ -41,8 +41,9 @@ class EngineArgs:
     kv_cache_memory_bytes: int | None = None  # KV cache budget (all layers, K and V)
     kv_cache_memory_fraction: float = 0.9  # of free accelerator memory / available RAM on CPU
     enable_prefix_caching: bool = True
-    # launch step N + 1 before reading step N's results (vLLM's --async-scheduling)
-    async_scheduling: bool = False
+    # launch step N + 1 before reading step N's results (vLLM's --async-scheduling); None:
+    # on unless speculative decoding or several processes rule it out (as vLLM >= 0.14)
+    async_scheduling: bool | None = None
     seed: int = 0
     tensor_parallel_size: int = 1
     attention_backend: str = "auto"  # auto | cpu | blockwise | reference | pallas
@@ -96,11 +97,31 @@ class EngineArgs:
 
         object.__setattr__(self, "speculative_config",
                            parse_speculative_config(self.speculative_config))
-        if self.async_scheduling and self.num_processes > 1:
-            raise ValueError("async_scheduling: not supported with num_processes > 1 (the "
-                             "followers replay each step as it is scheduled)")
+        if self.async_scheduling and self.async_scheduling_unsupported:
+            raise ValueError(f"async_scheduling: not supported with "
+                             f"{self.async_scheduling_unsupported}")
         if not isinstance(self.max_logprobs, int) or self.max_logprobs < 0:
             raise ValueError(f"max_logprobs: must be an int >= 0, got {self.max_logprobs!r}")
+
+
+    @property
+    def async_scheduling_unsupported(self) -> str | None:
+        """What rules async scheduling out, or None."""
+        if self.speculative_config is not None:
+            return ("speculative decoding (its drafts are proposed from the tokens of the step "
+                    "before)")
+        if self.num_processes > 1:
+            return "num_processes > 1 (the followers replay each step as it is scheduled)"
+        return None
+
+    def resolved_async_scheduling(self) -> bool:
+        """async_scheduling, None resolved: on where supported (logged when it is not)."""
+        if self.async_scheduling is not None:
+            return self.async_scheduling
+        reason = self.async_scheduling_unsupported
+        if reason is not None:
+            logger.info("async scheduling is off: not supported with %s", reason)
+        return reason is None
 
 
 def _available_ram() -> int:
@@ -249,7 +270,7 @@ def _create_engine(args: EngineArgs) -> LLMEngine:
         max_biased_token_ids=BIAS_WIDTH,
         generation_defaults=_generation_defaults(args, loaded.path),
         speculative=args.speculative_config,
-        async_scheduling=args.async_scheduling,
+        async_scheduling=args.resolved_async_scheduling(),
     )
     runner = ModelRunner(
         loaded,

@@ -127,7 +127,8 @@ def test_async_scheduling_same_outputs_as_sync_for_each_kind_of_request(make_llm
         SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, stop_token_ids=[stop]),
     ]
     prompts = token_prompts(ref.prompts[:1] * len(params))
-    sync_llm, async_llm = make_llm(ARCH), make_llm(ARCH, async_scheduling=True)
+    sync_llm = make_llm(ARCH, async_scheduling=False)
+    async_llm = make_llm(ARCH, async_scheduling=True)
     count = _count_placeholders(monkeypatch, async_llm)
     want = sync_llm.generate(prompts, params, use_tqdm=False)
     got = async_llm.generate(prompts, params, use_tqdm=False)

@@ -106,7 +106,7 @@ def test_greedy_and_prefix_cached_prompts(make_llm):
 def test_async_scheduling_gives_the_synchronous_outputs(make_llm):
     """A constrained request's step is waited for before the next is scheduled (its mask
     follows the sampled token); beside it an unconstrained request goes on."""
-    sync_llm, async_llm = make_llm(), make_llm(async_scheduling=True)
+    sync_llm, async_llm = make_llm(async_scheduling=False), make_llm(async_scheduling=True)
     so = StructuredOutputsParams(json=SCHEMA)
     params = [_params(so, seed=3), SamplingParams(temperature=1.0, seed=4, max_tokens=20)]
     want = sync_llm.generate(PROMPTS[:2], params, use_tqdm=False)

@@ -46,7 +46,7 @@ def test_defaults_and_api_key_from_env(monkeypatch):
     assert (config.port, config.grpc_port, config.model_name) == (8000, 50051, "m")
     assert config.api_key == "from-env"
     assert engine_args_from(args).enable_prefix_caching is True
-    assert engine_args_from(args).async_scheduling is False
+    assert engine_args_from(args).async_scheduling is None  # on where supported
 
 
 def test_vllm_serve_flag_spellings():
