@@ -42,8 +42,8 @@ class LLMEngine:
     With `config.async_scheduling`, step() schedules and launches step N + 1 before it waits
     for step N's results, so the host's work (applying results, detokenizing, scheduling,
     packing inputs) overlaps the device's; the runner must be a PipelinedRunner. A step
-    whose sampled tokens the host needs before the next step (penalties read them, grammars
-    mask with them) is waited for first.
+    whose sampled tokens the host needs before the next step (a grammar masks with them) is
+    waited for first.
     """
 
     def __init__(self, runner: ModelRunner, tokenizer: Any | None, config: EngineConfig):
@@ -221,7 +221,7 @@ class LLMEngine:
         self._num_waits += 1
         log = logger.info if self._num_waits == 1 else logger.debug
         log("async scheduling: a step waits for the one before it, whose sampled tokens a "
-            "request needs on the host (penalties or structured outputs); %d such steps so far",
+            "request's grammar needs on the host (structured outputs); %d such steps so far",
             self._num_waits)
 
     def _process(
@@ -326,9 +326,9 @@ def _finish_text(seq: Sequence) -> SequenceStatus:
 
 def _needs_host_tokens(scheduler_output: SchedulerOutput) -> bool:
     """Whether a sequence sampling in this step needs the token on the host before it is
-    scheduled again: penalties count every generated token, grammars mask with them."""
-    return any(c.sample and (c.grammar is not None or c.sampling_params.uses_penalties)
-               for c in scheduler_output.chunks)
+    scheduled again: a grammar's next mask follows it. (Penalties need it too, but the
+    runner puts it into their histories on device, as into the next step's tokens.)"""
+    return any(c.sample and c.grammar is not None for c in scheduler_output.chunks)
 
 
 def _check_runner_output(scheduler_output: SchedulerOutput, runner_output: ModelRunnerOutput) -> None:

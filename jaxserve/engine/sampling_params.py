@@ -137,12 +137,6 @@ class SamplingParams:
         return self.temperature < _GREEDY_EPS
 
     @property
-    def uses_penalties(self) -> bool:
-        """Presence, frequency or repetition penalties (they read every generated token)."""
-        return (self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
-                or self.repetition_penalty != 1.0)
-
-    @property
     def top_k_enabled(self) -> bool:
         return self.top_k > 0
 

@@ -90,7 +90,8 @@ class PipelinedRunner(ModelRunner, Protocol):
 
     `previous` is the handle of the step launched just before, not yet collected (None if
     there is none): each chunk whose last token is PLACEHOLDER_TOKEN_ID takes, in its place,
-    the token that step samples for the same request id.
+    the token that step samples for the same request id (in its output_token_ids too, which
+    penalties read).
     """
 
     def dispatch(self, scheduler_output: SchedulerOutput, previous: Any | None) -> Any: ...

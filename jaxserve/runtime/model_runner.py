@@ -66,6 +66,19 @@ def _sample_and_carry(logits, chosen, md, *, num_logprobs, carry_rows):
     return out, carry
 
 
+def _process_with_placeholders(logits, md, prev_tokens, prev_rows):
+    """process_logits, the penalty histories' placeholders (PLACEHOLDER_TOKEN_ID: a row's
+    newest token, still in flight) first taking prev_tokens[prev_rows[row]].
+
+    logits f32 [R, V]; prev_tokens int32 [carry rows]; prev_rows int32 [R] (-1: none)."""
+    if md.penalties is not None:
+        ids = md.penalties.token_ids  # [R, L]
+        latest = prev_tokens[jnp.maximum(prev_rows, 0)][:, None]  # [R, 1]
+        filled = jnp.where(ids == PLACEHOLDER_TOKEN_ID, latest, ids)
+        md = replace(md, penalties=replace(md.penalties, token_ids=filled))
+    return process_logits(logits, md)
+
+
 @dataclass(frozen=True)
 class StepHandle:
     """A launched step whose results are still on device (async scheduling)."""
@@ -137,7 +150,7 @@ class ModelRunner:
             self._sample = jax.jit(partial(_sample_and_carry, carry_rows=self.carry_rows),
                                    static_argnames=("num_logprobs",),
                                    out_shardings=self.replicated)
-        self._process = jax.jit(process_logits, out_shardings=self.replicated)
+        self._process = jax.jit(_process_with_placeholders, out_shardings=self.replicated)
         self._mask = jax.jit(apply_token_bitmask, out_shardings=self.replicated)
         self.mask_words = (loaded.config.vocab_size + 31) // 32  # packed bitmask row width
         self._prompt_lp = jax.jit(
@@ -168,7 +181,8 @@ class ModelRunner:
         tokens fill this step's placeholders on device (async scheduling)."""
         chunks = scheduler_output.chunks
         inp = prepare_inputs(chunks, self.cfg.block_size, self.buckets)
-        logits, hidden = self._run_model(inp, self._placeholder_inputs(chunks, inp, previous))
+        sources = _placeholder_sources(chunks, previous)
+        logits, hidden = self._run_model(inp, self._placeholder_inputs(inp, sources, previous))
         self._steps += 1
         prompt_lp = None
         if any(c.sampling_params.prompt_logprobs is not None for c in chunks):
@@ -176,7 +190,12 @@ class ModelRunner:
         rows = {c.request_id: i for i, c in enumerate(chunks) if c.sample}
         result = carry = None
         if rows:
-            result, carry = self._sample_rows(chunks, logits, len(inp.logits_indices))
+            num_rows = len(inp.logits_indices)
+            prev_rows = np.full(num_rows, -1, np.int32)  # sampler row -> its placeholder's
+            prev_rows[: len(sources)] = sources
+            prev_tokens = (previous.carry if sources.max(initial=-1) >= 0 else self._no_carry)
+            result, carry = self._sample_rows(chunks, logits, num_rows,
+                                              placeholders=(prev_tokens, prev_rows))
         return StepHandle(chunks, inp, result, carry, rows, prompt_lp)
 
     def collect(self, handle: StepHandle) -> ModelRunnerOutput:
@@ -196,23 +215,16 @@ class ModelRunner:
                 )
         return out
 
-    def _placeholder_inputs(self, chunks, inp: StepInputs, previous: StepHandle | None):
+    def _placeholder_inputs(self, inp: StepInputs, sources: np.ndarray,
+                            previous: StepHandle | None):
         """(prev_tokens, prev_rows) of the step program: each placeholder's row in the previous
-        step's sampled tokens (-1 elsewhere)."""
+        step's sampled tokens (-1 elsewhere); sources: see _placeholder_sources."""
         t = len(inp.token_ids)
-        prev_rows = None
-        for i, c in enumerate(chunks):
-            if c.token_ids[-1] != PLACEHOLDER_TOKEN_ID:
-                continue
-            row = previous.rows.get(c.request_id) if previous is not None else None
-            if row is None:
-                raise RuntimeError(f"{c.request_id!r}: a placeholder token, but the step "
-                                   "launched before samples nothing for it")
-            if prev_rows is None:
-                prev_rows = np.full(t, -1, np.int32)
-            prev_rows[inp.query_start_loc[i + 1] - 1] = row
-        if prev_rows is None:
+        if sources.max(initial=-1) < 0:
             return self.no_placeholders(t)
+        prev_rows = np.full(t, -1, np.int32)
+        last = inp.query_start_loc[1 : len(sources) + 1] - 1  # each chunk's last token
+        prev_rows[last[sources >= 0]] = sources[sources >= 0]
         return previous.carry, prev_rows
 
     def no_placeholders(self, num_tokens: int) -> tuple[jax.Array, np.ndarray]:
@@ -271,10 +283,13 @@ class ModelRunner:
             drafts = None
         return chunks, inp, layout, q_rows, drafts
 
-    def _sample_rows(self, chunks, logits, num_rows: int, layout=None, q_rows=None):
+    def _sample_rows(self, chunks, logits, num_rows: int, layout=None, q_rows=None,
+                     placeholders=None):
         """The sampler's output for one step, on device (logprob rows only when asked), and
         its tokens as the next step takes them (carry); with a speculative layout, the
-        verifier's output alone: one row per scored position, checked against the drafts."""
+        verifier's output alone: one row per scored position, checked against the drafts.
+        placeholders: (prev_tokens, prev_rows int32 [num_rows]) for the penalty histories
+        (None: no row has a token in flight)."""
         rows, processed = rows_for(chunks)
         if layout is not None:
             rows = spec_decode.expand_rows(chunks, rows)
@@ -283,7 +298,9 @@ class ModelRunner:
         bitmask = self._grammar_bitmask(chunks, num_rows, layout)
         chosen = logits
         if processed:  # bias / penalties: their own small program before the sampler
-            chosen = self.executables.get("process", num_rows)(logits, md)
+            if placeholders is None:
+                placeholders = (self._no_carry, np.full(num_rows, -1, np.int32))
+            chosen = self.executables.get("process", num_rows)(logits, md, *placeholders)
             md = replace(md, penalties=None, bias=None)
         if bitmask is not None:  # structured outputs: one more small program
             chosen = self.executables.get("mask", num_rows)(chosen, bitmask)
@@ -378,7 +395,11 @@ class ModelRunner:
                 self._sample.lower, logits, logits, plain, *extra,
                 num_logprobs=self.cfg.max_logprobs)))
             full = build_metadata([], s, 0, True, self.penalty_len)
-            jobs.append(("process", s, partial(self._process.lower, logits, full)))
+            prev_tokens = jax.ShapeDtypeStruct((self.carry_rows,), jnp.int32,
+                                               sharding=self.replicated)
+            prev_rows = jax.ShapeDtypeStruct((s,), jnp.int32)
+            jobs.append(("process", s, partial(self._process.lower, logits, full, prev_tokens,
+                                               prev_rows)))
             bitmask = jax.ShapeDtypeStruct((s, self.mask_words), jnp.int32)
             jobs.append(("mask", s, partial(self._mask.lower, logits, bitmask)))
         if self.draft is not None:
@@ -407,6 +428,21 @@ class ModelRunner:
 
     def _logit_rows(self, t: int, s: int) -> int:
         return max(MIN_LOGIT_ROWS, spec_decode.logit_rows(t, s, self.spec_k))
+
+
+def _placeholder_sources(chunks, previous: StepHandle | None) -> np.ndarray:
+    """int32 [S]: for each chunk whose last token is a placeholder, the row of the previous
+    step's sampler that samples it (-1 for the other chunks)."""
+    sources = np.full(len(chunks), -1, np.int32)
+    for i, c in enumerate(chunks):
+        if c.token_ids[-1] != PLACEHOLDER_TOKEN_ID:
+            continue
+        row = previous.rows.get(c.request_id) if previous is not None else None
+        if row is None:
+            raise RuntimeError(f"{c.request_id!r}: a placeholder token, but the step launched "
+                               "before samples nothing for it")
+        sources[i] = row
+    return sources
 
 
 def _step_arrays(inp: StepInputs, decode_only: bool):

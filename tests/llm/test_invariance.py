@@ -115,16 +115,22 @@ def test_async_scheduling_keeps_outputs(make_llm, expected, overrides, monkeypat
 
 def test_async_scheduling_same_outputs_as_sync_for_each_kind_of_request(make_llm, expected,
                                                                           monkeypatch):
-    """Logprobs, prompt logprobs, n = 2, penalties (the step before is waited for), a stop
-    token (one token computed after it is dropped) and an abort: as the synchronous engine."""
+    """Logprobs, prompt logprobs, n = 2, penalties (their histories take the token in flight
+    on device), a stop token (one token computed after it is dropped) and an abort: as the
+    synchronous engine."""
     ref, _ = expected
     stop = ref.greedy[0][3]
+    favoured = next(t for t in range(4, 400) if t not in ref.prompts[0])
     params = [
         greedy(NEW_TOKENS, logprobs=2),
         greedy(NEW_TOKENS, prompt_logprobs=1),
         SamplingParams(n=2, temperature=1.0, seed=5, max_tokens=NEW_TOKENS, ignore_eos=True),
-        greedy(NEW_TOKENS, repetition_penalty=1.3),
+        greedy(NEW_TOKENS, repetition_penalty=2.0, frequency_penalty=1.5),
         SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, stop_token_ids=[stop]),
+        # a biased token wins until its first output, whose penalties then hold it back for
+        # the next token: a history missing the token in flight would repeat it at once
+        greedy(NEW_TOKENS, logit_bias={favoured: 6.0}, presence_penalty=2.0,
+               frequency_penalty=2.0),
     ]
     prompts = token_prompts(ref.prompts[:1] * len(params))
     sync_llm = make_llm(ARCH, async_scheduling=False)
@@ -134,6 +140,8 @@ def test_async_scheduling_same_outputs_as_sync_for_each_kind_of_request(make_llm
     got = async_llm.generate(prompts, params, use_tqdm=False)
     assert count[0] > 0
     assert got[4].outputs[0].token_ids == ref.greedy[0][:4]
+    assert got[3].outputs[0].token_ids != ref.greedy[0]  # the penalties changed the tokens
+    assert got[5].outputs[0].token_ids[0] == favoured != got[5].outputs[0].token_ids[1]
     assert got[4].outputs[0].finish_reason == "stop"
     for g, w in zip(got, want):
         for gc, wc in zip(g.outputs, w.outputs, strict=True):
