@@ -86,7 +86,7 @@ class Scheduler:
         chunks: list[ScheduledChunk] = []
         scheduled: set[str] = set()
         num_preempted_before = self.num_preemptions
-        self._scheduling: dict[str, Sequence] = {}  # this step's sequences, by id
+        self._scheduling = {}  # this step's sequences, by id
         blocked = False  # a running sequence is waiting for blocks: admit nobody new
         batch_drafts = self.gate is None or self.gate.batch_allows(len(self.running))
         for decode_pass in (True, False):
@@ -205,7 +205,8 @@ class Scheduler:
         end = start + num_new
         known = seq.num_tokens
         in_flight = [PLACEHOLDER_TOKEN_ID] * seq.num_placeholders
-        token_ids = seq.token_slice(start, min(end, known)) + in_flight[:end - max(start, known)]
+        token_ids = (seq.token_slice(start, min(end, known))
+                     + in_flight[:max(0, end - max(start, known))])
         sample = end == known + seq.num_placeholders
         chunk = ScheduledChunk(
             request_id=seq.seq_id,
