@@ -103,7 +103,6 @@ class EngineArgs:
         if not isinstance(self.max_logprobs, int) or self.max_logprobs < 0:
             raise ValueError(f"max_logprobs: must be an int >= 0, got {self.max_logprobs!r}")
 
-
     @property
     def async_scheduling_unsupported(self) -> str | None:
         """What rules async scheduling out, or None."""

@@ -29,8 +29,8 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class _LaunchedStep:
-    """A step handed to the runner: its chunks, and the runner's handle of its results
-    (with async scheduling; otherwise the results themselves)."""
+    """A step launched with async scheduling: its chunks, and the runner's handle of its
+    results."""
 
     scheduler_output: SchedulerOutput
     handle: Any
@@ -181,26 +181,27 @@ class LLMEngine:
             return outputs + (self._finish(previous) if previous is not None else [])
         self._num_steps += 1
         self._last_step_num_tokens = scheduler_output.num_batched_tokens
-        with self._runner_errors():
-            if self.config.async_scheduling:
-                handle = self.runner.dispatch(
-                    scheduler_output, previous.handle if previous is not None else None)
-            else:
-                handle = self.runner.execute(scheduler_output)  # the results themselves
-        launched = _LaunchedStep(scheduler_output, handle)
         if not self.config.async_scheduling:
-            return outputs + self._finish(launched)
-        self._launched = launched
+            with self._runner_errors():
+                runner_output = self.runner.execute(scheduler_output)
+            return outputs + self._apply(scheduler_output, runner_output)
+        with self._runner_errors():
+            handle = self.runner.dispatch(
+                scheduler_output, previous.handle if previous is not None else None)
+        self._launched = _LaunchedStep(scheduler_output, handle)
         return outputs + (self._finish(previous) if previous is not None else [])
 
     def _finish(self, launched: _LaunchedStep) -> list[RequestOutput]:
         """Read a launched step's results (waiting for them) and apply them."""
         with self._runner_errors():
-            runner_output = launched.handle
-            if self.config.async_scheduling:
-                runner_output = self.runner.collect(launched.handle)
-            _check_runner_output(launched.scheduler_output, runner_output)
-        return self._process(launched.scheduler_output, runner_output)
+            runner_output = self.runner.collect(launched.handle)
+        return self._apply(launched.scheduler_output, runner_output)
+
+    def _apply(self, scheduler_output: SchedulerOutput,
+               runner_output: ModelRunnerOutput) -> list[RequestOutput]:
+        with self._runner_errors():
+            _check_runner_output(scheduler_output, runner_output)
+        return self._process(scheduler_output, runner_output)
 
     @contextmanager
     def _runner_errors(self) -> Iterator[None]:

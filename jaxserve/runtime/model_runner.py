@@ -181,8 +181,9 @@ class ModelRunner:
         tokens fill this step's placeholders on device (async scheduling)."""
         chunks = scheduler_output.chunks
         inp = prepare_inputs(chunks, self.cfg.block_size, self.buckets)
-        sources = _placeholder_sources(chunks, previous)
-        logits, hidden = self._run_model(inp, self._placeholder_inputs(inp, sources, previous))
+        sources = _placeholder_sources(chunks, previous)  # [S]
+        prev_tokens = previous.carry if sources.max(initial=-1) >= 0 else self._no_carry
+        logits, hidden = self._run_model(inp, (prev_tokens, self._token_rows(inp, sources)))
         self._steps += 1
         prompt_lp = None
         if any(c.sampling_params.prompt_logprobs is not None for c in chunks):
@@ -190,12 +191,8 @@ class ModelRunner:
         rows = {c.request_id: i for i, c in enumerate(chunks) if c.sample}
         result = carry = None
         if rows:
-            num_rows = len(inp.logits_indices)
-            prev_rows = np.full(num_rows, -1, np.int32)  # sampler row -> its placeholder's
-            prev_rows[: len(sources)] = sources
-            prev_tokens = (previous.carry if sources.max(initial=-1) >= 0 else self._no_carry)
-            result, carry = self._sample_rows(chunks, logits, num_rows,
-                                              placeholders=(prev_tokens, prev_rows))
+            result, carry = self._sample_rows(chunks, logits, len(inp.logits_indices),
+                                              placeholders=(prev_tokens, sources))
         return StepHandle(chunks, inp, result, carry, rows, prompt_lp)
 
     def collect(self, handle: StepHandle) -> ModelRunnerOutput:
@@ -215,17 +212,16 @@ class ModelRunner:
                 )
         return out
 
-    def _placeholder_inputs(self, inp: StepInputs, sources: np.ndarray,
-                            previous: StepHandle | None):
-        """(prev_tokens, prev_rows) of the step program: each placeholder's row in the previous
-        step's sampled tokens (-1 elsewhere); sources: see _placeholder_sources."""
-        t = len(inp.token_ids)
-        if sources.max(initial=-1) < 0:
-            return self.no_placeholders(t)
-        prev_rows = np.full(t, -1, np.int32)
+    def _token_rows(self, inp: StepInputs, sources: np.ndarray) -> np.ndarray:
+        """prev_rows int32 [T] of the step program: each placeholder token's row in the
+        previous step's sampled tokens, -1 elsewhere (sources: see _placeholder_sources)."""
+        placed = sources >= 0
+        if not placed.any():
+            return self.no_placeholders(len(inp.token_ids))[1]
+        prev_rows = np.full(len(inp.token_ids), -1, np.int32)
         last = inp.query_start_loc[1 : len(sources) + 1] - 1  # each chunk's last token
-        prev_rows[last[sources >= 0]] = sources[sources >= 0]
-        return previous.carry, prev_rows
+        prev_rows[last[placed]] = sources[placed]
+        return prev_rows
 
     def no_placeholders(self, num_tokens: int) -> tuple[jax.Array, np.ndarray]:
         """(prev_tokens, prev_rows) of a step of num_tokens tokens without placeholders."""
@@ -288,8 +284,8 @@ class ModelRunner:
         """The sampler's output for one step, on device (logprob rows only when asked), and
         its tokens as the next step takes them (carry); with a speculative layout, the
         verifier's output alone: one row per scored position, checked against the drafts.
-        placeholders: (prev_tokens, prev_rows int32 [num_rows]) for the penalty histories
-        (None: no row has a token in flight)."""
+        placeholders: (prev_tokens, sources int32 [S], see _placeholder_sources) for the
+        penalty histories (None: no row has a token in flight)."""
         rows, processed = rows_for(chunks)
         if layout is not None:
             rows = spec_decode.expand_rows(chunks, rows)
@@ -298,9 +294,10 @@ class ModelRunner:
         bitmask = self._grammar_bitmask(chunks, num_rows, layout)
         chosen = logits
         if processed:  # bias / penalties: their own small program before the sampler
-            if placeholders is None:
-                placeholders = (self._no_carry, np.full(num_rows, -1, np.int32))
-            chosen = self.executables.get("process", num_rows)(logits, md, *placeholders)
+            prev_tokens, sources = placeholders or (self._no_carry, ())
+            prev_rows = np.full(num_rows, -1, np.int32)  # sampler row -> its placeholder's
+            prev_rows[: len(sources)] = sources
+            chosen = self.executables.get("process", num_rows)(logits, md, prev_tokens, prev_rows)
             md = replace(md, penalties=None, bias=None)
         if bitmask is not None:  # structured outputs: one more small program
             chosen = self.executables.get("mask", num_rows)(chosen, bitmask)
