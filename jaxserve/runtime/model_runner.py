@@ -328,7 +328,7 @@ class ModelRunner:
         return bitmask
 
     def _run_model(self, inp: StepInputs, placeholders):
-        """placeholders: (prev_tokens, prev_rows), see _placeholder_inputs."""
+        """placeholders: (prev_tokens, prev_rows), see dispatch and _token_rows."""
         key = self.buckets.step_key(inp.shape_key)
         args = _step_arrays(inp, decode_only=key[3])
         step = self.executables.get("step", key)
